@@ -48,11 +48,17 @@ def _fetch(command: list[str], folder: Path, pattern: str, what: str) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     found = sorted(folder.glob(pattern))
     if not found:
-        try:
-            subprocess.run(command, cwd=folder, check=True, capture_output=True, text=True)
-        except (OSError, subprocess.CalledProcessError) as err:
-            detail = getattr(err, "stderr", "") or str(err)
-            raise CorpusError(f"could not fetch {what} with `{' '.join(command)}`: {detail.strip()}") from err
+        retry = [["apt-get", "update", "-qq"]] if command[0] == "apt-get" else []  # a fresh machine has no lists
+        for attempt in [[], *retry]:
+            try:
+                if attempt:
+                    subprocess.run(attempt, check=True, capture_output=True, text=True)
+                subprocess.run(command, cwd=folder, check=True, capture_output=True, text=True)
+                break
+            except (OSError, subprocess.CalledProcessError) as err:
+                detail = (getattr(err, "stderr", "") or str(err)).strip()
+        else:
+            raise CorpusError(f"could not fetch {what} with `{' '.join(command)}`: {detail}")
         found = sorted(folder.glob(pattern))
     if not found:
         raise CorpusError(f"`{' '.join(command)}` ran but left no {pattern} in {folder}")

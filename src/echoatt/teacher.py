@@ -61,11 +61,17 @@ def check_supported(config) -> None:
         raise TeacherError(f"Mistral with sliding_window={config.sliding_window} is not supported; {SUPPORTED_TEXT}")
 
 
+def convert_config(config, cls: type, **extra):
+    """`config` as another LLaMA-compatible config class (fields that class lacks are dropped)."""
+    keys = cls.__dataclass_fields__.keys() - {"architectures", "model_type"}
+    converted = cls(**{k: v for k, v in config.to_dict().items() if k in keys}, **extra)
+    converted._attn_implementation = config._attn_implementation
+    return converted
+
+
 def as_llama(model: PreTrainedModel, dtype: torch.dtype) -> LlamaForCausalLM:
     """A plain, serialisable `LlamaForCausalLM` with the model's weights (GGUF-loaded and Mistral models are not)."""
-    keys = LlamaConfig.__dataclass_fields__.keys() - {"architectures"}
-    fields = {k: v for k, v in model.config.to_dict().items() if k in keys}
-    config = LlamaConfig(**fields)
+    config = convert_config(model.config, LlamaConfig)
     config.architectures = ["LlamaForCausalLM"]
     llama = LlamaForCausalLM(config).to(dtype)
     llama.load_state_dict(model.state_dict(), strict=True)

@@ -1,0 +1,177 @@
+"""Attend: how alike are the attention maps of a model's layers and heads?
+
+All similarities come from one Gram matrix G over (layer, head) pairs: G[(i,h),(j,g)] = <P_i^h, P_j^g>, summed over
+sequences, queries and keys, where P_i^h is head h's attention-probability matrix at layer i (causal part: the
+softmax puts exact zeros above the diagonal). From G:
+- head_head[i,h,j,g] = cosine of P_i^h and P_j^g (what head matching needs);
+- same_head[i,j,h]   = head_head[i,h,j,h];
+- head_avg[i,j]      = cosine of the head-averaged maps, since <sum_h P_i^h, sum_g P_j^g> = sum_hg G;
+- head_matched[i,j]  = mean over i's heads h of max_g head_head[i,h,j,g]: how well layer i's heads are served by
+  the best-matching heads of layer j (the head-matched copy's similarity).
+
+Memory stays bounded: the model runs once per batch with hooks keeping only each attention's *input*; then the
+probabilities are recomputed one layer at a time for a chunk of query rows, so at most (layers x chunk) rows of
+probabilities exist at once, never L x B x H x T x T.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+
+CHUNK_BYTES = 256 * 2**20  # budget for one chunk of probability rows over all layers
+
+
+@dataclass
+class Similarity:
+    """Layer x layer and head x head attention similarity of one model on some text."""
+
+    head_head: np.ndarray  # (L, H, L, H) cosine
+    head_avg: np.ndarray  # (L, L) cosine of head-averaged maps
+    tokens: int
+    settings: dict = field(default_factory=dict)
+
+    @property
+    def num_layers(self) -> int:
+        return self.head_head.shape[0]
+
+    @property
+    def same_head(self) -> np.ndarray:  # (L, L, H)
+        return np.einsum("ihjh->ijh", self.head_head)
+
+    @property
+    def head_matched(self) -> np.ndarray:  # (L, L): layer i's heads vs the best-matching heads of layer j
+        return self.head_head.max(axis=3).mean(axis=1)
+
+    def head_map(self, follower: int, leader: int) -> list[int]:
+        """For each follower head, the leader head whose attention map is most similar to its own."""
+        return [int(g) for g in self.head_head[follower, :, leader, :].argmax(axis=-1)]
+
+    def to_json(self) -> dict:
+        r = lambda a: np.round(a, 5).tolist()  # noqa: E731
+        return {
+            "num_layers": self.num_layers,
+            "num_heads": self.head_head.shape[1],
+            "tokens": self.tokens,
+            "settings": self.settings,
+            "head_avg": r(self.head_avg),
+            "head_matched": r(self.head_matched),
+            "same_head": r(self.same_head),
+            "head_head": r(self.head_head),
+        }
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_json()))
+
+    @classmethod
+    def load(cls, path: str | Path) -> Similarity:
+        data = json.loads(Path(path).read_text())
+        return cls(np.array(data["head_head"]), np.array(data["head_avg"]), data["tokens"], data.get("settings", {}))
+
+    def summary(self, top: int = 5) -> str:
+        """A few lines a person reads: adjacent-layer similarity and the most / least alike pairs."""
+        L = self.num_layers
+        avg, matched, same = self.head_avg, self.head_matched, self.same_head
+        adj = [(i, avg[i, i + 1], matched[i + 1, i], same[i, i + 1].mean()) for i in range(L - 1)]
+        off = [(avg[i, j], i, j) for i in range(L) for j in range(i + 1, L)]
+        off.sort(reverse=True)
+        lines = ["adjacent layers i,i+1: head-avg / head-matched / same-head (mean over heads)"]
+        lines += [f"  {i:2d},{i + 1:2d}: {a:.3f} / {m:.3f} / {s:.3f}" for i, a, m, s in adj]
+        lines.append("most alike pairs (head-avg): " + ", ".join(f"{i}-{j} {v:.3f}" for v, i, j in off[:top]))
+        lines.append("least alike pairs (head-avg): " + ", ".join(f"{i}-{j} {v:.3f}" for v, i, j in off[-top:]))
+        return "\n".join(lines)
+
+    def heatmap(self, path: str | Path) -> None:
+        """Head-averaged, head-matched and same-head similarity as three layer x layer heatmaps."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        panels = [
+            ("head-averaged", self.head_avg),
+            ("head-matched (row reads column)", self.head_matched),
+            ("same head (mean over heads)", self.same_head.mean(axis=-1)),
+        ]
+        L = self.num_layers
+        fig, axes = plt.subplots(1, 3, figsize=(18, 6), constrained_layout=True)
+        ticks = list(range(0, L, max(1, L // 15)))
+        for ax, (title, mat) in zip(axes, panels):
+            im = ax.imshow(mat, vmin=0, vmax=1, cmap="viridis", origin="upper")
+            ax.set_title(f"{title}")
+            ax.set_xlabel("layer")
+            ax.set_ylabel("layer")
+            ax.set_xticks(ticks)
+            ax.set_yticks(ticks)
+        fig.colorbar(im, ax=axes, shrink=0.8, label="cosine similarity of attention maps")
+        fig.suptitle(f"Attention similarity ({self.tokens:,} tokens)")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+
+
+def _capture_inputs(model: torch.nn.Module) -> tuple[list, list[torch.utils.hooks.RemovableHandle]]:
+    """Hooks that keep each attention module's input (B, T, C) and position embeddings for one forward."""
+    captured: list = []
+
+    def hook(module, args, kwargs):
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        captured.append((module, hidden, kwargs["position_embeddings"]))
+
+    handles = [layer.self_attn.register_forward_pre_hook(hook, with_kwargs=True) for layer in model.model.layers]
+    return captured, handles
+
+
+def _probability_rows(attn, hidden, position_embeddings, q0: int, q1: int, qk_cache: dict) -> torch.Tensor:
+    """Softmax rows q0..q1 of one layer's causal attention, keys 0..q1: (B, H, q1 - q0, q1)."""
+    if attn not in qk_cache:
+        shape = (*hidden.shape[:-1], -1, attn.head_dim)
+        q = attn.q_proj(hidden).view(shape).transpose(1, 2)  # (B, H, T, D)
+        k = attn.k_proj(hidden).view(shape).transpose(1, 2)  # (B, Hkv, T, D)
+        q, k = apply_rotary_pos_emb(q, k, *position_embeddings)
+        qk_cache[attn] = (q, repeat_kv(k, attn.num_key_value_groups))
+    q, k = qk_cache[attn]
+    scores = torch.matmul(q[:, :, q0:q1].float(), k[:, :, :q1].float().transpose(2, 3)) * attn.scaling
+    rows = torch.arange(q0, q1, device=scores.device)[:, None]
+    cols = torch.arange(q1, device=scores.device)[None, :]
+    scores = scores.masked_fill(cols > rows, float("-inf"))
+    return torch.softmax(scores, dim=-1)
+
+
+@torch.no_grad()
+def attention_similarity(
+    model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 1, progress: bool = True, settings: dict | None = None
+) -> Similarity:
+    """Similarity of every (layer, head) pair of a LLaMA-style model's attention over `windows` (N, T) of tokens."""
+    config = model.config
+    L, H = config.num_hidden_layers, config.num_attention_heads
+    device = next(model.parameters()).device
+    gram = torch.zeros(L * H, L * H, dtype=torch.float64, device=device)
+    captured, handles = _capture_inputs(model)
+    try:
+        for start in tqdm(range(0, len(windows), batch_size), desc="attention similarity", disable=not progress):
+            ids = windows[start : start + batch_size].to(device)
+            B, T = ids.shape
+            captured.clear()
+            model.model(input_ids=ids, use_cache=False)
+            chunk = max(1, CHUNK_BYTES // (L * B * H * T * 4))
+            qk_cache: dict = {}
+            for q0 in range(0, T, chunk):
+                q1 = min(T, q0 + chunk)
+                rows = torch.stack([_probability_rows(a, x, pe, q0, q1, qk_cache) for a, x, pe in captured])
+                flat = rows.transpose(1, 2).reshape(L * H, -1)  # (L*H, B*(q1-q0)*q1)
+                gram += (flat @ flat.T).double()
+    finally:
+        for h in handles:
+            h.remove()
+    norms = gram.diagonal().sqrt().clamp_min(1e-30)
+    head_head = (gram / norms[:, None] / norms[None, :]).view(L, H, L, H)
+    avg_gram = gram.view(L, H, L, H).sum(dim=(1, 3))  # (L, L): <sum_h P_i^h, sum_g P_j^g>
+    avg_norm = avg_gram.diagonal().sqrt()
+    head_avg = avg_gram / avg_norm[:, None] / avg_norm[None, :]
+    return Similarity(head_head.cpu().numpy(), head_avg.cpu().numpy(), int(windows.numel()), settings or {})

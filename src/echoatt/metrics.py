@@ -1,0 +1,26 @@
+"""Quality measures shared by distillation and evaluation."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+
+@torch.no_grad()
+def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 8, progress: bool = False) -> float:
+    """exp(mean next-token cross-entropy) over (N, T) token windows, every window scored in full."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for start in tqdm(range(0, len(windows), batch_size), desc="perplexity", disable=not progress, leave=False):
+        ids = windows[start : start + batch_size].to(device)
+        logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()  # (B, T-1, V)
+        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), ids[:, 1:].reshape(-1), reduction="sum")
+        total += loss.item()
+        count += ids[:, 1:].numel()
+    model.train(was_training)
+    return math.exp(total / count)

@@ -1,0 +1,123 @@
+"""Which layers share attention: blocks of consecutive layers, the first (leader) computing, the rest following."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+class PlanError(ValueError):
+    """A sharing plan that cannot be built, saying why."""
+
+
+@dataclass(frozen=True)
+class SharingPlan:
+    """Blocks of consecutive layer indices; `blocks[b][0]` leads, the others follow it.
+
+    Attributes:
+        num_layers: layers in the model the plan is for.
+        blocks: each block's layers, ascending and consecutive, at least two per block.
+    """
+
+    num_layers: int
+    blocks: tuple[tuple[int, ...], ...]
+
+    def __post_init__(self) -> None:
+        seen: set[int] = set()
+        for block in self.blocks:
+            if len(block) < 2:
+                raise PlanError(f"block {list(block)} has one layer: a block needs a leader and at least one follower")
+            if list(block) != list(range(block[0], block[0] + len(block))):
+                raise PlanError(f"block {list(block)} is not consecutive ascending layers")
+            if block[0] < 0 or block[-1] >= self.num_layers:
+                raise PlanError(f"block {list(block)} is out of range for a {self.num_layers}-layer model")
+            if seen & set(block):
+                raise PlanError(f"block {list(block)} overlaps another block")
+            seen |= set(block)
+
+    @property
+    def followers(self) -> list[int]:
+        return [layer for block in self.blocks for layer in block[1:]]
+
+    @property
+    def leaders(self) -> list[int]:
+        return [block[0] for block in self.blocks]
+
+    def attention_source(self) -> list[int]:
+        """For each layer, the layer whose attention it uses (itself unless it follows)."""
+        source = list(range(self.num_layers))
+        for block in self.blocks:
+            for layer in block[1:]:
+                source[layer] = block[0]
+        return source
+
+    def describe(self) -> str:
+        blocks = " ".join(f"[{b[0]}<-{','.join(map(str, b[1:]))}]" for b in self.blocks) or "(no sharing)"
+        return f"{len(self.followers)}/{self.num_layers} layers follow: {blocks}"
+
+    @classmethod
+    def from_k(cls, num_layers: int, k: int, share_first: bool = False, share_last: bool = False) -> SharingPlan:
+        """Every k consecutive layers form a block, over the inner layers unless asked; a leftover single stays."""
+        if k < 2:
+            raise PlanError(f"k must be at least 2 (got {k})")
+        start, stop = (0 if share_first else 1), (num_layers if share_last else num_layers - 1)
+        blocks = [tuple(range(i, min(i + k, stop))) for i in range(start, stop, k)]
+        return cls(num_layers, tuple(b for b in blocks if len(b) >= 2))
+
+    @classmethod
+    def from_threshold(
+        cls,
+        head_matched: np.ndarray,
+        threshold: float,
+        max_block: int | None = None,
+        protect_first: int = 1,
+        protect_last: int = 1,
+    ) -> SharingPlan:
+        """Greedy blocks over the unprotected layers: a layer joins the current block while its head-matched
+        similarity to the block's leader is at least `threshold` (and the block is below `max_block`)."""
+        num_layers = head_matched.shape[0]
+        blocks, layer = [], protect_first
+        while layer < num_layers - protect_last:
+            block = [layer]
+            nxt = layer + 1
+            while (
+                nxt < num_layers - protect_last
+                and head_matched[nxt, layer] >= threshold
+                and (max_block is None or len(block) < max_block)
+            ):
+                block.append(nxt)
+                nxt += 1
+            if len(block) > 1:
+                blocks.append(tuple(block))
+            layer = nxt
+        return cls(num_layers, tuple(blocks))
+
+    @classmethod
+    def from_blocks(cls, num_layers: int, blocks: list[list[int]]) -> SharingPlan:
+        return cls(num_layers, tuple(tuple(int(i) for i in b) for b in blocks))
+
+    @classmethod
+    def parse(cls, spec: str, num_layers: int, head_matched: np.ndarray | None = None) -> SharingPlan:
+        """Parse a plan string: `k=2`, `k=3,first,last`, `threshold=0.9[,max=3]`, `none`, or blocks `1-2,4-6`."""
+        spec = spec.strip()
+        if spec in ("none", ""):
+            return cls(num_layers, ())
+        if spec.startswith("k="):
+            parts = spec.split(",")
+            try:
+                k = int(parts[0][2:])
+            except ValueError as err:
+                raise PlanError(f"bad k in plan {spec!r}") from err
+            return cls.from_k(num_layers, k, share_first="first" in parts[1:], share_last="last" in parts[1:])
+        if spec.startswith("threshold="):
+            if head_matched is None:
+                raise PlanError("a threshold plan needs the similarity analysis (run `echoatt analyze` first)")
+            opts = dict(p.split("=", 1) for p in spec.split(","))
+            max_block = int(opts["max"]) if "max" in opts else None
+            return cls.from_threshold(head_matched, float(opts["threshold"]), max_block)
+        try:
+            blocks = [list(range(int(a), int(b) + 1)) for a, b in (part.split("-") for part in spec.split(","))]
+        except ValueError as err:
+            raise PlanError(f"cannot parse plan {spec!r}: use k=N, threshold=X, none, or blocks like 1-2,4-6") from err
+        return cls.from_blocks(num_layers, blocks)

@@ -1,0 +1,86 @@
+"""Tiny random LLaMA teachers and a tiny trained tokenizer, built in the tests (fast and exact)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+import echoatt  # noqa: F401  (registers the student with the Auto classes)
+
+TEXT = (
+    "It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in want of "
+    "a wife. However little known the feelings or views of such a man may be on his first entering a neighbourhood, "
+    "this truth is so well fixed in the minds of the surrounding families, that he is considered the rightful "
+    "property of some one or other of their daughters. "
+)
+
+
+def tiny_config(**overrides) -> LlamaConfig:
+    kw = dict(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    kw.update(overrides)
+    return LlamaConfig(**kw)
+
+
+def tiny_teacher(seed: int = 0, **overrides) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(tiny_config(**overrides)).eval()
+    with torch.no_grad():  # larger q/k weights give peaked, layer-specific attention instead of near-uniform maps
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(8)
+            layer.self_attn.k_proj.weight.mul_(8)
+    return model
+
+
+@pytest.fixture
+def teacher() -> LlamaForCausalLM:
+    return tiny_teacher()
+
+
+@pytest.fixture(scope="session")
+def tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE with 128 entries trained on a paragraph, wrapped like any HF tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=128, special_tokens=["<pad>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()[:90]
+    )
+    tok.train_from_iterator([TEXT] * 4, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+@pytest.fixture
+def teacher_dir(tmp_path, tokenizer):
+    """A local HF model directory holding a tiny teacher and its tokenizer."""
+    model = tiny_teacher(vocab_size=len(tokenizer))
+    path = tmp_path / "teacher"
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def corpus_dir(tmp_path):
+    """A folder of .txt and .jsonl files with enough text for a few windows."""
+    import json
+
+    path = tmp_path / "corpus"
+    path.mkdir()
+    for i in range(12):
+        (path / f"doc{i:02d}.txt").write_text(TEXT * 3)
+    (path / "more.jsonl").write_text("\n".join(json.dumps({"text": TEXT}) for _ in range(3)))
+    return path

@@ -1,0 +1,55 @@
+"""The command line end to end on a tiny local teacher, and its errors."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+import yaml
+from transformers import AutoModelForCausalLM
+
+from echoatt.cli import main
+
+
+def test_run_writes_analysis_and_student(teacher_dir, corpus_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("ECHOATT_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    args = ["run", "--teacher", str(teacher_dir), "--corpus", str(corpus_dir), "--seq-len", "32", "--out", str(out)]
+    assert main(args + ["--num-sequences", "4"]) == 0
+    printed = capsys.readouterr().out
+    assert "parameters: teacher" in printed and "suggested plan" in printed
+    sim = json.loads((out / "similarity.json").read_text())
+    assert len(sim["head_avg"]) == 6 and sim["tokens"] == 4 * 32
+    assert (out / "attention_similarity.png").is_file()
+    assert yaml.safe_load((out / "run.yaml").read_text())["plan"] == "k=2"
+    student = AutoModelForCausalLM.from_pretrained(out / "student")
+    assert student.config.followers() == [2, 4]
+    info = json.loads((out / "student" / "sharing.json").read_text())
+    assert info["plan"] == [[1, 2], [3, 4]] and info["parameters"]["removed"] > 0
+    out_ids = student.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4, do_sample=False)
+    assert out_ids.shape == (1, 7)
+
+
+def test_share_reads_config_file_and_matches_heads(teacher_dir, corpus_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("ECHOATT_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "share"
+    cfg = tmp_path / "share.yaml"
+    cfg.write_text(yaml.safe_dump({"teacher": str(teacher_dir), "corpus": str(corpus_dir), "seq_len": 32, "plan": "1-3"}))
+    assert main(["share", "--config", str(cfg), "--out", str(out)]) == 0  # analyses first: no similarity.json yet
+    sim = json.loads((out / "similarity.json").read_text())
+    student = AutoModelForCausalLM.from_pretrained(out / "student")
+    best = [max(range(4), key=lambda g: sim["head_head"][2][h][1][g]) for h in range(4)]
+    assert student.config.head_map[2] == best
+    assert student.config.attention_source == [0, 1, 1, 1, 4, 5]
+
+
+def test_errors_are_messages_not_tracebacks(teacher_dir, tmp_path, capsys):
+    assert main(["share", "--teacher", str(teacher_dir), "--plan", "2-2", "--head-map", "identity",
+                 "--out", str(tmp_path)]) == 2
+    assert "one layer" in capsys.readouterr().err
+    assert main(["analyze", "--teacher", str(tmp_path / "nope"), "--out", str(tmp_path)]) == 2
+    assert "no such model directory" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("platn: k=2\n")
+    assert main(["share", "--config", str(bad)]) == 2
+    assert "unknown options" in capsys.readouterr().err

@@ -1,0 +1,152 @@
+"""The student model: exactness, both reuse paths, the KV cache, padding, save/load."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
+
+from echoatt.modeling import EchoAttConfig
+from echoatt.plan import SharingPlan
+from echoatt.student import build_student, kv_cache_bytes_per_token, parameter_report
+
+HEAD_MAPS = [None, None, [1, 0, 3, 2], None, [2, 2, 0, 1], None]  # non-trivial maps across KV groups
+
+
+def student_of(teacher, blocks=((1, 2), (3, 4)), head_map=HEAD_MAPS, impl="sdpa"):
+    teacher.config._attn_implementation = impl
+    plan = SharingPlan.from_blocks(teacher.config.num_hidden_layers, [list(b) for b in blocks])
+    return build_student(teacher, plan, head_map if blocks else None)
+
+
+def ids(batch=2, length=12, vocab=128, seed=1):
+    return torch.randint(3, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_empty_plan_equals_teacher_exactly(teacher, impl):
+    student = student_of(teacher, blocks=(), impl=impl)
+    x = ids()
+    with torch.no_grad():
+        assert torch.equal(student(x).logits, teacher(x).logits)
+
+
+def test_followers_have_no_query_key_projections(teacher):
+    student = student_of(teacher)
+    for layer, block in enumerate(student.model.layers):
+        follower = layer in (2, 4)
+        assert hasattr(block.self_attn, "q_proj") != follower
+        assert hasattr(block.self_attn, "k_proj") != follower
+    report = parameter_report(teacher, student)
+    c = teacher.config
+    per_follower = c.hidden_size * (c.num_attention_heads + c.num_key_value_heads) * c.head_dim
+    assert report["removed"] == 2 * per_follower
+
+
+def test_follower_reuses_mapped_leader_heads(teacher):
+    """A follower's output is its own V and O applied to the leader's probabilities, head-mapped."""
+    student = student_of(teacher, blocks=((1, 2),), impl="eager")
+    seen = {}
+    student.model.layers[1].self_attn.register_forward_hook(lambda m, a, out: seen.__setitem__("probs", out[1]))
+    student.model.layers[2].self_attn.register_forward_pre_hook(
+        lambda m, a, kw: None if "hidden" in seen else seen.update(hidden=kw["hidden_states"]), with_kwargs=True
+    )
+    with torch.no_grad():
+        student(ids(batch=1))
+        attn = student.model.layers[2].self_attn
+        got, _ = attn(seen["hidden"], attention_handoff={1: seen["probs"]})
+        v = attn.v_proj(seen["hidden"]).view(1, 12, 2, 16).transpose(1, 2).repeat_interleave(2, dim=1)  # (B,H,T,D)
+        probs = seen["probs"][:, HEAD_MAPS[2]]  # (B, H, T, T)
+        expected = attn.o_proj((probs @ v).transpose(1, 2).reshape(1, 12, 64))
+    torch.testing.assert_close(got, expected)
+
+
+def test_eager_and_fused_paths_agree(teacher):
+    x = ids()
+    with torch.no_grad():
+        eager = student_of(teacher, impl="eager")(x).logits
+        fused = student_of(teacher, impl="sdpa")(x).logits
+    torch.testing.assert_close(eager, fused, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(eager, teacher(x).logits, atol=1e-3)  # sharing really changed something
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_generate_with_cache_matches_cache_free(teacher, impl):
+    student = student_of(teacher, impl=impl)
+    x = ids(batch=1, length=6)
+    kw = dict(max_new_tokens=10, do_sample=False, pad_token_id=0, eos_token_id=None)
+    cached = student.generate(x, use_cache=True, **kw)
+    uncached = student.generate(x, use_cache=False, **kw)
+    assert torch.equal(cached, uncached)
+    seq = cached.clone()  # and each greedy token is the argmax of a full cache-free forward
+    with torch.no_grad():
+        for t in range(x.shape[1], seq.shape[1]):
+            assert student(seq[:, :t], use_cache=False).logits[0, -1].argmax() == seq[0, t]
+
+
+def test_followers_cache_holds_no_keys(teacher):
+    student = student_of(teacher)
+    with torch.no_grad():
+        cache = student(ids(), use_cache=True).past_key_values
+    for layer in range(6):
+        keys, values = cache.layers[layer].keys, cache.layers[layer].values
+        assert values.shape == (2, 2, 12, 16)
+        assert keys.numel() == (0 if layer in (2, 4) else 2 * 2 * 12 * 16)
+    total = sum(layer.keys.numel() + layer.values.numel() for layer in cache.layers) * 4
+    assert total == kv_cache_bytes_per_token(student.config, dtype_bytes=4) * 2 * 12
+    assert cache.get_seq_length() == 12
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padding(teacher, impl, side):
+    student = student_of(teacher, impl=impl)
+    short = ids(batch=1, length=7, seed=3)
+    pad = torch.zeros(1, 5, dtype=torch.long)
+    batch = torch.cat([ids(batch=1, length=12, seed=4), torch.cat([pad, short], 1) if side == "left" else torch.cat([short, pad], 1)])
+    mask = torch.ones_like(batch)
+    real = slice(5, 12) if side == "left" else slice(0, 7)
+    mask[1] = 0
+    mask[1, real] = 1
+    position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
+    with torch.no_grad():
+        alone = student(short).logits[0]
+        padded = student(batch, attention_mask=mask, position_ids=position_ids).logits[1, real]
+    torch.testing.assert_close(padded, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_save_load_round_trip(teacher, tmp_path):
+    student = student_of(teacher)
+    student.save_pretrained(tmp_path)
+    with safe_open(tmp_path / "model.safetensors", "pt") as f:
+        keys = set(f.keys())
+    for layer in (2, 4):
+        assert f"model.layers.{layer}.self_attn.q_proj.weight" not in keys
+        assert f"model.layers.{layer}.self_attn.k_proj.weight" not in keys
+        assert f"model.layers.{layer}.self_attn.v_proj.weight" in keys
+    assert "model.layers.1.self_attn.q_proj.weight" in keys
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(loaded).__name__ == "EchoAttForCausalLM"
+    assert loaded.config.head_map == HEAD_MAPS
+    x = ids()
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, student(x).logits)
+
+
+@pytest.mark.parametrize(
+    "source, head_map, message",
+    [
+        ([0, 1, 1, 2, 4, 5], None, "not an earlier leader"),  # 3 follows a follower
+        ([0, 1, 3, 3, 4, 5], None, "not an earlier leader"),  # 2 follows a later layer
+        ([0, 1, 1, 3, 4, 5], [None, None, [0, 1, 2, 9], None, None, None], "head indices"),
+    ],
+)
+def test_config_rejects_bad_sharing(source, head_map, message):
+    from conftest import tiny_config
+
+    base = tiny_config().to_dict()
+    base = {k: v for k, v in base.items() if k in EchoAttConfig.__dataclass_fields__ and k not in ("model_type",)}
+    EchoAttConfig(**base, attention_source=[0, 1, 2, 3, 3, 3])  # valid: 4 and 5 follow leader 3
+    with pytest.raises(ValueError, match=message):
+        EchoAttConfig(**base, attention_source=source, head_map=head_map)

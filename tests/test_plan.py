@@ -1,0 +1,69 @@
+"""Sharing plans: construction from k, a threshold, explicit blocks; invalid plans are refused clearly."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from echoatt.plan import PlanError, SharingPlan
+
+
+def test_k2_over_inner_layers_of_30():
+    plan = SharingPlan.from_k(30, 2)
+    assert len(plan.followers) == 14
+    assert plan.blocks[0] == (1, 2) and plan.blocks[-1] == (27, 28)
+    assert 0 not in plan.followers and 29 not in plan.followers
+
+
+def test_k3_leaves_a_single_unshared():
+    plan = SharingPlan.from_k(30, 3)  # inner layers 1..28: nine blocks of 3 and layer 28 alone
+    assert len(plan.blocks) == 9 and len(plan.followers) == 18
+    assert 28 not in plan.followers + plan.leaders
+
+
+def test_k_with_first_and_last():
+    plan = SharingPlan.from_k(6, 2, share_first=True, share_last=True)
+    assert plan.blocks == ((0, 1), (2, 3), (4, 5))
+
+
+def test_attention_source():
+    assert SharingPlan.from_blocks(6, [[1, 2, 3]]).attention_source() == [0, 1, 1, 1, 4, 5]
+
+
+@pytest.mark.parametrize(
+    "blocks, message",
+    [
+        ([[1, 2], [2, 3]], "overlaps"),
+        ([[4, 5, 6]], "out of range"),
+        ([[3]], "one layer"),
+        ([[1, 3]], "consecutive"),
+        ([[3, 2]], "consecutive"),
+        ([[-1, 0]], "out of range"),
+    ],
+)
+def test_invalid_plans(blocks, message):
+    with pytest.raises(PlanError, match=message):
+        SharingPlan.from_blocks(6, blocks)
+
+
+def test_parse():
+    assert SharingPlan.parse("k=2", 6).blocks == ((1, 2), (3, 4))
+    assert SharingPlan.parse("1-2,3-5", 6).blocks == ((1, 2), (3, 4, 5))
+    assert SharingPlan.parse("none", 6).blocks == ()
+    with pytest.raises(PlanError, match="cannot parse"):
+        SharingPlan.parse("every other", 6)
+    with pytest.raises(PlanError, match="analysis"):
+        SharingPlan.parse("threshold=0.9", 6)
+    with pytest.raises(PlanError, match="at least 2"):
+        SharingPlan.parse("k=1", 6)
+
+
+def test_threshold_groups_followers_with_similar_leaders():
+    sim = np.full((6, 6), 0.1)
+    np.fill_diagonal(sim, 1.0)
+    sim[2, 1] = sim[3, 1] = 0.95  # 2 and 3 resemble 1
+    sim[3, 2] = 0.99
+    sim[5, 4] = 0.99  # 5 is protected (last layer)
+    plan = SharingPlan.from_threshold(sim, 0.9)
+    assert plan.blocks == ((1, 2, 3),)
+    assert SharingPlan.from_threshold(sim, 0.9, max_block=2).blocks == ((1, 2),)
