@@ -36,10 +36,11 @@ def tiny_config(**overrides) -> LlamaConfig:
 def tiny_teacher(seed: int = 0, **overrides) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     model = LlamaForCausalLM(tiny_config(**overrides)).eval()
-    with torch.no_grad():  # larger q/k weights give peaked, layer-specific attention instead of near-uniform maps
-        for layer in model.model.layers:
+    with torch.no_grad():  # larger q/k weights give peaked, layer-specific attention instead of near-uniform maps,
+        for layer in model.model.layers:  # and a larger head gives peaked predictions: something to distil
             layer.self_attn.q_proj.weight.mul_(8)
             layer.self_attn.k_proj.weight.mul_(8)
+        model.lm_head.weight.mul_(10)
     return model
 
 

@@ -15,9 +15,19 @@ def test_run_writes_analysis_and_student(teacher_dir, corpus_dir, tmp_path, monk
     monkeypatch.setenv("ECHOATT_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "run"
     args = ["run", "--teacher", str(teacher_dir), "--corpus", str(corpus_dir), "--seq-len", "32", "--out", str(out)]
-    assert main(args + ["--num-sequences", "4"]) == 0
+    budget = ["--num-sequences", "4", "--steps", "2", "--batch-size", "1", "--grad-accum", "1", "--eval-windows", "2",
+              "--tasks", ""]
+    assert main(args + budget) == 0
     printed = capsys.readouterr().out
     assert "parameters: teacher" in printed and "suggested plan" in printed
+    assert "distillation closed" in printed or "student before KD" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["perplexity"]) == {"teacher", "student_before_kd", "student_after_kd"}
+    report = (out / "report.md").read_text()
+    for section in ("## Summary", "## Attend", "## Copy", "## Adjust", "## Evaluation"):
+        assert section in report
+    assert (out / "training_curves.png").is_file() and "<table>" in (out / "report.html").read_text()
+    assert AutoModelForCausalLM.from_pretrained(out / "student-distilled").config.followers() == [2, 4]
     sim = json.loads((out / "similarity.json").read_text())
     assert len(sim["head_avg"]) == 6 and sim["tokens"] == 4 * 32
     assert (out / "attention_similarity.png").is_file()

@@ -150,3 +150,25 @@ def test_config_rejects_bad_sharing(source, head_map, message):
     EchoAttConfig(**base, attention_source=[0, 1, 2, 3, 3, 3])  # valid: 4 and 5 follow leader 3
     with pytest.raises(ValueError, match=message):
         EchoAttConfig(**base, attention_source=source, head_map=head_map)
+
+
+def test_attention_drop_baseline_removes_the_sub_layer(teacher):
+    plan = SharingPlan.from_blocks(6, [[1, 2], [3, 4]])
+    dropped = build_student(teacher, plan, method="drop")
+    for layer in (2, 4):
+        assert not any(True for _ in dropped.model.layers[layer].self_attn.parameters())
+    silenced = student_of(teacher, blocks=())  # the teacher with those attention outputs zeroed is the same model
+    with torch.no_grad():
+        for layer in (2, 4):
+            silenced.model.layers[layer].self_attn.o_proj.weight.zero_()
+        x = ids()
+        torch.testing.assert_close(dropped(x).logits, silenced(x).logits)
+        cache = dropped(x, use_cache=True).past_key_values
+    assert cache.layers[2].keys.numel() == cache.layers[2].values.numel() == 0
+    assert cache.get_seq_length() == 12
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
+    assert torch.equal(dropped.generate(x[:1], use_cache=True, **kw), dropped.generate(x[:1], use_cache=False, **kw))
+    c = teacher.config
+    per_layer = c.num_key_value_heads * c.head_dim * 2
+    assert kv_cache_bytes_per_token(dropped.config) == per_layer * (12 - 4)
+    assert parameter_report(teacher, dropped)["removed"] == 2 * 2 * c.hidden_size * (c.num_attention_heads + c.num_key_value_heads) * c.head_dim

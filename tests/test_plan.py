@@ -67,3 +67,9 @@ def test_threshold_groups_followers_with_similar_leaders():
     plan = SharingPlan.from_threshold(sim, 0.9)
     assert plan.blocks == ((1, 2, 3),)
     assert SharingPlan.from_threshold(sim, 0.9, max_block=2).blocks == ((1, 2),)
+
+
+def test_papers_nine_of_twenty_two():
+    plan = SharingPlan.parse("k=2,followers=9", 22)
+    assert len(plan.followers) == 9 and plan.blocks[-1] == (17, 18)
+    assert len(SharingPlan.parse("k=3,followers=5", 22).followers) == 5

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import torch
 import yaml
 
 C = TypeVar("C")
@@ -26,6 +27,7 @@ class CommonConfig:
     device: str = opt("auto", "cpu, cuda, cuda:N, or auto (cuda when available)")
     seed: int = opt(0, "random seed")
     threads: int = opt(0, "CPU threads for torch (0: torch's default)")
+    eval_windows: int = opt(16, "held-out validation windows scored for perplexity")
 
 
 @dataclass
@@ -37,13 +39,51 @@ class AnalyzeConfig(CommonConfig):
 @dataclass
 class ShareConfig(CommonConfig):
     plan: str = opt("k=2", "sharing plan: k=N[,first][,last], threshold=X[,max=N], blocks like 1-2,4-6, or none")
+    method: str = opt("copy", "copy (followers reuse the leader's attention) or drop (the baseline: no attention there)")
     head_map: str = opt("matched", "follower head -> leader head: matched (most similar head) or identity (plain copy)")
     similarity: str = opt("", "similarity.json from `echoatt analyze` (default: OUT/similarity.json, else analyse)")
 
 
 @dataclass
-class RunConfig(AnalyzeConfig, ShareConfig):
-    """The main job: analyze -> share (and, as they land, distill -> evaluate -> report)."""
+class DistillConfig(CommonConfig):
+    student: str = opt("", "student checkpoint folder to train (default: OUT/student, as `share` writes it)")
+    steps: int = opt(30, "optimizer steps (the default budget finishes in ~15 min on 2 CPU cores)")
+    batch_size: int = opt(2, "windows per micro-batch per process")
+    grad_accum: int = opt(2, "micro-batches per optimizer step")
+    lr: float = opt(3e-4, "peak learning rate (AdamW)")
+    min_lr_ratio: float = opt(0.1, "the cosine schedule ends at lr * min_lr_ratio")
+    warmup_steps: int = opt(5, "linear warm-up steps")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    max_grad_norm: float = opt(1.0, "gradient clipping norm (0: off)")
+    temperature: float = opt(2.0, "soft-label temperature")
+    w_hard: float = opt(0.1, "weight of the hard-label cross-entropy")
+    w_soft: float = opt(1.0, "weight of the soft-label KL (scaled by T^2)")
+    w_hidden: float = opt(1.0, "weight of the hidden-state loss")
+    hidden_loss: str = opt("mse", "hidden-state distance: mse (scale-normalised per layer) or cosine")
+    trainable: str = opt("shared", "what trains: shared (follower layers and the layer after each) or all")
+    gradient_checkpointing: bool = opt(False, "recompute activations in backward to save memory")
+    bf16: str = opt("auto", "bf16 autocast: auto (on GPU), yes, no")
+    eval_every: int = opt(10, "validation perplexity every N steps (0: only at the end)")
+    save_every: int = opt(10, "checkpoint every N steps (and at the end)")
+    keep_checkpoints: int = opt(2, "how many checkpoints to keep")
+    resume: str = opt("auto", "auto (continue from OUT/checkpoints/latest if present), never, or a checkpoint folder")
+
+
+@dataclass
+class EvalConfig(CommonConfig):
+    models: str = opt("", "comma-separated model folders scored beside the teacher (default: OUT/student and "
+                      "OUT/student-distilled, where present)")
+    tasks: str = opt("hellaswag,winogrande,mmlu,arc_easy,arc_challenge,piqa,boolq,lambada",
+                     "zero-shot tasks: local offline copies of these names, or any lm-eval task name ('' for none)")
+    limit: int = opt(0, "items per task (0: all)")
+    eval_batch_size: int = opt(8, "lm-eval batch size")
+
+
+@dataclass
+class RunConfig(AnalyzeConfig, ShareConfig, DistillConfig, EvalConfig):
+    """The main job: analyze -> share -> distill -> evaluate teacher, student before and after KD."""
+
+    limit: int = opt(30, "zero-shot items per task in the main job (0: all; the default keeps it CPU-sized)")
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
@@ -74,3 +114,50 @@ def from_args(cls: type[C], args: argparse.Namespace) -> C:
 
 def save_config(config: Any, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
+
+
+def setup(config: CommonConfig, name: str) -> Path:
+    """Seed, threads, output folder, and the resolved config saved beside the run."""
+    torch.manual_seed(config.seed)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(config, out / f"{name}.yaml")
+    return out
+
+
+def device_of(config: CommonConfig) -> str:
+    if config.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return config.device
+
+
+@dataclass
+class CompareConfig(ShareConfig, DistillConfig, EvalConfig):
+    """Attention drop, plain copy and head-matched copy at the same layers, each distilled with the same budget."""
+
+    methods: str = opt("drop,identity,matched", "which students: drop, identity (plain copy), matched")
+    limit: int = opt(30, "zero-shot items per task (0: all; the default keeps it CPU-sized)")
+
+
+@dataclass
+class BenchConfig(CommonConfig):
+    student: str = opt("", "student folder to measure (default: OUT/student)")
+    arch: str = opt("", "measure an architecture with random weights instead: 'tinyllama' (TinyLlama-1.1B shape) or "
+                    "a config.json; its student follows --plan")
+    plan: str = opt("k=2", "sharing plan for --arch (e.g. k=2,followers=9 for the papers' 9 of 22)")
+    prefill: str = opt("128,512", "prefill lengths (tokens, batch 1)")
+    decode: str = opt("1x128,1x512,8x512", "decode settings, BATCHxCONTEXT")
+    decode_steps: int = opt(8, "single-token steps timed per decode call")
+    train_len: int = opt(256, "tokens of the timed training and distillation steps (0: skip them)")
+    train_batch: int = opt(1, "sequences in the timed training step")
+    repeats: int = opt(5, "timed repeats per candidate")
+    warmup: int = opt(1, "untimed warm-up repeats")
+    dtype: str = opt("auto", "float32, bfloat16, or auto (bfloat16 on GPU, float32 on CPU)")
+
+    def prefill_lengths(self) -> list[int]:
+        return [int(x) for x in self.prefill.split(",") if x]
+
+    def decode_settings(self) -> list[tuple[int, int]]:
+        return [tuple(int(v) for v in x.split("x")) for x in self.decode.split(",") if x]

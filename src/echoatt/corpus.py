@@ -200,6 +200,11 @@ def pack(tokenizer: PreTrainedTokenizerBase, documents: list[Document], seq_len:
     return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
 
 
+def spread(windows: torch.Tensor, n: int) -> torch.Tensor:
+    """`n` windows evenly spread over all of them: a fixed sample that covers the whole corpus."""
+    return windows[torch.linspace(0, len(windows) - 1, min(n, len(windows))).long()]
+
+
 def fingerprint(*parts: object) -> str:
     return hashlib.sha256(json.dumps([str(p) for p in parts]).encode()).hexdigest()[:16]
 

@@ -10,8 +10,8 @@ from tqdm.auto import tqdm
 
 
 @torch.no_grad()
-def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 8, progress: bool = False) -> float:
-    """exp(mean next-token cross-entropy) over (N, T) token windows, every window scored in full."""
+def nll_sum(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 8, progress: bool = False) -> tuple[float, int]:
+    """Summed next-token negative log-likelihood over (N, T) token windows, and how many tokens it covers."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -19,8 +19,13 @@ def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 
     for start in tqdm(range(0, len(windows), batch_size), desc="perplexity", disable=not progress, leave=False):
         ids = windows[start : start + batch_size].to(device)
         logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()  # (B, T-1, V)
-        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), ids[:, 1:].reshape(-1), reduction="sum")
-        total += loss.item()
+        total += F.cross_entropy(logits.reshape(-1, logits.size(-1)), ids[:, 1:].reshape(-1), reduction="sum").item()
         count += ids[:, 1:].numel()
     model.train(was_training)
+    return total, count
+
+
+def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 8, progress: bool = False) -> float:
+    """exp(mean next-token cross-entropy) over (N, T) token windows, every window scored in full."""
+    total, count = nll_sum(model, windows, batch_size, progress)
     return math.exp(total / count)

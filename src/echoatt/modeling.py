@@ -14,6 +14,9 @@ Two reuse paths, same math, chosen by the attention implementation:
   follower calls the same attention kernel on (Q[:, head_map], K[:, head_map // groups], V), so no Tq x Tk matrix
   is stored.
 Followers keep only V in the KV cache: their key slot is a (B, Hkv, T, 0) tensor, zero bytes that still count tokens.
+
+The baseline a user would pick instead, *attention drop*, is the same class with `attention_source[i] = -1`: layer i
+has no attention sub-layer at all (no Q/K/V/O weights, nothing cached), only its MLP.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from transformers.models.llama.modeling_llama import (
 )
 
 HANDOFF_KEY = "attention_handoff"
+DROPPED = -1  # attention_source value of a layer whose attention sub-layer is removed
 
 
 @strict
@@ -48,7 +52,8 @@ class EchoAttConfig(LlamaConfig):
 
     attention_source (`list[int]`, *optional*):
         For each layer, the layer whose attention it uses: itself for ordinary layers and leaders, an earlier leader
-        for followers. `None` means no sharing (the student is the teacher).
+        for followers, -1 for a layer whose attention is dropped. `None` means no sharing (the student is the
+        teacher).
     head_map (`list[list[int]]`, *optional*):
         For each layer, the leader head that each of its heads reads (used for followers only). `None` or a missing
         entry means the identity map (the paper's plain copy).
@@ -69,20 +74,27 @@ class EchoAttConfig(LlamaConfig):
         if len(self.attention_source) != n or len(self.head_map) != n:
             raise ValueError(f"attention_source and head_map need one entry per layer ({n})")
         for layer, source in enumerate(self.attention_source):
-            if source != layer and not (0 <= source < layer and self.attention_source[source] == source):
+            if source == DROPPED:
+                if layer == 0:
+                    raise ValueError("layer 0 keeps its attention: the KV cache counts tokens there")
+            elif source != layer and not (0 <= source < layer and self.attention_source[source] == source):
                 raise ValueError(f"layer {layer} follows layer {source}, which is not an earlier leader")
             heads = self.head_map[layer]
             if heads is not None and (len(heads) != h or not all(0 <= g < h for g in heads)):
                 raise ValueError(f"head_map[{layer}] must list {h} head indices in [0, {h})")
 
     def is_follower(self, layer: int) -> bool:
-        return self.attention_source[layer] != layer
+        return self.attention_source[layer] not in (layer, DROPPED)
+
+    def is_dropped(self, layer: int) -> bool:
+        return self.attention_source[layer] == DROPPED
 
     def is_leader(self, layer: int) -> bool:
         return any(s == layer and i != layer for i, s in enumerate(self.attention_source))
 
     def followers(self) -> list[int]:
-        return [i for i in range(self.num_hidden_layers) if self.is_follower(i)]
+        """Layers whose attention differs from the teacher's: followers, and dropped layers."""
+        return [i for i in range(self.num_hidden_layers) if self.attention_source[i] != i]
 
 
 class EchoAttAttention(nn.Module):
@@ -101,7 +113,10 @@ class EchoAttAttention(nn.Module):
         self.source = config.attention_source[layer_idx]
         self.is_follower = config.is_follower(layer_idx)
         self.is_leader = config.is_leader(layer_idx)
+        self.is_dropped = config.is_dropped(layer_idx)
         bias = config.attention_bias
+        if self.is_dropped:
+            return
         if self.is_follower:
             # The follower's own tensors are already expanded to H heads, so the kernels must not repeat them again.
             self.num_key_value_groups = 1
@@ -138,6 +153,11 @@ class EchoAttAttention(nn.Module):
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         handoff: dict = kwargs.pop(HANDOFF_KEY, None)
+        if self.is_dropped:
+            if past_key_values is not None:  # zero bytes, so the cache still has every layer
+                empty = hidden_states.new_empty((hidden_states.shape[0], self.num_kv_heads, hidden_states.shape[1], 0))
+                past_key_values.update(empty, empty, self.layer_idx)
+            return torch.zeros_like(hidden_states), None
         if handoff is None and (self.is_leader or self.is_follower):
             raise RuntimeError("shared attention needs the model's forward (it passes the leader's attention on)")
         input_shape = hidden_states.shape[:-1]

@@ -2,15 +2,29 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 
 from echoatt.analysis import Similarity, attention_similarity
-from echoatt.config import AnalyzeConfig, CommonConfig, RunConfig, ShareConfig, save_config
-from echoatt.corpus import token_windows
+from echoatt.config import (
+    AnalyzeConfig,
+    BenchConfig,
+    CommonConfig,
+    CompareConfig,
+    EvalConfig,
+    RunConfig,
+    ShareConfig,
+    device_of,
+    setup,
+)
+from echoatt.corpus import spread, token_windows
+from echoatt.distill import distill
+from echoatt.metrics import perplexity
 from echoatt.modeling import EchoAttForCausalLM
 from echoatt.plan import SharingPlan
+from echoatt.report import write_report
 from echoatt.student import build_student, head_maps, kv_cache_bytes_per_token, parameter_report, save_student
 from echoatt.teacher import Teacher, load_teacher
 
@@ -18,31 +32,13 @@ SIMILARITY_FILE = "similarity.json"
 HEATMAP_FILE = "attention_similarity.png"
 
 
-def setup(config: CommonConfig, name: str) -> Path:
-    """Seed, threads, output folder, and the resolved config saved beside the run."""
-    torch.manual_seed(config.seed)
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(config, out / f"{name}.yaml")
-    return out
-
-
-def device_of(config: CommonConfig) -> str:
-    if config.device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return config.device
-
-
 def analyze(config: AnalyzeConfig, teacher: Teacher | None = None) -> Similarity:
     """Measure the teacher's layer x layer attention similarity; write similarity.json and a heatmap."""
     out = setup(config, "analyze")
     teacher = teacher or load_teacher(config.teacher, device=device_of(config))
     train, _ = token_windows(teacher.tokenizer, config.corpus, config.seq_len)
-    n = min(config.num_sequences, len(train))
-    windows = train[torch.linspace(0, len(train) - 1, n).long()]  # spread over the whole corpus
-    settings = {"teacher": teacher.name, "corpus": config.corpus, "seq_len": config.seq_len, "sequences": n}
+    windows = spread(train, config.num_sequences)
+    settings = {"teacher": teacher.name, "corpus": config.corpus, "seq_len": config.seq_len, "sequences": len(windows)}
     similarity = attention_similarity(teacher.model, windows, settings=settings)
     similarity.save(out / SIMILARITY_FILE)
     similarity.heatmap(out / HEATMAP_FILE)
@@ -67,21 +63,29 @@ def share(
     out = setup(config, "share")
     teacher = teacher or load_teacher(config.teacher, device=device_of(config))
     similarity = similarity or find_similarity(config)
-    needs_analysis = config.head_map == "matched" or config.plan.startswith("threshold=")
+    needs_analysis = (config.method == "copy" and config.head_map == "matched") or config.plan.startswith("threshold=")
     if similarity is None and needs_analysis:
         print("no similarity analysis found: measuring it first (echoatt analyze)")
         similarity = analyze(AnalyzeConfig(**{k: getattr(config, k) for k in CommonConfig.__dataclass_fields__}), teacher)
     layers = teacher.model.config.num_hidden_layers
     plan = SharingPlan.parse(config.plan, layers, similarity.head_matched if similarity else None)
-    student = build_student(teacher.model, plan, head_maps(plan, similarity, config.head_map))
+    maps = head_maps(plan, similarity, config.head_map) if config.method == "copy" else None
+    student = build_student(teacher.model, plan, maps, config.method)
     params = parameter_report(teacher.model, student)
     kv = {
         "teacher": kv_cache_bytes_per_token(teacher.model.config),
         "student": kv_cache_bytes_per_token(student.config),
     }
-    info = {"plan": [list(b) for b in plan.blocks], "head_map": config.head_map, "parameters": params, "kv_cache_bytes_per_token_bf16": kv}
+    info = {
+        "plan": [list(b) for b in plan.blocks],
+        "method": config.method,
+        "head_map": config.head_map if config.method == "copy" else None,
+        "parameters": params,
+        "kv_cache_bytes_per_token_bf16": kv,
+    }
     path = save_student(student, teacher.tokenizer, out / "student", info)
-    print(f"plan: {plan.describe()} (head map: {config.head_map})")
+    how = f"head map: {config.head_map}" if config.method == "copy" else "attention dropped"
+    print(f"plan: {plan.describe()} ({how})")
     print(
         f"parameters: teacher {params['teacher']:,}  student {params['student']:,}  "
         f"removed {params['removed']:,} ({params['removed_percent']:.2f}%)"
@@ -91,10 +95,131 @@ def share(
     return student
 
 
+def evaluate(config: EvalConfig, teacher: Teacher | None = None) -> dict:
+    """Held-out perplexity and zero-shot accuracy (lm-eval) of the teacher and each model, side by side."""
+    from transformers import AutoModelForCausalLM
+
+    from echoatt.evaluate import save_results, zero_shot
+
+    out = setup(config, "eval")
+    teacher = teacher or load_teacher(config.teacher, device=device_of(config))
+    if config.models:
+        paths = {Path(p).name: Path(p) for p in config.models.split(",") if p}
+    else:
+        named = {"student (before KD)": out / "student", "student (after KD)": out / "student-distilled"}
+        paths = {name: path for name, path in named.items() if (path / "config.json").is_file()}
+    _, val = token_windows(teacher.tokenizer, config.corpus, config.seq_len)
+    val = spread(val, config.eval_windows)
+    tasks = [t for t in config.tasks.split(",") if t]
+    results = {}
+    for name, path in {"teacher": None, **paths}.items():
+        if path is not None and not (path / "config.json").is_file():
+            raise FileNotFoundError(f"no model at {path}")
+        model = teacher.model if path is None else AutoModelForCausalLM.from_pretrained(path).to(teacher.model.device)
+        print(f"evaluating {name}")
+        results[name] = {"held-out text": {"perplexity": perplexity(model.eval(), val)}}
+        if tasks:
+            results[name].update(zero_shot(model, teacher.tokenizer, tasks, config.limit or None, config.eval_batch_size))
+    save_results(results, out)
+    print((out / "eval.md").read_text())
+    return results
+
+
+def bench(config: BenchConfig) -> dict:
+    """Speed and size, teacher vs student, in one process: a trained pair from OUT, or an architecture (--arch)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from echoatt.bench import TINYLLAMA, markdown, run_bench, save
+
+    out = setup(config, "bench")
+    device = torch.device(device_of(config))
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(config.dtype)
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if config.arch:
+        arch = LlamaConfig(**TINYLLAMA) if config.arch == "tinyllama" else LlamaConfig.from_json_file(config.arch)
+        print(f"building the {config.arch} architecture with random weights")
+        teacher = LlamaForCausalLM(arch).to(dtype)
+        plan = SharingPlan.parse(config.plan, arch.num_hidden_layers)
+        heads = list(reversed(range(arch.num_attention_heads)))  # a non-identity map, as a matched student has
+        maps = [heads if i in plan.followers else None for i in range(arch.num_hidden_layers)]
+        student = build_student(teacher, plan, maps)
+        name = f"bench-{Path(config.arch).stem}"
+    else:
+        teacher = load_teacher(config.teacher).model
+        path = Path(config.student) if config.student else out / "student"
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"no student at {path} (run `echoatt share`, or measure an architecture with --arch)")
+        student = AutoModelForCausalLM.from_pretrained(path)
+        name = "bench"
+    for model in (teacher, student):
+        model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    print(f"plan: {len(student.config.followers())} of {student.config.num_hidden_layers} layers follow; "
+          f"{device}, {dtype}, {torch.get_num_threads()} threads")
+    result = run_bench(teacher, student, config, device)
+    save(result, out, name)
+    print(markdown(result))
+    return result
+
+
+def compare(config: CompareConfig) -> dict:
+    """The table users pick a method from: teacher, attention drop, plain copy, head-matched copy at the same
+    layers, each before and after the same distillation budget. Each method works in OUT/<method>/."""
+    import dataclasses
+
+    from echoatt.evaluate import save_results
+
+    out = setup(config, "compare")
+    teacher = load_teacher(config.teacher, device=device_of(config))
+    labels = {"drop": "attention drop", "identity": "plain copy", "matched": "head-matched copy"}
+    methods = [m for m in config.methods.split(",") if m]
+    unknown = set(methods) - set(labels)
+    if unknown:
+        raise ValueError(f"unknown methods {sorted(unknown)}: use drop, identity, matched")
+    similarity = find_similarity(config)
+    if similarity is None and "matched" in methods:
+        similarity = analyze(AnalyzeConfig(**{k: getattr(config, k) for k in CommonConfig.__dataclass_fields__}), teacher)
+    results: dict = {}
+    for method in methods:
+        sub = dataclasses.replace(config, out=str(out / method), method="drop" if method == "drop" else "copy",
+                                  head_map="identity" if method == "drop" else method)
+        print(f"== {labels[method]} ==")
+        share(sub, teacher, similarity)
+        distill(sub, teacher)
+        scored = evaluate(dataclasses.replace(sub, models=""), teacher)
+        results.setdefault("teacher", scored["teacher"])
+        results[f"{labels[method]} (before KD)"] = scored["student (before KD)"]
+        results[f"{labels[method]} (after KD)"] = scored["student (after KD)"]
+        save_results(results, out, "compare")
+    print((out / "compare.md").read_text())
+    return results
+
+
 def run(config: RunConfig) -> dict:
-    """The main job on one teacher: analyze -> share."""
-    setup(config, "run")
+    """The main job on one teacher: analyze -> share -> distill -> evaluate (perplexity and zero-shot)."""
+    out = setup(config, "run")
     teacher = load_teacher(config.teacher, device=device_of(config))
     similarity = analyze(config, teacher)
-    student = share(config, teacher, similarity)
-    return {"similarity": similarity, "student": student}
+    share(config, teacher, similarity)
+    distill(config, teacher)
+    results = evaluate(config, teacher)
+    ppl = {name: r["held-out text"]["perplexity"] for name, r in results.items()}
+    t, before, after = ppl["teacher"], ppl["student (before KD)"], ppl["student (after KD)"]
+    summary = {
+        "validation_windows": config.eval_windows,
+        "seq_len": config.seq_len,
+        "perplexity": {"teacher": t, "student_before_kd": before, "student_after_kd": after},
+        "gap_closed_percent": 100.0 * (before - after) / (before - t) if before > t else None,
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_report(out)
+    print(f"validation perplexity ({config.eval_windows} windows of {config.seq_len} tokens): teacher {t:.2f}, "
+          f"student before KD {before:.2f}, after KD {after:.2f}")
+    if summary["gap_closed_percent"] is not None:
+        print(f"distillation closed {summary['gap_closed_percent']:.1f}% of the gap to the teacher")
+    print(f"report: {out / 'report.html'}")
+    return summary
+
+
+def report(run_dir: str) -> None:
+    md, page = write_report(run_dir)
+    print(f"wrote {md} and {page}")

@@ -57,13 +57,25 @@ class SharingPlan:
         return f"{len(self.followers)}/{self.num_layers} layers follow: {blocks}"
 
     @classmethod
-    def from_k(cls, num_layers: int, k: int, share_first: bool = False, share_last: bool = False) -> SharingPlan:
-        """Every k consecutive layers form a block, over the inner layers unless asked; a leftover single stays."""
+    def from_k(
+        cls, num_layers: int, k: int, share_first: bool = False, share_last: bool = False, followers: int | None = None
+    ) -> SharingPlan:
+        """Every k consecutive layers form a block, over the inner layers unless asked; a leftover single stays.
+        `followers` keeps only the first blocks, up to that many followers (the papers' "9 of 22")."""
         if k < 2:
             raise PlanError(f"k must be at least 2 (got {k})")
         start, stop = (0 if share_first else 1), (num_layers if share_last else num_layers - 1)
         blocks = [tuple(range(i, min(i + k, stop))) for i in range(start, stop, k)]
-        return cls(num_layers, tuple(b for b in blocks if len(b) >= 2))
+        blocks = [b for b in blocks if len(b) >= 2]
+        if followers is not None:
+            kept, count = [], 0
+            for b in blocks:
+                take = min(len(b) - 1, followers - count)
+                if take > 0:
+                    kept.append(b[: take + 1])
+                    count += take
+            blocks = kept
+        return cls(num_layers, tuple(blocks))
 
     @classmethod
     def from_threshold(
@@ -99,17 +111,20 @@ class SharingPlan:
 
     @classmethod
     def parse(cls, spec: str, num_layers: int, head_matched: np.ndarray | None = None) -> SharingPlan:
-        """Parse a plan string: `k=2`, `k=3,first,last`, `threshold=0.9[,max=3]`, `none`, or blocks `1-2,4-6`."""
+        """Parse a plan string: `k=2`, `k=3,first,last`, `k=2,followers=9`, `threshold=0.9[,max=3]`, `none`, or blocks
+        `1-2,4-6`."""
         spec = spec.strip()
         if spec in ("none", ""):
             return cls(num_layers, ())
         if spec.startswith("k="):
             parts = spec.split(",")
+            opts = dict(p.split("=", 1) for p in parts if "=" in p)
             try:
-                k = int(parts[0][2:])
+                k = int(opts["k"])
+                followers = int(opts["followers"]) if "followers" in opts else None
             except ValueError as err:
-                raise PlanError(f"bad k in plan {spec!r}") from err
-            return cls.from_k(num_layers, k, share_first="first" in parts[1:], share_last="last" in parts[1:])
+                raise PlanError(f"bad number in plan {spec!r}") from err
+            return cls.from_k(num_layers, k, "first" in parts[1:], "last" in parts[1:], followers)
         if spec.startswith("threshold="):
             if head_matched is None:
                 raise PlanError("a threshold plan needs the similarity analysis (run `echoatt analyze` first)")

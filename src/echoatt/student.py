@@ -9,11 +9,12 @@ import torch
 from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 
 from echoatt.analysis import Similarity
-from echoatt.modeling import EchoAttConfig, EchoAttForCausalLM
+from echoatt.modeling import DROPPED, EchoAttConfig, EchoAttForCausalLM
 from echoatt.plan import PlanError, SharingPlan
 from echoatt.teacher import convert_config
 
 HEAD_MAPS = ("matched", "identity")
+METHODS = ("copy", "drop")
 
 
 def head_maps(plan: SharingPlan, similarity: Similarity | None, mode: str = "matched") -> list[list[int] | None]:
@@ -34,12 +35,22 @@ def head_maps(plan: SharingPlan, similarity: Similarity | None, mode: str = "mat
 
 
 def build_student(
-    teacher: LlamaForCausalLM, plan: SharingPlan, head_map: list[list[int] | None] | None = None
+    teacher: LlamaForCausalLM,
+    plan: SharingPlan,
+    head_map: list[list[int] | None] | None = None,
+    method: str = "copy",
 ) -> EchoAttForCausalLM:
-    """The student: the teacher's weights, minus followers' q_proj/k_proj, with attention shared per `plan`."""
+    """The student: the teacher's weights, minus followers' q_proj/k_proj, with attention shared per `plan`.
+
+    `method="drop"` builds the baseline instead: the followers' attention sub-layers are removed entirely."""
     if plan.num_layers != teacher.config.num_hidden_layers:
         raise PlanError(f"plan is for {plan.num_layers} layers, teacher has {teacher.config.num_hidden_layers}")
-    config = convert_config(teacher.config, EchoAttConfig, attention_source=plan.attention_source(), head_map=head_map)
+    if method not in METHODS:
+        raise PlanError(f"method must be one of {METHODS} (got {method!r})")
+    source = plan.attention_source()
+    if method == "drop":
+        source, head_map = [DROPPED if i in plan.followers else s for i, s in enumerate(source)], None
+    config = convert_config(teacher.config, EchoAttConfig, attention_source=source, head_map=head_map)
     config.architectures = ["EchoAttForCausalLM"]
     param = next(teacher.parameters())
     student = EchoAttForCausalLM(config).to(device=param.device, dtype=param.dtype)
@@ -59,10 +70,13 @@ def parameter_report(teacher: torch.nn.Module, student: torch.nn.Module) -> dict
 
 
 def kv_cache_bytes_per_token(config, dtype_bytes: int = 2) -> int:
-    """KV-cache bytes one token costs: keys and values for ordinary layers, values only for followers."""
-    followers = len(config.followers()) if isinstance(config, EchoAttConfig) else 0
+    """KV-cache bytes one token costs: keys and values for ordinary layers, values only for followers, nothing for
+    dropped attention."""
+    layers = range(config.num_hidden_layers)
+    followers = sum(config.is_follower(i) for i in layers) if isinstance(config, EchoAttConfig) else 0
+    dropped = sum(config.is_dropped(i) for i in layers) if isinstance(config, EchoAttConfig) else 0
     per_layer = config.num_key_value_heads * config.head_dim * dtype_bytes
-    return per_layer * (2 * config.num_hidden_layers - followers)
+    return per_layer * (2 * config.num_hidden_layers - followers - 2 * dropped)
 
 
 def save_student(

@@ -1,0 +1,235 @@
+"""Show it: speed and size of teacher vs student, measured side by side in one process.
+
+Every figure times the same work on four candidates — teacher on SDPA, teacher on eager, student on its fused path
+(SDPA) and on its reuse path (eager) — interleaved (the order rotates each repeat), after a warm-up, with the
+thread count pinned. Each candidate's median and min/max are reported with two ratios, each beside its analytic
+bound (`echoatt.cost_model`):
+- headline: teacher on SDPA (its fastest backend) / student on SDPA;
+- eager vs eager (the papers' likely setting), never the headline.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from echoatt.config import BenchConfig
+from echoatt.cost_model import Bound, bound
+from echoatt.student import kv_cache_bytes_per_token, parameter_count
+
+CANDIDATES = ("teacher_sdpa", "teacher_eager", "student_sdpa", "student_eager")
+TINYLLAMA = dict(  # TinyLlama-1.1B's shape (the papers' setting): 22 layers, GQA 32/4
+    vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+    num_key_value_heads=4, max_position_embeddings=2048, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn: Callable[[], None], device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def _with_impl(model, impl: str):
+    model.config._attn_implementation = impl
+    return model
+
+
+def measure(work: dict[str, Callable[[], None]], device: torch.device, repeats: int, warmup: int) -> dict:
+    """Interleaved timing: each repeat runs every candidate once, starting from a different one."""
+    names = list(work)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(warmup + repeats):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            seconds = _timed(work[name], device)
+            if r >= warmup:
+                times[name].append(seconds)
+    return {n: {"median": statistics.median(v), "min": min(v), "max": max(v), "values": v} for n, v in times.items()}
+
+
+def _figure(name: str, setting: dict, timings: dict, per: float, bounds: dict[str, Bound]) -> dict:
+    """One figure: timings, throughput (`per` units of work per call), both ratios beside their bounds."""
+    med = {n: t["median"] for n, t in timings.items()}
+    ratios = {
+        "headline": med["teacher_sdpa"] / med["student_sdpa"],
+        "eager_vs_eager": med["teacher_eager"] / med["student_eager"],
+    }
+    return {
+        "figure": name,
+        "setting": setting,
+        "timings_s": timings,
+        "throughput_per_s": {n: per / m for n, m in med.items()},
+        "ratios": {
+            k: {"ratio": v, "bound": bounds[k].value, "bound_flops": bounds[k].flops, "bound_bytes": bounds[k].bytes,
+                "regime": bounds[k].regime, "achieved_over_bound": v / bounds[k].value}
+            for k, v in ratios.items()
+        },
+    }
+
+
+def _bounds(teacher, student, dtype_bytes: int, **kw) -> dict[str, Bound]:
+    return {
+        "headline": bound(teacher.config, student.config, teacher_eager=False, student_eager=False,
+                          dtype_bytes=dtype_bytes, **kw),
+        "eager_vs_eager": bound(teacher.config, student.config, teacher_eager=True, student_eager=True,
+                                dtype_bytes=dtype_bytes, **kw),
+    }
+
+
+def _models(teacher, student) -> dict[str, torch.nn.Module]:
+    """The four candidates; teacher and student are each shared by their two backends (switched before a call)."""
+    return {"teacher_sdpa": teacher, "teacher_eager": teacher, "student_sdpa": student, "student_eager": student}
+
+
+def _impl(name: str) -> str:
+    return name.rsplit("_", 1)[1]
+
+
+@torch.no_grad()
+def prefill_figure(teacher, student, length: int, config: BenchConfig, device, dtype_bytes: int) -> dict:
+    ids = torch.randint(0, teacher.config.vocab_size, (1, length), device=device)
+    work = {
+        n: (lambda m=m, impl=_impl(n): _with_impl(m, impl)(input_ids=ids, use_cache=False, logits_to_keep=1))
+        for n, m in _models(teacher, student).items()
+    }
+    timings = measure(work, device, config.repeats, config.warmup)
+    return _figure("prefill", {"batch": 1, "tokens": length}, timings, length,
+                   _bounds(teacher, student, dtype_bytes, B=1, T=length, P=0, logits=1))
+
+
+@torch.no_grad()
+def decode_figure(teacher, student, batch: int, context: int, config: BenchConfig, device, dtype_bytes: int) -> dict:
+    """tokens/s of `decode_steps` single-token steps after a `context`-token prompt (prefill untimed)."""
+    ids = torch.randint(0, teacher.config.vocab_size, (batch, context), device=device)
+    step_ids = torch.randint(0, teacher.config.vocab_size, (batch, 1), device=device)
+    caches = {}
+    for name, model in _models(teacher, student).items():
+        caches[name] = _with_impl(model, _impl(name))(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values
+
+    def steps(model, impl: str, cache) -> None:
+        _with_impl(model, impl)
+        for _ in range(config.decode_steps):
+            model(input_ids=step_ids, past_key_values=cache, use_cache=True)
+        cache.crop(-config.decode_steps)  # back to the prompt for the next repeat: a slice, no copy
+
+    work = {n: (lambda m=m, n=n: steps(m, _impl(n), caches[n])) for n, m in _models(teacher, student).items()}
+    timings = measure(work, device, config.repeats, config.warmup)
+    cache_bytes = {n: sum(x.nbytes for layer in c.layers for x in (layer.keys, layer.values)) for n, c in caches.items()}
+    figure = _figure("decode", {"batch": batch, "context": context, "steps": config.decode_steps}, timings,
+                     batch * config.decode_steps,
+                     _bounds(teacher, student, dtype_bytes, B=batch, T=1, P=context + config.decode_steps // 2))
+    figure["kv_cache_bytes_after_prompt"] = cache_bytes
+    return figure
+
+
+def train_figure(teacher, student, config: BenchConfig, device, dtype_bytes: int, distill: bool) -> dict:
+    """One forward+backward (or distillation step: frozen-teacher forward + student forward/backward with the KD
+    losses) at `train_len` tokens. The teacher's own row trains the teacher in the student's place."""
+    from echoatt.config import DistillConfig
+    from echoatt.distill import distillation_losses
+
+    ids = torch.randint(0, teacher.config.vocab_size, (config.train_batch, config.train_len), device=device)
+    losses = DistillConfig()
+
+    def step(model, impl: str) -> None:
+        _with_impl(model, impl)
+        _with_impl(teacher, impl)
+        model.zero_grad(set_to_none=True)
+        if distill:
+            loss = distillation_losses(model, teacher, ids, losses)["loss"]
+        else:
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+
+    for model in (teacher, student):
+        model.requires_grad_(True).train()
+    work = {n: (lambda m=m, n=n: step(m, _impl(n))) for n, m in _models(teacher, student).items()}
+    try:
+        timings = measure(work, device, config.repeats, config.warmup)
+    finally:
+        for model in (teacher, student):
+            model.zero_grad(set_to_none=True)
+            model.requires_grad_(False).eval()
+    tokens = config.train_batch * config.train_len
+    return _figure("distill_step" if distill else "train_step", {"batch": config.train_batch, "tokens": config.train_len},
+                   timings, tokens, _bounds(teacher, student, dtype_bytes, B=config.train_batch, T=config.train_len,
+                                            P=0, train=True, with_teacher=distill))
+
+
+def run_bench(teacher, student, config: BenchConfig, device: torch.device) -> dict:
+    """All figures for one teacher/student pair; returns the JSON-able result."""
+    dtype = next(teacher.parameters()).dtype
+    dtype_bytes = torch.finfo(dtype).bits // 8
+    figures = []
+    for length in config.prefill_lengths():
+        figures.append(prefill_figure(teacher, student, length, config, device, dtype_bytes))
+    for batch, context in config.decode_settings():
+        figures.append(decode_figure(teacher, student, batch, context, config, device, dtype_bytes))
+    if config.train_len:
+        figures.append(train_figure(teacher, student, config, device, dtype_bytes, distill=False))
+        figures.append(train_figure(teacher, student, config, device, dtype_bytes, distill=True))
+    return {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()})",
+        "threads": torch.get_num_threads(),
+        "dtype": str(dtype).removeprefix("torch."),
+        "torch": torch.__version__,
+        "config": asdict(config),
+        "size": {
+            "parameters": {"teacher": parameter_count(teacher), "student": parameter_count(student)},
+            "kv_cache_bytes_per_token": {
+                "teacher": kv_cache_bytes_per_token(teacher.config, dtype_bytes),
+                "student": kv_cache_bytes_per_token(student.config, dtype_bytes),
+            },
+        },
+        "figures": figures,
+    }
+
+
+def markdown(result: dict) -> str:
+    """The speed table: medians, both ratios and their bounds, achieved/bound."""
+    lines = [
+        f"Device: {result['device']}, {result['threads']} threads, {result['dtype']}, torch {result['torch']}. "
+        "Medians of interleaved repeats; bound = analytic teacher cost / student cost (FLOPs for prefill and "
+        "training, bytes for decode).",
+        "",
+        "| figure | setting | teacher sdpa | teacher eager | student sdpa | student eager | ratio (vs teacher sdpa) "
+        "| bound | achieved/bound | eager/eager ratio | bound | achieved/bound |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for f in result["figures"]:
+        setting = ", ".join(f"{k} {v}" for k, v in f["setting"].items())
+        t = [f"{f['timings_s'][c]['median'] * 1000:.1f} ms" for c in CANDIDATES]
+        h, e = f["ratios"]["headline"], f["ratios"]["eager_vs_eager"]
+        lines.append(
+            f"| {f['figure']} | {setting} | " + " | ".join(t)
+            + f" | {h['ratio']:.3f}× | {h['bound']:.3f}× | {h['achieved_over_bound']:.2f} "
+            f"| {e['ratio']:.3f}× | {e['bound']:.3f}× | {e['achieved_over_bound']:.2f} |"
+        )
+    size = result["size"]
+    p, kv = size["parameters"], size["kv_cache_bytes_per_token"]
+    lines += [
+        "",
+        f"Parameters: teacher {p['teacher']:,}, student {p['student']:,} "
+        f"(−{100 * (1 - p['student'] / p['teacher']):.2f}%). KV cache per token: teacher {kv['teacher']:,} B, "
+        f"student {kv['student']:,} B (×{kv['student'] / kv['teacher']:.3f}).",
+    ]
+    return "\n".join(lines)
+
+
+def save(result: dict, out: Path, name: str = "bench") -> None:
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2))
+    (out / f"{name}.md").write_text(markdown(result) + "\n")

@@ -1,0 +1,80 @@
+"""Show it: zero-shot accuracy through lm-evaluation-harness, and perplexity on held-out text, side by side.
+
+The scorer is lm-eval's own (`HFLM` around the in-memory model, `simple_evaluate`); echoatt only ships task YAMLs
+(`lm_eval_tasks/`) that read offline copies of the benchmarks. Task names from the default suite resolve to those
+local tasks; any other name is passed to lm-eval unchanged (its own tasks, for users with network access).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+TASKS_DIR = Path(__file__).with_name("lm_eval_tasks")
+DEFAULT_TASKS = ("hellaswag", "winogrande", "mmlu", "arc_easy", "arc_challenge", "piqa", "boolq", "lambada")
+METRICS = ("acc", "acc_norm", "perplexity")
+
+
+def local_task(name: str) -> str:
+    """`hellaswag` -> `echoatt_hellaswag` where a local YAML exists; other names unchanged."""
+    return f"echoatt_{name}" if (TASKS_DIR / f"{name}.yaml").is_file() else name
+
+
+def zero_shot(
+    model: torch.nn.Module,
+    tokenizer,
+    tasks: list[str],
+    limit: int | None = None,
+    batch_size: int = 8,
+    include_path: str | Path | None = None,
+) -> dict[str, dict[str, float]]:
+    """{task: {metric: value, metric_stderr: value}} for one model, scored by lm-eval."""
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    paths = [str(TASKS_DIR)] + ([str(include_path)] if include_path else [])
+    manager = TaskManager(include_path=paths)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    names = [local_task(t) for t in tasks]
+    output = simple_evaluate(
+        model=lm, tasks=names, task_manager=manager, limit=limit, bootstrap_iters=1000, log_samples=False
+    )
+    results = {}
+    for name, task in zip(tasks, names):
+        raw = output["results"][task]
+        entry = {}
+        for metric in METRICS:
+            if f"{metric},none" in raw:
+                entry[metric] = raw[f"{metric},none"]
+                stderr = raw.get(f"{metric}_stderr,none")
+                entry[f"{metric}_stderr"] = stderr if isinstance(stderr, (int, float)) else None
+        entry["samples"] = output.get("n-samples", {}).get(task, {}).get("effective")
+        results[name] = entry
+    return results
+
+
+def markdown_table(results: dict[str, dict[str, dict[str, float]]]) -> str:
+    """Rows: task and metric; columns: the models. Values with ± stderr where lm-eval gave one."""
+    models = list(results)
+    tasks = list(dict.fromkeys(t for r in results.values() for t in r))
+    lines = ["| task | metric | " + " | ".join(models) + " |", "|---|---|" + "---|" * len(models)]
+    for task in tasks:
+        metrics = [m for m in METRICS if any(m in results[x].get(task, {}) for x in models)]
+        for metric in metrics:
+            cells = []
+            for x in models:
+                entry = results[x].get(task, {})
+                value, stderr = entry.get(metric), entry.get(f"{metric}_stderr")
+                cells.append("–" if value is None else f"{value:.4f}" + (f" ± {stderr:.4f}" if stderr else ""))
+            lines.append(f"| {task} | {metric} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def save_results(results: dict, out: Path, name: str = "eval") -> None:
+    (out / f"{name}.json").write_text(json.dumps(results, indent=2))
+    (out / f"{name}.md").write_text(markdown_table(results) + "\n")

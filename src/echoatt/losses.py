@@ -1,0 +1,71 @@
+"""Distillation losses as pure functions (like torchtune's `kd_losses.py`), each tested against its formula.
+
+All reduce to a mean over valid positions: those whose label is not `ignore_index` (hard and soft labels) or whose
+attention-mask entry is 1 (hidden states).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+def hard_label_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Next-token cross-entropy: logits (B, T, V) predict labels (B, T) shifted by one."""
+    logits = logits[:, :-1].float()
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1), ignore_index=ignore_index)
+
+
+def soft_label_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float = 1.0,
+    chunk_size: int = 512,
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
+    """T² · KL(teacher ‖ student) of temperature-scaled next-token distributions, mean over valid positions.
+
+    Computed in float32, `chunk_size` positions at a time, so a 128k-entry vocabulary never needs a full-sequence
+    float32 copy of both logits at once. Positions follow `hard_label_loss` (logits at t predict labels at t+1).
+    """
+    s = student_logits[:, :-1].reshape(-1, student_logits.size(-1))  # (N, V)
+    t = teacher_logits[:, :-1].reshape(-1, teacher_logits.size(-1))
+    valid = (labels[:, 1:] != ignore_index).reshape(-1)  # (N,)
+    total = s.new_zeros((), dtype=torch.float32)
+    for i in range(0, s.size(0), chunk_size):
+        keep = valid[i : i + chunk_size]
+        log_p_s = F.log_softmax(s[i : i + chunk_size].float() / temperature, dim=-1)
+        log_p_t = F.log_softmax(t[i : i + chunk_size].float() / temperature, dim=-1)
+        kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)  # (chunk,)
+        total = total + (kl * keep).sum()
+    return total * temperature**2 / valid.sum().clamp_min(1)
+
+
+def hidden_state_loss(
+    student_hidden: list[torch.Tensor],
+    teacher_hidden: list[torch.Tensor],
+    mask: torch.Tensor | None = None,
+    kind: str = "mse",
+) -> torch.Tensor:
+    """Mean over matched layers of a per-token distance between hidden states (B, T, C).
+
+    `mse`: squared error divided by the teacher's mean square at that layer, so every layer weighs the same whatever
+    the scale of its residual stream. `cosine`: 1 − cosine similarity per token.
+    """
+    if not student_hidden:
+        return torch.zeros(())
+    mask = None if mask is None else mask.float()  # (B, T)
+    losses = []
+    for s, t in zip(student_hidden, teacher_hidden, strict=True):
+        s, t = s.float(), t.float()
+        if kind == "mse":
+            per_token = (s - t).pow(2).mean(-1) / t.pow(2).mean().clamp_min(1e-12)  # (B, T)
+        elif kind == "cosine":
+            per_token = 1 - F.cosine_similarity(s, t, dim=-1)
+        else:
+            raise ValueError(f"hidden loss must be mse or cosine (got {kind!r})")
+        losses.append(per_token.mean() if mask is None else (per_token * mask).sum() / mask.sum().clamp_min(1))
+    return torch.stack(losses).mean()

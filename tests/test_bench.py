@@ -1,0 +1,50 @@
+"""The benchmark's JSON schema and its cost model (never its timings)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import tiny_teacher
+from echoatt.bench import CANDIDATES, markdown, run_bench
+from echoatt.config import BenchConfig
+from echoatt.cost_model import bound, forward_cost
+from echoatt.plan import SharingPlan
+from echoatt.student import build_student
+
+
+def test_bench_result_schema():
+    teacher = tiny_teacher().requires_grad_(False)
+    student = build_student(teacher, SharingPlan.from_k(6, 2)).requires_grad_(False)
+    cfg = BenchConfig(prefill="16", decode="2x16", decode_steps=2, train_len=16, repeats=1, warmup=0)
+    result = json.loads(json.dumps(run_bench(teacher, student, cfg, torch.device("cpu"))))
+    assert [f["figure"] for f in result["figures"]] == ["prefill", "decode", "train_step", "distill_step"]
+    for figure in result["figures"]:
+        assert set(figure["timings_s"]) == set(CANDIDATES)
+        assert all(t["median"] > 0 for t in figure["timings_s"].values())
+        for ratio in figure["ratios"].values():
+            assert set(ratio) == {"ratio", "bound", "bound_flops", "bound_bytes", "regime", "achieved_over_bound"}
+            assert ratio["bound"] > 1.0
+    assert result["figures"][1]["kv_cache_bytes_after_prompt"]["student_sdpa"] < \
+        result["figures"][1]["kv_cache_bytes_after_prompt"]["teacher_sdpa"]
+    kv = result["size"]["kv_cache_bytes_per_token"]
+    assert kv["student"] / kv["teacher"] == pytest.approx(1 - 2 / (2 * 6))
+    assert "| prefill |" in markdown(result)
+
+
+def test_cost_model_counts_what_followers_skip():
+    teacher = tiny_teacher()
+    c = teacher.config
+    student = build_student(teacher, SharingPlan.from_k(6, 2))
+    B, T = 1, 32
+    t, s = forward_cost(c, B, T, 0, False, 4), forward_cost(student.config, B, T, 0, False, 4)
+    qk = 2 * B * T * c.hidden_size * (c.num_attention_heads + c.num_key_value_heads) * c.head_dim
+    rope = 3 * B * T * (c.num_attention_heads + c.num_key_value_heads) * c.head_dim
+    assert t.flops - s.flops == pytest.approx(2 * (qk + rope))  # two followers, fused path
+    eager_t, eager_s = forward_cost(c, B, T, 0, True, 4), forward_cost(student.config, B, T, 0, True, 4)
+    assert eager_t.flops - eager_s.flops > t.flops - s.flops  # the reuse path also skips QK^T and softmax
+    b = bound(c, student.config, B, T, 0, False, False, 4)
+    assert b.regime == "flops" and b.value == pytest.approx(t.flops / s.flops)
+    assert bound(c, student.config, 8, 1, 512, False, False, 4).regime == "bytes"

