@@ -172,3 +172,38 @@ def test_attention_drop_baseline_removes_the_sub_layer(teacher):
     per_layer = c.num_key_value_heads * c.head_dim * 2
     assert kv_cache_bytes_per_token(dropped.config) == per_layer * (12 - 4)
     assert parameter_report(teacher, dropped)["removed"] == 2 * 2 * c.hidden_size * (c.num_attention_heads + c.num_key_value_heads) * c.head_dim
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_gradient_checkpointing_gives_the_same_gradients(teacher, impl):
+    """The leader's handoff crosses checkpointed layers; recomputation must not change any gradient."""
+    x = ids()
+    grads = []
+    for checkpointing in (False, True):
+        student = student_of(teacher, impl=impl).train()
+        if checkpointing:
+            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        student(x, labels=x).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in student.named_parameters()})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-5, msg=name)
+    assert grads[0]["model.layers.1.self_attn.q_proj.weight"].abs().sum() > 0  # followers' loss reaches the leader
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_gradcheck_follower_attention(teacher, impl):
+    """Analytic gradients of a follower (both reuse paths) match finite differences in float64, with respect to its
+    input and to what the leader handed over (the model's RMSNorm and softmax run in float32, so the whole model
+    cannot be gradchecked)."""
+    attn = student_of(teacher.double(), impl=impl).model.layers[2].self_attn
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(1, 4, 64, dtype=torch.float64, generator=gen, requires_grad=True)
+    if impl == "eager":
+        scores = torch.randn(1, 4, 4, 4, dtype=torch.float64, generator=gen).masked_fill(torch.ones(4, 4).triu(1).bool(), -1e9)
+        lead = (torch.softmax(scores, -1).requires_grad_(),)
+        run = lambda h, p: attn(h, attention_handoff={1: p})[0]  # noqa: E731
+    else:
+        lead = tuple(torch.randn(1, n, 4, 16, dtype=torch.float64, generator=gen, requires_grad=True) for n in (4, 2))
+        run = lambda h, q, k: attn(h, attention_handoff={1: (q, k)})[0]  # noqa: E731
+    assert torch.autograd.gradcheck(run, (hidden, *lead), eps=1e-6, atol=1e-6)
