@@ -60,7 +60,10 @@ def test_training_reduces_the_distillation_loss(run_dir, teacher_dir, corpus_dir
     assert (run_dir / "distill.yaml").is_file() and (run_dir / "distill_summary.json").is_file()
 
 
-def test_resume_after_a_kill_reproduces_the_run(run_dir, teacher_dir, corpus_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("kill, kept", [(RuntimeError, 3), (KeyboardInterrupt, 4)])
+def test_resume_after_a_kill_reproduces_the_run(run_dir, teacher_dir, corpus_dir, tmp_path, monkeypatch, kill, kept):
+    """A crash in step 5 keeps the step-3 checkpoint; Ctrl-C there saves step 4 first. Either way --resume auto
+    continues to the same losses as a run never stopped."""
     fresh = tmp_path / "fresh"
     shutil.copytree(run_dir, fresh)
     distill(config(fresh, teacher_dir, corpus_dir))
@@ -72,18 +75,18 @@ def test_resume_after_a_kill_reproduces_the_run(run_dir, teacher_dir, corpus_dir
     def dies_in_step_5(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] > 4 * 2:  # 2 micro-batches a step: the 9th call is step 5
-            raise KeyboardInterrupt
+            raise kill("simulated kill")
         return real(*args, **kwargs)
 
     monkeypatch.setattr(distill_module, "distillation_losses", dies_in_step_5)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(kill):
         distill(config(run_dir, teacher_dir, corpus_dir))
-    assert (run_dir / "checkpoints" / "latest").read_text() == "step-000003"
+    assert (run_dir / "checkpoints" / "latest").read_text() == f"step-{kept:06d}"
     monkeypatch.setattr(distill_module, "distillation_losses", real)
     distill(config(run_dir, teacher_dir, corpus_dir))  # --resume auto
     resumed = [e for e in log_of(run_dir) if "loss" in e]
     assert [e["step"] for e in resumed] == list(range(1, 7))
-    for a, b in zip(resumed[3:], uninterrupted[3:]):
+    for a, b in zip(resumed[kept:], uninterrupted[kept:]):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)
         assert a["lr"] == pytest.approx(b["lr"])
 

@@ -114,6 +114,11 @@ def latest_checkpoint(out: Path) -> Path | None:
     return path if (path / "trainer.json").is_file() else None
 
 
+def latest_step(out: Path) -> int:
+    path = latest_checkpoint(out)
+    return json.loads((path / "trainer.json").read_text())["step"] if path else 0
+
+
 def save_checkpoint(accelerator: Accelerator, student, tokenizer, out: Path, step: int, keep: int) -> Path:
     """Write step-N atomically (partial folder, rename, then the `latest` pointer); prune old ones."""
     root = out / "checkpoints"
@@ -219,39 +224,48 @@ def distill(config: DistillConfig, teacher: Teacher | None = None) -> dict:
     tokens_per_step = config.batch_size * config.grad_accum * accelerator.num_processes * config.seq_len
     bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc="distill",
                disable=not accelerator.is_local_main_process)
-    for step in bar:
-        started = time.perf_counter()
-        sums: dict[str, float] = {}
-        for micro in range(config.grad_accum):
-            ids = train[batch_indices(step, micro, config, len(train), accelerator.process_index,
-                                      accelerator.num_processes)].to(accelerator.device)
-            last = micro == config.grad_accum - 1
-            with contextlib.nullcontext() if last else accelerator.no_sync(student), accelerator.autocast():
-                terms = distillation_losses(student, teacher_model, ids, config)
-                bad = accelerator.reduce(torch.tensor(float(not torch.isfinite(terms["loss"])), device=accelerator.device), "sum")
-                if bad.item() > 0:
-                    kept = latest_checkpoint(out)
-                    raise TrainingError(f"non-finite loss at step {step + 1}; stopped. Last good checkpoint: {kept or 'none'}")
-                accelerator.backward(terms["loss"] / config.grad_accum)
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + v.item() / config.grad_accum
-        grad_norm = accelerator.clip_grad_norm_(params, config.max_grad_norm) if config.max_grad_norm > 0 else None
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        seconds = time.perf_counter() - started
-        entry = {"step": step + 1, **{k: round(v, 6) for k, v in sums.items()}, "lr": scheduler.get_last_lr()[0],
-                 "grad_norm": None if grad_norm is None else float(grad_norm), "tokens_per_s": tokens_per_step / seconds}
-        log(entry)
-        bar.set_postfix({k: f"{v:.3f}" for k, v in sums.items()} | {"tok/s": f"{entry['tokens_per_s']:.0f}"})
-        done = step + 1 == config.steps
-        if (config.eval_every and (step + 1) % config.eval_every == 0) or done:
-            entry = {"step": step + 1, "val_ppl": validation_perplexity(accelerator, student, val)}
-            history.append(entry)
+    completed, updating = start, False
+    try:
+        for step in bar:
+            started = time.perf_counter()
+            sums: dict[str, float] = {}
+            for micro in range(config.grad_accum):
+                ids = train[batch_indices(step, micro, config, len(train), accelerator.process_index,
+                                          accelerator.num_processes)].to(accelerator.device)
+                last = micro == config.grad_accum - 1
+                with contextlib.nullcontext() if last else accelerator.no_sync(student), accelerator.autocast():
+                    terms = distillation_losses(student, teacher_model, ids, config)
+                    bad = accelerator.reduce(torch.tensor(float(not torch.isfinite(terms["loss"])), device=accelerator.device), "sum")
+                    if bad.item() > 0:
+                        kept = latest_checkpoint(out)
+                        raise TrainingError(f"non-finite loss at step {step + 1}; stopped. Last good checkpoint: {kept or 'none'}")
+                    accelerator.backward(terms["loss"] / config.grad_accum)
+                for k, v in terms.items():
+                    sums[k] = sums.get(k, 0.0) + v.item() / config.grad_accum
+            grad_norm = accelerator.clip_grad_norm_(params, config.max_grad_norm) if config.max_grad_norm > 0 else None
+            updating = True  # an interrupt inside the update leaves a state that belongs to no step: not saved
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            completed, updating = step + 1, False
+            seconds = time.perf_counter() - started
+            entry = {"step": step + 1, **{k: round(v, 6) for k, v in sums.items()}, "lr": scheduler.get_last_lr()[0],
+                     "grad_norm": None if grad_norm is None else float(grad_norm), "tokens_per_s": tokens_per_step / seconds}
             log(entry)
-            bar.write(f"step {step + 1}: validation perplexity {entry['val_ppl']:.2f}")
-        if (config.save_every and (step + 1) % config.save_every == 0) or done:
-            save_checkpoint(accelerator, student, teacher.tokenizer, out, step + 1, config.keep_checkpoints)
+            bar.set_postfix({k: f"{v:.3f}" for k, v in sums.items()} | {"tok/s": f"{entry['tokens_per_s']:.0f}"})
+            done = step + 1 == config.steps
+            if (config.eval_every and (step + 1) % config.eval_every == 0) or done:
+                entry = {"step": step + 1, "val_ppl": validation_perplexity(accelerator, student, val)}
+                history.append(entry)
+                log(entry)
+                bar.write(f"step {step + 1}: validation perplexity {entry['val_ppl']:.2f}")
+            if (config.save_every and (step + 1) % config.save_every == 0) or done:
+                save_checkpoint(accelerator, student, teacher.tokenizer, out, step + 1, config.keep_checkpoints)
+    except KeyboardInterrupt:
+        if not updating and completed > latest_step(out):
+            save_checkpoint(accelerator, student, teacher.tokenizer, out, completed, config.keep_checkpoints)
+            accelerator.print(f"interrupted: saved step {completed}; continue with --resume auto")
+        raise
     bar.close()
 
     final = out / "student-distilled"
