@@ -148,12 +148,12 @@ def train_figure(teacher, student, config: BenchConfig, device, dtype_bytes: int
     def step(model, impl: str) -> None:
         _with_impl(model, impl)
         _with_impl(teacher, impl)
-        model.zero_grad(set_to_none=True)
         if distill:
             loss = distillation_losses(model, teacher, ids, losses)["loss"]
         else:
             loss = model(input_ids=ids, labels=ids, use_cache=False).loss
         loss.backward()
+        model.zero_grad(set_to_none=True)  # frees the gradients: only one model's exist at a time
 
     for model in (teacher, student):
         model.requires_grad_(True).train()
