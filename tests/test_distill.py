@@ -140,3 +140,24 @@ def test_two_processes_train_the_same_model(run_dir, teacher_dir, corpus_dir):
     assert sums[0] == sums[1]
     entries = [e for e in log_of(run_dir) if "loss" in e]
     assert [e["step"] for e in entries] == [1, 2, 3]
+
+
+def test_disk_full_is_a_message_and_keeps_the_last_checkpoint(run_dir, teacher_dir, corpus_dir, monkeypatch):
+    import errno
+
+    from transformers import PreTrainedModel
+
+    real = PreTrainedModel.save_pretrained
+    calls = {"n": 0}
+
+    def fills_the_disk(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second checkpoint
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", fills_the_disk)
+    with pytest.raises(TrainingError, match="checkpoint at step 6 \\(disk full\\); kept: .*step-000003"):
+        distill(config(run_dir, teacher_dir, corpus_dir))
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step-000003"
+    assert not list((run_dir / "checkpoints").glob("*.partial"))
