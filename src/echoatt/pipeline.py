@@ -49,6 +49,11 @@ def analyze(config: AnalyzeConfig, teacher: Teacher | None = None) -> Similarity
     return similarity
 
 
+def analyze_with_defaults(config: CommonConfig, teacher: Teacher) -> Similarity:
+    """`analyze` with another command's common options (teacher, corpus, out, ...) and analyze's own defaults."""
+    return analyze(AnalyzeConfig(**{k: getattr(config, k) for k in CommonConfig.__dataclass_fields__}), teacher)
+
+
 def find_similarity(config: ShareConfig) -> Similarity | None:
     path = Path(config.similarity) if config.similarity else Path(config.out) / SIMILARITY_FILE
     if config.similarity and not path.is_file():
@@ -66,7 +71,7 @@ def share(
     needs_analysis = (config.method == "copy" and config.head_map == "matched") or config.plan.startswith("threshold=")
     if similarity is None and needs_analysis:
         print("no similarity analysis found: measuring it first (echoatt analyze)")
-        similarity = analyze(AnalyzeConfig(**{k: getattr(config, k) for k in CommonConfig.__dataclass_fields__}), teacher)
+        similarity = analyze_with_defaults(config, teacher)
     layers = teacher.model.config.num_hidden_layers
     plan = SharingPlan.parse(config.plan, layers, similarity.head_matched if similarity else None)
     maps = head_maps(plan, similarity, config.head_map) if config.method == "copy" else None
@@ -177,7 +182,7 @@ def compare(config: CompareConfig) -> dict:
         raise ValueError(f"unknown methods {sorted(unknown)}: use drop, identity, matched")
     similarity = find_similarity(config)
     if similarity is None and "matched" in methods:
-        similarity = analyze(AnalyzeConfig(**{k: getattr(config, k) for k in CommonConfig.__dataclass_fields__}), teacher)
+        similarity = analyze_with_defaults(config, teacher)
     results: dict = {}
     for method in methods:
         sub = dataclasses.replace(config, out=str(out / method), method="drop" if method == "drop" else "copy",
