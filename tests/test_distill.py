@@ -132,10 +132,15 @@ def test_data_order_depends_only_on_seed_and_step():
 def test_two_processes_train_the_same_model(run_dir, teacher_dir, corpus_dir):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
     worker = Path(__file__).with_name("dist_worker.py")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    import socket
+
+    with socket.socket() as probe:  # a free port: a fixed one can be taken by another socket on the machine
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
            str(worker), str(run_dir), str(teacher_dir), str(corpus_dir)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, done.stderr[-6000:]
     sums = [(run_dir / f"rank{r}_of_2.txt").read_text() for r in range(2)]
     assert sums[0] == sums[1]
     entries = [e for e in log_of(run_dir) if "loss" in e]
