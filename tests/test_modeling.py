@@ -7,17 +7,19 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from echoatt.modeling import EchoAttConfig
+from echoatt.modeling import EchoAttConfig, Handoff
 from echoatt.plan import SharingPlan
 from echoatt.student import build_student, kv_cache_bytes_per_token, parameter_report
 
 HEAD_MAPS = [None, None, [1, 0, 3, 2], None, [2, 2, 0, 1], None]  # non-trivial maps across KV groups
 
 
-def student_of(teacher, blocks=((1, 2), (3, 4)), head_map=HEAD_MAPS, impl="sdpa"):
+def student_of(teacher, blocks=((1, 2), (3, 4)), head_map=HEAD_MAPS, impl="sdpa", path="auto", method="copy"):
     teacher.config._attn_implementation = impl
     plan = SharingPlan.from_blocks(teacher.config.num_hidden_layers, [list(b) for b in blocks])
-    return build_student(teacher, plan, head_map if blocks else None)
+    student = build_student(teacher, plan, head_map if blocks else None, method=method)
+    student.config.reuse_path = path
+    return student
 
 
 def ids(batch=2, length=12, vocab=128, seed=1):
@@ -55,25 +57,26 @@ def test_follower_reuses_mapped_leader_heads(teacher):
     with torch.no_grad():
         student(ids(batch=1))
         attn = student.model.layers[2].self_attn
-        got, _ = attn(seen["hidden"], attention_handoff={1: seen["probs"]})
+        got, _ = attn(seen["hidden"], attention_handoff={1: Handoff(probs=seen["probs"])})
         v = attn.v_proj(seen["hidden"]).view(1, 12, 2, 16).transpose(1, 2).repeat_interleave(2, dim=1)  # (B,H,T,D)
         probs = seen["probs"][:, HEAD_MAPS[2]]  # (B, H, T, T)
         expected = attn.o_proj((probs @ v).transpose(1, 2).reshape(1, 12, 64))
     torch.testing.assert_close(got, expected)
 
 
-def test_eager_and_fused_paths_agree(teacher):
+@pytest.mark.parametrize("path", ["probs", "qk"])
+def test_eager_and_fused_paths_agree(teacher, path):
     x = ids()
     with torch.no_grad():
         eager = student_of(teacher, impl="eager")(x).logits
-        fused = student_of(teacher, impl="sdpa")(x).logits
+        fused = student_of(teacher, impl="sdpa", path=path)(x).logits
     torch.testing.assert_close(eager, fused, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(eager, teacher(x).logits, atol=1e-3)  # sharing really changed something
 
 
-@pytest.mark.parametrize("impl", ["eager", "sdpa"])
-def test_generate_with_cache_matches_cache_free(teacher, impl):
-    student = student_of(teacher, impl=impl)
+@pytest.mark.parametrize(("impl", "path"), [("eager", "auto"), ("sdpa", "auto"), ("sdpa", "qk"), ("sdpa", "probs")])
+def test_generate_with_cache_matches_cache_free(teacher, impl, path):
+    student = student_of(teacher, impl=impl, path=path)
     x = ids(batch=1, length=6)
     kw = dict(max_new_tokens=10, do_sample=False, pad_token_id=0, eos_token_id=None)
     cached = student.generate(x, use_cache=True, **kw)
@@ -98,10 +101,10 @@ def test_followers_cache_holds_no_keys(teacher):
     assert cache.get_seq_length() == 12
 
 
-@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+@pytest.mark.parametrize(("impl", "path"), [("eager", "auto"), ("sdpa", "qk"), ("sdpa", "probs")])
 @pytest.mark.parametrize("side", ["left", "right"])
-def test_padding(teacher, impl, side):
-    student = student_of(teacher, impl=impl)
+def test_padding(teacher, impl, path, side):
+    student = student_of(teacher, impl=impl, path=path)
     short = ids(batch=1, length=7, seed=3)
     pad = torch.zeros(1, 5, dtype=torch.long)
     batch = torch.cat([ids(batch=1, length=12, seed=4), torch.cat([pad, short], 1) if side == "left" else torch.cat([short, pad], 1)])
@@ -191,19 +194,19 @@ def test_gradient_checkpointing_gives_the_same_gradients(teacher, impl):
     assert grads[0]["model.layers.1.self_attn.q_proj.weight"].abs().sum() > 0  # followers' loss reaches the leader
 
 
-@pytest.mark.parametrize("impl", ["eager", "sdpa"])
-def test_gradcheck_follower_attention(teacher, impl):
+@pytest.mark.parametrize("path", ["probs", "qk"])
+def test_gradcheck_follower_attention(teacher, path):
     """Analytic gradients of a follower (both reuse paths) match finite differences in float64, with respect to its
     input and to what the leader handed over (the model's RMSNorm and softmax run in float32, so the whole model
     cannot be gradchecked)."""
-    attn = student_of(teacher.double(), impl=impl).model.layers[2].self_attn
+    attn = student_of(teacher.double(), impl="sdpa").model.layers[2].self_attn
     gen = torch.Generator().manual_seed(0)
     hidden = torch.randn(1, 4, 64, dtype=torch.float64, generator=gen, requires_grad=True)
-    if impl == "eager":
+    if path == "probs":
         scores = torch.randn(1, 4, 4, 4, dtype=torch.float64, generator=gen).masked_fill(torch.ones(4, 4).triu(1).bool(), -1e9)
         lead = (torch.softmax(scores, -1).requires_grad_(),)
-        run = lambda h, p: attn(h, attention_handoff={1: p})[0]  # noqa: E731
+        run = lambda h, p: attn(h, attention_handoff={1: Handoff(probs=p)})[0]  # noqa: E731
     else:
         lead = tuple(torch.randn(1, n, 4, 16, dtype=torch.float64, generator=gen, requires_grad=True) for n in (4, 2))
-        run = lambda h, q, k: attn(h, attention_handoff={1: (q, k)})[0]  # noqa: E731
+        run = lambda h, q, k: attn(h, attention_handoff={1: Handoff(query=q, key=k)})[0]  # noqa: E731
     assert torch.autograd.gradcheck(run, (hidden, *lead), eps=1e-6, atol=1e-6)

@@ -38,9 +38,13 @@ class AnalyzeConfig(CommonConfig):
 
 @dataclass
 class ShareConfig(CommonConfig):
-    plan: str = opt("k=2", "sharing plan: k=N[,first][,last], threshold=X[,max=N], blocks like 1-2,4-6, or none")
-    method: str = opt("copy", "copy (followers reuse the leader's attention) or drop (the baseline: no attention there)")
+    plan: str = opt("k=2", "sharing plan: k=N[,first][,last][,protect=N], threshold=X[,max=N][,protect=N], blocks "
+                    "like 1-2,4-6, or none")
+    method: str = opt("copy", "copy (EchoAtt: followers reuse the leader's attention), lisa (head alignment + low-rank "
+                      "correction, each follower reading the layer before it) or drop (the baseline: no attention)")
     head_map: str = opt("matched", "follower head -> leader head: matched (most similar head) or identity (plain copy)")
+    lisa_rank: int = opt(0, "LiSA: rank of the low-rank Q/K per head (0: head_dim // 6, the paper's 6x compression)")
+    lisa_hidden: int = opt(0, "LiSA: hidden width of the head-alignment network (0: the number of heads)")
     similarity: str = opt("", "similarity.json from `echoatt analyze` (default: OUT/similarity.json, else analyse)")
 
 
@@ -60,7 +64,8 @@ class DistillConfig(CommonConfig):
     w_soft: float = opt(1.0, "weight of the soft-label KL (scaled by T^2)")
     w_hidden: float = opt(1.0, "weight of the hidden-state loss")
     hidden_loss: str = opt("mse", "hidden-state distance: mse (scale-normalised per layer) or cosine")
-    trainable: str = opt("shared", "what trains: shared (follower layers and the layer after each) or all")
+    trainable: str = opt("auto", "what trains: shared (follower layers and the layer after each), lisa (only LiSA's "
+                         "alignment and low-rank parameters), all, or auto (lisa for a LiSA student, else shared)")
     gradient_checkpointing: bool = opt(False, "recompute activations in backward to save memory")
     bf16: str = opt("auto", "bf16 autocast: auto (on GPU), yes, no")
     eval_every: int = opt(10, "validation perplexity every N steps (0: only at the end)")
@@ -135,9 +140,10 @@ def device_of(config: CommonConfig) -> str:
 
 @dataclass
 class CompareConfig(ShareConfig, DistillConfig, EvalConfig):
-    """Attention drop, plain copy and head-matched copy at the same layers, each distilled with the same budget."""
+    """Attention drop, plain copy, head-matched copy and LiSA at the same layers, each distilled with the same
+    budget."""
 
-    methods: str = opt("drop,identity,matched", "which students: drop, identity (plain copy), matched")
+    methods: str = opt("drop,identity,matched,lisa", "which students: drop, identity (plain copy), matched, lisa")
     limit: int = opt(30, "zero-shot items per task (0: all; the default keeps it CPU-sized)")
 
 

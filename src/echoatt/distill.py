@@ -39,20 +39,28 @@ class TrainingError(RuntimeError):
     """Training stopped on bad input or a failure; the message says what was kept."""
 
 
+TRAINABLE = ("auto", "shared", "lisa", "all")
+
+
 def set_trainable(student: torch.nn.Module, mode: str) -> list[str]:
     """Freeze all but what `mode` trains; return the trainable parameter names.
 
     `shared`: the follower layers (whose attention changed) and the layer right after each (which first sees the
-    changed residual stream). `all`: every parameter."""
-    if mode not in ("shared", "all"):
-        raise ValueError(f"trainable must be shared or all (got {mode!r})")
+    changed residual stream). `lisa`: only LiSA's head-alignment and low-rank parameters (the paper's setting).
+    `all`: every parameter. `auto`: `lisa` for a LiSA student, else `shared`."""
+    if mode not in TRAINABLE:
+        raise ValueError(f"trainable must be one of {TRAINABLE} (got {mode!r})")
+    lisa = getattr(student.config, "follower_type", "copy") == "lisa"
+    if mode == "auto":
+        mode = "lisa" if lisa else "shared"
     followers = set(student.config.followers()) if hasattr(student.config, "followers") else set()
     layers = followers | {f + 1 for f in followers if f + 1 < student.config.num_hidden_layers}
     names = []
     for name, param in student.named_parameters():
         parts = name.split(".")
         in_layer = len(parts) > 3 and parts[1] == "layers" and int(parts[2]) in layers
-        param.requires_grad_(mode == "all" or in_layer)
+        lisa_part = ".align." in name or ".lowrank." in name
+        param.requires_grad_(mode == "all" or (mode == "shared" and in_layer) or (mode == "lisa" and lisa_part))
         if param.requires_grad:
             names.append(name)
     if not names:

@@ -1,19 +1,31 @@
-"""The shared-attention student: a LLaMA whose *follower* layers reuse a *leader* layer's attention.
+"""The shared-attention student: a LLaMA whose *follower* layers reuse an earlier layer's attention.
 
 One file on purpose (like transformers' `modeling_llama.py`): it imports only torch and transformers, so
 `save_pretrained` can copy it beside a checkpoint and `AutoModelForCausalLM.from_pretrained(dir,
 trust_remote_code=True)` works where echoatt is not installed. With echoatt imported, no remote code is needed.
 
-A follower has no `q_proj`/`k_proj`: head h of a follower applies the attention of leader head `head_map[h]` to its
-own values, then its own `o_proj`. The leader hands its attention over through a per-forward dict (`attention_handoff`)
-that travels with the layers' keyword arguments, so nothing is kept on the modules between calls.
+Followers come in two types (`follower_type`):
+- `copy` (EchoAtt): no `q_proj`/`k_proj`; head h applies the attention of leader head `head_map[h]` to its own
+  values, then its own `o_proj`.
+- `lisa` (LiSA, arXiv 2408.01890): the logits are `align(source_logits) + Q_r K_r^T / sqrt(r)`, where `align` mixes
+  the source layer's heads at every (query, key) position (`HeadAlign`) and Q_r, K_r are rank-r projections of the
+  follower's own input with RoPE (`LowRankQK`); then the usual mask, softmax, own V and O. A LiSA follower reads the
+  layer just before it, which may itself be a LiSA follower (a chain).
 
-Two reuse paths, same math, chosen by the attention implementation:
-- eager: the leader materialises its probabilities P (B, H, Tq, Tk); a follower computes P[:, head_map] @ V.
-- anything else (sdpa, flash, flex): the leader hands over its post-RoPE Q (B, H, Tq, D) and K (B, Hkv, Tk, D); a
-  follower calls the same attention kernel on (Q[:, head_map], K[:, head_map // groups], V), so no Tq x Tk matrix
-  is stored.
-Followers keep only V in the KV cache: their key slot is a (B, Hkv, T, 0) tensor, zero bytes that still count tokens.
+A layer hands its attention on through a per-forward dict (`attention_handoff`, a `Handoff` per source layer) that
+travels with the layers' keyword arguments, so nothing is kept on the modules between calls. What it hands over
+depends on the path (`reuse_path`):
+- `probs` (reuse path): the leader materialises its probabilities P (B, H, Tq, Tk); a copy follower computes
+  P[:, head_map] @ V as one grouped matmul per KV head (no K read, no V copy). Always used on eager attention; on
+  fused backends `auto` uses it while a call has at most `reuse_crossover` new tokens (decode), because there P is
+  a row per head and reading it is cheaper than re-reading K.
+- `qk` (fused path): the leader hands over its post-RoPE Q (B, H, Tq, D) and K (B, Hkv, Tk, D); a follower calls the
+  same attention kernel (SDPA, flash, flex) on (Q[:, head_map], K, V), so no Tq x Tk matrix is stored. Used for
+  long calls (prefill, training) where materialising P costs more than the QK^T it saves.
+A LiSA follower's source always hands over its logits (scaled QK^T before the mask).
+
+Followers keep only V in the KV cache (LiSA followers also their rank-r keys): a copy follower's key slot is a
+(B, Hkv, T, 0) tensor, zero bytes that still count tokens.
 
 The baseline a user would pick instead, *attention drop*, is the same class with `attention_source[i] = -1`: layer i
 has no attention sub-layer at all (no Q/K/V/O weights, nothing cached), only its MLP.
@@ -21,12 +33,15 @@ has no attention sub-layer at all (no Q/K/V/O weights, nothing cached), only its
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from huggingface_hub.dataclasses import strict
 from torch import nn
 from transformers import LlamaConfig
+from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -44,6 +59,8 @@ from transformers.models.llama.modeling_llama import (
 
 HANDOFF_KEY = "attention_handoff"
 DROPPED = -1  # attention_source value of a layer whose attention sub-layer is removed
+FOLLOWER_TYPES = ("copy", "lisa")
+REUSE_PATHS = ("auto", "probs", "qk")
 
 
 @strict
@@ -51,18 +68,28 @@ class EchoAttConfig(LlamaConfig):
     r"""A `LlamaConfig` plus where each layer's attention comes from.
 
     attention_source (`list[int]`, *optional*):
-        For each layer, the layer whose attention it uses: itself for ordinary layers and leaders, an earlier leader
+        For each layer, the layer whose attention it uses: itself for ordinary layers and leaders, an earlier layer
         for followers, -1 for a layer whose attention is dropped. `None` means no sharing (the student is the
         teacher).
     head_map (`list[list[int]]`, *optional*):
-        For each layer, the leader head that each of its heads reads (used for followers only). `None` or a missing
-        entry means the identity map (the paper's plain copy).
+        For each layer, the source head that each of its heads reads (copy followers), or starts aligned to (LiSA
+        followers). `None` or a missing entry means the identity map (the paper's plain copy).
+    follower_type (`str`): `copy` (EchoAtt) or `lisa` (head alignment + low-rank logit correction).
+    lisa_rank (`int`, *optional*): per-head rank r of LiSA's Q/K projections; default head_dim // 6 (even).
+    lisa_hidden (`int`, *optional*): hidden width of LiSA's head-alignment network; default the head count.
+    reuse_path (`str`): `auto`, `probs` or `qk`: how leaders hand attention to copy followers on fused backends.
+    reuse_crossover (`int`): `auto` takes the `probs` path for calls with at most this many new tokens.
     """
 
     model_type = "echoatt_llama"
 
     attention_source: list[int] | None = None
     head_map: list[list[int] | None] | None = None
+    follower_type: str = "copy"
+    lisa_rank: int | None = None
+    lisa_hidden: int | None = None
+    reuse_path: str = "auto"
+    reuse_crossover: int = 16
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -71,12 +98,23 @@ class EchoAttConfig(LlamaConfig):
             self.attention_source = list(range(n))
         if self.head_map is None:
             self.head_map = [None] * n
+        if self.lisa_rank is None:
+            self.lisa_rank = max(2, self.head_dim // 6 // 2 * 2)
+        if self.lisa_hidden is None:
+            self.lisa_hidden = h
+        if self.follower_type not in FOLLOWER_TYPES or self.reuse_path not in REUSE_PATHS:
+            raise ValueError(f"follower_type must be one of {FOLLOWER_TYPES}, reuse_path one of {REUSE_PATHS}")
+        if self.lisa_rank % 2 or not 2 <= self.lisa_rank <= self.head_dim:
+            raise ValueError(f"lisa_rank must be even and in [2, {self.head_dim}] (RoPE rotates pairs)")
         if len(self.attention_source) != n or len(self.head_map) != n:
             raise ValueError(f"attention_source and head_map need one entry per layer ({n})")
         for layer, source in enumerate(self.attention_source):
             if source == DROPPED:
                 if layer == 0:
                     raise ValueError("layer 0 keeps its attention: the KV cache counts tokens there")
+            elif source != layer and self.follower_type == "lisa":
+                if source != layer - 1 or self.attention_source[source] == DROPPED:
+                    raise ValueError(f"LiSA layer {layer} must follow the layer before it, which keeps attention")
             elif source != layer and not (0 <= source < layer and self.attention_source[source] == source):
                 raise ValueError(f"layer {layer} follows layer {source}, which is not an earlier leader")
             heads = self.head_map[layer]
@@ -90,15 +128,107 @@ class EchoAttConfig(LlamaConfig):
         return self.attention_source[layer] == DROPPED
 
     def is_leader(self, layer: int) -> bool:
+        """Some other layer reads this layer's attention."""
         return any(s == layer and i != layer for i, s in enumerate(self.attention_source))
 
     def followers(self) -> list[int]:
         """Layers whose attention differs from the teacher's: followers, and dropped layers."""
         return [i for i in range(self.num_hidden_layers) if self.attention_source[i] != i]
 
+    def cached_key_dims(self, layer: int) -> int:
+        """Key features per KV head that `layer` keeps in the cache."""
+        if self.is_dropped(layer) or (self.is_follower(layer) and self.follower_type == "copy"):
+            return 0
+        return self.lisa_rank if self.is_follower(layer) else self.head_dim
+
+
+class Handoff(NamedTuple):
+    """What a layer passes to the layers that read it; fields the path does not use stay None."""
+
+    probs: torch.Tensor | None = None  # (B, H, Tq, Tk) attention probabilities (reuse path)
+    query: torch.Tensor | None = None  # (B, H, Tq, D) post-RoPE queries (fused path)
+    key: torch.Tensor | None = None  # (B, Hkv, Tk, D) post-RoPE keys, cache included (fused path)
+    logits: torch.Tensor | None = None  # (B, H, Tq, Tk) scaled QK^T before the mask (for LiSA followers)
+
+
+def grouped_scores(query: torch.Tensor, key: torch.Tensor, scaling: float) -> torch.Tensor:
+    """(B, H, Tq, D) x (B, Hkv, Tk, D) -> (B, H, Tq, Tk): one matmul per KV head, K never repeated."""
+    b, h, tq, d = query.shape
+    hkv, tk = key.shape[1], key.shape[2]
+    q = query.reshape(b, hkv, (h // hkv) * tq, d)  # heads are KV-major: head i uses KV head i // (H / Hkv)
+    return torch.matmul(q, key.transpose(-1, -2)).mul_(scaling).view(b, h, tq, tk)
+
+
+def grouped_values(probs: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """(B, H, Tq, Tk) x (B, Hkv, Tk, D) -> (B, Tq, H, D): one matmul per KV head, V never repeated."""
+    b, h, tq, tk = probs.shape
+    hkv = value.shape[1]
+    out = torch.matmul(probs.reshape(b, hkv, (h // hkv) * tq, tk), value)  # (B, Hkv, G*Tq, D)
+    return out.view(b, h, tq, -1).transpose(1, 2)
+
+
+def masked_softmax(logits: torch.Tensor, attention_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """Softmax over keys of (B, H, Tq, Tk) logits under any mask transformers builds: None (causal, the new tokens
+    last), boolean (True = attend), additive float, or a 2-D (B, Tk) padding mask (flash attention)."""
+    tq, tk = logits.shape[-2:]
+    exact = torch.promote_types(logits.dtype, torch.float32)  # at least float32, as eager attention
+    if attention_mask is not None and attention_mask.dim() == 4 and attention_mask.dtype != torch.bool:
+        return torch.softmax(logits + attention_mask[..., :tk], dim=-1, dtype=exact).to(dtype)
+    keep = None
+    if attention_mask is None or attention_mask.dim() == 2:
+        if tq > 1:
+            keep = torch.ones(tq, tk, dtype=torch.bool, device=logits.device).tril(tk - tq)
+        if attention_mask is not None:
+            pad = attention_mask[:, None, None, :tk].bool()  # (B, 1, 1, Tk)
+            keep = pad if keep is None else pad & keep
+    else:
+        keep = attention_mask[..., :tk]
+    if keep is not None:
+        logits = logits.masked_fill(~keep, torch.finfo(logits.dtype).min)
+    return torch.softmax(logits, dim=-1, dtype=exact).to(dtype)
+
+
+class HeadAlign(nn.Module):
+    """LiSA's tiny head-alignment network, applied at every (query, key) position over the head axis:
+    align(x) = mix x + up(silu(down x)). `mix` starts as the one-hot head map and `up` as zero, so a new follower is
+    exactly the head-matched copy; `mix` lets training re-weight heads linearly, the MLP adds what is not linear."""
+
+    def __init__(self, heads: int, hidden: int, head_map: list[int]):
+        super().__init__()
+        self.head_map = head_map
+        self.mix = nn.Parameter(torch.empty(heads, heads))  # (H_out, H_in)
+        self.down = nn.Parameter(torch.empty(hidden, heads))
+        self.up = nn.Parameter(torch.empty(heads, hidden))
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:  # (B, H, Tq, Tk) -> (B, H, Tq, Tk)
+        out = torch.einsum("gh,bhqk->bgqk", self.mix, logits)
+        hidden = nn.functional.silu(torch.einsum("eh,bhqk->beqk", self.down, logits))
+        return out + torch.einsum("ge,beqk->bgqk", self.up, hidden)
+
+
+class LowRankQK(nn.Module):
+    """LiSA's low-rank logit correction: rank-r queries (H heads) and keys (Hkv heads) of the follower's own input,
+    with RoPE on r frequencies spread evenly over the head's. `query` starts at zero (the correction is off)."""
+
+    def __init__(self, config: EchoAttConfig):
+        super().__init__()
+        r, d = config.lisa_rank, config.head_dim
+        self.rank = r
+        self.query = nn.Parameter(torch.empty(config.num_attention_heads * r, config.hidden_size))
+        self.key = nn.Parameter(torch.empty(config.num_key_value_heads * r, config.hidden_size))
+        freqs = torch.linspace(0, d // 2 - 1, r // 2).round().long().tolist()
+        self.rope_dims = freqs + [f + d // 2 for f in freqs]  # rotate_half pairs dim i with i + r/2, as in the head
+
+    def forward(self, x: torch.Tensor, position_embeddings) -> tuple[torch.Tensor, torch.Tensor]:
+        b, t, _ = x.shape
+        q = nn.functional.linear(x, self.query).view(b, t, -1, self.rank).transpose(1, 2)  # (B, H, T, r)
+        k = nn.functional.linear(x, self.key).view(b, t, -1, self.rank).transpose(1, 2)  # (B, Hkv, T, r)
+        cos, sin = (e[..., self.rope_dims] for e in position_embeddings)
+        return apply_rotary_pos_emb(q, k, cos, sin)
+
 
 class EchoAttAttention(nn.Module):
-    """LLaMA attention in one of three roles: ordinary, leader (hands its attention on), follower (reuses it)."""
+    """LLaMA attention in one of its roles: ordinary, leader (hands its attention on), copy or LiSA follower, dropped."""
 
     def __init__(self, config: EchoAttConfig, layer_idx: int):
         super().__init__()
@@ -112,23 +242,31 @@ class EchoAttAttention(nn.Module):
         self.is_causal = True
         self.source = config.attention_source[layer_idx]
         self.is_follower = config.is_follower(layer_idx)
+        self.is_lisa = self.is_follower and config.follower_type == "lisa"
         self.is_leader = config.is_leader(layer_idx)
+        self.hands_logits = self.is_leader and config.follower_type == "lisa"
         self.is_dropped = config.is_dropped(layer_idx)
+        groups = self.num_heads // self.num_kv_heads
+        self.num_key_value_groups = groups
         bias = config.attention_bias
         if self.is_dropped:
             return
-        if self.is_follower:
-            # The follower's own tensors are already expanded to H heads, so the kernels must not repeat them again.
-            self.num_key_value_groups = 1
-            groups = self.num_heads // self.num_kv_heads
-            heads = config.head_map[layer_idx] or list(range(self.num_heads))
-            self.head_map = list(heads)
+        head_map = config.head_map[layer_idx] or list(range(self.num_heads))
+        if self.is_lisa:
+            self.align = HeadAlign(self.num_heads, config.lisa_hidden, list(head_map))
+            self.lowrank = LowRankQK(config)
+        elif self.is_follower:
+            self.head_map = list(head_map)
             self.identity_map = self.head_map == list(range(self.num_heads))
-            self.key_map = [g // groups for g in self.head_map]  # leader KV head behind each leader head read
+            key_map = [g // groups for g in self.head_map]  # source KV head behind each source head read
             self.value_map = [h // groups for h in range(self.num_heads)]  # own KV head of each own head
+            # Where every head reads a source head of its own KV group, the kernel keeps GQA; otherwise it gets K
+            # gathered and V repeated to H heads, so it must not repeat them again.
+            self.group_aligned = key_map == self.value_map
+            self.num_key_value_groups = groups if self.group_aligned else 1
+            self.key_map = key_map
             self._index_cache: dict[torch.device, tuple[torch.Tensor, ...]] = {}
         else:
-            self.num_key_value_groups = self.num_heads // self.num_kv_heads
             self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
             self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
@@ -144,6 +282,15 @@ class EchoAttAttention(nn.Module):
             )
         return self._index_cache[device]
 
+    def reuse_probs(self, new_tokens: int, attention_mask) -> bool:
+        """Whether this leader hands over probabilities (reuse path) rather than Q and K (fused path)."""
+        if self.config._attn_implementation == "eager":
+            return True
+        if not isinstance(attention_mask, torch.Tensor | None):  # e.g. flex attention's BlockMask
+            return False
+        path = self.config.reuse_path
+        return path == "probs" or (path == "auto" and new_tokens <= self.config.reuse_crossover)
+
     def forward(
         self,
         hidden_states: torch.Tensor,  # (B, T, C)
@@ -152,7 +299,7 @@ class EchoAttAttention(nn.Module):
         past_key_values: Cache | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        handoff: dict = kwargs.pop(HANDOFF_KEY, None)
+        handoff: dict[int, Handoff] = kwargs.pop(HANDOFF_KEY, None)
         if self.is_dropped:
             if past_key_values is not None:  # zero bytes, so the cache still has every layer
                 empty = hidden_states.new_empty((hidden_states.shape[0], self.num_kv_heads, hidden_states.shape[1], 0))
@@ -165,40 +312,54 @@ class EchoAttAttention(nn.Module):
         value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, Hkv, T, D)
         dropout = self.attention_dropout if self.training else 0.0
 
-        if self.is_follower:
+        if self.is_follower and not self.is_lisa:
             if past_key_values is not None:
                 no_keys = value.new_empty((*value.shape[:-1], 0))  # (B, Hkv, T, 0): counts tokens, stores nothing
                 _, value = past_key_values.update(no_keys, value, self.layer_idx)
-            head_index, key_index, value_index = self._indices(value.device)
-            value = value if self.num_kv_heads == self.num_heads else value.index_select(1, value_index)  # (B,H,Tk,D)
-            lead = handoff[self.source]
-            if isinstance(lead, torch.Tensor):  # eager: leader's probabilities (B, H, Tq, Tk)
-                probs = lead if self.identity_map else lead.index_select(1, head_index)
-                attn_output = torch.matmul(probs, value).transpose(1, 2)  # (B, Tq, H, D)
-                attn_weights = probs
-            else:  # fused: leader's post-RoPE query (B, H, Tq, D) and key (B, Hkv, Tk, D)
-                query, key = lead
-                query = query if self.identity_map else query.index_select(1, head_index)
-                key = key.index_select(1, key_index)  # (B, H, Tk, D)
+            attn_output, attn_weights = self._copy(handoff[self.source], value, attention_mask, dropout, **kwargs)
+        else:
+            if self.is_lisa:
+                query, key = self.lowrank(hidden_states, position_embeddings)  # (B, H, T, r), (B, Hkv, T, r)
+            else:
+                query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, H, T, D)
+                key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, Hkv, T, D)
+                query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
+            if past_key_values is not None:
+                key, value = past_key_values.update(key, value, self.layer_idx)
+            eager = self.config._attn_implementation == "eager"
+            if self.is_lisa or self.hands_logits or (self.is_leader and not eager and self.reuse_probs(
+                    input_shape[1], attention_mask)):
+                if self.is_lisa:  # (B, H, Tq, Tk)
+                    logits = self.align(handoff[self.source].logits) + grouped_scores(query, key, self.lowrank.rank**-0.5)
+                else:
+                    logits = grouped_scores(query, key, self.scaling)
+                probs = nn.functional.dropout(masked_softmax(logits, attention_mask, value.dtype), dropout, self.training)
+                attn_output, attn_weights = grouped_values(probs, value), probs
+                shared = Handoff(probs=probs, logits=logits if self.hands_logits else None)
+            else:
                 attn_output, attn_weights = self._interface()(
                     self, query, key, value, attention_mask, dropout=dropout, scaling=self.scaling, **kwargs
                 )
-        else:
-            query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, H, T, D)
-            key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, Hkv, T, D)
-            cos, sin = position_embeddings
-            query, key = apply_rotary_pos_emb(query, key, cos, sin)
-            if past_key_values is not None:
-                key, value = past_key_values.update(key, value, self.layer_idx)
-            attn_output, attn_weights = self._interface()(
-                self, query, key, value, attention_mask, dropout=dropout, scaling=self.scaling, **kwargs
-            )
+                shared = Handoff(probs=attn_weights) if eager else Handoff(query=query, key=key)
             if self.is_leader:
-                eager = self.config._attn_implementation == "eager"
-                handoff[self.layer_idx] = attn_weights if eager else (query, key)
+                handoff[self.layer_idx] = shared
 
         attn_output = attn_output.reshape(*input_shape, -1).contiguous()
         return self.o_proj(attn_output), attn_weights
+
+    def _copy(self, lead: Handoff, value: torch.Tensor, attention_mask, dropout: float, **kwargs):
+        """A copy follower's attention output (B, Tq, H, D) from the leader's handoff and its own V (B, Hkv, Tk, D)."""
+        head_index, key_index, value_index = self._indices(value.device)
+        if lead.probs is not None:  # reuse path
+            probs = lead.probs if self.identity_map else lead.probs.index_select(1, head_index)
+            return grouped_values(probs, value), probs
+        query = lead.query if self.identity_map else lead.query.index_select(1, head_index)  # (B, H, Tq, D)
+        key = lead.key
+        if not self.group_aligned:
+            key, value = key.index_select(1, key_index), value.index_select(1, value_index)  # (B, H, Tk, D)
+        return self._interface()(
+            self, query, key, value, attention_mask, dropout=dropout, scaling=self.scaling, **kwargs
+        )
 
 
 class EchoAttDecoderLayer(LlamaDecoderLayer):
@@ -218,6 +379,21 @@ class EchoAttPreTrainedModel(LlamaPreTrainedModel):
     config: EchoAttConfig
     _no_split_modules = ["EchoAttDecoderLayer"]
     _can_record_outputs = {"hidden_states": EchoAttDecoderLayer, "attentions": EchoAttAttention}
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """LLaMA's init, plus LiSA's parts set so that a new LiSA follower is exactly the head-matched copy."""
+        super()._init_weights(module)
+        std = self.config.initializer_range
+        if isinstance(module, HeadAlign):
+            onehot = torch.zeros_like(module.mix)
+            onehot[torch.arange(len(module.head_map)), module.head_map] = 1.0
+            init.copy_(module.mix, onehot)
+            init.normal_(module.down, std=module.down.shape[1] ** -0.5)
+            init.zeros_(module.up)
+        elif isinstance(module, LowRankQK):
+            init.zeros_(module.query)
+            init.normal_(module.key, std=std)
 
 
 class EchoAttModel(EchoAttPreTrainedModel, LlamaModel):

@@ -68,14 +68,17 @@ def share(
     out = setup(config, "share")
     teacher = teacher or load_teacher(config.teacher, device=device_of(config))
     similarity = similarity or find_similarity(config)
-    needs_analysis = (config.method == "copy" and config.head_map == "matched") or config.plan.startswith("threshold=")
+    mapped = config.method in ("copy", "lisa")
+    needs_analysis = (mapped and config.head_map == "matched") or config.plan.startswith("threshold=")
     if similarity is None and needs_analysis:
         print("no similarity analysis found: measuring it first (echoatt analyze)")
         similarity = analyze_with_defaults(config, teacher)
     layers = teacher.model.config.num_hidden_layers
-    plan = SharingPlan.parse(config.plan, layers, similarity.head_matched if similarity else None)
-    maps = head_maps(plan, similarity, config.head_map) if config.method == "copy" else None
-    student = build_student(teacher.model, plan, maps, config.method)
+    lisa = config.method == "lisa"
+    plan = SharingPlan.parse(config.plan, layers, similarity.head_matched if similarity else None, adjacent=lisa)
+    maps = head_maps(plan, similarity, config.head_map, chain=lisa) if mapped else None
+    student = build_student(teacher.model, plan, maps, config.method, config.lisa_rank or None,
+                            config.lisa_hidden or None)
     params = parameter_report(teacher.model, student)
     kv = {
         "teacher": kv_cache_bytes_per_token(teacher.model.config),
@@ -84,12 +87,15 @@ def share(
     info = {
         "plan": [list(b) for b in plan.blocks],
         "method": config.method,
-        "head_map": config.head_map if config.method == "copy" else None,
+        "head_map": config.head_map if mapped else None,
+        "lisa": {"rank": student.config.lisa_rank, "hidden": student.config.lisa_hidden} if lisa else None,
         "parameters": params,
         "kv_cache_bytes_per_token_bf16": kv,
     }
     path = save_student(student, teacher.tokenizer, out / "student", info)
-    how = f"head map: {config.head_map}" if config.method == "copy" else "attention dropped"
+    how = {"copy": f"head map: {config.head_map}", "drop": "attention dropped",
+           "lisa": f"LiSA, rank {student.config.lisa_rank}, align hidden {student.config.lisa_hidden}, "
+                   f"starting from head map: {config.head_map}"}[config.method]
     print(f"plan: {plan.describe()} ({how})")
     print(
         f"parameters: teacher {params['teacher']:,}  student {params['student']:,}  "
@@ -167,26 +173,27 @@ def bench(config: BenchConfig) -> dict:
 
 
 def compare(config: CompareConfig) -> dict:
-    """The table users pick a method from: teacher, attention drop, plain copy, head-matched copy at the same
-    layers, each before and after the same distillation budget. Each method works in OUT/<method>/."""
+    """The table users pick a method from: teacher, attention drop, plain copy, head-matched copy and LiSA at the
+    same layers, each before and after the same distillation budget. Each method works in OUT/<method>/."""
     import dataclasses
 
     from echoatt.evaluate import save_results
 
     out = setup(config, "compare")
     teacher = load_teacher(config.teacher, device=device_of(config))
-    labels = {"drop": "attention drop", "identity": "plain copy", "matched": "head-matched copy"}
+    labels = {"drop": "attention drop", "identity": "plain copy", "matched": "head-matched copy", "lisa": "LiSA"}
+    how = {"drop": ("drop", "identity"), "identity": ("copy", "identity"), "matched": ("copy", "matched"),
+           "lisa": ("lisa", "matched")}  # method -> (--method, --head-map)
     methods = [m for m in config.methods.split(",") if m]
     unknown = set(methods) - set(labels)
     if unknown:
-        raise ValueError(f"unknown methods {sorted(unknown)}: use drop, identity, matched")
+        raise ValueError(f"unknown methods {sorted(unknown)}: use {', '.join(labels)}")
     similarity = find_similarity(config)
-    if similarity is None and "matched" in methods:
+    if similarity is None and {"matched", "lisa"} & set(methods):
         similarity = analyze_with_defaults(config, teacher)
     results: dict = {}
     for method in methods:
-        sub = dataclasses.replace(config, out=str(out / method), method="drop" if method == "drop" else "copy",
-                                  head_map="identity" if method == "drop" else method)
+        sub = dataclasses.replace(config, out=str(out / method), method=how[method][0], head_map=how[method][1])
         print(f"== {labels[method]} ==")
         share(sub, teacher, similarity)
         distill(sub, teacher)

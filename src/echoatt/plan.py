@@ -58,13 +58,20 @@ class SharingPlan:
 
     @classmethod
     def from_k(
-        cls, num_layers: int, k: int, share_first: bool = False, share_last: bool = False, followers: int | None = None
+        cls,
+        num_layers: int,
+        k: int,
+        share_first: bool = False,
+        share_last: bool = False,
+        followers: int | None = None,
+        protect_first: int = 1,
     ) -> SharingPlan:
         """Every k consecutive layers form a block, over the inner layers unless asked; a leftover single stays.
-        `followers` keeps only the first blocks, up to that many followers (the papers' "9 of 22")."""
+        `followers` keeps only the first blocks, up to that many followers (the papers' "9 of 22"). The first
+        `protect_first` layers never share (LiSA found shallow layers fragile); `share_first` sets it to 0."""
         if k < 2:
             raise PlanError(f"k must be at least 2 (got {k})")
-        start, stop = (0 if share_first else 1), (num_layers if share_last else num_layers - 1)
+        start, stop = (0 if share_first else protect_first), (num_layers if share_last else num_layers - 1)
         blocks = [tuple(range(i, min(i + k, stop))) for i in range(start, stop, k)]
         blocks = [b for b in blocks if len(b) >= 2]
         if followers is not None:
@@ -85,9 +92,11 @@ class SharingPlan:
         max_block: int | None = None,
         protect_first: int = 1,
         protect_last: int = 1,
+        adjacent: bool = False,
     ) -> SharingPlan:
         """Greedy blocks over the unprotected layers: a layer joins the current block while its head-matched
-        similarity to the block's leader is at least `threshold` (and the block is below `max_block`)."""
+        similarity to the block's leader (with `adjacent`, to the layer before it, whose attention a LiSA follower
+        reads) is at least `threshold` (and the block is below `max_block`)."""
         num_layers = head_matched.shape[0]
         blocks, layer = [], protect_first
         while layer < num_layers - protect_last:
@@ -95,7 +104,7 @@ class SharingPlan:
             nxt = layer + 1
             while (
                 nxt < num_layers - protect_last
-                and head_matched[nxt, layer] >= threshold
+                and head_matched[nxt, nxt - 1 if adjacent else layer] >= threshold
                 and (max_block is None or len(block) < max_block)
             ):
                 block.append(nxt)
@@ -110,27 +119,32 @@ class SharingPlan:
         return cls(num_layers, tuple(tuple(int(i) for i in b) for b in blocks))
 
     @classmethod
-    def parse(cls, spec: str, num_layers: int, head_matched: np.ndarray | None = None) -> SharingPlan:
-        """Parse a plan string: `k=2`, `k=3,first,last`, `k=2,followers=9`, `threshold=0.9[,max=3]`, `none`, or blocks
-        `1-2,4-6`."""
+    def parse(
+        cls, spec: str, num_layers: int, head_matched: np.ndarray | None = None, adjacent: bool = False
+    ) -> SharingPlan:
+        """Parse a plan string: `k=2`, `k=3,first,last`, `k=2,followers=9`, `k=2,protect=4`,
+        `threshold=0.9[,max=3][,protect=4]`, `none`, or blocks `1-2,4-6`. `adjacent`: threshold plans compare each
+        layer with the one before it (LiSA) rather than with its block's leader."""
         spec = spec.strip()
         if spec in ("none", ""):
             return cls(num_layers, ())
-        if spec.startswith("k="):
-            parts = spec.split(",")
-            opts = dict(p.split("=", 1) for p in parts if "=" in p)
-            try:
-                k = int(opts["k"])
+        parts = spec.split(",")
+        opts = dict(p.split("=", 1) for p in parts if "=" in p)
+        try:
+            protect = int(opts.get("protect", 1))
+            if spec.startswith("k="):
                 followers = int(opts["followers"]) if "followers" in opts else None
-            except ValueError as err:
-                raise PlanError(f"bad number in plan {spec!r}") from err
-            return cls.from_k(num_layers, k, "first" in parts[1:], "last" in parts[1:], followers)
-        if spec.startswith("threshold="):
-            if head_matched is None:
-                raise PlanError("a threshold plan needs the similarity analysis (run `echoatt analyze` first)")
-            opts = dict(p.split("=", 1) for p in spec.split(","))
-            max_block = int(opts["max"]) if "max" in opts else None
-            return cls.from_threshold(head_matched, float(opts["threshold"]), max_block)
+                return cls.from_k(num_layers, int(opts["k"]), "first" in parts[1:], "last" in parts[1:], followers,
+                                  protect)
+            if spec.startswith("threshold="):
+                if head_matched is None:
+                    raise PlanError("a threshold plan needs the similarity analysis (run `echoatt analyze` first)")
+                max_block = int(opts["max"]) if "max" in opts else None
+                return cls.from_threshold(head_matched, float(opts["threshold"]), max_block, protect, adjacent=adjacent)
+        except ValueError as err:
+            if isinstance(err, PlanError):
+                raise
+            raise PlanError(f"bad number in plan {spec!r}") from err
         try:
             blocks = [list(range(int(a), int(b) + 1)) for a, b in (part.split("-") for part in spec.split(","))]
         except ValueError as err:
