@@ -32,6 +32,8 @@ def test_bench_result_schema():
     kv = result["size"]["kv_cache_bytes_per_token"]
     assert kv["student"] / kv["teacher"] == pytest.approx(1 - 2 / (2 * 6))
     assert "| prefill |" in markdown(result)
+    memory = result["figures"][2]["memory"]  # followers keep no Q/K projections' activations for backward
+    assert memory["student_sdpa"]["saved_activation_bytes"] < memory["teacher_sdpa"]["saved_activation_bytes"]
 
 
 def test_cost_model_counts_what_followers_skip():
@@ -48,3 +50,20 @@ def test_cost_model_counts_what_followers_skip():
     b = bound(c, student.config, B, T, 0, False, False, 4)
     assert b.regime == "flops" and b.value == pytest.approx(t.flops / s.flops)
     assert bound(c, student.config, 8, 1, 512, False, False, 4).regime == "bytes"
+
+
+def test_cost_model_follows_the_path_and_the_method():
+    teacher = tiny_teacher()
+    c = teacher.config
+    plan = SharingPlan.from_k(6, 2)
+    copy = build_student(teacher, plan).config
+    lisa = build_student(teacher, plan, method="lisa").config
+    B, P, D, Hkv = 4, 64, c.head_dim, c.num_key_value_heads
+    t, s = forward_cost(c, B, 1, P, False, 4), forward_cost(copy, B, 1, P, False, 4)
+    k_read = B * (P + 1) * Hkv * D * 4
+    assert t.bytes - s.bytes > 2 * k_read  # decode takes the reuse path: followers read no K
+    copy.reuse_path = "qk"
+    assert t.bytes - forward_cost(copy, B, 1, P, False, 4).bytes < 2 * k_read
+    lisa_cost = forward_cost(lisa, B, 1, P, False, 4)
+    assert s.bytes < lisa_cost.bytes < t.bytes  # LiSA caches rank-r keys, fewer than the teacher's
+    assert lisa_cost.flops != s.flops

@@ -63,3 +63,23 @@ def test_errors_are_messages_not_tracebacks(teacher_dir, tmp_path, capsys):
     bad.write_text("platn: k=2\n")
     assert main(["share", "--config", str(bad)]) == 2
     assert "unknown options" in capsys.readouterr().err
+
+
+def test_lisa_share_and_distill_train_only_lisa_parts(teacher_dir, corpus_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("ECHOATT_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "lisa"
+    common = ["--teacher", str(teacher_dir), "--corpus", str(corpus_dir), "--seq-len", "32", "--out", str(out)]
+    assert main(["share", *common, "--method", "lisa", "--plan", "1-3"]) == 0
+    student = AutoModelForCausalLM.from_pretrained(out / "student")
+    assert student.config.follower_type == "lisa" and student.config.attention_source == [0, 1, 1, 2, 4, 5]
+    sim = json.loads((out / "similarity.json").read_text())  # follower 3 starts aligned to layer 2, its source
+    assert student.config.head_map[3] == [max(range(4), key=lambda g: sim["head_head"][3][h][2][g]) for h in range(4)]
+    capsys.readouterr()
+    assert main(["distill", *common, "--steps", "2", "--batch-size", "1", "--grad-accum", "1", "--eval-windows", "2",
+                 "--lr", "1e-2"]) == 0
+    assert "--trainable auto" in capsys.readouterr().out
+    trained = AutoModelForCausalLM.from_pretrained(out / "student-distilled")
+    before, after = student.state_dict(), trained.state_dict()
+    for name in before:  # everything but LiSA's parts is frozen
+        assert torch.equal(before[name], after[name]) or ".align." in name or ".lowrank." in name, name
+    assert not torch.equal(before["model.layers.2.self_attn.align.mix"], after["model.layers.2.self_attn.align.mix"])

@@ -136,6 +136,24 @@ def decode_figure(teacher, student, batch: int, context: int, config: BenchConfi
     return figure
 
 
+def saved_activation_bytes(step: Callable[[], torch.Tensor], *models: torch.nn.Module) -> int:
+    """Bytes autograd keeps for backward during `step` (which returns the loss), each storage counted once and the
+    models' weights left out: the training memory that depends on the model, independent of device and allocator."""
+    weights = {p.untyped_storage().data_ptr() for m in models for p in m.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in weights:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = step()
+    del loss
+    return sum(storages.values())
+
+
 def train_figure(teacher, student, config: BenchConfig, device, dtype_bytes: int, distill: bool) -> dict:
     """One forward+backward (or distillation step: frozen-teacher forward + student forward/backward with the KD
     losses) at `train_len` tokens. The teacher's own row trains the teacher in the student's place."""
@@ -145,29 +163,42 @@ def train_figure(teacher, student, config: BenchConfig, device, dtype_bytes: int
     ids = torch.randint(0, teacher.config.vocab_size, (config.train_batch, config.train_len), device=device)
     losses = DistillConfig()
 
-    def step(model, impl: str) -> None:
+    def loss(model, impl: str) -> torch.Tensor:
         _with_impl(model, impl)
         _with_impl(teacher, impl)
         if distill:
-            loss = distillation_losses(model, teacher, ids, losses)["loss"]
-        else:
-            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-        loss.backward()
+            return distillation_losses(model, teacher, ids, losses)["loss"]
+        return model(input_ids=ids, labels=ids, use_cache=False).loss
+
+    def step(model, impl: str) -> None:
+        loss(model, impl).backward()
         model.zero_grad(set_to_none=True)  # frees the gradients: only one model's exist at a time
 
     for model in (teacher, student):
         model.requires_grad_(True).train()
-    work = {n: (lambda m=m, n=n: step(m, _impl(n))) for n, m in _models(teacher, student).items()}
+    models = _models(teacher, student)
+    work = {n: (lambda m=m, n=n: step(m, _impl(n))) for n, m in models.items()}
     try:
         timings = measure(work, device, config.repeats, config.warmup)
+        memory = {n: {"saved_activation_bytes": saved_activation_bytes(lambda m=m, n=n: loss(m, _impl(n)),
+                                                                       teacher, student)}
+                  for n, m in models.items()}
+        if device.type == "cuda":
+            for n, fn in work.items():
+                torch.cuda.reset_peak_memory_stats(device)
+                fn()
+                memory[n]["peak_cuda_bytes"] = torch.cuda.max_memory_allocated(device)
     finally:
         for model in (teacher, student):
             model.zero_grad(set_to_none=True)
             model.requires_grad_(False).eval()
     tokens = config.train_batch * config.train_len
-    return _figure("distill_step" if distill else "train_step", {"batch": config.train_batch, "tokens": config.train_len},
-                   timings, tokens, _bounds(teacher, student, dtype_bytes, B=config.train_batch, T=config.train_len,
-                                            P=0, train=True, with_teacher=distill))
+    figure = _figure("distill_step" if distill else "train_step",
+                     {"batch": config.train_batch, "tokens": config.train_len}, timings, tokens,
+                     _bounds(teacher, student, dtype_bytes, B=config.train_batch, T=config.train_len, P=0, train=True,
+                             with_teacher=distill))
+    figure["memory"] = memory
+    return figure
 
 
 def run_bench(teacher, student, config: BenchConfig, device: torch.device) -> dict:
@@ -188,6 +219,8 @@ def run_bench(teacher, student, config: BenchConfig, device: torch.device) -> di
         "dtype": str(dtype).removeprefix("torch."),
         "torch": torch.__version__,
         "config": asdict(config),
+        "student": getattr(student.config, "follower_type", "copy"),
+        "reuse_crossover": getattr(student.config, "reuse_crossover", None),
         "size": {
             "parameters": {"teacher": parameter_count(teacher), "student": parameter_count(student)},
             "kv_cache_bytes_per_token": {
@@ -204,7 +237,8 @@ def markdown(result: dict) -> str:
     lines = [
         f"Device: {result['device']}, {result['threads']} threads, {result['dtype']}, torch {result['torch']}. "
         "Medians of interleaved repeats; bound = analytic teacher cost / student cost (FLOPs for prefill and "
-        "training, bytes for decode).",
+        f"training, bytes for decode). Student: {result.get('student', 'copy')} followers; on SDPA it takes the reuse "
+        f"path for calls of at most {result.get('reuse_crossover', '?')} new tokens (decode), the fused path above.",
         "",
         "| figure | setting | teacher sdpa | teacher eager | student sdpa | student eager | ratio (vs teacher sdpa) "
         "| bound | achieved/bound | eager/eager ratio | bound | achieved/bound |",
@@ -219,6 +253,15 @@ def markdown(result: dict) -> str:
             + f" | {h['ratio']:.3f}× | {h['bound']:.3f}× | {h['achieved_over_bound']:.2f} "
             f"| {e['ratio']:.3f}× | {e['bound']:.3f}× | {e['achieved_over_bound']:.2f} |"
         )
+    for f in result["figures"]:
+        if "memory" in f:
+            mem = f["memory"]
+            cells = ", ".join(
+                f"{c.replace('_', ' ')} {mem[c]['saved_activation_bytes'] / 2**20:.1f} MiB"
+                + (f" (peak {mem[c]['peak_cuda_bytes'] / 2**20:.0f} MiB)" if "peak_cuda_bytes" in mem[c] else "")
+                for c in CANDIDATES
+            )
+            lines += ["", f"{f['figure']}: activations kept for backward: {cells}."]
     size = result["size"]
     p, kv = size["parameters"], size["kv_cache_bytes_per_token"]
     lines += [

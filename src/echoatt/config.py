@@ -153,6 +153,7 @@ class BenchConfig(CommonConfig):
     arch: str = opt("", "measure an architecture with random weights instead: 'tinyllama' (TinyLlama-1.1B shape) or "
                     "a config.json; its student follows --plan")
     plan: str = opt("k=2", "sharing plan for --arch (e.g. k=2,followers=9 for the papers' 9 of 22)")
+    method: str = opt("copy", "followers for --arch: copy, lisa or drop")
     prefill: str = opt("128,512", "prefill lengths (tokens, batch 1)")
     decode: str = opt("1x128,1x512,8x512", "decode settings, BATCHxCONTEXT")
     decode_steps: int = opt(8, "single-token steps timed per decode call")

@@ -2,19 +2,24 @@
 
 Counted for one forward call over a batch of B sequences, T new tokens each, with P tokens already cached (prefill:
 P = 0; one decode step: T = 1). A matmul of (m x k) by (k x n) costs 2mkn FLOPs. Bytes are what must cross memory:
-every weight once per call, KV-cache writes and reads, and, on the eager path, the materialised scores and
+every weight once per call, KV-cache writes and reads, and, where attention is materialised, the scores and
 probabilities (B, H, T, P+T) in float32, written and read once per pass. Activations between matmuls are left out
 (they are the same for teacher and student and small against weights in decode).
 
-Attention scores cost a full T x (P+T) matrix on the eager path; fused kernels (SDPA, flash) skip the masked upper
+Attention scores cost a full T x (P+T) matrix where materialised; fused kernels (SDPA, flash) skip the masked upper
 triangle, so they are counted with the mean causal key length P + (T+1)/2.
 
-What a follower (copy method) saves:
-- fused path: its Q and K projections, RoPE on Q and K, and its K-cache write. The kernel still computes the leader's
-  QK^T and softmax again for the follower's V, and still reads the leader's K.
-- eager (reuse) path: Q and K projections, RoPE, K-cache write and read, QK^T, mask and softmax; it reads the
-  leader's probabilities where the teacher read its own (the same bytes).
-A dropped layer (the baseline) saves its whole attention sub-layer.
+Each student layer is costed by its role, on the path the model takes (`modeling.EchoAttAttention.reuse_probs`):
+- ordinary layer: as the teacher's.
+- leader on the reuse path (eager, or a fused backend with at most `reuse_crossover` new tokens): materialised
+  attention (scores and probabilities written and read).
+- copy follower, reuse path: skips its Q and K projections, RoPE on Q and K, K-cache write and read, QK^T, mask and
+  softmax; it reads the leader's probabilities where the teacher read its own scores.
+- copy follower, fused path: skips its Q and K projections, RoPE and K-cache write; the kernel still computes the
+  leader's QK^T and softmax again for the follower's V, and still reads the leader's K.
+- LiSA follower: rank-r Q/K projections, RoPE and cache for r dims, a rank-r QK^T, the head alignment (H x H mix and
+  H -> hidden -> H MLP at every score), softmax, materialised logits and probabilities; its own V and O.
+- dropped layer (the baseline): nothing.
 
 bound = teacher cost / student cost. Prefill and training are compute-bound, so their bound uses FLOPs; decode is
 memory-bound, so its bound uses bytes. Both are printed.
@@ -68,23 +73,51 @@ SAVED = {
 }
 
 
+def lisa_parts(config, B: int, T: int, P: int, dtype_bytes: int) -> dict[str, Cost]:
+    """The cost of what a LiSA follower computes instead of Q, K, QK^T (its V, softmax, PV and O are as eager)."""
+    C, H, Hkv, r = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.lisa_rank
+    hidden, w = config.lisa_hidden, dtype_bytes
+    full = B * H * T * (P + T)
+    return {
+        "lowrank_qk": Cost(2 * B * T * C * (H + Hkv) * r, C * (H + Hkv) * r * w),
+        "rope_lowrank": Cost(ROPE_FLOPS * B * T * (H + Hkv) * r),
+        "lowrank_cache": Cost(0, B * (T + (P + T)) * Hkv * r * w),  # write the new keys, read all
+        "lowrank_scores": Cost(2 * full * r, 2 * full * 4),
+        "align": Cost(2 * full * (H + 2 * hidden) + 4 * B * hidden * T * (P + T), 2 * full * 4),  # source logits read,
+    }  # own logits written (read again by the softmax, counted in "softmax")
+
+
+def reuse_probs(config, T: int, eager: bool) -> bool:
+    """The path a leader takes for a call with T new tokens (as `EchoAttAttention.reuse_probs`)."""
+    path = getattr(config, "reuse_path", "auto")
+    return eager or path == "probs" or (path == "auto" and T <= getattr(config, "reuse_crossover", 0))
+
+
+def attention_cost(config, layer: int, B: int, T: int, P: int, eager: bool, dtype_bytes: int) -> Cost:
+    """One layer's attention sub-layer, by its role in `config` (a LLaMA config: every layer ordinary)."""
+    source = getattr(config, "attention_source", None) or list(range(config.num_hidden_layers))
+    if source[layer] == -1:
+        return Cost()
+    lisa = getattr(config, "follower_type", "copy") == "lisa"
+    shared = source[layer] != layer or layer in source[layer + 1:]
+    materialised = eager or (shared and (lisa or reuse_probs(config, T, eager)))
+    parts = attention_parts(config, B, T, P, materialised, dtype_bytes)
+    whole = sum(parts.values(), Cost())
+    if source[layer] == layer:
+        return whole
+    if lisa:
+        kept = ("v_proj", "v_write", "v_read", "softmax", "pv", "o_proj")
+        return sum((parts[k] for k in kept), Cost()) + sum(lisa_parts(config, B, T, P, dtype_bytes).values(), Cost())
+    return whole + sum((parts[k] for k in SAVED["eager" if materialised else "fused"]), Cost()) * -1
+
+
 def forward_cost(config, B: int, T: int, P: int, eager: bool, dtype_bytes: int, logits: int | None = None) -> Cost:
     """One forward call of a LLaMA or an echoatt student. `logits`: positions the LM head scores (default T)."""
     C, I, V = config.hidden_size, config.intermediate_size, config.vocab_size
-    source = getattr(config, "attention_source", None) or list(range(config.num_hidden_layers))
-    parts = attention_parts(config, B, T, P, eager, dtype_bytes)
-    whole = sum(parts.values(), Cost())
-    saved_by_follower = sum((parts[k] for k in SAVED["eager" if eager else "fused"]), Cost())
     mlp = Cost(3 * 2 * B * T * C * I, 3 * C * I * dtype_bytes)
     total = Cost()
-    for layer, src in enumerate(source):
-        if src == -1:
-            attn = Cost()
-        elif src != layer:
-            attn = whole + saved_by_follower * -1
-        else:
-            attn = whole
-        total = total + attn + mlp
+    for layer in range(config.num_hidden_layers):
+        total = total + attention_cost(config, layer, B, T, P, eager, dtype_bytes) + mlp
     n = T if logits is None else logits
     head = Cost(2 * B * n * C * V, C * V * dtype_bytes + B * n * V * 4)
     return total + head + Cost(0, B * T * C * dtype_bytes)  # embedding rows read

@@ -153,8 +153,8 @@ def bench(config: BenchConfig) -> dict:
         plan = SharingPlan.parse(config.plan, arch.num_hidden_layers)
         heads = list(reversed(range(arch.num_attention_heads)))  # a non-identity map, as a matched student has
         maps = [heads if i in plan.followers else None for i in range(arch.num_hidden_layers)]
-        student = build_student(teacher, plan, maps)
-        name = f"bench-{Path(config.arch).stem}"
+        student = build_student(teacher, plan, maps, config.method)
+        name = f"bench-{Path(config.arch).stem}" + ("" if config.method == "copy" else f"-{config.method}")
     else:
         teacher = load_teacher(config.teacher).model
         path = Path(config.student) if config.student else out / "student"
@@ -164,7 +164,8 @@ def bench(config: BenchConfig) -> dict:
         name = "bench"
     for model in (teacher, student):
         model.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    print(f"plan: {len(student.config.followers())} of {student.config.num_hidden_layers} layers follow; "
+    print(f"plan: {len(student.config.followers())} of {student.config.num_hidden_layers} layers follow "
+          f"({student.config.follower_type}); "
           f"{device}, {dtype}, {torch.get_num_threads()} threads")
     result = run_bench(teacher, student, config, device)
     save(result, out, name)
