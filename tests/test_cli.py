@@ -83,3 +83,17 @@ def test_lisa_share_and_distill_train_only_lisa_parts(teacher_dir, corpus_dir, t
     for name in before:  # everything but LiSA's parts is frozen
         assert torch.equal(before[name], after[name]) or ".align." in name or ".lowrank." in name, name
     assert not torch.equal(before["model.layers.2.self_attn.align.mix"], after["model.layers.2.self_attn.align.mix"])
+
+
+def test_compare_puts_methods_side_by_side_with_their_trained_share(teacher_dir, corpus_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("ECHOATT_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "compare"
+    assert main(["compare", "--teacher", str(teacher_dir), "--corpus", str(corpus_dir), "--seq-len", "32",
+                 "--out", str(out), "--methods", "drop,lisa", "--steps", "1", "--batch-size", "1", "--grad-accum", "1",
+                 "--eval-windows", "2", "--tasks", ""]) == 0
+    results = json.loads((out / "compare.json").read_text())
+    assert list(results) == ["teacher", "attention drop (before KD)", "attention drop (after KD)", "LiSA (before KD)",
+                             "LiSA (after KD)"]
+    share = {m: results[f"{m} (after KD)"]["trained parameters"]["percent"] for m in ("attention drop", "LiSA")}
+    assert 0 < share["LiSA"] < 5 < share["attention drop"]
+    assert "| trained parameters | percent |" in (out / "compare.md").read_text()

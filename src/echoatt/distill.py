@@ -284,7 +284,10 @@ def distill(config: DistillConfig, teacher: Teacher | None = None) -> dict:
             model.gradient_checkpointing_disable()
         model.save_pretrained(final, state_dict=state_dict)
         teacher.tokenizer.save_pretrained(final)
-        (out / "distill_summary.json").write_text(json.dumps({"config": asdict(config), "validation": history}, indent=2))
+        trained = {"trained": n_train, "total": n_all, "percent": 100 * n_train / n_all}
+        (out / "distill_summary.json").write_text(
+            json.dumps({"config": asdict(config), "parameters": trained, "validation": history}, indent=2)
+        )
         print(f"wrote the distilled student to {final}")
     accelerator.wait_for_everyone()
     return {"validation": history, "student": final}

@@ -15,7 +15,7 @@ import torch
 
 TASKS_DIR = Path(__file__).with_name("lm_eval_tasks")
 DEFAULT_TASKS = ("hellaswag", "winogrande", "mmlu", "arc_easy", "arc_challenge", "piqa", "boolq", "lambada")
-METRICS = ("acc", "acc_norm", "perplexity")
+METRICS = ("acc", "acc_norm", "perplexity", "percent")  # percent: the trained share of parameters (compare)
 
 
 def local_task(name: str) -> str:

@@ -202,6 +202,8 @@ def compare(config: CompareConfig) -> dict:
         results.setdefault("teacher", scored["teacher"])
         results[f"{labels[method]} (before KD)"] = scored["student (before KD)"]
         results[f"{labels[method]} (after KD)"] = scored["student (after KD)"]
+        trained = json.loads((out / method / "distill_summary.json").read_text())["parameters"]
+        results[f"{labels[method]} (after KD)"]["trained parameters"] = {"percent": trained["percent"]}
         save_results(results, out, "compare")
     print((out / "compare.md").read_text())
     return results

@@ -81,7 +81,9 @@ def sections(run: Path) -> list[Section]:
         blocks = ", ".join(f"{b[0]}←{','.join(map(str, b[1:]))}" for b in info["plan"]) or "none"
         out.append(Section("Copy: the student", [
             f"Blocks (leader←followers): {blocks}. Method: {info.get('method', 'copy')}"
-            + (f", head map: {info['head_map']}." if info.get("head_map") else "."),
+            + (f", head map: {info['head_map']}." if info.get("head_map") else ".")
+            + (f" LiSA: rank {info['lisa']['rank']}, alignment hidden width {info['lisa']['hidden']}."
+               if info.get("lisa") else ""),
             "| | teacher | student | removed |\n|---|---|---|---|\n"
             f"| parameters | {params['teacher']:,} | {params['student']:,} | {params['removed']:,} "
             f"({params['removed_percent']:.2f}%) |\n"
