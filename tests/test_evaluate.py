@@ -16,7 +16,8 @@ def test_every_default_task_has_a_local_yaml():
     assert local_task("some_lm_eval_task") == "some_lm_eval_task"  # passed through to lm-eval
 
 
-def test_a_five_item_local_task_end_to_end(tokenizer, tmp_path):
+@pytest.mark.parametrize("model_kind", ["teacher", "lisa student"])
+def test_a_five_item_local_task_end_to_end(tokenizer, tmp_path, model_kind):
     """A task YAML of our own shape over 5 local items, scored through lm-eval's HFLM + simple_evaluate."""
     import json
 
@@ -32,6 +33,11 @@ def test_a_five_item_local_task_end_to_end(tokenizer, tmp_path):
         "metric_list:\n  - {metric: acc, aggregation: mean, higher_is_better: true}\n"
     )
     model = tiny_teacher(vocab_size=len(tokenizer))
+    if model_kind == "lisa student":
+        from echoatt.plan import SharingPlan
+        from echoatt.student import build_student
+
+        model = build_student(model, SharingPlan.from_k(6, 2), method="lisa")
     results = zero_shot(model, tokenizer, ["five_items"], batch_size=2, include_path=tmp_path)
     assert results["five_items"]["samples"] == 5
     assert results["five_items"]["acc"] in {i / 5 for i in range(6)}

@@ -125,3 +125,15 @@ def test_gradcheck_lisa_follower(teacher):
     rotary = lisa.model.rotary_emb(hidden, torch.arange(4)[None])
     run = lambda h, s: attn(h, rotary, attention_handoff={1: Handoff(logits=s)})[0]  # noqa: E731
     assert torch.autograd.gradcheck(run, (hidden, logits), eps=1e-6, atol=1e-6, fast_mode=True)
+
+
+def test_lisa_parts_get_their_own_learning_rate(teacher):
+    from echoatt.config import DistillConfig
+    from echoatt.distill import param_groups
+
+    lisa = lisa_of(teacher)
+    set_trainable(lisa, "shared")  # LiSA's parts and the follower layers' own weights
+    groups = {g["lr"]: g["params"] for g in param_groups(lisa, DistillConfig(lr=3e-4, lisa_lr=1e-2))}
+    lisa_params = {id(p) for n, p in lisa.named_parameters() if ".align." in n or ".lowrank." in n}
+    assert {id(p) for p in groups[1e-2]} == lisa_params
+    assert groups[3e-4] and not lisa_params & {id(p) for p in groups[3e-4]}

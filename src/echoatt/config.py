@@ -55,6 +55,7 @@ class DistillConfig(CommonConfig):
     batch_size: int = opt(2, "windows per micro-batch per process")
     grad_accum: int = opt(2, "micro-batches per optimizer step")
     lr: float = opt(3e-4, "peak learning rate (AdamW)")
+    lisa_lr: float = opt(1e-2, "peak learning rate of LiSA's alignment and low-rank parameters")
     min_lr_ratio: float = opt(0.1, "the cosine schedule ends at lr * min_lr_ratio")
     warmup_steps: int = opt(5, "linear warm-up steps")
     weight_decay: float = opt(0.0, "AdamW weight decay")

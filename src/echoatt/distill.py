@@ -68,6 +68,17 @@ def set_trainable(student: torch.nn.Module, mode: str) -> list[str]:
     return names
 
 
+def param_groups(student: torch.nn.Module, config: DistillConfig) -> list[dict]:
+    """Trainable parameters with their peak learning rates: LiSA's small, zero-started parts at `lisa_lr` (like LoRA,
+    they need a larger step than pretrained weights), everything else at `lr`."""
+    groups: dict[float, list] = {}
+    for name, param in student.named_parameters():
+        if param.requires_grad:
+            lisa = ".align." in name or ".lowrank." in name
+            groups.setdefault(config.lisa_lr if lisa else config.lr, []).append(param)
+    return [{"params": ps, "lr": lr} for lr, ps in groups.items()]
+
+
 def batch_indices(step: int, micro: int, config: DistillConfig, num_windows: int, rank: int, world: int) -> torch.Tensor:
     """Which training windows (step, micro, rank) reads: fixed by the seed, independent of any resume."""
     per_step = config.batch_size * config.grad_accum * world
@@ -194,7 +205,7 @@ def distill(config: DistillConfig, teacher: Teacher | None = None) -> dict:
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     student.train()
     params = [p for p in student.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.95))
+    optimizer = torch.optim.AdamW(param_groups(student, config), weight_decay=config.weight_decay, betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
     student, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
     teacher_model = teacher.model.to(accelerator.device).eval().requires_grad_(False)
