@@ -327,8 +327,11 @@ class EchoAttAttention(nn.Module):
             if past_key_values is not None:
                 key, value = past_key_values.update(key, value, self.layer_idx)
             eager = self.config._attn_implementation == "eager"
-            if self.is_lisa or self.hands_logits or (self.is_leader and not eager and self.reuse_probs(
-                    input_shape[1], attention_mask)):
+            # Materialise here (rather than call the backend's kernel) where LiSA needs logits, or where a leader on
+            # a fused backend hands probabilities on; on eager the kernel itself returns them.
+            explicit = self.is_lisa or self.hands_logits
+            explicit = explicit or (self.is_leader and not eager and self.reuse_probs(input_shape[1], attention_mask))
+            if explicit:
                 if self.is_lisa:  # (B, H, Tq, Tk)
                     logits = self.align(handoff[self.source].logits) + grouped_scores(query, key, self.lowrank.rank**-0.5)
                 else:
