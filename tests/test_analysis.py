@@ -53,6 +53,9 @@ def test_head_matching_recovers_a_permutation():
     assert sim.same_head[3, 2].mean() < 0.99
     assert sim.head_matched[3, 2] == pytest.approx(1.0, abs=1e-5)
     assert sim.head_avg[3, 2] == pytest.approx(1.0, abs=1e-5)  # the average hides the permutation
+    grouped = sim.head_map(3, 2, kv_groups=2)  # each head picks only among its own KV group's leader heads
+    assert [g // 2 for g in grouped] == [h // 2 for h in range(4)]
+    assert grouped[1] == 0 and grouped[2] == 3  # where the true match lies inside the group, it is still found
 
 
 def test_chunked_equals_whole(teacher, monkeypatch):

@@ -72,6 +72,9 @@ def test_eager_and_fused_paths_agree(teacher, path):
         fused = student_of(teacher, impl="sdpa", path=path)(x).logits
     torch.testing.assert_close(eager, fused, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(eager, teacher(x).logits, atol=1e-3)  # sharing really changed something
+    layers = student_of(teacher).model.layers  # [1,0,3,2] stays within KV groups (GQA kept), [2,2,0,1] does not
+    assert layers[2].self_attn.group_aligned and layers[2].self_attn.num_key_value_groups == 2
+    assert not layers[4].self_attn.group_aligned and layers[4].self_attn.num_key_value_groups == 1
 
 
 @pytest.mark.parametrize(("impl", "path"), [("eager", "auto"), ("sdpa", "auto"), ("sdpa", "qk"), ("sdpa", "probs")])

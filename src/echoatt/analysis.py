@@ -49,9 +49,15 @@ class Similarity:
     def head_matched(self) -> np.ndarray:  # (L, L): layer i's heads vs the best-matching heads of layer j
         return self.head_head.max(axis=3).mean(axis=1)
 
-    def head_map(self, follower: int, leader: int) -> list[int]:
-        """For each follower head, the leader head whose attention map is most similar to its own."""
-        return [int(g) for g in self.head_head[follower, :, leader, :].argmax(axis=-1)]
+    def head_map(self, follower: int, leader: int, kv_groups: int = 0) -> list[int]:
+        """For each follower head, the leader head whose attention map is most similar to its own. With `kv_groups`
+        (query heads per KV head), only among the leader heads of its own KV group: the follower then keeps GQA on
+        fused kernels (no K gathered, no V repeated)."""
+        sim = self.head_head[follower, :, leader, :]  # (H follower heads, H leader heads)
+        if kv_groups:
+            group = np.arange(sim.shape[0]) // kv_groups
+            sim = np.where(group[:, None] == group[None, :], sim, -np.inf)
+        return [int(g) for g in sim.argmax(axis=-1)]
 
     def to_json(self) -> dict:
         r = lambda a: np.round(a, 5).tolist()  # noqa: E731

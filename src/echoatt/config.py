@@ -42,7 +42,8 @@ class ShareConfig(CommonConfig):
                     "like 1-2,4-6, or none")
     method: str = opt("copy", "copy (EchoAtt: followers reuse the leader's attention), lisa (head alignment + low-rank "
                       "correction, each follower reading the layer before it) or drop (the baseline: no attention)")
-    head_map: str = opt("matched", "follower head -> leader head: matched (most similar head) or identity (plain copy)")
+    head_map: str = opt("matched", "follower head -> leader head: matched (most similar head), grouped (most similar "
+                        "within its KV group: keeps GQA on fused kernels) or identity (plain copy)")
     lisa_rank: int = opt(0, "LiSA: rank of the low-rank Q/K per head (0: head_dim // 6, the paper's 6x compression)")
     lisa_hidden: int = opt(0, "LiSA: hidden width of the head-alignment network (0: the number of heads)")
     similarity: str = opt("", "similarity.json from `echoatt analyze` (default: OUT/similarity.json, else analyse)")
@@ -144,7 +145,7 @@ class CompareConfig(ShareConfig, DistillConfig, EvalConfig):
     """Attention drop, plain copy, head-matched copy and LiSA at the same layers, each distilled with the same
     budget."""
 
-    methods: str = opt("drop,identity,matched,lisa", "which students: drop, identity (plain copy), matched, lisa")
+    methods: str = opt("drop,identity,matched,lisa", "which students: drop, identity (plain copy), matched, grouped, lisa")
     limit: int = opt(30, "zero-shot items per task (0: all; the default keeps it CPU-sized)")
 
 

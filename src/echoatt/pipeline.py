@@ -69,14 +69,16 @@ def share(
     teacher = teacher or load_teacher(config.teacher, device=device_of(config))
     similarity = similarity or find_similarity(config)
     mapped = config.method in ("copy", "lisa")
-    needs_analysis = (mapped and config.head_map == "matched") or config.plan.startswith("threshold=")
+    needs_analysis = (mapped and config.head_map != "identity") or config.plan.startswith("threshold=")
     if similarity is None and needs_analysis:
         print("no similarity analysis found: measuring it first (echoatt analyze)")
         similarity = analyze_with_defaults(config, teacher)
     layers = teacher.model.config.num_hidden_layers
     lisa = config.method == "lisa"
     plan = SharingPlan.parse(config.plan, layers, similarity.head_matched if similarity else None, adjacent=lisa)
-    maps = head_maps(plan, similarity, config.head_map, chain=lisa) if mapped else None
+    tc = teacher.model.config
+    groups = tc.num_attention_heads // tc.num_key_value_heads
+    maps = head_maps(plan, similarity, config.head_map, chain=lisa, kv_groups=groups) if mapped else None
     student = build_student(teacher.model, plan, maps, config.method, config.lisa_rank or None,
                             config.lisa_hidden or None)
     params = parameter_report(teacher.model, student)
@@ -182,15 +184,16 @@ def compare(config: CompareConfig) -> dict:
 
     out = setup(config, "compare")
     teacher = load_teacher(config.teacher, device=device_of(config))
-    labels = {"drop": "attention drop", "identity": "plain copy", "matched": "head-matched copy", "lisa": "LiSA"}
+    labels = {"drop": "attention drop", "identity": "plain copy", "matched": "head-matched copy",
+              "grouped": "head-matched copy within KV groups", "lisa": "LiSA"}
     how = {"drop": ("drop", "identity"), "identity": ("copy", "identity"), "matched": ("copy", "matched"),
-           "lisa": ("lisa", "matched")}  # method -> (--method, --head-map)
+           "grouped": ("copy", "grouped"), "lisa": ("lisa", "matched")}  # method -> (--method, --head-map)
     methods = [m for m in config.methods.split(",") if m]
     unknown = set(methods) - set(labels)
     if unknown:
         raise ValueError(f"unknown methods {sorted(unknown)}: use {', '.join(labels)}")
     similarity = find_similarity(config)
-    if similarity is None and {"matched", "lisa"} & set(methods):
+    if similarity is None and {"matched", "grouped", "lisa"} & set(methods):
         similarity = analyze_with_defaults(config, teacher)
     results: dict = {}
     for method in methods:

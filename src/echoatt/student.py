@@ -13,15 +13,16 @@ from echoatt.modeling import DROPPED, EchoAttConfig, EchoAttForCausalLM
 from echoatt.plan import PlanError, SharingPlan
 from echoatt.teacher import convert_config
 
-HEAD_MAPS = ("matched", "identity")
+HEAD_MAPS = ("matched", "grouped", "identity")
 METHODS = ("copy", "lisa", "drop")
 
 
 def head_maps(
-    plan: SharingPlan, similarity: Similarity | None, mode: str = "matched", chain: bool = False
+    plan: SharingPlan, similarity: Similarity | None, mode: str = "matched", chain: bool = False, kv_groups: int = 1
 ) -> list[list[int] | None]:
-    """Per layer, the source head each follower head reads: most similar (`matched`) or the same index (`identity`).
-    The source is the block's leader, or with `chain` (LiSA) the layer just before the follower."""
+    """Per layer, the source head each follower head reads: most similar (`matched`), most similar within its own KV
+    group of `kv_groups` heads (`grouped`), or the same index (`identity`). The source is the block's leader, or
+    with `chain` (LiSA) the layer just before the follower."""
     if mode not in HEAD_MAPS:
         raise PlanError(f"head map must be one of {HEAD_MAPS} (got {mode!r})")
     maps: list[list[int] | None] = [None] * plan.num_layers
@@ -33,7 +34,8 @@ def head_maps(
         raise PlanError(f"the analysis has {similarity.num_layers} layers but the model has {plan.num_layers}")
     for block in plan.blocks:
         for follower in block[1:]:
-            maps[follower] = similarity.head_map(follower, follower - 1 if chain else block[0])
+            source = follower - 1 if chain else block[0]
+            maps[follower] = similarity.head_map(follower, source, kv_groups if mode == "grouped" else 0)
     return maps
 
 
