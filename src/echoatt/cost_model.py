@@ -9,7 +9,7 @@ probabilities (B, H, T, P+T) in float32, written and read once per pass. Activat
 Attention scores cost a full T x (P+T) matrix where materialised; fused kernels (SDPA, flash) skip the masked upper
 triangle, so they are counted with the mean causal key length P + (T+1)/2.
 
-Each student layer is costed by its role, on the path the model takes (`modeling.EchoAttAttention.reuse_probs`):
+Each student layer is costed by its role, on the path the model takes (`EchoAttConfig.reuse_probs`):
 - ordinary layer: as the teacher's.
 - leader on the reuse path (eager, or a fused backend with at most `reuse_crossover` new tokens): materialised
   attention (scores and probabilities written and read).
@@ -87,12 +87,6 @@ def lisa_parts(config, B: int, T: int, P: int, dtype_bytes: int) -> dict[str, Co
     }  # own logits written (read again by the softmax, counted in "softmax")
 
 
-def reuse_probs(config, T: int, eager: bool) -> bool:
-    """The path a leader takes for a call with T new tokens (as `EchoAttAttention.reuse_probs`)."""
-    path = getattr(config, "reuse_path", "auto")
-    return eager or path == "probs" or (path == "auto" and T <= getattr(config, "reuse_crossover", 0))
-
-
 def attention_cost(config, layer: int, B: int, T: int, P: int, eager: bool, dtype_bytes: int) -> Cost:
     """One layer's attention sub-layer, by its role in `config` (a LLaMA config: every layer ordinary)."""
     source = getattr(config, "attention_source", None) or list(range(config.num_hidden_layers))
@@ -100,7 +94,7 @@ def attention_cost(config, layer: int, B: int, T: int, P: int, eager: bool, dtyp
         return Cost()
     lisa = getattr(config, "follower_type", "copy") == "lisa"
     shared = source[layer] != layer or layer in source[layer + 1:]
-    materialised = eager or (shared and (lisa or reuse_probs(config, T, eager)))
+    materialised = eager or (shared and (lisa or config.reuse_probs(T, eager)))  # only students share
     parts = attention_parts(config, B, T, P, materialised, dtype_bytes)
     whole = sum(parts.values(), Cost())
     if source[layer] == layer:

@@ -30,6 +30,7 @@ from echoatt.config import DistillConfig, device_of, setup
 from echoatt.corpus import spread, token_windows
 from echoatt.losses import hard_label_loss, hidden_state_loss, soft_label_loss
 from echoatt.metrics import nll_sum
+from echoatt.modeling import is_lisa_parameter
 from echoatt.teacher import Teacher, load_teacher
 
 LATEST = "latest"
@@ -59,7 +60,7 @@ def set_trainable(student: torch.nn.Module, mode: str) -> list[str]:
     for name, param in student.named_parameters():
         parts = name.split(".")
         in_layer = len(parts) > 3 and parts[1] == "layers" and int(parts[2]) in layers
-        lisa_part = ".align." in name or ".lowrank." in name
+        lisa_part = is_lisa_parameter(name)
         param.requires_grad_(mode == "all" or (mode == "shared" and in_layer) or (mode == "lisa" and lisa_part))
         if param.requires_grad:
             names.append(name)
@@ -74,8 +75,7 @@ def param_groups(student: torch.nn.Module, config: DistillConfig) -> list[dict]:
     groups: dict[float, list] = {}
     for name, param in student.named_parameters():
         if param.requires_grad:
-            lisa = ".align." in name or ".lowrank." in name
-            groups.setdefault(config.lisa_lr if lisa else config.lr, []).append(param)
+            groups.setdefault(config.lisa_lr if is_lisa_parameter(name) else config.lr, []).append(param)
     return [{"params": ps, "lr": lr} for lr, ps in groups.items()]
 
 
@@ -181,7 +181,8 @@ def validation_perplexity(accelerator: Accelerator, student, windows: torch.Tens
 
 
 def distill(config: DistillConfig, teacher: Teacher | None = None) -> dict:
-    """Train the student in OUT (or `config.student`) against the teacher; return the validation history."""
+    """Train the student in OUT (or `config.student`) against the teacher; return the validation history, the
+    distilled student's folder and the trained parameter counts."""
     out = setup(config, "distill")
     device = device_of(config)
     bf16 = config.bf16 == "yes" or (config.bf16 == "auto" and device.startswith("cuda"))
@@ -223,12 +224,13 @@ def distill(config: DistillConfig, teacher: Teacher | None = None) -> dict:
 
     log_path = out / "log.jsonl"
     history: list[dict] = []
+    n_train = sum(p.numel() for p in params)
+    n_all = sum(p.numel() for p in accelerator.unwrap_model(student).parameters())
+    trained = {"trained": n_train, "total": n_all, "percent": 100 * n_train / n_all}
     if accelerator.is_main_process:
         kept = [ln for ln in (log_path.read_text().splitlines() if log_path.exists() and start else []) if json.loads(ln)["step"] <= start]
         log_path.write_text("".join(ln + "\n" for ln in kept))
         history = [json.loads(ln) for ln in kept if "val_ppl" in json.loads(ln)]
-        n_train = sum(p.numel() for p in params)
-        n_all = sum(p.numel() for p in accelerator.unwrap_model(student).parameters())
         print(f"training {n_train:,} of {n_all:,} parameters ({100 * n_train / n_all:.1f}%, --trainable {config.trainable})")
 
     def log(entry: dict) -> None:
@@ -295,10 +297,9 @@ def distill(config: DistillConfig, teacher: Teacher | None = None) -> dict:
             model.gradient_checkpointing_disable()
         model.save_pretrained(final, state_dict=state_dict)
         teacher.tokenizer.save_pretrained(final)
-        trained = {"trained": n_train, "total": n_all, "percent": 100 * n_train / n_all}
         (out / "distill_summary.json").write_text(
             json.dumps({"config": asdict(config), "parameters": trained, "validation": history}, indent=2)
         )
         print(f"wrote the distilled student to {final}")
     accelerator.wait_for_everyone()
-    return {"validation": history, "student": final}
+    return {"validation": history, "student": final, "parameters": trained}

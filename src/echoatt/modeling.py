@@ -63,6 +63,11 @@ FOLLOWER_TYPES = ("copy", "lisa")
 REUSE_PATHS = ("auto", "probs", "qk")
 
 
+def is_lisa_parameter(name: str) -> bool:
+    """Whether a parameter name belongs to LiSA's added parts (`HeadAlign`, `LowRankQK`), which no teacher has."""
+    return ".align." in name or ".lowrank." in name
+
+
 @strict
 class EchoAttConfig(LlamaConfig):
     r"""A `LlamaConfig` plus where each layer's attention comes from.
@@ -134,6 +139,12 @@ class EchoAttConfig(LlamaConfig):
     def followers(self) -> list[int]:
         """Layers whose attention differs from the teacher's: followers, and dropped layers."""
         return [i for i in range(self.num_hidden_layers) if self.attention_source[i] != i]
+
+    def reuse_probs(self, new_tokens: int, eager: bool) -> bool:
+        """Whether a leader hands over probabilities (reuse path) rather than Q and K (fused path) for a call with
+        `new_tokens` new tokens."""
+        path = self.reuse_path
+        return eager or path == "probs" or (path == "auto" and new_tokens <= self.reuse_crossover)
 
     def cached_key_dims(self, layer: int) -> int:
         """Key features per KV head that `layer` keeps in the cache."""
@@ -284,12 +295,10 @@ class EchoAttAttention(nn.Module):
 
     def reuse_probs(self, new_tokens: int, attention_mask) -> bool:
         """Whether this leader hands over probabilities (reuse path) rather than Q and K (fused path)."""
-        if self.config._attn_implementation == "eager":
-            return True
-        if not isinstance(attention_mask, torch.Tensor | None):  # e.g. flex attention's BlockMask
+        eager = self.config._attn_implementation == "eager"
+        if not eager and not isinstance(attention_mask, torch.Tensor | None):  # e.g. flex attention's BlockMask
             return False
-        path = self.config.reuse_path
-        return path == "probs" or (path == "auto" and new_tokens <= self.config.reuse_crossover)
+        return self.config.reuse_probs(new_tokens, eager)
 
     def forward(
         self,

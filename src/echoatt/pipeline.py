@@ -184,29 +184,32 @@ def compare(config: CompareConfig) -> dict:
 
     out = setup(config, "compare")
     teacher = load_teacher(config.teacher, device=device_of(config))
-    labels = {"drop": "attention drop", "identity": "plain copy", "matched": "head-matched copy",
-              "grouped": "head-matched copy within KV groups", "lisa": "LiSA"}
-    how = {"drop": ("drop", "identity"), "identity": ("copy", "identity"), "matched": ("copy", "matched"),
-           "grouped": ("copy", "grouped"), "lisa": ("lisa", "matched")}  # method -> (--method, --head-map)
+    students = {  # name -> (label, --method, --head-map)
+        "drop": ("attention drop", "drop", "identity"),
+        "identity": ("plain copy", "copy", "identity"),
+        "matched": ("head-matched copy", "copy", "matched"),
+        "grouped": ("head-matched copy within KV groups", "copy", "grouped"),
+        "lisa": ("LiSA", "lisa", "matched"),
+    }
     methods = [m for m in config.methods.split(",") if m]
-    unknown = set(methods) - set(labels)
+    unknown = set(methods) - set(students)
     if unknown:
-        raise ValueError(f"unknown methods {sorted(unknown)}: use {', '.join(labels)}")
+        raise ValueError(f"unknown methods {sorted(unknown)}: use {', '.join(students)}")
     similarity = find_similarity(config)
-    if similarity is None and {"matched", "grouped", "lisa"} & set(methods):
+    if similarity is None and any(students[m][2] != "identity" for m in methods):  # analysed once, for all
         similarity = analyze_with_defaults(config, teacher)
     results: dict = {}
     for method in methods:
-        sub = dataclasses.replace(config, out=str(out / method), method=how[method][0], head_map=how[method][1])
-        print(f"== {labels[method]} ==")
+        label, how, head_map = students[method]
+        sub = dataclasses.replace(config, out=str(out / method), method=how, head_map=head_map)
+        print(f"== {label} ==")
         share(sub, teacher, similarity)
-        distill(sub, teacher)
+        trained = distill(sub, teacher)["parameters"]
         scored = evaluate(dataclasses.replace(sub, models=""), teacher)
         results.setdefault("teacher", scored["teacher"])
-        results[f"{labels[method]} (before KD)"] = scored["student (before KD)"]
-        results[f"{labels[method]} (after KD)"] = scored["student (after KD)"]
-        trained = json.loads((out / method / "distill_summary.json").read_text())["parameters"]
-        results[f"{labels[method]} (after KD)"]["trained parameters"] = {"percent": trained["percent"]}
+        results[f"{label} (before KD)"] = scored["student (before KD)"]
+        share_trained = {"trained parameters": {"percent": trained["percent"]}}
+        results[f"{label} (after KD)"] = {**scored["student (after KD)"], **share_trained}
         save_results(results, out, "compare")
     print((out / "compare.md").read_text())
     return results

@@ -141,9 +141,9 @@ class SharingPlan:
                     raise PlanError("a threshold plan needs the similarity analysis (run `echoatt analyze` first)")
                 max_block = int(opts["max"]) if "max" in opts else None
                 return cls.from_threshold(head_matched, float(opts["threshold"]), max_block, protect, adjacent=adjacent)
+        except PlanError:
+            raise
         except ValueError as err:
-            if isinstance(err, PlanError):
-                raise
             raise PlanError(f"bad number in plan {spec!r}") from err
         try:
             blocks = [list(range(int(a), int(b) + 1)) for a, b in (part.split("-") for part in spec.split(","))]

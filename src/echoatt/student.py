@@ -9,7 +9,7 @@ import torch
 from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 
 from echoatt.analysis import Similarity
-from echoatt.modeling import DROPPED, EchoAttConfig, EchoAttForCausalLM
+from echoatt.modeling import DROPPED, EchoAttConfig, EchoAttForCausalLM, is_lisa_parameter
 from echoatt.plan import PlanError, SharingPlan
 from echoatt.teacher import convert_config
 
@@ -72,7 +72,7 @@ def build_student(
     student = EchoAttForCausalLM(config).to(device=param.device, dtype=param.dtype)
     weights = teacher.state_dict()
     missing, _ = student.load_state_dict({k: v for k, v in weights.items() if k in student.state_dict()}, strict=False)
-    new = [k for k in missing if ".align." not in k and ".lowrank." not in k]
+    new = [k for k in missing if not is_lisa_parameter(k)]
     if new:
         raise PlanError(f"the teacher lacks weights the student needs: {new[:3]}")
     if method == "lisa":
