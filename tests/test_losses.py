@@ -22,13 +22,14 @@ def test_hard_label_loss_by_hand():
 
 
 def test_soft_label_loss_by_hand():
-    s = torch.tensor([[[0.0, 0.0], [9.0, 9.0]]])  # (1, 2, 2): only position 0 counts (last predicts nothing)
-    t = torch.tensor([[[math.log(3.0), 0.0], [1.0, 2.0]]])
+    # float64 throughout: the formula is checked exactly, not float32's rounding of a small KL (rel. error ~1e-6)
+    s = torch.tensor([[[0.0, 0.0], [9.0, 9.0]]], dtype=torch.float64)  # (1, 2, 2): only position 0 counts
+    t = torch.tensor([[[math.log(3.0), 0.0], [1.0, 2.0]]], dtype=torch.float64)
     labels = torch.tensor([[0, 1]])
     T = 2.0
-    p = torch.softmax(torch.tensor([math.log(3.0), 0.0]) / T, -1)  # teacher at temperature T
+    p = torch.softmax(torch.tensor([math.log(3.0), 0.0], dtype=torch.float64) / T, -1)  # teacher at temperature T
     expected = T**2 * float((p * (p.log() - math.log(0.5))).sum())
-    assert soft_label_loss(s, t, labels, temperature=T).item() == pytest.approx(expected, rel=1e-6)
+    assert soft_label_loss(s, t, labels, temperature=T).item() == pytest.approx(expected, rel=1e-12)
 
 
 def test_soft_label_loss_zero_when_logits_match_and_matches_kl_div():

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from echoatt.modeling import EchoAttConfig, Handoff
+from echoatt.bench import saved_activation_bytes
+from echoatt.distill import set_checkpointing
+from echoatt.modeling import CACHE_KWARG, EchoAttConfig, Handoff, output_cache
 from echoatt.plan import SharingPlan
 from echoatt.student import build_student, kv_cache_bytes_per_token, parameter_report
 
@@ -91,10 +95,47 @@ def test_generate_with_cache_matches_cache_free(teacher, impl, path):
             assert student(seq[:, :t], use_cache=False).logits[0, -1].argmax() == seq[0, t]
 
 
+def test_cache_passed_under_the_installed_keyword_is_used(teacher):
+    """`CACHE_KWARG` names a parameter of Llama's forward, and a decode loop that hands the cache back under it gives
+    the logits of one cache-free forward (a cache passed under a stale name is dropped silently: transformers 5.24)."""
+    from transformers.models.llama.modeling_llama import LlamaModel
+
+    assert CACHE_KWARG in inspect.signature(LlamaModel.forward).parameters
+    student = student_of(teacher)
+    x = ids(batch=1, length=10)
+    with torch.no_grad():
+        full = student(x, use_cache=False).logits[0, 6:]
+        cache = output_cache(student(x[:, :6], use_cache=True))
+        steps = []
+        for t in range(6, 10):
+            out = student(x[:, t : t + 1], use_cache=True, **{CACHE_KWARG: cache})
+            cache = output_cache(out)
+            steps.append(out.logits[0, -1])
+    assert cache.get_seq_length() == 10
+    torch.testing.assert_close(torch.stack(steps), full, atol=1e-5, rtol=1e-5)
+
+
+def test_cache_update_gets_the_call_kwargs_as_in_llama(teacher):
+    """Every attention layer hands the call's kwargs to `cache.update`, as Llama does (paged caches need them)."""
+    from transformers import DynamicCache
+
+    seen = []
+
+    class Recording(DynamicCache):
+        def update(self, key, value, layer_idx, *args, **kwargs):
+            seen.append((layer_idx, "kwargs" in kwargs))
+            return super().update(key, value, layer_idx, *args, **kwargs)
+
+    student = student_of(teacher, blocks=((1, 2),))
+    with torch.no_grad():
+        student(ids(), use_cache=True, **{CACHE_KWARG: Recording(config=student.config)})
+    assert seen == [(layer, True) for layer in range(6)]
+
+
 def test_followers_cache_holds_no_keys(teacher):
     student = student_of(teacher)
     with torch.no_grad():
-        cache = student(ids(), use_cache=True).past_key_values
+        cache = output_cache(student(ids(), use_cache=True))
     for layer in range(6):
         keys, values = cache.layers[layer].keys, cache.layers[layer].values
         assert values.shape == (2, 2, 12, 16)
@@ -169,7 +210,7 @@ def test_attention_drop_baseline_removes_the_sub_layer(teacher):
             silenced.model.layers[layer].self_attn.o_proj.weight.zero_()
         x = ids()
         torch.testing.assert_close(dropped(x).logits, silenced(x).logits)
-        cache = dropped(x, use_cache=True).past_key_values
+        cache = output_cache(dropped(x, use_cache=True))
     assert cache.layers[2].keys.numel() == cache.layers[2].values.numel() == 0
     assert cache.get_seq_length() == 12
     kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
@@ -184,13 +225,14 @@ def test_attention_drop_baseline_removes_the_sub_layer(teacher):
 def test_gradient_checkpointing_gives_the_same_gradients(teacher, impl):
     """The leader's handoff crosses checkpointed layers; recomputation must not change any gradient."""
     x = ids()
-    grads = []
+    grads, kept = [], []
     for checkpointing in (False, True):
         student = student_of(teacher, impl=impl).train()
-        if checkpointing:
-            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        set_checkpointing(student, checkpointing)
+        kept.append(saved_activation_bytes(lambda s=student: s(x, labels=x).loss, student))
         student(x, labels=x).loss.backward()
         grads.append({n: p.grad.clone() for n, p in student.named_parameters()})
+    assert kept[1] < kept[0] / 2  # checkpointing is really on: far fewer activations kept for backward
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-5, msg=name)

@@ -3,6 +3,9 @@
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from echoatt.modeling import EchoAttConfig, EchoAttForCausalLM
+from echoatt.versions import check_transformers
+
+check_transformers()
 
 AutoConfig.register(EchoAttConfig.model_type, EchoAttConfig)
 AutoModelForCausalLM.register(EchoAttConfig, EchoAttForCausalLM)

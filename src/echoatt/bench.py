@@ -22,6 +22,7 @@ import torch
 
 from echoatt.config import BenchConfig
 from echoatt.cost_model import Bound, bound
+from echoatt.modeling import CACHE_KWARG, output_cache
 from echoatt.student import kv_cache_bytes_per_token, parameter_count
 
 CANDIDATES = ("teacher_sdpa", "teacher_eager", "student_sdpa", "student_eager")
@@ -118,12 +119,12 @@ def decode_figure(teacher, student, batch: int, context: int, config: BenchConfi
     step_ids = torch.randint(0, teacher.config.vocab_size, (batch, 1), device=device)
     caches = {}
     for name, model in _models(teacher, student).items():
-        caches[name] = _with_impl(model, _impl(name))(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values
+        caches[name] = output_cache(_with_impl(model, _impl(name))(input_ids=ids, use_cache=True, logits_to_keep=1))
 
     def steps(model, impl: str, cache) -> None:
         _with_impl(model, impl)
         for _ in range(config.decode_steps):
-            model(input_ids=step_ids, past_key_values=cache, use_cache=True)
+            model(input_ids=step_ids, use_cache=True, **{CACHE_KWARG: cache})
         cache.crop(-config.decode_steps)  # back to the prompt for the next repeat: a slice, no copy
 
     work = {n: (lambda m=m, n=n: steps(m, _impl(n), caches[n])) for n, m in _models(teacher, student).items()}

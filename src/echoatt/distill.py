@@ -69,6 +69,16 @@ def set_trainable(student: torch.nn.Module, mode: str) -> list[str]:
     return names
 
 
+def set_checkpointing(model: torch.nn.Module, on: bool) -> None:
+    """Activation checkpointing on or off under the name the installed transformers uses (`activation_...` from 5.24,
+    where the older `gradient_...` warns; only the older before)."""
+    kind = "activation" if hasattr(model, "activation_checkpointing_enable") else "gradient"
+    if on:
+        getattr(model, f"{kind}_checkpointing_enable")({"use_reentrant": False})
+    else:
+        getattr(model, f"{kind}_checkpointing_disable")()
+
+
 def param_groups(student: torch.nn.Module, config: DistillConfig) -> list[dict]:
     """Trainable parameters with their peak learning rates: LiSA's small, zero-started parts at `lisa_lr` (like LoRA,
     they need a larger step than pretrained weights), everything else at `lr`."""
@@ -203,7 +213,7 @@ def distill(config: DistillConfig, teacher: Teacher | None = None) -> dict:
 
     trainable = set_trainable(student, config.trainable)
     if config.gradient_checkpointing:
-        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        set_checkpointing(student, True)
     student.train()
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(param_groups(student, config), weight_decay=config.weight_decay, betas=(0.9, 0.95))
@@ -294,7 +304,7 @@ def distill(config: DistillConfig, teacher: Teacher | None = None) -> dict:
     if accelerator.is_main_process:
         model = accelerator.unwrap_model(student)
         if config.gradient_checkpointing:
-            model.gradient_checkpointing_disable()
+            set_checkpointing(model, False)
         model.save_pretrained(final, state_dict=state_dict)
         teacher.tokenizer.save_pretrained(final)
         (out / "distill_summary.json").write_text(

@@ -12,9 +12,14 @@ import torch.nn.functional as F
 IGNORE_INDEX = -100
 
 
+def _exact(x: torch.Tensor) -> torch.Tensor:
+    """`x` in float32 at least (bf16 logits lose the small differences KL is made of; float64 stays float64)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def hard_label_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """Next-token cross-entropy: logits (B, T, V) predict labels (B, T) shifted by one."""
-    logits = logits[:, :-1].float()
+    logits = _exact(logits[:, :-1])
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1), ignore_index=ignore_index)
 
 
@@ -34,11 +39,11 @@ def soft_label_loss(
     s = student_logits[:, :-1].reshape(-1, student_logits.size(-1))  # (N, V)
     t = teacher_logits[:, :-1].reshape(-1, teacher_logits.size(-1))
     valid = (labels[:, 1:] != ignore_index).reshape(-1)  # (N,)
-    total = s.new_zeros((), dtype=torch.float32)
+    total = _exact(s.new_zeros(()))
     for i in range(0, s.size(0), chunk_size):
         keep = valid[i : i + chunk_size]
-        log_p_s = F.log_softmax(s[i : i + chunk_size].float() / temperature, dim=-1)
-        log_p_t = F.log_softmax(t[i : i + chunk_size].float() / temperature, dim=-1)
+        log_p_s = F.log_softmax(_exact(s[i : i + chunk_size]) / temperature, dim=-1)
+        log_p_t = F.log_softmax(_exact(t[i : i + chunk_size]) / temperature, dim=-1)
         kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)  # (chunk,)
         total = total + (kl * keep).sum()
     return total * temperature**2 / valid.sum().clamp_min(1)
@@ -60,7 +65,7 @@ def hidden_state_loss(
     mask = None if mask is None else mask.float()  # (B, T)
     losses = []
     for s, t in zip(student_hidden, teacher_hidden, strict=True):
-        s, t = s.float(), t.float()
+        s, t = _exact(s), _exact(t)
         if kind == "mse":
             per_token = (s - t).pow(2).mean(-1) / t.pow(2).mean().clamp_min(1e-12)  # (B, T)
         elif kind == "cosine":

@@ -33,6 +33,7 @@ has no attention sub-layer at all (no Q/K/V/O weights, nothing cached), only its
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 from typing import NamedTuple
@@ -61,6 +62,15 @@ HANDOFF_KEY = "attention_handoff"
 DROPPED = -1  # attention_source value of a layer whose attention sub-layer is removed
 FOLLOWER_TYPES = ("copy", "lisa")
 REUSE_PATHS = ("auto", "probs", "qk")
+# The keyword transformers passes the KV cache under: `cache` from 5.24, `past_key_values` before. Read from Llama's
+# own signature (tests fail if neither is there) so callers pass what the installed version expects, unwarned.
+CACHE_KWARG = "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
+
+
+def output_cache(outputs) -> Cache | None:
+    """The KV cache of a model output: field `cache` from transformers 5.24, `past_key_values` before."""
+    cache = getattr(outputs, "cache", None)
+    return cache if cache is not None else outputs.past_key_values
 
 
 def is_lisa_parameter(name: str) -> bool:
@@ -306,13 +316,17 @@ class EchoAttAttention(nn.Module):
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         attention_mask: torch.Tensor | None = None,
         past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        cache = cache if cache is not None else past_key_values  # its name changed in transformers 5.24
         handoff: dict[int, Handoff] = kwargs.pop(HANDOFF_KEY, None)
+        # As Llama does: the cache gets the call's kwargs (paged caches for continuous batching read them).
+        update = None if cache is None else lambda k, v: cache.update(k, v, self.layer_idx, kwargs=kwargs)
         if self.is_dropped:
-            if past_key_values is not None:  # zero bytes, so the cache still has every layer
+            if update is not None:  # zero bytes, so the cache still has every layer
                 empty = hidden_states.new_empty((hidden_states.shape[0], self.num_kv_heads, hidden_states.shape[1], 0))
-                past_key_values.update(empty, empty, self.layer_idx)
+                update(empty, empty)
             return torch.zeros_like(hidden_states), None
         if handoff is None and (self.is_leader or self.is_follower):
             raise RuntimeError("shared attention needs the model's forward (it passes the leader's attention on)")
@@ -322,9 +336,8 @@ class EchoAttAttention(nn.Module):
         dropout = self.attention_dropout if self.training else 0.0
 
         if self.is_follower and not self.is_lisa:
-            if past_key_values is not None:
-                no_keys = value.new_empty((*value.shape[:-1], 0))  # (B, Hkv, T, 0): counts tokens, stores nothing
-                _, value = past_key_values.update(no_keys, value, self.layer_idx)
+            if update is not None:
+                _, value = update(value.new_empty((*value.shape[:-1], 0)), value)  # (B, Hkv, T, 0) keys: no bytes
             attn_output, attn_weights = self._copy(handoff[self.source], value, attention_mask, dropout, **kwargs)
         else:
             if self.is_lisa:
@@ -333,8 +346,8 @@ class EchoAttAttention(nn.Module):
                 query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, H, T, D)
                 key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, Hkv, T, D)
                 query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
-            if past_key_values is not None:
-                key, value = past_key_values.update(key, value, self.layer_idx)
+            if update is not None:
+                key, value = update(key, value)
             eager = self.config._attn_implementation == "eager"
             # Materialise here (rather than call the backend's kernel) where LiSA needs logits, or where a leader on
             # a fused backend hands probabilities on; on eager the kernel itself returns them.
