@@ -15,14 +15,13 @@ def test_run_writes_analysis_and_student(teacher_dir, corpus_dir, tmp_path, monk
     monkeypatch.setenv("ECHOATT_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "run"
     args = ["run", "--teacher", str(teacher_dir), "--corpus", str(corpus_dir), "--seq-len", "32", "--out", str(out)]
-    budget = ["--num-sequences", "4", "--steps", "2", "--batch-size", "1", "--grad-accum", "1", "--eval-windows", "2",
-              "--tasks", ""]
+    budget = ["--num-sequences", "4", "--steps", "8", "--batch-size", "2", "--grad-accum", "1", "--eval-windows", "4",
+              "--lr", "3e-3", "--warmup-steps", "2", "--tasks", ""]
     assert main(args + budget) == 0
     printed = capsys.readouterr().out
-    assert "parameters: teacher" in printed and "suggested plan" in printed
-    assert "distillation closed" in printed or "student before KD" in printed
-    summary = json.loads((out / "summary.json").read_text())
-    assert set(summary["perplexity"]) == {"teacher", "student_before_kd", "student_after_kd"}
+    assert "parameters: teacher" in printed and "suggested plan" in printed and "student before KD" in printed
+    ppl = json.loads((out / "summary.json").read_text())["perplexity"]  # held-out text, never trained on
+    assert ppl["student_after_kd"] < ppl["student_before_kd"], ppl  # distillation really helped
     report = (out / "report.md").read_text()
     for section in ("## Summary", "## Attend", "## Copy", "## Adjust", "## Evaluation"):
         assert section in report
@@ -58,7 +57,7 @@ def test_errors_are_messages_not_tracebacks(teacher_dir, tmp_path, capsys):
                  "--out", str(tmp_path)]) == 2
     assert "one layer" in capsys.readouterr().err
     assert main(["analyze", "--teacher", str(tmp_path / "nope"), "--out", str(tmp_path)]) == 2
-    assert "no such model directory" in capsys.readouterr().err
+    assert "is neither a folder nor a hub id" in capsys.readouterr().err
     bad = tmp_path / "bad.yaml"
     bad.write_text("platn: k=2\n")
     assert main(["share", "--config", str(bad)]) == 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from echoatt.corpus import (
     CorpusError,
@@ -53,8 +54,10 @@ def test_pack_and_windows(tokenizer, corpus_dir, tmp_path, monkeypatch):
     windows = pack(tokenizer, [Document("a", "a single man " * 40)], 16)
     assert windows.shape[1] == 16 and windows.shape[0] > 2
     train, val = token_windows(tokenizer, str(corpus_dir), 32)
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("the token cache must never be unpickled"))
     again = token_windows(tokenizer, str(corpus_dir), 32)  # from the cache
     assert train.shape[1] == 32 and len(val) > 0 and (again[0] == train).all()
-    assert list((tmp_path / "cache" / "tokens").glob("*.pt"))
+    cached = list((tmp_path / "cache" / "tokens").iterdir())
+    assert cached and all(f.suffix == ".safetensors" for f in cached)
     with pytest.raises(CorpusError, match="corpus too short"):
         token_windows(tokenizer, str(corpus_dir), 100_000)

@@ -13,6 +13,7 @@ import pytest
 
 from echoatt import distill as distill_module
 from echoatt.config import DistillConfig
+from echoatt.rundir import RunDirError
 from echoatt.distill import TrainingError, batch_indices, distill
 from echoatt.plan import SharingPlan
 from echoatt.student import build_student, save_student
@@ -111,7 +112,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(run_dir, teach
 def test_bad_input_is_refused(run_dir, teacher_dir, corpus_dir, tmp_path):
     with pytest.raises(ValueError, match="max_position_embeddings"):
         distill(config(run_dir, teacher_dir, corpus_dir, seq_len=4096))
-    with pytest.raises(FileNotFoundError, match="run `echoatt share` first"):
+    with pytest.raises(RunDirError, match="run `echoatt share` first"):
         distill(config(tmp_path / "empty", teacher_dir, corpus_dir))
     tiny = tmp_path / "tiny.txt"
     tiny.write_text("too short")
@@ -141,8 +142,8 @@ def test_two_processes_train_the_same_model(run_dir, teacher_dir, corpus_dir):
            str(worker), str(run_dir), str(teacher_dir), str(corpus_dir)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-6000:]
-    sums = [(run_dir / f"rank{r}_of_2.txt").read_text() for r in range(2)]
-    assert sums[0] == sums[1]
+    ranks = json.loads((run_dir / "checksums.json").read_text())  # each rank's own in-memory weights, gathered
+    assert len(ranks) == 2 and ranks[0]["memory"] == ranks[1]["memory"] == ranks[0]["disk"]
     entries = [e for e in log_of(run_dir) if "loss" in e]
     assert [e["step"] for e in entries] == [1, 2, 3]
 

@@ -73,3 +73,19 @@ def test_papers_nine_of_twenty_two():
     plan = SharingPlan.parse("k=2,followers=9", 22)
     assert len(plan.followers) == 9 and plan.blocks[-1] == (17, 18)
     assert len(SharingPlan.parse("k=3,followers=5", 22).followers) == 5
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("k=9", r"k=9 is larger than the 4 layers this 6-layer model can share"),
+        ("k=2,frist", r"unknown option 'frist' in plan 'k=2,frist'; a k= plan takes first, last, followers, protect"),
+        ("threshold=0.8,mx=3", r"unknown option 'mx=3'"),
+        ("3-1", r"block '3-1' must run from a lower to a higher layer \(like 1-3\)"),
+        ("k=two", "bad number"),
+    ],
+)
+def test_parse_refuses_what_it_would_otherwise_misread(spec, message):
+    with pytest.raises(PlanError, match=message):
+        SharingPlan.parse(spec, 6, head_matched=np.ones((6, 6)))
+    assert SharingPlan.parse("k=4", 6).blocks == ((1, 2, 3, 4),)  # the largest k that fits is fine

@@ -31,5 +31,5 @@ def test_unsupported_architecture_is_named(tmp_path, tokenizer):
 def test_missing_paths(tmp_path):
     with pytest.raises(TeacherError, match="no such GGUF"):
         load_teacher(str(tmp_path / "x.gguf"))
-    with pytest.raises(TeacherError, match="no such model directory"):
+    with pytest.raises(TeacherError, match="nothing is neither a folder nor a hub id"):
         load_teacher(str(tmp_path / "nothing"))

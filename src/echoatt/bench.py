@@ -32,6 +32,27 @@ TINYLLAMA = dict(  # TinyLlama-1.1B's shape (the papers' setting): 22 layers, GQ
 )
 
 
+def arch_config(spec: str):
+    """The architecture `bench --arch` measures: 'tinyllama' or a LLaMA-style config.json (anything else refused, never
+    silently replaced by LLaMA's defaults)."""
+    from types import SimpleNamespace
+
+    from transformers import LlamaConfig
+
+    from echoatt.teacher import check_supported, first_line
+
+    if spec == "tinyllama":
+        return LlamaConfig(**TINYLLAMA)
+    try:
+        data = json.loads(Path(spec).read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"--arch {spec}: not 'tinyllama' nor a readable config.json ({first_line(err)})") from err
+    if not isinstance(data, dict) or "model_type" not in data:
+        raise ValueError(f"--arch {spec}: no model_type in it, not a transformers config.json")
+    check_supported(SimpleNamespace(**data))
+    return LlamaConfig(**{k: v for k, v in data.items() if k not in ("model_type", "architectures")})
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     from echoatt.corpus import CorpusError
     from echoatt.distill import TrainingError
     from echoatt.plan import PlanError
+    from echoatt.rundir import RunDirError
     from echoatt.teacher import TeacherError
 
     try:
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         config = from_args(COMMANDS[args.command][0], args)
         getattr(pipeline, "evaluate" if args.command == "eval" else args.command)(config)
-    except (TeacherError, CorpusError, PlanError, TrainingError, FileNotFoundError, ValueError) as err:
+    except (TeacherError, CorpusError, PlanError, RunDirError, TrainingError, FileNotFoundError, ValueError) as err:
         print(f"echoatt {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

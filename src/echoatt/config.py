@@ -26,8 +26,16 @@ class CommonConfig:
     out: str = opt("runs/echoatt", "output folder")
     device: str = opt("auto", "cpu, cuda, cuda:N, or auto (cuda when available)")
     seed: int = opt(0, "random seed")
-    threads: int = opt(0, "CPU threads for torch (0: torch's default)")
-    eval_windows: int = opt(16, "held-out validation windows scored for perplexity")
+    threads: int = opt(0, "CPU threads for torch, pinned for the whole command (0: torch's default, the physical cores)")
+    eval_windows: int = opt(16, "held-out validation windows scored for perplexity (at least 1)")
+    encoding: str = opt("utf-8", "text encoding of corpus files (a file that does not decode is refused)")
+
+    def validate(self) -> None:
+        """Refuse settings that would run and give a wrong or empty answer (called before any long work)."""
+        for name in ("seq_len", "eval_windows"):
+            if getattr(self, name) < (2 if name == "seq_len" else 1):
+                raise ValueError(f"--{name.replace('_', '-')} must be at least {2 if name == 'seq_len' else 1} "
+                                 f"(got {getattr(self, name)})")
 
 
 @dataclass
@@ -47,6 +55,7 @@ class ShareConfig(CommonConfig):
     lisa_rank: int = opt(0, "LiSA: rank of the low-rank Q/K per head (0: head_dim // 6, the paper's 6x compression)")
     lisa_hidden: int = opt(0, "LiSA: hidden width of the head-alignment network (0: the number of heads)")
     similarity: str = opt("", "similarity.json from `echoatt analyze` (default: OUT/similarity.json, else analyse)")
+    overwrite: bool = opt(False, "where OUT holds another student or its checkpoints, clear them (else refuse)")
 
 
 @dataclass
@@ -74,6 +83,12 @@ class DistillConfig(CommonConfig):
     save_every: int = opt(10, "checkpoint every N steps (and at the end)")
     keep_checkpoints: int = opt(2, "how many checkpoints to keep")
     resume: str = opt("auto", "auto (continue from OUT/checkpoints/latest if present), never, or a checkpoint folder")
+
+    def validate(self) -> None:
+        super().validate()
+        for name in ("steps", "batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
 
 
 @dataclass
@@ -123,11 +138,21 @@ def save_config(config: Any, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
 
 
-def setup(config: CommonConfig, name: str) -> Path:
-    """Seed, threads, output folder, and the resolved config saved beside the run."""
+def threads_of(config: CommonConfig) -> int:
+    """The CPU thread count to pin: the one asked for, else torch's own default for this machine (its physical
+    cores), set explicitly so that nothing later changes it mid-run."""
+    return config.threads or torch.get_num_threads()
+
+
+def setup(config: CommonConfig) -> None:
+    """Seed and pin the thread count, before a command does any work."""
     torch.manual_seed(config.seed)
-    if config.threads:
-        torch.set_num_threads(config.threads)
+    torch.set_num_threads(threads_of(config))
+
+
+def record(config: CommonConfig, name: str) -> Path:
+    """The output folder, with the resolved config saved beside the run as `<name>.yaml`. Called once a command's
+    inputs have proved usable, so a command refused on bad input leaves nothing behind."""
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     save_config(config, out / f"{name}.yaml")

@@ -15,6 +15,7 @@ import gzip
 import hashlib
 import io
 import json
+import os
 import re
 import subprocess
 import tarfile
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
@@ -132,9 +134,20 @@ def default_documents() -> list[Document]:
     return austen_documents() + brown_documents()
 
 
-def read_documents(source: str | Path, text_field: str = "text") -> list[Document]:
+def read_text(file: Path, encoding: str) -> str:
+    """A file's text; one that does not decode is refused rather than read with replacement characters."""
+    try:
+        return file.read_bytes().decode(encoding)
+    except LookupError as err:
+        raise CorpusError(f"unknown text encoding {encoding!r} (--encoding)") from err
+    except UnicodeDecodeError as err:
+        raise CorpusError(f"{file} is not valid {encoding} (byte {err.start}: {err.reason}); pass --encoding with "
+                          "the file's encoding, e.g. --encoding latin-1") from err
+
+
+def read_documents(source: str | Path, text_field: str = "text", encoding: str = "utf-8") -> list[Document]:
     """Documents from a .txt file, a .jsonl file (one `text_field` per line), a folder of those, or a saved
-    `datasets` folder (`save_to_disk`)."""
+    `datasets` folder (`save_to_disk`). Files are decoded with `encoding`, strictly."""
     path = Path(source).expanduser()
     if not path.exists():
         raise CorpusError(f"no such file or folder: {source}")
@@ -152,7 +165,7 @@ def read_documents(source: str | Path, text_field: str = "text") -> list[Documen
     for file in files:
         name = str(file.relative_to(path)) if path.is_dir() else file.name
         if file.suffix == ".jsonl":
-            for i, line in enumerate(file.read_text(encoding="utf-8", errors="replace").splitlines()):
+            for i, line in enumerate(read_text(file, encoding).splitlines()):
                 if not line.strip():
                     continue
                 try:
@@ -161,16 +174,16 @@ def read_documents(source: str | Path, text_field: str = "text") -> list[Documen
                     raise CorpusError(f"{file}:{i + 1}: expected a JSON object with a {text_field!r} field") from err
                 documents.append(Document(f"{name}:{i}", text))
         else:
-            documents.append(Document(name, file.read_text(encoding="utf-8", errors="replace")))
+            documents.append(Document(name, read_text(file, encoding)))
     documents = [d for d in documents if d.text.strip()]
     if not documents:
         raise CorpusError(f"no text found in {source} (expected .txt or .jsonl files)")
     return documents
 
 
-def load_documents(source: str | None) -> list[Document]:
+def load_documents(source: str | None, encoding: str = "utf-8") -> list[Document]:
     """`None` or 'default' → the embedded default corpus; anything else → `read_documents`."""
-    return default_documents() if source in (None, "default") else read_documents(source)
+    return default_documents() if source in (None, "default") else read_documents(source, encoding=encoding)
 
 
 def split_documents(documents: list[Document]) -> tuple[list[Document], list[Document]]:
@@ -210,15 +223,15 @@ def fingerprint(*parts: object) -> str:
 
 
 def token_windows(
-    tokenizer: PreTrainedTokenizerBase, source: str | None, seq_len: int
+    tokenizer: PreTrainedTokenizerBase, source: str | None, seq_len: int, encoding: str = "utf-8"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(train, validation) token windows for `source`, cached under the echoatt cache by content and tokenizer."""
-    documents = load_documents(source)
+    documents = load_documents(source, encoding)
     vocab = tokenizer.backend_tokenizer.to_str() if hasattr(tokenizer, "backend_tokenizer") else tokenizer.name_or_path
     key = fingerprint([(d.name, hashlib.sha256(d.text.encode()).hexdigest()) for d in documents], vocab, seq_len)
-    path = cache_dir() / "tokens" / f"{key}.pt"
+    path = cache_dir() / "tokens" / f"{key}.safetensors"  # safetensors: loading the cache runs no pickle
     if path.is_file():
-        cached = torch.load(path)
+        cached = load_file(path)
         return cached["train"], cached["validation"]
     train_docs, val_docs = split_documents(documents)
     train, val = pack(tokenizer, train_docs, seq_len), pack(tokenizer, val_docs, seq_len)
@@ -229,7 +242,7 @@ def token_windows(
             f"{seq_len} tokens; give more text or a shorter --seq-len"
         )
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"train": train, "validation": val}, tmp)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # one per process: ranks of a distributed run write it at once
+    save_file({"train": train, "validation": val}, tmp)
     tmp.replace(path)
     return train, val

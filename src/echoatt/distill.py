@@ -26,11 +26,12 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 
-from echoatt.config import DistillConfig, device_of, setup
+from echoatt.config import DistillConfig, device_of, record, setup
 from echoatt.corpus import spread, token_windows
 from echoatt.losses import hard_label_loss, hidden_state_loss, soft_label_loss
 from echoatt.metrics import nll_sum
 from echoatt.modeling import is_lisa_parameter
+from echoatt.rundir import RunDir, describe, identity_of, same_student
 from echoatt.teacher import Teacher, load_teacher
 
 LATEST = "latest"
@@ -143,12 +144,37 @@ def latest_checkpoint(out: Path) -> Path | None:
     return path if (path / "trainer.json").is_file() else None
 
 
+def checkpoint_identities(run: RunDir) -> list[dict | None]:
+    """The student each checkpoint in the run folder was trained from (None: unlabelled, from before labels)."""
+    files = sorted(run.checkpoints.glob("step-*/trainer.json"))
+    return [json.loads(f.read_text()).get("student") for f in files]
+
+
+def resume_point(run: RunDir, resume: str, identity: dict) -> Path | None:
+    """The checkpoint to continue from (`--resume`): none, the latest, or one named; never one of another student."""
+    if resume == "never":
+        return None
+    path = latest_checkpoint(run.root) if resume == "auto" else Path(resume)
+    if path is None:
+        return None
+    if not (path / "trainer.json").is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    saved = json.loads((path / "trainer.json").read_text()).get("student")
+    if not same_student(saved, identity):
+        was = describe(saved) if saved else "an unlabelled student"
+        raise TrainingError(f"checkpoint {path} was trained from another student ({was}), not this one "
+                            f"({describe(identity)}); use another --out, `echoatt share --overwrite`, or --resume never")
+    return path
+
+
 def latest_step(out: Path) -> int:
     path = latest_checkpoint(out)
     return json.loads((path / "trainer.json").read_text())["step"] if path else 0
 
 
-def save_checkpoint(accelerator: Accelerator, student, tokenizer, out: Path, step: int, keep: int) -> Path:
+def save_checkpoint(
+    accelerator: Accelerator, student, tokenizer, out: Path, step: int, keep: int, identity: dict
+) -> Path:
     """Write step-N atomically (partial folder, rename, then the `latest` pointer); prune old ones."""
     root = out / "checkpoints"
     final = root / f"step-{step:06d}"
@@ -163,7 +189,7 @@ def save_checkpoint(accelerator: Accelerator, student, tokenizer, out: Path, ste
         if accelerator.is_main_process:
             accelerator.unwrap_model(student).save_pretrained(partial / "student", state_dict=state_dict)
             tokenizer.save_pretrained(partial / "student")
-            (partial / "trainer.json").write_text(json.dumps({"step": step}))
+            (partial / "trainer.json").write_text(json.dumps({"step": step, "student": identity}))
             shutil.rmtree(final, ignore_errors=True)
             partial.replace(final)
             tmp = root / (LATEST + ".tmp")
@@ -193,23 +219,27 @@ def validation_perplexity(accelerator: Accelerator, student, windows: torch.Tens
 def distill(config: DistillConfig, teacher: Teacher | None = None) -> dict:
     """Train the student in OUT (or `config.student`) against the teacher; return the validation history, the
     distilled student's folder and the trained parameter counts."""
-    out = setup(config, "distill")
+    config.validate()
+    setup(config)
+    run = RunDir(Path(config.out))
+    student_dir = Path(config.student) if config.student else run.student
+    identity = identity_of(student_dir)  # refuses a missing or damaged student before any long work
+    resume_from = resume_point(run, config.resume, identity)
     device = device_of(config)
     bf16 = config.bf16 == "yes" or (config.bf16 == "auto" and device.startswith("cuda"))
     accelerator = Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=device == "cpu")
     teacher = teacher or load_teacher(config.teacher)
-    student_dir = Path(config.student) if config.student else out / "student"
-    if not (student_dir / "config.json").is_file():
-        raise FileNotFoundError(f"no student checkpoint at {student_dir} (run `echoatt share` first)")
+    tokenizer = teacher.text_tokenizer("distillation")
     student = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32)
     max_len = student.config.max_position_embeddings
     if config.seq_len > max_len:
         raise ValueError(f"--seq-len {config.seq_len} is above the model's max_position_embeddings ({max_len})")
-    train, val = token_windows(teacher.tokenizer, config.corpus, config.seq_len)
+    train, val = token_windows(tokenizer, config.corpus, config.seq_len, config.encoding)
     needed = config.batch_size * accelerator.num_processes
     if len(train) < needed:
         raise ValueError(f"the corpus gives {len(train)} training windows of {config.seq_len} tokens; one step needs {needed}")
     val = spread(val, config.eval_windows)
+    out = record(config, "distill")
 
     trainable = set_trainable(student, config.trainable)
     if config.gradient_checkpointing:
@@ -222,17 +252,12 @@ def distill(config: DistillConfig, teacher: Teacher | None = None) -> dict:
     teacher_model = teacher.model.to(accelerator.device).eval().requires_grad_(False)
 
     start = 0
-    resume_from = None if config.resume == "never" else (
-        latest_checkpoint(out) if config.resume == "auto" else Path(config.resume)
-    )
     if resume_from is not None:
-        if not (resume_from / "trainer.json").is_file():
-            raise FileNotFoundError(f"no checkpoint at {resume_from}")
         accelerator.load_state(str(resume_from / "state"))
         start = json.loads((resume_from / "trainer.json").read_text())["step"]
         accelerator.print(f"resuming from {resume_from} at step {start}")
 
-    log_path = out / "log.jsonl"
+    log_path = run.log
     history: list[dict] = []
     n_train = sum(p.numel() for p in params)
     n_all = sum(p.numel() for p in accelerator.unwrap_model(student).parameters())
@@ -291,25 +316,27 @@ def distill(config: DistillConfig, teacher: Teacher | None = None) -> dict:
                 log(entry)
                 bar.write(f"step {step + 1}: validation perplexity {entry['val_ppl']:.2f}")
             if (config.save_every and (step + 1) % config.save_every == 0) or done:
-                save_checkpoint(accelerator, student, teacher.tokenizer, out, step + 1, config.keep_checkpoints)
+                save_checkpoint(accelerator, student, tokenizer, out, step + 1, config.keep_checkpoints, identity)
     except KeyboardInterrupt:
         if not updating and completed > latest_step(out):
-            save_checkpoint(accelerator, student, teacher.tokenizer, out, completed, config.keep_checkpoints)
+            save_checkpoint(accelerator, student, tokenizer, out, completed, config.keep_checkpoints, identity)
             accelerator.print(f"interrupted: saved step {completed}; continue with --resume auto")
         raise
     bar.close()
 
-    final = out / "student-distilled"
+    final = run.distilled
     state_dict = accelerator.get_state_dict(student)
     if accelerator.is_main_process:
         model = accelerator.unwrap_model(student)
         if config.gradient_checkpointing:
             set_checkpointing(model, False)
         model.save_pretrained(final, state_dict=state_dict)
-        teacher.tokenizer.save_pretrained(final)
-        (out / "distill_summary.json").write_text(
+        tokenizer.save_pretrained(final)
+        if (student_dir / "sharing.json").is_file():  # what the student is travels with it
+            shutil.copy(student_dir / "sharing.json", final / "sharing.json")
+        run.distill_summary.write_text(
             json.dumps({"config": asdict(config), "parameters": trained, "validation": history}, indent=2)
         )
         print(f"wrote the distilled student to {final}")
     accelerator.wait_for_everyone()
-    return {"validation": history, "student": final, "parameters": trained}
+    return {"validation": history, "student": final, "parameters": trained, "model": accelerator.unwrap_model(student)}

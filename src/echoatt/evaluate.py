@@ -7,7 +7,9 @@ local tasks; any other name is passed to lm-eval unchanged (its own tasks, for u
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -23,6 +25,37 @@ def local_task(name: str) -> str:
     return f"echoatt_{name}" if (TASKS_DIR / f"{name}.yaml").is_file() else name
 
 
+class QuietNoise(logging.Filter):
+    """lm-eval warnings that say nothing about the models scored here: our offline tasks load their data through a
+    function (lm-eval suggests `--metadata` for each, every run), and our student's model type is not in
+    transformers' causal-LM registry (lm-eval then treats it as causal, which it is)."""
+
+    NOISE = ("Custom kwargs can be passed to `--metadata`", "HF model type is neither marked as CausalLM")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(text in record.getMessage() for text in self.NOISE)
+
+
+@functools.cache
+def task_manager(include_path: str | None = None):
+    """lm-eval's task index over its own tasks and ours (built once: it reads every task YAML)."""
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    from lm_eval.tasks import TaskManager
+
+    for name in ("lm_eval.api.task", "lm_eval.models.huggingface"):
+        logging.getLogger(name).addFilter(QuietNoise())
+    return TaskManager(include_path=[str(TASKS_DIR)] + ([include_path] if include_path else []))
+
+
+def check_tasks(tasks: list[str], include_path: str | None = None) -> None:
+    """Refuse unknown task names before any model is scored."""
+    known = set(task_manager(include_path).all_tasks)
+    unknown = [t for t in tasks if local_task(t) not in known]
+    if unknown:
+        raise ValueError(f"unknown zero-shot tasks {unknown}: the offline suite is {','.join(DEFAULT_TASKS)}; any "
+                         "other name must be an lm-eval task")
+
+
 def zero_shot(
     model: torch.nn.Module,
     tokenizer,
@@ -32,13 +65,10 @@ def zero_shot(
     include_path: str | Path | None = None,
 ) -> dict[str, dict[str, float]]:
     """{task: {metric: value, metric_stderr: value}} for one model, scored by lm-eval."""
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
 
-    paths = [str(TASKS_DIR)] + ([str(include_path)] if include_path else [])
-    manager = TaskManager(include_path=paths)
+    manager = task_manager(str(include_path) if include_path else None)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     names = [local_task(t) for t in tasks]
     output = simple_evaluate(

@@ -7,6 +7,12 @@ from dataclasses import dataclass
 import numpy as np
 
 
+PLAN_WORDS = {  # what each kind of plan string takes after its first part
+    "k": ("first", "last", "followers", "protect"),
+    "threshold": ("max", "protect"),
+}
+
+
 class PlanError(ValueError):
     """A sharing plan that cannot be built, saying why."""
 
@@ -128,15 +134,26 @@ class SharingPlan:
         spec = spec.strip()
         if spec in ("none", ""):
             return cls(num_layers, ())
-        parts = spec.split(",")
+        parts = [p.strip() for p in spec.split(",")]
         opts = dict(p.split("=", 1) for p in parts if "=" in p)
+        kind = parts[0].split("=", 1)[0]
+        if kind in PLAN_WORDS:
+            unknown = [p for p in parts[1:] if p.split("=", 1)[0] not in PLAN_WORDS[kind]]
+            if unknown:
+                raise PlanError(f"unknown option {unknown[0]!r} in plan {spec!r}; a {kind}= plan takes "
+                                f"{', '.join(PLAN_WORDS[kind])}")
         try:
             protect = int(opts.get("protect", 1))
-            if spec.startswith("k="):
+            if kind == "k":
+                k = int(opts["k"])
+                first, last = "first" in parts[1:], "last" in parts[1:]
+                shareable = num_layers - (0 if first else protect) - (0 if last else 1)
+                if k > max(shareable, 1):
+                    raise PlanError(f"k={k} is larger than the {max(shareable, 0)} layers this {num_layers}-layer "
+                                    "model can share here; use a smaller k")
                 followers = int(opts["followers"]) if "followers" in opts else None
-                return cls.from_k(num_layers, int(opts["k"]), "first" in parts[1:], "last" in parts[1:], followers,
-                                  protect)
-            if spec.startswith("threshold="):
+                return cls.from_k(num_layers, k, first, last, followers, protect)
+            if kind == "threshold":
                 if head_matched is None:
                     raise PlanError("a threshold plan needs the similarity analysis (run `echoatt analyze` first)")
                 max_block = int(opts["max"]) if "max" in opts else None
@@ -145,8 +162,14 @@ class SharingPlan:
             raise
         except ValueError as err:
             raise PlanError(f"bad number in plan {spec!r}") from err
-        try:
-            blocks = [list(range(int(a), int(b) + 1)) for a, b in (part.split("-") for part in spec.split(","))]
-        except ValueError as err:
-            raise PlanError(f"cannot parse plan {spec!r}: use k=N, threshold=X, none, or blocks like 1-2,4-6") from err
+        blocks = []
+        for part in parts:
+            try:
+                a, b = (int(x) for x in part.split("-"))
+            except ValueError as err:
+                raise PlanError(f"cannot parse {part!r} in plan {spec!r}: use k=N, threshold=X, none, or blocks like "
+                                "1-2,4-6") from err
+            if b < a:
+                raise PlanError(f"block {part!r} must run from a lower to a higher layer (like {b}-{a})")
+            blocks.append(list(range(a, b + 1)))
         return cls.from_blocks(num_layers, blocks)

@@ -113,12 +113,14 @@ def kv_cache_bytes_per_token(config, dtype_bytes: int = 2) -> int:
 
 
 def save_student(
-    student: EchoAttForCausalLM, tokenizer: PreTrainedTokenizerBase, out: str | Path, info: dict | None = None
+    student: EchoAttForCausalLM, tokenizer: PreTrainedTokenizerBase | None, out: str | Path, info: dict | None = None
 ) -> Path:
-    """A checkpoint `AutoModelForCausalLM.from_pretrained` loads (with echoatt imported, or trust_remote_code)."""
+    """A checkpoint `AutoModelForCausalLM.from_pretrained` loads (with echoatt imported, or trust_remote_code), with
+    the teacher's tokenizer where it has one."""
     out = Path(out)
     student.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
     if info is not None:
         (out / "sharing.json").write_text(json.dumps(info, indent=2))
     return out

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -29,8 +30,22 @@ class TeacherError(ValueError):
 @dataclass
 class Teacher:
     model: PreTrainedModel
-    tokenizer: PreTrainedTokenizerBase
+    tokenizer: PreTrainedTokenizerBase | None  # None: the folder has none (plans that need no text still work)
     name: str  # what the user asked for, resolved (a path or hub id)
+    tokenizer_error: str = ""  # why there is no tokenizer
+
+    def text_tokenizer(self, purpose: str) -> PreTrainedTokenizerBase:
+        """The tokenizer, or a clear error naming what needed text."""
+        if self.tokenizer is None:
+            raise TeacherError(f"{purpose} needs text, but the teacher {self.name} has no usable tokenizer "
+                               f"({self.tokenizer_error}); add its tokenizer files to the model folder")
+        return self.tokenizer
+
+
+def first_line(err: BaseException) -> str:
+    """An exception as one line: its type and the first line of its message."""
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}".strip()
 
 
 def cache_dir() -> Path:
@@ -100,32 +115,58 @@ def converted_gguf(path: Path) -> Path:
     return target
 
 
-def load_teacher(spec: str = "default", dtype: torch.dtype = torch.float32, device: str | None = None) -> Teacher:
-    """Load a teacher from `default`, a `.gguf` file, a local model directory, or a hub id (ordinary from_pretrained)."""
+def resolve_source(spec: str) -> Path | str:
+    """Where a teacher spec points: a local folder (GGUF converted into one), or a hub id; refuses anything else."""
     if spec == "default":
-        source = converted_gguf(default_gguf_path())
-    elif spec.endswith(".gguf"):
-        path = Path(spec).expanduser()
+        return converted_gguf(default_gguf_path())
+    path = Path(spec).expanduser()
+    if spec.endswith(".gguf"):
         if not path.is_file():
             raise TeacherError(f"no such GGUF file: {spec}")
-        source = converted_gguf(path)
-    else:
-        source = Path(spec).expanduser()
-        if not source.exists() and (spec.startswith((".", "/", "~")) or spec.count("/") > 1):
-            raise TeacherError(f"no such model directory: {spec}")
-        source = source if source.exists() else spec  # a hub id
+        return converted_gguf(path)
+    if path.is_file():
+        raise TeacherError(f"{spec} is a file; a teacher is a model folder (config.json beside the weights), a .gguf "
+                           "file, a hub id, or 'default': pass the folder that holds it")
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise TeacherError(f"{spec} holds no config.json: not a Hugging Face model folder")
+        return path
+    if spec.startswith((".", "/", "~")) or spec.count("/") != 1:
+        raise TeacherError(f"{spec} is neither a folder nor a hub id (a hub id looks like org/name)")
+    return spec
+
+
+def load_teacher(spec: str = "default", dtype: torch.dtype = torch.float32, device: str | None = None) -> Teacher:
+    """Load a teacher from `default`, a `.gguf` file, a local model directory, or a hub id (ordinary from_pretrained).
+    Every failure is a `TeacherError` of one line: a damaged file, a hub id that cannot be reached, a tokenizer whose
+    ids the model cannot embed."""
+    source = resolve_source(spec)
+    where = "the model folder" if isinstance(source, Path) else "the hub id (offline, or no such model?)"
     try:
         config = AutoConfig.from_pretrained(source)
-    except OSError as err:
-        raise TeacherError(f"cannot load a model config from {spec!r}: {err}") from err
+    except (OSError, ValueError) as err:
+        if isinstance(source, str):
+            raise TeacherError(f"{spec} is neither a local folder nor a reachable hub id ({first_line(err)})") from err
+        raise TeacherError(f"cannot read the model config in {spec} ({first_line(err)})") from err
     check_supported(config)
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as err:
+        raise TeacherError(f"cannot load the weights of {spec} from {where} ({first_line(err)})") from err
     if config.model_type == "mistral":
         model = as_llama(model, dtype)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer, reason = None, ""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError, TypeError) as err:
+        reason = first_line(err)
+    if tokenizer is not None:
+        if len(tokenizer) > model.config.vocab_size:
+            raise TeacherError(f"the tokenizer of {spec} has {len(tokenizer):,} tokens but the model embeds only "
+                               f"{model.config.vocab_size:,}: they do not belong together")
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
     model.eval()
     if device:
         model.to(device)
-    return Teacher(model=model, tokenizer=tokenizer, name=str(source))
+    return Teacher(model=model, tokenizer=tokenizer, name=str(source), tokenizer_error=reason)

@@ -1,0 +1,136 @@
+"""The run folder (OUT): where each command reads and writes, and which student it holds.
+
+A run folder holds one student at a time. Its identity — teacher, plan, method, head map and a hash of its config —
+is written beside it (`student/sharing.json`) and into every checkpoint, so `distill` never resumes a checkpoint of
+another student and `share` never puts a new student beside an old one's training (unless told to clear it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from transformers import AutoConfig
+
+# Config fields that say how a student runs, not what it is: they may change without making it another student.
+RUNTIME_FIELDS = ("transformers_version", "_name_or_path", "dtype", "torch_dtype", "reuse_path", "reuse_crossover",
+                  "use_cache", "architectures", "auto_map")
+
+
+class RunDirError(ValueError):
+    """A run folder that holds something other than what the command was given."""
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """Every path of a run folder, named once."""
+
+    root: Path
+
+    @property
+    def student(self) -> Path:
+        return self.root / "student"
+
+    @property
+    def distilled(self) -> Path:
+        return self.root / "student-distilled"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def log(self) -> Path:
+        return self.root / "log.jsonl"
+
+    @property
+    def distill_summary(self) -> Path:
+        return self.root / "distill_summary.json"
+
+    @property
+    def similarity(self) -> Path:
+        return self.root / "similarity.json"
+
+    @property
+    def heatmap(self) -> Path:
+        return self.root / "attention_similarity.png"
+
+    @property
+    def summary(self) -> Path:
+        return self.root / "summary.json"
+
+    def config_file(self, command: str) -> Path:
+        return self.root / f"{command}.yaml"
+
+    def student_outputs(self) -> list[Path]:
+        """What belongs to the student in this folder (cleared by `share --overwrite`); the teacher's analysis stays."""
+        names = ["eval.json", "eval.md", "summary.json", "report.md", "report.html", "training_curves.png", "distill.yaml"]
+        return [self.student, self.distilled, self.checkpoints, self.log, self.distill_summary,
+                *(self.root / n for n in names)]
+
+    def clear_student(self) -> None:
+        for path in self.student_outputs():
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+
+
+def config_hash(config: dict) -> str:
+    """A short hash of what a student is (its config without the fields that only say how it runs)."""
+    kept = {k: v for k, v in sorted(config.items()) if k not in RUNTIME_FIELDS}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def student_identity(config, teacher: str) -> dict:
+    """Teacher, plan, method and head map in words, and the config hash that decides."""
+    cfg = config.to_dict()
+    source = cfg.get("attention_source") or []
+    return {
+        "teacher": teacher,
+        "attention_source": source,
+        "method": "drop" if -1 in source else cfg.get("follower_type", "copy"),
+        "head_map": cfg.get("head_map"),
+        "config_hash": config_hash(cfg),
+    }
+
+
+def read_student_config(path: Path, what: str = "student"):
+    """The config of a student folder, or one line saying why it is not one (before any long work)."""
+    if not (path / "config.json").is_file():
+        raise RunDirError(f"no {what} checkpoint at {path} (no config.json; run `echoatt share` first)")
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        detail = (str(err).strip().splitlines() or [""])[0]
+        raise RunDirError(f"{path}/config.json is damaged or not a model config ({type(err).__name__}: {detail})") \
+            from err
+
+
+def saved_identity(student_dir: Path) -> dict | None:
+    """The identity `share` recorded beside a student, if any."""
+    info = student_dir / "sharing.json"
+    return json.loads(info.read_text()).get("identity") if info.is_file() else None
+
+
+def identity_of(student_dir: Path) -> dict:
+    """A student folder's identity: the recorded one, else computed from its config (teacher unknown)."""
+    config = read_student_config(student_dir)
+    recorded = saved_identity(student_dir)
+    current = config_hash(config.to_dict())
+    if recorded and recorded.get("config_hash") == current:
+        return recorded
+    return student_identity(config, teacher=recorded.get("teacher") if recorded else None)
+
+
+def same_student(a: dict | None, b: dict | None) -> bool:
+    return a is not None and b is not None and (a["config_hash"], a["teacher"]) == (b["config_hash"], b["teacher"])
+
+
+def describe(identity: dict) -> str:
+    followers = [i for i, s in enumerate(identity["attention_source"]) if s != i]
+    return (f"teacher {identity['teacher']}, {identity['method']}, followers {followers}, "
+            f"config {identity['config_hash']}")

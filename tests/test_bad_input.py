@@ -1,0 +1,173 @@
+"""Bad input: one clear line on stderr, exit 2, no traceback, nothing left behind in OUT — and a run folder never
+mixes two students."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from echoatt.cli import main
+
+
+def snapshot(folder: Path) -> list[tuple[str, int, int]] | None:
+    """Every file under `folder` with its size and modification time (None: no folder)."""
+    if not folder.exists():
+        return None
+    return sorted((str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*"))
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("ECHOATT_CACHE", str(tmp_path / "cache"))
+
+
+def refused(args: list[str], out: Path, capsys) -> str:
+    """Run the CLI expecting a refusal; return its one error line."""
+    before = snapshot(out)
+    capsys.readouterr()
+    code = main(args)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("echoatt ")]
+    assert len(lines) == 1, err
+    assert snapshot(out) == before, "a refused command left something behind"
+    return lines[0]
+
+
+def common(teacher, corpus, out) -> list[str]:
+    return ["--teacher", str(teacher), "--corpus", str(corpus), "--seq-len", "32", "--out", str(out)]
+
+
+@pytest.mark.parametrize(
+    ("plan", "message"),
+    [
+        ("k=9", "k=9 is larger than the 4 layers"),
+        ("k=2,frist", "unknown option 'frist'"),
+        ("3-1", "must run from a lower to a higher layer (like 1-3)"),
+    ],
+)
+def test_plans_that_would_be_misread(teacher_dir, corpus_dir, tmp_path, capsys, plan, message):
+    out = tmp_path / "out"
+    line = refused(["share", *common(teacher_dir, corpus_dir, out), "--plan", plan], out, capsys)
+    assert message in line
+
+
+def test_teachers_that_cannot_load(teacher_dir, corpus_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    broken = tmp_path / "broken"
+    shutil.copytree(teacher_dir, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    line = refused(["share", *common(broken, corpus_dir, out)], out, capsys)
+    assert f"cannot load the weights of {broken}" in line
+    line = refused(["share", *common(teacher_dir / "model.safetensors", corpus_dir, out)], out, capsys)
+    assert "model.safetensors is a file; a teacher is a model folder" in line
+    line = refused(["share", *common("no/such-model", corpus_dir, out)], out, capsys)
+    assert "no/such-model is neither a local folder nor a reachable hub id" in line
+    line = refused(["share", *common("models/smol/v2", corpus_dir, out)], out, capsys)
+    assert "models/smol/v2 is neither a folder nor a hub id" in line
+
+
+def test_tokenizer_larger_than_the_vocabulary(tokenizer, corpus_dir, tmp_path, capsys):
+    from conftest import tiny_teacher
+
+    folder = tmp_path / "mismatched"
+    tiny_teacher(vocab_size=100).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)  # 128 tokens: ids 100..127 would index past the embedding
+    out = tmp_path / "out"
+    line = refused(["analyze", *common(folder, corpus_dir, out)], out, capsys)
+    assert f"the tokenizer of {folder} has 128 tokens but the model embeds only 100" in line
+
+
+def test_a_teacher_without_tokenizer_serves_plans_that_need_no_text(tokenizer, corpus_dir, tmp_path, capsys):
+    from conftest import tiny_teacher
+
+    folder = tmp_path / "weights-only"
+    tiny_teacher(vocab_size=len(tokenizer)).save_pretrained(folder)
+    assert main(["share", *common(folder, corpus_dir, tmp_path / "a"), "--head-map", "identity"]) == 0
+    assert main(["share", *common(folder, corpus_dir, tmp_path / "b"), "--method", "drop"]) == 0
+    out = tmp_path / "c"
+    line = refused(["share", *common(folder, corpus_dir, out)], out, capsys)  # the matched map needs the analysis
+    assert "the similarity analysis needs text, but the teacher" in line and "has no usable tokenizer" in line
+
+
+def test_corpus_that_is_not_the_declared_encoding(teacher_dir, tmp_path, capsys):
+    corpus = tmp_path / "latin1"
+    corpus.mkdir()
+    for i in range(12):
+        (corpus / f"d{i}.txt").write_bytes(("Café au lait, s'il vous plaît. " * 60).encode("latin-1"))
+    out = tmp_path / "out"
+    line = refused(["analyze", *common(teacher_dir, corpus, out)], out, capsys)
+    assert "is not valid utf-8" in line and "--encoding" in line
+    assert main(["analyze", *common(teacher_dir, corpus, out), "--encoding", "latin-1", "--num-sequences", "2"]) == 0
+
+
+def test_damaged_student_is_refused_before_any_scoring(teacher_dir, corpus_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["share", *common(teacher_dir, corpus_dir, out), "--head-map", "identity"]) == 0
+    (out / "student" / "config.json").write_text('{"model_type": "echoatt_llama", "num_hidden_la')
+    line = refused(["distill", *common(teacher_dir, corpus_dir, out)], out, capsys)
+    assert "student/config.json is damaged" in line
+    line = refused(["eval", *common(teacher_dir, corpus_dir, out), "--tasks", ""], out, capsys)
+    assert "student/config.json is damaged" in line
+
+
+def test_unknown_task_is_refused_before_the_teacher_is_scored(teacher_dir, corpus_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    line = refused(["eval", *common(teacher_dir, corpus_dir, out), "--tasks", "hellaswag,no_such_task"], out, capsys)
+    assert "unknown zero-shot tasks ['no_such_task']" in line
+
+
+def test_settings_that_give_a_meaningless_answer(teacher_dir, corpus_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert "--eval-windows must be at least 1" in refused(
+        ["distill", *common(teacher_dir, corpus_dir, out), "--eval-windows", "0"], out, capsys)
+    assert "--steps must be at least 1" in refused(
+        ["distill", *common(teacher_dir, corpus_dir, out), "--steps", "0"], out, capsys)
+
+
+def test_bench_refuses_an_architecture_that_is_not_llama(tmp_path, capsys):
+    gpt2 = tmp_path / "gpt2.json"
+    gpt2.write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_layer": 2}))
+    out = tmp_path / "out"
+    line = refused(["bench", "--arch", str(gpt2), "--out", str(out)], out, capsys)
+    assert "unsupported architecture GPT2LMHeadModel" in line
+    line = refused(["bench", "--arch", str(tmp_path / "missing.json"), "--out", str(out)], out, capsys)
+    assert "not 'tinyllama' nor a readable config.json" in line
+
+
+def test_a_run_folder_holds_one_student(teacher_dir, corpus_dir, tmp_path, capsys):
+    """A re-shared folder cannot resume another student's checkpoints; --overwrite clears them."""
+    out = tmp_path / "out"
+    args = common(teacher_dir, corpus_dir, out)
+    train = ["--steps", "2", "--batch-size", "1", "--grad-accum", "1", "--eval-windows", "2", "--save-every", "1"]
+    assert main(["share", *args, "--plan", "1-2,3-4"]) == 0
+    assert main(["distill", *args, *train]) == 0
+    checkpoint = json.loads((out / "checkpoints" / "step-000002" / "trainer.json").read_text())
+    assert checkpoint["student"]["attention_source"] == [0, 1, 1, 3, 3, 5]
+    # Same plan, another head map: the old checkpoints would be resumed silently under the new config.
+    line = refused(["share", *args, "--plan", "1-2,3-4", "--head-map", "identity"], out, capsys)
+    assert "already holds another student" in line and "--overwrite" in line
+    line = refused(["share", *args, "--plan", "1-3"], out, capsys)
+    assert "already holds another student" in line
+    # Even where the folder's student is replaced behind echoatt's back, distill will not resume the other's training.
+    shutil.rmtree(out / "student")
+    assert main(["share", *args, "--plan", "1-2,3-4", "--head-map", "identity"]) == 2  # the checkpoints still speak
+    from echoatt.config import ShareConfig
+    from echoatt.pipeline import share
+
+    share(ShareConfig(teacher=str(teacher_dir), corpus=str(corpus_dir), seq_len=32, out=str(tmp_path / "other"),
+                      plan="1-2,3-4", head_map="identity"))
+    shutil.copytree(tmp_path / "other" / "student", out / "student")
+    line = refused(["distill", *args, *train, "--steps", "3"], out, capsys)
+    assert "was trained from another student" in line
+    # --overwrite clears the old student's training; the same student again keeps its own.
+    assert main(["share", *args, "--plan", "1-2,3-4", "--head-map", "identity", "--overwrite"]) == 0
+    assert not (out / "checkpoints").exists() and not (out / "student-distilled").exists()
+    assert main(["distill", *args, *train]) == 0
+    assert main(["share", *args, "--plan", "1-2,3-4", "--head-map", "identity"]) == 0
+    assert (out / "checkpoints" / "latest").is_file()
