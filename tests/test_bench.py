@@ -67,3 +67,34 @@ def test_cost_model_follows_the_path_and_the_method():
     lisa_cost = forward_cost(lisa, B, 1, P, False, 4)
     assert s.bytes < lisa_cost.bytes < t.bytes  # LiSA caches rank-r keys, fewer than the teacher's
     assert lisa_cost.flops != s.flops
+
+
+def test_cost_model_counts_one_gather_per_distinct_head_map():
+    """Decode on the reuse path: an identity map reads the leader's P as is; a non-identity map gathers it once per
+    block, so a second follower of the same map costs nothing more."""
+    teacher = tiny_teacher()
+    c = teacher.config
+    plan = SharingPlan.from_blocks(6, [[1, 2, 3]])
+    swap = [1, 0, 3, 2]
+
+    def decode_bytes(maps) -> float:
+        return forward_cost(build_student(teacher, plan, maps).config, 4, 1, 64, False, 4).bytes
+
+    identity = decode_bytes(None)
+    gather = 2 * 4 * c.num_attention_heads * 1 * 65 * 4  # read and write (B, H, 1, P + 1) probabilities
+    assert decode_bytes([None, None, swap, swap, None, None]) - identity == pytest.approx(gather)
+    assert decode_bytes([None, None, swap, [2, 3, 0, 1], None, None]) - identity == pytest.approx(2 * gather)
+
+
+def test_followers_of_one_map_share_the_gathered_probabilities():
+    teacher = tiny_teacher()
+    teacher.config._attn_implementation = "eager"
+    swap = [1, 0, 3, 2]
+    student = build_student(teacher, SharingPlan.from_blocks(6, [[1, 2, 3]]), [None, None, swap, swap, None, None])
+    x = torch.randint(3, 100, (1, 8))
+    with torch.no_grad():
+        probs = student(x, output_attentions=True).attentions
+    assert probs[2] is probs[3]  # one gather, read by both
+    assert torch.equal(probs[2], probs[1][:, swap])
+    probs = student(x, output_attentions=True).attentions  # with gradients, each follower gathers its own
+    assert probs[2] is not probs[3] and torch.equal(probs[2], probs[3])

@@ -14,7 +14,9 @@ Each student layer is costed by its role, on the path the model takes (`EchoAttC
 - leader on the reuse path (eager, or a fused backend with at most `reuse_crossover` new tokens): materialised
   attention (scores and probabilities written and read).
 - copy follower, reuse path: skips its Q and K projections, RoPE on Q and K, K-cache write and read, QK^T, mask and
-  softmax; it reads the leader's probabilities where the teacher read its own scores.
+  softmax; it reads the leader's probabilities where the teacher read its own scores. A non-identity head map first
+  gathers them (read and written once per distinct map of a block, `gather_cost`); the leader scales Q, not the
+  T-long scores, so no pass over the scores is left uncounted.
 - copy follower, fused path: skips its Q and K projections, RoPE and K-cache write; the kernel still computes the
   leader's QK^T and softmax again for the follower's V, and still reads the leader's K.
 - LiSA follower: rank-r Q/K projections, RoPE and cache for r dims, a rank-r QK^T, the head alignment (H x H mix and
@@ -102,7 +104,22 @@ def attention_cost(config, layer: int, B: int, T: int, P: int, eager: bool, dtyp
     if lisa:
         kept = ("v_proj", "v_write", "v_read", "softmax", "pv", "o_proj")
         return sum((parts[k] for k in kept), Cost()) + sum(lisa_parts(config, B, T, P, dtype_bytes).values(), Cost())
-    return whole + sum((parts[k] for k in SAVED["eager" if materialised else "fused"]), Cost()) * -1
+    follower = whole + sum((parts[k] for k in SAVED["eager" if materialised else "fused"]), Cost()) * -1
+    return follower + (gather_cost(config, layer, B, T, P) if materialised else Cost())
+
+
+def gather_cost(config, layer: int, B: int, T: int, P: int) -> Cost:
+    """A copy follower on the reuse path reads P[:, head_map]: a non-identity map gathers the leader's probabilities
+    into a copy (read and written once), shared with the block's earlier followers of the same map (in inference)."""
+    head_map = (getattr(config, "head_map", None) or [None] * config.num_hidden_layers)[layer]
+    H = config.num_attention_heads
+    if head_map is None or list(head_map) == list(range(H)):
+        return Cost()
+    source = config.attention_source
+    earlier = [j for j in range(layer) if source[j] == source[layer] and j != source[layer]]
+    if any(list(config.head_map[j] or range(H)) == list(head_map) for j in earlier):
+        return Cost()
+    return Cost(0, 2 * B * H * T * (P + T) * 4)
 
 
 def forward_cost(config, B: int, T: int, P: int, eager: bool, dtype_bytes: int, logits: int | None = None) -> Cost:

@@ -170,14 +170,16 @@ class Handoff(NamedTuple):
     query: torch.Tensor | None = None  # (B, H, Tq, D) post-RoPE queries (fused path)
     key: torch.Tensor | None = None  # (B, Hkv, Tk, D) post-RoPE keys, cache included (fused path)
     logits: torch.Tensor | None = None  # (B, H, Tq, Tk) scaled QK^T before the mask (for LiSA followers)
+    gathered: dict[tuple[int, ...], torch.Tensor] | None = None  # probs[:, head_map] by map, shared by its followers
 
 
 def grouped_scores(query: torch.Tensor, key: torch.Tensor, scaling: float) -> torch.Tensor:
-    """(B, H, Tq, D) x (B, Hkv, Tk, D) -> (B, H, Tq, Tk): one matmul per KV head, K never repeated."""
+    """(B, H, Tq, D) x (B, Hkv, Tk, D) -> (B, H, Tq, Tk): one matmul per KV head, K never repeated. The queries are
+    scaled, not the scores: in decode Q is one row per head, the scores a row as long as the context."""
     b, h, tq, d = query.shape
     hkv, tk = key.shape[1], key.shape[2]
-    q = query.reshape(b, hkv, (h // hkv) * tq, d)  # heads are KV-major: head i uses KV head i // (H / Hkv)
-    return torch.matmul(q, key.transpose(-1, -2)).mul_(scaling).view(b, h, tq, tk)
+    q = (query * scaling).reshape(b, hkv, (h // hkv) * tq, d)  # heads are KV-major: head i uses KV head i // (H / Hkv)
+    return torch.matmul(q, key.transpose(-1, -2)).view(b, h, tq, tk)
 
 
 def grouped_values(probs: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -360,12 +362,12 @@ class EchoAttAttention(nn.Module):
                     logits = grouped_scores(query, key, self.scaling)
                 probs = nn.functional.dropout(masked_softmax(logits, attention_mask, value.dtype), dropout, self.training)
                 attn_output, attn_weights = grouped_values(probs, value), probs
-                shared = Handoff(probs=probs, logits=logits if self.hands_logits else None)
+                shared = Handoff(probs=probs, logits=logits if self.hands_logits else None, gathered={})
             else:
                 attn_output, attn_weights = self._interface()(
                     self, query, key, value, attention_mask, dropout=dropout, scaling=self.scaling, **kwargs
                 )
-                shared = Handoff(probs=attn_weights) if eager else Handoff(query=query, key=key)
+                shared = Handoff(probs=attn_weights, gathered={}) if eager else Handoff(query=query, key=key)
             if self.is_leader:
                 handoff[self.layer_idx] = shared
 
@@ -376,7 +378,12 @@ class EchoAttAttention(nn.Module):
         """A copy follower's attention output (B, Tq, H, D) from the leader's handoff and its own V (B, Hkv, Tk, D)."""
         head_index, key_index, value_index = self._indices(value.device)
         if lead.probs is not None:  # reuse path
-            probs = lead.probs if self.identity_map else lead.probs.index_select(1, head_index)
+            # In inference, followers with the same head map gather P once between them; with gradients each gathers
+            # its own (a checkpointed follower recomputed in backward must save what it saved in forward).
+            gathered = {} if lead.gathered is None or torch.is_grad_enabled() else lead.gathered
+            if not self.identity_map and tuple(self.head_map) not in gathered:
+                gathered[tuple(self.head_map)] = lead.probs.index_select(1, head_index)
+            probs = lead.probs if self.identity_map else gathered[tuple(self.head_map)]
             return grouped_values(probs, value), probs
         query = lead.query if self.identity_map else lead.query.index_select(1, head_index)  # (B, H, Tq, D)
         key = lead.key
