@@ -61,9 +61,8 @@ def tokenizer() -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=128, special_tokens=["<pad>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()[:90]
-    )
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())[:90]  # sorted: it is a set, in another order each process
+    trainer = trainers.BpeTrainer(vocab_size=128, special_tokens=["<pad>", "<s>", "</s>"], initial_alphabet=alphabet)
     tok.train_from_iterator([TEXT] * 4, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
 
@@ -88,4 +87,23 @@ def corpus_dir(tmp_path):
     for i in range(12):
         (path / f"doc{i:02d}.txt").write_text(TEXT * 3)
     (path / "more.jsonl").write_text("\n".join(json.dumps({"text": TEXT}) for _ in range(3)))
+    return path
+
+
+@pytest.fixture
+def trained_teacher_dir(tmp_path, tokenizer):
+    """A tiny teacher trained briefly on the test corpus's text, so that it predicts held-out text better than a
+    student that shares attention: distillation then has something to recover."""
+    model = tiny_teacher(vocab_size=len(tokenizer)).train()
+    ids = torch.tensor(tokenizer(TEXT * 12)["input_ids"])
+    windows = ids[: len(ids) // 32 * 32].view(-1, 32)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for step in range(40):
+        batch = windows[torch.arange(8) * 7 % len(windows) + step % 7]
+        model(input_ids=batch, labels=batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    path = tmp_path / "trained-teacher"
+    model.eval().save_pretrained(path)
+    tokenizer.save_pretrained(path)
     return path
