@@ -1,60 +1,87 @@
-"""`echoatt` command line: subcommands map one-to-one onto the functions in `echoatt.pipeline`."""
+"""`echoatt` command line: one subcommand per function in `echoatt.pipeline`, one flag per field of its config."""
 
 from __future__ import annotations
 
 import argparse
-import os
+import dataclasses
 import sys
+from typing import Any
 
+from echoatt import pipeline
 from echoatt.config import (
     AnalyzeConfig,
     BenchConfig,
     CompareConfig,
     DistillConfig,
     EvalConfig,
+    ReportConfig,
     RunConfig,
     ShareConfig,
-    add_arguments,
-    from_args,
+    load_yaml,
 )
+from echoatt.corpus import CorpusError
+from echoatt.distill import TrainingError
+from echoatt.plan import PlanError
+from echoatt.rundir import RunDirError
+from echoatt.teacher import TeacherError
 
-COMMANDS = {
-    "run": (RunConfig, "the main job: analyze, share, distill, and compare perplexity before and after"),
-    "analyze": (AnalyzeConfig, "measure layer x layer attention similarity; write similarity.json and a heatmap"),
-    "share": (ShareConfig, "build the shared-attention student checkpoint from a teacher and a plan"),
-    "distill": (DistillConfig, "train the student against the frozen teacher (resumable, accelerate-ready)"),
-    "eval": (EvalConfig, "held-out perplexity and zero-shot accuracy (lm-eval) of teacher and students"),
-    "compare": (CompareConfig, "attention drop vs plain copy vs head-matched copy, same layers and distillation budget"),
-    "bench": (BenchConfig, "speed and size, teacher vs student, side by side with the analytic bound"),
+COMMANDS = {  # name -> (config class, function, help)
+    "run": (RunConfig, pipeline.run, "the main job: analyze, share, distill, and compare perplexity before and after"),
+    "analyze": (AnalyzeConfig, pipeline.analyze,
+                "measure layer x layer attention similarity; write similarity.json and a heatmap"),
+    "share": (ShareConfig, pipeline.share, "build the shared-attention student checkpoint from a teacher and a plan"),
+    "distill": (DistillConfig, pipeline.distill,
+                "train the student against the frozen teacher (resumable, accelerate-ready)"),
+    "eval": (EvalConfig, pipeline.evaluate,
+             "held-out perplexity and zero-shot accuracy (lm-eval) of teacher and students"),
+    "compare": (CompareConfig, pipeline.compare,
+                "attention drop vs plain copy vs head-matched copy vs LiSA, same layers and distillation budget"),
+    "bench": (BenchConfig, pipeline.bench, "speed and size, teacher vs student, side by side with the analytic bound"),
+    "report": (ReportConfig, pipeline.report,
+               "write report.md and report.html for a run folder (heatmap, plan, curves, tables)"),
 }
+# Errors that mean "this input cannot be used": one line on stderr and exit code 2, never a traceback.
+INPUT_ERRORS = (TeacherError, CorpusError, PlanError, RunDirError, TrainingError, FileNotFoundError, ValueError)
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One `--flag` per dataclass field (defaults left unset so a YAML --config can fill them); a field marked
+    `positional` is a positional argument."""
+    parser.add_argument("--config", help="YAML file with any of these options (flags override it)")
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("positional"):
+            parser.add_argument(f.name, help=f.metadata["help"])
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(f.default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f.metadata["help"])
+        else:
+            parser.add_argument(flag, type=type(f.default), default=None,
+                                help=f"{f.metadata['help']} (default: {f.default})")
+
+
+def from_args(cls: type, args: argparse.Namespace) -> Any:
+    """Defaults, then the YAML file, then the flags given."""
+    values = load_yaml(cls, args.config) if getattr(args, "config", None) else {}
+    names = {f.name for f in dataclasses.fields(cls)}
+    values.update({k: v for k, v in vars(args).items() if v is not None and k in names})
+    return cls(**values)
 
 
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="echoatt", description="Share attention across layers, then distil.")
     subs = top.add_subparsers(dest="command", required=True)
-    for name, (cls, help_text) in COMMANDS.items():
+    for name, (cls, _, help_text) in COMMANDS.items():
         add_arguments(subs.add_parser(name, help=help_text, description=help_text), cls)
-    report = "write report.md and report.html for a run folder (heatmap, plan, curves, tables)"
-    subs.add_parser("report", help=report, description=report).add_argument("run", help="the run folder (OUT)")
     return top
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    from echoatt import pipeline  # heavy imports after argument errors are out of the way
-    from echoatt.corpus import CorpusError
-    from echoatt.distill import TrainingError
-    from echoatt.plan import PlanError
-    from echoatt.rundir import RunDirError
-    from echoatt.teacher import TeacherError
-
+    cls, function, _ = COMMANDS[args.command]
     try:
-        if args.command == "report":
-            pipeline.report(args.run)
-            return 0
-        config = from_args(COMMANDS[args.command][0], args)
-        getattr(pipeline, "evaluate" if args.command == "eval" else args.command)(config)
-    except (TeacherError, CorpusError, PlanError, RunDirError, TrainingError, FileNotFoundError, ValueError) as err:
+        function(from_args(cls, args))
+    except INPUT_ERRORS as err:
         print(f"echoatt {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

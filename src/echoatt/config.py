@@ -1,17 +1,14 @@
-"""Typed configs for each command: dataclasses whose fields are the CLI flags; YAML in, resolved YAML out."""
+"""Typed configs for each command: dataclasses whose fields are the CLI flags (`cli.py` turns them into flags);
+YAML in (`load_yaml`), resolved YAML out (`save_config`)."""
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-import torch
 import yaml
-
-C = TypeVar("C")
 
 
 def opt(default: Any, help: str) -> Any:  # noqa: A002
@@ -108,63 +105,6 @@ class RunConfig(AnalyzeConfig, ShareConfig, DistillConfig, EvalConfig):
     limit: int = opt(30, "zero-shot items per task in the main job (0: all; the default keeps it CPU-sized)")
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One `--flag` per dataclass field (defaults left unset so a YAML --config can fill them)."""
-    parser.add_argument("--config", help="YAML file with any of these options (flags override it)")
-    for f in dataclasses.fields(cls):
-        flag = "--" + f.name.replace("_", "-")
-        kind = bool if isinstance(f.default, bool) else type(f.default)
-        if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f.metadata["help"])
-        else:
-            parser.add_argument(flag, type=kind, default=None, help=f"{f.metadata['help']} (default: {f.default})")
-
-
-def from_args(cls: type[C], args: argparse.Namespace) -> C:
-    """Defaults, then the YAML file, then the flags given."""
-    values: dict[str, Any] = {}
-    if getattr(args, "config", None):
-        loaded = yaml.safe_load(Path(args.config).read_text()) or {}
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(loaded) - names
-        if unknown:
-            raise ValueError(f"{args.config}: unknown options {sorted(unknown)}")
-        values.update(loaded)
-    values.update({k: v for k, v in vars(args).items() if v is not None and k in {f.name for f in dataclasses.fields(cls)}})
-    return cls(**values)
-
-
-def save_config(config: Any, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
-
-
-def threads_of(config: CommonConfig) -> int:
-    """The CPU thread count to pin: the one asked for, else torch's own default for this machine (its physical
-    cores), set explicitly so that nothing later changes it mid-run."""
-    return config.threads or torch.get_num_threads()
-
-
-def setup(config: CommonConfig) -> None:
-    """Seed and pin the thread count, before a command does any work."""
-    torch.manual_seed(config.seed)
-    torch.set_num_threads(threads_of(config))
-
-
-def record(config: CommonConfig, name: str) -> Path:
-    """The output folder, with the resolved config saved beside the run as `<name>.yaml`. Called once a command's
-    inputs have proved usable, so a command refused on bad input leaves nothing behind."""
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(config, out / f"{name}.yaml")
-    return out
-
-
-def device_of(config: CommonConfig) -> str:
-    if config.device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return config.device
-
-
 @dataclass
 class CompareConfig(ShareConfig, DistillConfig, EvalConfig):
     """Attention drop, plain copy, head-matched copy and LiSA at the same layers, each distilled with the same
@@ -195,3 +135,21 @@ class BenchConfig(CommonConfig):
 
     def decode_settings(self) -> list[tuple[int, int]]:
         return [tuple(int(v) for v in x.split("x")) for x in self.decode.split(",") if x]
+
+
+@dataclass
+class ReportConfig:
+    run: str = field(default="runs/echoatt", metadata={"help": "the run folder (OUT)", "positional": True})
+
+
+def load_yaml(cls: type, path: str | Path) -> dict[str, Any]:
+    """The options a YAML file sets for config class `cls`; unknown names are refused."""
+    loaded = yaml.safe_load(Path(path).read_text()) or {}
+    unknown = set(loaded) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise ValueError(f"{path}: unknown options {sorted(unknown)}")
+    return loaded
+
+
+def save_config(config: Any, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))

