@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from echoatt import distill as distill_module
 from echoatt.config import DistillConfig
-from echoatt.rundir import RunDirError
 from echoatt.distill import TrainingError, batch_indices, distill
+from echoatt.losses import KDLoss
 from echoatt.plan import SharingPlan
+from echoatt.rundir import RunDirError
 from echoatt.student import build_student, save_student
 from echoatt.teacher import load_teacher
 
@@ -46,14 +46,14 @@ def test_training_reduces_the_distillation_loss(run_dir, teacher_dir, corpus_dir
     from transformers import AutoModelForCausalLM
 
     from echoatt.corpus import token_windows
-    from echoatt.distill import distillation_losses
 
     cfg = config(run_dir, teacher_dir, corpus_dir, steps=20, eval_every=10, lr=1e-4, w_hard=0.0)
     teacher = load_teacher(str(teacher_dir))
     held_out = token_windows(teacher.tokenizer, str(corpus_dir), 32)[1][:4]
-    before = distillation_losses(AutoModelForCausalLM.from_pretrained(run_dir / "student"), teacher.model, held_out, cfg)
+    loss = cfg.kd_loss()
+    before = loss(AutoModelForCausalLM.from_pretrained(run_dir / "student"), teacher.model, held_out)
     result = distill(cfg)
-    after = distillation_losses(AutoModelForCausalLM.from_pretrained(result["student"]), teacher.model, held_out, cfg)
+    after = loss(AutoModelForCausalLM.from_pretrained(result["student"]), teacher.model, held_out)
     assert after["loss"] < 0.97 * before["loss"]
     steps = [e for e in log_of(run_dir) if "loss" in e]
     assert len(steps) == 20 and all(k in steps[0] for k in ("hard", "soft", "hidden", "lr", "tokens_per_s"))
@@ -71,7 +71,7 @@ def test_resume_after_a_kill_reproduces_the_run(run_dir, teacher_dir, corpus_dir
     uninterrupted = [e for e in log_of(fresh) if "loss" in e]
 
     calls = {"n": 0}
-    real = distill_module.distillation_losses
+    real = KDLoss.__call__
 
     def dies_in_step_5(*args, **kwargs):
         calls["n"] += 1
@@ -79,11 +79,11 @@ def test_resume_after_a_kill_reproduces_the_run(run_dir, teacher_dir, corpus_dir
             raise kill("simulated kill")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(distill_module, "distillation_losses", dies_in_step_5)
+    monkeypatch.setattr(KDLoss, "__call__", dies_in_step_5)
     with pytest.raises(kill):
         distill(config(run_dir, teacher_dir, corpus_dir))
     assert (run_dir / "checkpoints" / "latest").read_text() == f"step-{kept:06d}"
-    monkeypatch.setattr(distill_module, "distillation_losses", real)
+    monkeypatch.setattr(KDLoss, "__call__", real)
     distill(config(run_dir, teacher_dir, corpus_dir))  # --resume auto
     resumed = [e for e in log_of(run_dir) if "loss" in e]
     assert [e["step"] for e in resumed] == list(range(1, 7))
@@ -93,7 +93,7 @@ def test_resume_after_a_kill_reproduces_the_run(run_dir, teacher_dir, corpus_dir
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(run_dir, teacher_dir, corpus_dir, monkeypatch):
-    real = distill_module.distillation_losses
+    real = KDLoss.__call__
     calls = {"n": 0}
 
     def nan_in_step_3(*args, **kwargs):
@@ -103,7 +103,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(run_dir, teach
             terms["loss"] = terms["loss"] * float("nan")
         return terms
 
-    monkeypatch.setattr(distill_module, "distillation_losses", nan_in_step_3)
+    monkeypatch.setattr(KDLoss, "__call__", nan_in_step_3)
     with pytest.raises(TrainingError, match="non-finite loss at step 3.*step-000002"):
         distill(config(run_dir, teacher_dir, corpus_dir, save_every=1))
     assert (run_dir / "checkpoints" / "step-000002" / "student" / "model.safetensors").is_file()

@@ -22,6 +22,7 @@ import torch
 
 from echoatt.config import BenchConfig
 from echoatt.cost_model import Bound, bound
+from echoatt.losses import KDLoss
 from echoatt.modeling import CACHE_KWARG, output_cache
 from echoatt.student import kv_cache_bytes_per_token, parameter_count
 
@@ -179,17 +180,14 @@ def saved_activation_bytes(step: Callable[[], torch.Tensor], *models: torch.nn.M
 def train_figure(teacher, student, config: BenchConfig, device, dtype_bytes: int, distill: bool) -> dict:
     """One forward+backward (or distillation step: frozen-teacher forward + student forward/backward with the KD
     losses) at `train_len` tokens. The teacher's own row trains the teacher in the student's place."""
-    from echoatt.config import DistillConfig
-    from echoatt.distill import distillation_losses
-
     ids = torch.randint(0, teacher.config.vocab_size, (config.train_batch, config.train_len), device=device)
-    losses = DistillConfig()
+    kd_loss = KDLoss()  # distillation's default objective
 
     def loss(model, impl: str) -> torch.Tensor:
         _with_impl(model, impl)
         _with_impl(teacher, impl)
         if distill:
-            return distillation_losses(model, teacher, ids, losses)["loss"]
+            return kd_loss(model, teacher, ids)["loss"]
         return model(input_ids=ids, labels=ids, use_cache=False).loss
 
     def step(model, impl: str) -> None:

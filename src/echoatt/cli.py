@@ -19,8 +19,8 @@ from echoatt.config import (
     ShareConfig,
     load_yaml,
 )
+from echoatt.checkpoints import TrainingError
 from echoatt.corpus import CorpusError
-from echoatt.distill import TrainingError
 from echoatt.plan import PlanError
 from echoatt.rundir import RunDirError
 from echoatt.teacher import TeacherError

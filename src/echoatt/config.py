@@ -10,6 +10,8 @@ from typing import Any
 
 import yaml
 
+from echoatt.losses import KDLoss
+
 
 def opt(default: Any, help: str) -> Any:  # noqa: A002
     return field(default=default, metadata={"help": help})
@@ -67,11 +69,11 @@ class DistillConfig(CommonConfig):
     warmup_steps: int = opt(5, "linear warm-up steps")
     weight_decay: float = opt(0.0, "AdamW weight decay")
     max_grad_norm: float = opt(1.0, "gradient clipping norm (0: off)")
-    temperature: float = opt(2.0, "soft-label temperature")
-    w_hard: float = opt(0.1, "weight of the hard-label cross-entropy")
-    w_soft: float = opt(1.0, "weight of the soft-label KL (scaled by T^2)")
-    w_hidden: float = opt(1.0, "weight of the hidden-state loss")
-    hidden_loss: str = opt("mse", "hidden-state distance: mse (scale-normalised per layer) or cosine")
+    temperature: float = opt(KDLoss.temperature, "soft-label temperature")
+    w_hard: float = opt(KDLoss.w_hard, "weight of the hard-label cross-entropy")
+    w_soft: float = opt(KDLoss.w_soft, "weight of the soft-label KL (scaled by T^2)")
+    w_hidden: float = opt(KDLoss.w_hidden, "weight of the hidden-state loss")
+    hidden_loss: str = opt(KDLoss.hidden_loss, "hidden-state distance: mse (scale-normalised per layer) or cosine")
     trainable: str = opt("auto", "what trains: shared (follower layers and the layer after each), lisa (only LiSA's "
                          "alignment and low-rank parameters), all, or auto (lisa for a LiSA student, else shared)")
     gradient_checkpointing: bool = opt(False, "recompute activations in backward to save memory")
@@ -80,6 +82,9 @@ class DistillConfig(CommonConfig):
     save_every: int = opt(10, "checkpoint every N steps (and at the end)")
     keep_checkpoints: int = opt(2, "how many checkpoints to keep")
     resume: str = opt("auto", "auto (continue from OUT/checkpoints/latest if present), never, or a checkpoint folder")
+
+    def kd_loss(self) -> KDLoss:
+        return KDLoss(self.w_hard, self.w_soft, self.w_hidden, self.temperature, self.hidden_loss)
 
     def validate(self) -> None:
         super().validate()

@@ -1,45 +1,38 @@
-"""Adjust: distil the shared-attention student from its frozen teacher.
+"""Distil the shared-attention student from its frozen teacher.
 
-Shaped like torchtune's KD recipe (setup → train → save) on `accelerate`, so the same code runs on one CPU, one GPU,
-or many under `accelerate launch` / `torchrun` (DDP or FSDP; configs in `configs/accelerate/`).
+Shaped like torchtune's KD recipe — `setup` (load, validate, prepare, resume), `train_step`, `train` (the loop, its
+guards and checkpoints), `finish` (save) — on `accelerate`, so the same code runs on one CPU, one GPU, or many under
+`accelerate launch` / `torchrun` (DDP or FSDP; configs in `configs/accelerate/`). The objective is `losses.KDLoss`;
+checkpoints are `checkpoints.py`'s.
 
 Reproducible and resumable: the data order is a pure function of (seed, step) — step s, micro-batch m, process r
-reads fixed positions of a per-epoch permutation — and model, optimizer, scheduler and RNG states are saved with
-`accelerator.save_state`. A checkpoint is written to `step-N.partial` and renamed when complete, then `latest` is
-replaced atomically, so a kill mid-write never leaves a broken "latest".
+reads fixed positions of a per-epoch permutation — and model, optimizer, scheduler and RNG states are checkpointed, so
+a resumed run continues to the same losses as one never stopped.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import math
-import os
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
+from echoatt.checkpoints import TrainingError, latest_step, load_checkpoint, resume_point, save_checkpoint
 from echoatt.config import DistillConfig
 from echoatt.corpus import spread, token_windows
-from echoatt.losses import hard_label_loss, hidden_state_loss, soft_label_loss
+from echoatt.losses import KDLoss
 from echoatt.metrics import nll_sum
 from echoatt.modeling import is_lisa_parameter
-from echoatt.rundir import RunDir, describe, device_of, identity_of, record, same_student, setup
+from echoatt.rundir import SHARING_FILE, RunDir, device_of, identity_of, record, setup
 from echoatt.teacher import Teacher, load_teacher
-
-LATEST = "latest"
-
-
-class TrainingError(RuntimeError):
-    """Training stopped on bad input or a failure; the message says what was kept."""
-
 
 TRAINABLE = ("auto", "shared", "lisa", "all")
 
@@ -115,99 +108,6 @@ def lr_lambda(config: DistillConfig):
     return factor
 
 
-def distillation_losses(student, teacher, ids: torch.Tensor, config: DistillConfig) -> dict[str, torch.Tensor]:
-    """Each loss term, unweighted, plus `loss` (the weighted sum) for one batch of windows (B, T)."""
-    want_hidden = config.w_hidden > 0
-    with torch.no_grad():
-        t_out = teacher(input_ids=ids, output_hidden_states=want_hidden, use_cache=False)
-    s_out = student(input_ids=ids, output_hidden_states=want_hidden, use_cache=False)
-    terms = {"hard": hard_label_loss(s_out.logits, ids)}
-    if config.w_soft > 0:
-        terms["soft"] = soft_label_loss(s_out.logits, t_out.logits, ids, config.temperature)
-    if want_hidden:
-        # Outputs of decoder layers 1..L-1; [0] is the shared embedding, [L] the final-norm output that the logit
-        # KL already constrains.
-        layers = slice(1, len(t_out.hidden_states) - 1)
-        terms["hidden"] = hidden_state_loss(
-            list(s_out.hidden_states[layers]), list(t_out.hidden_states[layers]), kind=config.hidden_loss
-        )
-    weights = {"hard": config.w_hard, "soft": config.w_soft, "hidden": config.w_hidden}
-    terms["loss"] = sum(weights[k] * v for k, v in terms.items())
-    return terms
-
-
-def latest_checkpoint(out: Path) -> Path | None:
-    pointer = out / "checkpoints" / LATEST
-    if not pointer.is_file():
-        return None
-    path = out / "checkpoints" / pointer.read_text().strip()
-    return path if (path / "trainer.json").is_file() else None
-
-
-def checkpoint_identities(run: RunDir) -> list[dict | None]:
-    """The student each checkpoint in the run folder was trained from (None: unlabelled, from before labels)."""
-    files = sorted(run.checkpoints.glob("step-*/trainer.json"))
-    return [json.loads(f.read_text()).get("student") for f in files]
-
-
-def resume_point(run: RunDir, resume: str, identity: dict) -> Path | None:
-    """The checkpoint to continue from (`--resume`): none, the latest, or one named; never one of another student."""
-    if resume == "never":
-        return None
-    path = latest_checkpoint(run.root) if resume == "auto" else Path(resume)
-    if path is None:
-        return None
-    if not (path / "trainer.json").is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    saved = json.loads((path / "trainer.json").read_text()).get("student")
-    if not same_student(saved, identity):
-        was = describe(saved) if saved else "an unlabelled student"
-        raise TrainingError(f"checkpoint {path} was trained from another student ({was}), not this one "
-                            f"({describe(identity)}); use another --out, `echoatt share --overwrite`, or --resume never")
-    return path
-
-
-def latest_step(out: Path) -> int:
-    path = latest_checkpoint(out)
-    return json.loads((path / "trainer.json").read_text())["step"] if path else 0
-
-
-def save_checkpoint(
-    accelerator: Accelerator, student, tokenizer, out: Path, step: int, keep: int, identity: dict
-) -> Path:
-    """Write step-N atomically (partial folder, rename, then the `latest` pointer); prune old ones."""
-    root = out / "checkpoints"
-    final = root / f"step-{step:06d}"
-    partial = root / f"step-{step:06d}.partial"
-    if accelerator.is_main_process:
-        shutil.rmtree(partial, ignore_errors=True)
-        root.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
-    try:
-        accelerator.save_state(str(partial / "state"))
-        state_dict = accelerator.get_state_dict(student)
-        if accelerator.is_main_process:
-            accelerator.unwrap_model(student).save_pretrained(partial / "student", state_dict=state_dict)
-            tokenizer.save_pretrained(partial / "student")
-            (partial / "trainer.json").write_text(json.dumps({"step": step, "student": identity}))
-            shutil.rmtree(final, ignore_errors=True)
-            partial.replace(final)
-            tmp = root / (LATEST + ".tmp")
-            tmp.write_text(final.name)
-            tmp.replace(root / LATEST)
-            done = sorted(p for p in root.glob("step-*") if not p.name.endswith(".partial"))
-            for old in done[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
-    except OSError as err:
-        if accelerator.is_main_process:
-            shutil.rmtree(partial, ignore_errors=True)
-        kept = latest_checkpoint(out)
-        reason = "disk full" if err.errno == errno.ENOSPC else str(err)
-        raise TrainingError(f"could not write the checkpoint at step {step} ({reason}); kept: {kept or 'none'}") from err
-    accelerator.wait_for_everyone()
-    return final
-
-
 def validation_perplexity(accelerator: Accelerator, student, windows: torch.Tensor) -> float:
     """Perplexity over `windows`, each process scoring its share, summed across processes."""
     shard = windows[accelerator.process_index :: accelerator.num_processes]
@@ -216,18 +116,54 @@ def validation_perplexity(accelerator: Accelerator, student, windows: torch.Tens
     return math.exp(sums[0].item() / max(sums[1].item(), 1.0))
 
 
-def distill(config: DistillConfig, teacher: Teacher | None = None) -> dict:
-    """Train the student in OUT (or `config.student`) against the teacher; return the validation history, the
-    distilled student's folder and the trained parameter counts."""
-    config.validate()
-    setup(config)
+@dataclass
+class Training:
+    """Everything one distillation run holds between its steps."""
+
+    config: DistillConfig
+    run: RunDir
+    accelerator: Accelerator
+    student: torch.nn.Module
+    teacher: torch.nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    loss: KDLoss
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    train_windows: torch.Tensor
+    val_windows: torch.Tensor
+    identity: dict
+    student_dir: Path
+    start: int = 0
+    trained: dict = field(default_factory=dict)
+    history: list[dict] = field(default_factory=list)
+
+    @property
+    def params(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.student.parameters() if p.requires_grad]
+
+    def log(self, entry: dict) -> None:
+        if self.accelerator.is_main_process:
+            with self.run.log.open("a") as f:
+                f.write(json.dumps(entry) + "\n")
+
+    def checkpoint(self, step: int) -> None:
+        save_checkpoint(self.accelerator, self.student, self.tokenizer, self.run, step, self.config.keep_checkpoints,
+                        self.identity)
+
+    def validate(self, step: int) -> dict:
+        entry = {"step": step, "val_ppl": validation_perplexity(self.accelerator, self.student, self.val_windows)}
+        self.history.append(entry)
+        self.log(entry)
+        return entry
+
+
+def load_inputs(config: DistillConfig, teacher: Teacher | None, accelerator: Accelerator) -> dict:
+    """Student, teacher and text, each checked before any training: a missing or damaged student, a checkpoint of
+    another student, a window longer than the model takes or a corpus too short for one step are refused here."""
     run = RunDir(Path(config.out))
     student_dir = Path(config.student) if config.student else run.student
-    identity = identity_of(student_dir)  # refuses a missing or damaged student before any long work
+    identity = identity_of(student_dir)
     resume_from = resume_point(run, config.resume, identity)
-    device = device_of(config)
-    bf16 = config.bf16 == "yes" or (config.bf16 == "auto" and device.startswith("cuda"))
-    accelerator = Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=device == "cpu")
     teacher = teacher or load_teacher(config.teacher)
     tokenizer = teacher.text_tokenizer("distillation")
     student = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32)
@@ -237,106 +173,131 @@ def distill(config: DistillConfig, teacher: Teacher | None = None) -> dict:
     train, val = token_windows(tokenizer, config.corpus, config.seq_len, config.encoding)
     needed = config.batch_size * accelerator.num_processes
     if len(train) < needed:
-        raise ValueError(f"the corpus gives {len(train)} training windows of {config.seq_len} tokens; one step needs {needed}")
-    val = spread(val, config.eval_windows)
-    out = record(config, "distill")
+        raise ValueError(f"the corpus gives {len(train)} training windows of {config.seq_len} tokens; "
+                         f"one step needs {needed}")
+    return dict(run=run, student_dir=student_dir, identity=identity, resume_from=resume_from, teacher=teacher,
+                tokenizer=tokenizer, student=student, train_windows=train, val_windows=spread(val, config.eval_windows))
 
-    trainable = set_trainable(student, config.trainable)
+
+def setup_training(config: DistillConfig, teacher: Teacher | None = None) -> Training:
+    """Validate and load every input, then prepare model, optimizer and scheduler and resume where asked."""
+    config.validate()
+    setup(config)
+    device = device_of(config)
+    bf16 = config.bf16 == "yes" or (config.bf16 == "auto" and device.startswith("cuda"))
+    accelerator = Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=device == "cpu")
+    inputs = load_inputs(config, teacher, accelerator)
+    record(config, "distill")
+    student = inputs.pop("student")
+    set_trainable(student, config.trainable)
     if config.gradient_checkpointing:
         set_checkpointing(student, True)
     student.train()
-    params = [p for p in student.parameters() if p.requires_grad]
+    n_train = sum(p.numel() for p in student.parameters() if p.requires_grad)
+    n_all = sum(p.numel() for p in student.parameters())
     optimizer = torch.optim.AdamW(param_groups(student, config), weight_decay=config.weight_decay, betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
     student, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
-    teacher_model = teacher.model.to(accelerator.device).eval().requires_grad_(False)
-
-    start = 0
+    resume_from = inputs.pop("resume_from")
+    training = Training(config=config, accelerator=accelerator, student=student, loss=config.kd_loss(),
+                        teacher=inputs.pop("teacher").model.to(accelerator.device).eval().requires_grad_(False),
+                        optimizer=optimizer, scheduler=scheduler, **inputs,
+                        trained={"trained": n_train, "total": n_all, "percent": 100 * n_train / n_all})
     if resume_from is not None:
-        accelerator.load_state(str(resume_from / "state"))
-        start = json.loads((resume_from / "trainer.json").read_text())["step"]
-        accelerator.print(f"resuming from {resume_from} at step {start}")
-
-    log_path = run.log
-    history: list[dict] = []
-    n_train = sum(p.numel() for p in params)
-    n_all = sum(p.numel() for p in accelerator.unwrap_model(student).parameters())
-    trained = {"trained": n_train, "total": n_all, "percent": 100 * n_train / n_all}
+        training.start = load_checkpoint(accelerator, resume_from)
+        accelerator.print(f"resuming from {resume_from.path} at step {training.start}")
     if accelerator.is_main_process:
-        kept = [ln for ln in (log_path.read_text().splitlines() if log_path.exists() and start else []) if json.loads(ln)["step"] <= start]
-        log_path.write_text("".join(ln + "\n" for ln in kept))
-        history = [json.loads(ln) for ln in kept if "val_ppl" in json.loads(ln)]
-        print(f"training {n_train:,} of {n_all:,} parameters ({100 * n_train / n_all:.1f}%, --trainable {config.trainable})")
+        log = training.run.log
+        kept = [ln for ln in (log.read_text().splitlines() if log.exists() and training.start else [])
+                if json.loads(ln)["step"] <= training.start]
+        log.write_text("".join(ln + "\n" for ln in kept))
+        training.history = [json.loads(ln) for ln in kept if "val_ppl" in json.loads(ln)]
+        print(f"training {n_train:,} of {n_all:,} parameters ({100 * n_train / n_all:.1f}%, "
+              f"--trainable {config.trainable})")
+    return training
 
-    def log(entry: dict) -> None:
-        if accelerator.is_main_process:
-            with log_path.open("a") as f:
-                f.write(json.dumps(entry) + "\n")
 
-    if start == 0 and not history:
-        entry = {"step": 0, "val_ppl": validation_perplexity(accelerator, student, val)}
-        history.append(entry)
-        log(entry)
-    tokens_per_step = config.batch_size * config.grad_accum * accelerator.num_processes * config.seq_len
-    bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc="distill",
-               disable=not accelerator.is_local_main_process)
-    completed, updating = start, False
+def train_step(t: Training, step: int) -> dict[str, float]:
+    """One optimizer step over `grad_accum` micro-batches; the loss terms averaged over them."""
+    config, accelerator = t.config, t.accelerator
+    sums: dict[str, float] = {}
+    for micro in range(config.grad_accum):
+        rows = batch_indices(step, micro, config, len(t.train_windows), accelerator.process_index,
+                             accelerator.num_processes)
+        ids = t.train_windows[rows].to(accelerator.device)
+        last = micro == config.grad_accum - 1
+        with contextlib.nullcontext() if last else accelerator.no_sync(t.student), accelerator.autocast():
+            terms = t.loss(t.student, t.teacher, ids)
+            finite = torch.tensor(float(not torch.isfinite(terms["loss"])), device=accelerator.device)
+            if accelerator.reduce(finite, "sum").item() > 0:
+                kept = t.run.latest()
+                raise TrainingError(f"non-finite loss at step {step + 1}; stopped. Last good checkpoint: "
+                                    f"{kept.path if kept else 'none'}")
+            accelerator.backward(terms["loss"] / config.grad_accum)
+        for k, v in terms.items():
+            sums[k] = sums.get(k, 0.0) + v.item() / config.grad_accum
+    return sums
+
+
+def train(t: Training) -> None:
+    """The loop: steps, logs, validation and checkpoints; Ctrl-C saves the steps completed (never mid-update)."""
+    config = t.config
+    if t.start == 0 and not t.history:
+        t.validate(0)
+    tokens_per_step = config.batch_size * config.grad_accum * t.accelerator.num_processes * config.seq_len
+    bar = tqdm(range(t.start, config.steps), initial=t.start, total=config.steps, desc="distill",
+               disable=not t.accelerator.is_local_main_process)
+    completed, updating = t.start, False
     try:
         for step in bar:
             started = time.perf_counter()
-            sums: dict[str, float] = {}
-            for micro in range(config.grad_accum):
-                ids = train[batch_indices(step, micro, config, len(train), accelerator.process_index,
-                                          accelerator.num_processes)].to(accelerator.device)
-                last = micro == config.grad_accum - 1
-                with contextlib.nullcontext() if last else accelerator.no_sync(student), accelerator.autocast():
-                    terms = distillation_losses(student, teacher_model, ids, config)
-                    bad = accelerator.reduce(torch.tensor(float(not torch.isfinite(terms["loss"])), device=accelerator.device), "sum")
-                    if bad.item() > 0:
-                        kept = latest_checkpoint(out)
-                        raise TrainingError(f"non-finite loss at step {step + 1}; stopped. Last good checkpoint: {kept or 'none'}")
-                    accelerator.backward(terms["loss"] / config.grad_accum)
-                for k, v in terms.items():
-                    sums[k] = sums.get(k, 0.0) + v.item() / config.grad_accum
-            grad_norm = accelerator.clip_grad_norm_(params, config.max_grad_norm) if config.max_grad_norm > 0 else None
+            sums = train_step(t, step)
+            clip = config.max_grad_norm > 0
+            grad_norm = t.accelerator.clip_grad_norm_(t.params, config.max_grad_norm) if clip else None
             updating = True  # an interrupt inside the update leaves a state that belongs to no step: not saved
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            t.optimizer.step()
+            t.scheduler.step()
+            t.optimizer.zero_grad(set_to_none=True)
             completed, updating = step + 1, False
-            seconds = time.perf_counter() - started
-            entry = {"step": step + 1, **{k: round(v, 6) for k, v in sums.items()}, "lr": scheduler.get_last_lr()[0],
-                     "grad_norm": None if grad_norm is None else float(grad_norm), "tokens_per_s": tokens_per_step / seconds}
-            log(entry)
-            bar.set_postfix({k: f"{v:.3f}" for k, v in sums.items()} | {"tok/s": f"{entry['tokens_per_s']:.0f}"})
+            speed = tokens_per_step / (time.perf_counter() - started)
+            t.log({"step": step + 1, **{k: round(v, 6) for k, v in sums.items()}, "lr": t.scheduler.get_last_lr()[0],
+                   "grad_norm": None if grad_norm is None else float(grad_norm), "tokens_per_s": speed})
+            bar.set_postfix({k: f"{v:.3f}" for k, v in sums.items()} | {"tok/s": f"{speed:.0f}"})
             done = step + 1 == config.steps
             if (config.eval_every and (step + 1) % config.eval_every == 0) or done:
-                entry = {"step": step + 1, "val_ppl": validation_perplexity(accelerator, student, val)}
-                history.append(entry)
-                log(entry)
-                bar.write(f"step {step + 1}: validation perplexity {entry['val_ppl']:.2f}")
+                bar.write(f"step {step + 1}: validation perplexity {t.validate(step + 1)['val_ppl']:.2f}")
             if (config.save_every and (step + 1) % config.save_every == 0) or done:
-                save_checkpoint(accelerator, student, tokenizer, out, step + 1, config.keep_checkpoints, identity)
+                t.checkpoint(step + 1)
     except KeyboardInterrupt:
-        if not updating and completed > latest_step(out):
-            save_checkpoint(accelerator, student, tokenizer, out, completed, config.keep_checkpoints, identity)
-            accelerator.print(f"interrupted: saved step {completed}; continue with --resume auto")
+        if not updating and completed > latest_step(t.run):
+            t.checkpoint(completed)
+            t.accelerator.print(f"interrupted: saved step {completed}; continue with --resume auto")
         raise
     bar.close()
 
-    final = run.distilled
-    state_dict = accelerator.get_state_dict(student)
-    if accelerator.is_main_process:
-        model = accelerator.unwrap_model(student)
-        if config.gradient_checkpointing:
+
+def finish(t: Training) -> dict:
+    """Save the distilled student (with what it is) and the run's summary."""
+    final = t.run.distilled
+    state_dict = t.accelerator.get_state_dict(t.student)
+    model = t.accelerator.unwrap_model(t.student)
+    if t.accelerator.is_main_process:
+        if t.config.gradient_checkpointing:
             set_checkpointing(model, False)
         model.save_pretrained(final, state_dict=state_dict)
-        tokenizer.save_pretrained(final)
-        if (student_dir / "sharing.json").is_file():  # what the student is travels with it
-            shutil.copy(student_dir / "sharing.json", final / "sharing.json")
-        run.distill_summary.write_text(
-            json.dumps({"config": asdict(config), "parameters": trained, "validation": history}, indent=2)
-        )
+        t.tokenizer.save_pretrained(final)
+        if (t.student_dir / SHARING_FILE).is_file():
+            shutil.copy(t.student_dir / SHARING_FILE, final / SHARING_FILE)
+        t.run.distill_summary.write_text(json.dumps(
+            {"config": asdict(t.config), "parameters": t.trained, "validation": t.history}, indent=2))
         print(f"wrote the distilled student to {final}")
-    accelerator.wait_for_everyone()
-    return {"validation": history, "student": final, "parameters": trained, "model": accelerator.unwrap_model(student)}
+    t.accelerator.wait_for_everyone()
+    return {"validation": t.history, "student": final, "parameters": t.trained, "model": model}
+
+
+def distill(config: DistillConfig, teacher: Teacher | None = None) -> dict:
+    """Train the student in OUT (or `config.student`) against the teacher; return the validation history, the
+    distilled student's folder and in-memory model, and the trained parameter counts."""
+    training = setup_training(config, teacher)
+    train(training)
+    return finish(training)

@@ -1,10 +1,13 @@
-"""Distillation losses as pure functions (like torchtune's `kd_losses.py`), each tested against its formula.
+"""Distillation losses as pure functions (like torchtune's `kd_losses.py`), each tested against its formula, and
+`KDLoss`, the weighted objective that distillation (and the benchmark's distillation step) computes with them.
 
 All reduce to a mean over valid positions: those whose label is not `ignore_index` (hard and soft labels) or whose
 attention-mask entry is 1 (hidden states).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -17,10 +20,14 @@ def _exact(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def hard_label_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-    """Next-token cross-entropy: logits (B, T, V) predict labels (B, T) shifted by one."""
+def hard_label_loss(
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX, reduction: str = "mean"
+) -> torch.Tensor:
+    """Next-token cross-entropy: logits (B, T, V) predict labels (B, T) shifted by one (`reduction="sum"` for
+    perplexity over many batches)."""
     logits = _exact(logits[:, :-1])
-    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1), ignore_index=ignore_index)
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1), ignore_index=ignore_index,
+                           reduction=reduction)
 
 
 def soft_label_loss(
@@ -74,3 +81,34 @@ def hidden_state_loss(
             raise ValueError(f"hidden loss must be mse or cosine (got {kind!r})")
         losses.append(per_token.mean() if mask is None else (per_token * mask).sum() / mask.sum().clamp_min(1))
     return torch.stack(losses).mean()
+
+
+@dataclass(frozen=True)
+class KDLoss:
+    """The distillation objective: w_hard x cross-entropy + w_soft x T² KL(teacher ‖ student) + w_hidden x hidden-state
+    distance. Hidden states are matched at the outputs of decoder layers 1 … L−1: the embeddings are identical, and
+    the last layer's (final-norm) output is already pinned by the logit KL."""
+
+    w_hard: float = 0.1
+    w_soft: float = 1.0
+    w_hidden: float = 1.0
+    temperature: float = 2.0
+    hidden_loss: str = "mse"
+
+    def __call__(self, student, teacher, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Each term, unweighted, plus `loss` (the weighted sum) for one batch of windows (B, T)."""
+        want_hidden = self.w_hidden > 0
+        with torch.no_grad():
+            t_out = teacher(input_ids=ids, output_hidden_states=want_hidden, use_cache=False)
+        s_out = student(input_ids=ids, output_hidden_states=want_hidden, use_cache=False)
+        terms = {"hard": hard_label_loss(s_out.logits, ids)}
+        if self.w_soft > 0:
+            terms["soft"] = soft_label_loss(s_out.logits, t_out.logits, ids, self.temperature)
+        if want_hidden:
+            layers = slice(1, len(t_out.hidden_states) - 1)
+            terms["hidden"] = hidden_state_loss(
+                list(s_out.hidden_states[layers]), list(t_out.hidden_states[layers]), kind=self.hidden_loss
+            )
+        weights = {"hard": self.w_hard, "soft": self.w_soft, "hidden": self.w_hidden}
+        terms["loss"] = sum(weights[k] * v for k, v in terms.items())
+        return terms

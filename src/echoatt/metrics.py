@@ -5,8 +5,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
+
+from echoatt.losses import hard_label_loss
 
 
 @torch.no_grad()
@@ -18,8 +19,7 @@ def nll_sum(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 8, 
     total, count = 0.0, 0
     for start in tqdm(range(0, len(windows), batch_size), desc="perplexity", disable=not progress, leave=False):
         ids = windows[start : start + batch_size].to(device)
-        logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()  # (B, T-1, V)
-        total += F.cross_entropy(logits.reshape(-1, logits.size(-1)), ids[:, 1:].reshape(-1), reduction="sum").item()
+        total += hard_label_loss(model(input_ids=ids, use_cache=False).logits, ids, reduction="sum").item()
         count += ids[:, 1:].numel()
     model.train(was_training)
     return total, count

@@ -21,7 +21,8 @@ from echoatt.config import (
     ShareConfig,
 )
 from echoatt.corpus import spread, token_windows
-from echoatt.distill import checkpoint_identities, distill
+from echoatt.checkpoints import checkpoint_identities
+from echoatt.distill import distill
 from echoatt.metrics import perplexity
 from echoatt.modeling import EchoAttForCausalLM
 from echoatt.plan import SharingPlan

@@ -61,11 +61,74 @@ class RunDirError(ValueError):
     """A run folder that holds something other than what the command was given."""
 
 
+SHARING_FILE = "sharing.json"  # beside every student checkpoint: what the student is (`SharingInfo`)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """One training checkpoint: a loadable student, accelerate's state, and the step and student it belongs to."""
+
+    path: Path
+
+    @property
+    def student(self) -> Path:
+        return self.path / "student"
+
+    @property
+    def state(self) -> Path:
+        return self.path / "state"
+
+    @property
+    def trainer(self) -> Path:
+        return self.path / "trainer.json"
+
+    def read(self) -> dict:
+        """{"step": N, "student": identity} (identity None for checkpoints from before identities were kept)."""
+        return json.loads(self.trainer.read_text())
+
+    def complete(self) -> bool:
+        return self.trainer.is_file()
+
+
 @dataclass(frozen=True)
 class RunDir:
     """Every path of a run folder, named once."""
 
     root: Path
+
+    def checkpoint(self, step: int, partial: bool = False) -> Checkpoint:
+        return Checkpoint(self.checkpoints / (f"step-{step:06d}" + (".partial" if partial else "")))
+
+    def finished_checkpoints(self) -> list[Checkpoint]:
+        """Complete checkpoints, oldest first."""
+        found = sorted(p for p in self.checkpoints.glob("step-*") if not p.name.endswith(".partial"))
+        return [Checkpoint(p) for p in found]
+
+    @property
+    def latest_pointer(self) -> Path:
+        """A file naming the newest complete checkpoint, replaced atomically after it is written."""
+        return self.checkpoints / "latest"
+
+    def latest(self) -> Checkpoint | None:
+        if not self.latest_pointer.is_file():
+            return None
+        found = Checkpoint(self.checkpoints / self.latest_pointer.read_text().strip())
+        return found if found.complete() else None
+
+    def results(self, name: str) -> tuple[Path, Path]:
+        """A results table as JSON and Markdown: `eval`, `compare`, or `bench[-ARCH]`."""
+        return self.root / f"{name}.json", self.root / f"{name}.md"
+
+    def bench_results(self) -> list[Path]:
+        return sorted(self.root.glob("bench*.json"))
+
+    @property
+    def curves(self) -> Path:
+        return self.root / "training_curves.png"
+
+    @property
+    def report(self) -> tuple[Path, Path]:
+        return self.root / "report.md", self.root / "report.html"
 
     @property
     def student(self) -> Path:
@@ -104,9 +167,8 @@ class RunDir:
 
     def student_outputs(self) -> list[Path]:
         """What belongs to the student in this folder (cleared by `share --overwrite`); the teacher's analysis stays."""
-        names = ["eval.json", "eval.md", "summary.json", "report.md", "report.html", "training_curves.png", "distill.yaml"]
-        return [self.student, self.distilled, self.checkpoints, self.log, self.distill_summary,
-                *(self.root / n for n in names)]
+        return [self.student, self.distilled, self.checkpoints, self.log, self.distill_summary, self.summary,
+                *self.results("eval"), *self.report, self.curves, self.config_file("distill")]
 
     def clear_student(self) -> None:
         for path in self.student_outputs():
@@ -149,7 +211,7 @@ def read_student_config(path: Path, what: str = "student"):
 
 def saved_identity(student_dir: Path) -> dict | None:
     """The identity `share` recorded beside a student, if any."""
-    info = student_dir / "sharing.json"
+    info = student_dir / SHARING_FILE
     return json.loads(info.read_text()).get("identity") if info.is_file() else None
 
 

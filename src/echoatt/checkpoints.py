@@ -1,0 +1,88 @@
+"""Training checkpoints: written atomically, found, and resumed — never those of another student.
+
+A checkpoint is written to `step-N.partial` and renamed when complete, then the `latest` pointer is replaced
+atomically, so a kill mid-write never leaves a broken "latest". Each holds a loadable student, accelerate's state
+(model, optimizer, scheduler, RNG) and `trainer.json`: the step and the identity of the student it trains.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import shutil
+from pathlib import Path
+
+from accelerate import Accelerator
+
+from echoatt.rundir import Checkpoint, RunDir, describe, same_student
+
+
+class TrainingError(RuntimeError):
+    """Training stopped on bad input or a failure; the message says what was kept."""
+
+
+def latest_step(run: RunDir) -> int:
+    latest = run.latest()
+    return latest.read()["step"] if latest else 0
+
+
+def checkpoint_identities(run: RunDir) -> list[dict | None]:
+    """The student each checkpoint in the run folder was trained from (None: unlabelled, from before labels)."""
+    return [c.read().get("student") for c in run.finished_checkpoints() if c.complete()]
+
+
+def resume_point(run: RunDir, resume: str, identity: dict) -> Checkpoint | None:
+    """The checkpoint to continue from (`--resume`): none, the latest, or one named; never one of another student."""
+    if resume == "never":
+        return None
+    found = run.latest() if resume == "auto" else Checkpoint(Path(resume))
+    if found is None:
+        return None
+    if not found.complete():
+        raise FileNotFoundError(f"no checkpoint at {found.path}")
+    saved = found.read().get("student")
+    if not same_student(saved, identity):
+        was = describe(saved) if saved else "an unlabelled student"
+        raise TrainingError(f"checkpoint {found.path} was trained from another student ({was}), not this one "
+                            f"({describe(identity)}); use another --out, `echoatt share --overwrite`, or --resume never")
+    return found
+
+
+def load_checkpoint(accelerator: Accelerator, checkpoint: Checkpoint) -> int:
+    """Restore model, optimizer, scheduler and RNG state; return the step it was taken after."""
+    accelerator.load_state(str(checkpoint.state))
+    return checkpoint.read()["step"]
+
+
+def save_checkpoint(
+    accelerator: Accelerator, student, tokenizer, run: RunDir, step: int, keep: int, identity: dict
+) -> Path:
+    """Write step-N atomically (partial folder, rename, then the `latest` pointer); prune all but `keep`."""
+    final, partial = run.checkpoint(step), run.checkpoint(step, partial=True)
+    if accelerator.is_main_process:
+        shutil.rmtree(partial.path, ignore_errors=True)
+        run.checkpoints.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(str(partial.state))
+        state_dict = accelerator.get_state_dict(student)
+        if accelerator.is_main_process:
+            accelerator.unwrap_model(student).save_pretrained(partial.student, state_dict=state_dict)
+            tokenizer.save_pretrained(partial.student)
+            partial.trainer.write_text(json.dumps({"step": step, "student": identity}))
+            shutil.rmtree(final.path, ignore_errors=True)
+            partial.path.replace(final.path)
+            tmp = run.latest_pointer.with_suffix(".tmp")
+            tmp.write_text(final.path.name)
+            tmp.replace(run.latest_pointer)
+            for old in run.finished_checkpoints()[:-keep]:
+                shutil.rmtree(old.path, ignore_errors=True)
+    except OSError as err:
+        if accelerator.is_main_process:
+            shutil.rmtree(partial.path, ignore_errors=True)
+        kept = run.latest()
+        reason = "disk full" if err.errno == errno.ENOSPC else str(err)
+        where = kept.path if kept else "none"
+        raise TrainingError(f"could not write the checkpoint at step {step} ({reason}); kept: {where}") from err
+    accelerator.wait_for_everyone()
+    return final.path
