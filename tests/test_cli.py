@@ -92,9 +92,10 @@ def test_compare_puts_methods_side_by_side_with_their_trained_share(teacher_dir,
     assert main(["compare", "--teacher", str(teacher_dir), "--corpus", str(corpus_dir), "--seq-len", "32",
                  "--out", str(out), "--methods", "drop,lisa", "--steps", "1", "--batch-size", "1", "--grad-accum", "1",
                  "--eval-windows", "2", "--tasks", ""]) == 0
-    results = json.loads((out / "compare.json").read_text())
-    assert list(results) == ["teacher", "attention drop (before KD)", "attention drop (after KD)", "LiSA (before KD)",
-                             "LiSA (after KD)"]
-    share = {m: results[f"{m} (after KD)"]["trained parameters"]["percent"] for m in ("attention drop", "LiSA")}
-    assert 0 < share["LiSA"] < 5 < share["attention drop"]
+    saved = json.loads((out / "compare.json").read_text())
+    results, labels = saved["results"], saved["labels"]  # keyed by what each model is, shown by its label
+    assert [labels[k] for k in results] == ["teacher", "attention drop (before KD)", "attention drop (after KD)",
+                                            "LiSA (before KD)", "LiSA (after KD)"]
+    share = {m: results[f"{m}/distilled"]["trained parameters"]["percent"] for m in ("drop", "lisa")}
+    assert 0 < share["lisa"] < 5 < share["drop"]
     assert "| trained parameters | percent |" in (out / "compare.md").read_text()

@@ -1,4 +1,4 @@
-"""Show it: speed and size of teacher vs student, measured side by side in one process.
+"""Speed and size of teacher vs student, measured side by side in one process.
 
 Every figure times the same work on four candidates — teacher on SDPA, teacher on eager, student on its fused path
 (SDPA) and on its reuse path (eager) — interleaved (the order rotates each repeat), after a warm-up, with the
@@ -293,6 +293,9 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def save(result: dict, out: Path, name: str = "bench") -> None:
-    (out / f"{name}.json").write_text(json.dumps(result, indent=2))
-    (out / f"{name}.md").write_text(markdown(result) + "\n")
+def save(result: dict, paths: tuple[Path, Path]) -> str:
+    """The result as JSON and as its Markdown table; returns the table."""
+    table = markdown(result)
+    paths[0].write_text(json.dumps(result, indent=2))
+    paths[1].write_text(table + "\n")
+    return table

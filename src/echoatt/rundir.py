@@ -12,13 +12,12 @@ import hashlib
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from transformers import AutoConfig
-
-from echoatt.config import CommonConfig, save_config
+if TYPE_CHECKING:  # this module needs no torch to be imported: `report` reads run folders without it
+    from echoatt.config import CommonConfig
 
 # Config fields that say how a student runs, not what it is: they may change without making it another student.
 RUNTIME_FIELDS = ("transformers_version", "_name_or_path", "dtype", "torch_dtype", "reuse_path", "reuse_crossover",
@@ -33,11 +32,15 @@ def cache_dir() -> Path:
 def threads_of(config: CommonConfig) -> int:
     """The CPU thread count to pin: the one asked for, else torch's own default for this machine (its physical
     cores), set explicitly so that nothing later changes it mid-run."""
+    import torch
+
     return config.threads or torch.get_num_threads()
 
 
 def setup(config: CommonConfig) -> None:
     """Seed and pin the thread count, before a command does any work."""
+    import torch
+
     torch.manual_seed(config.seed)
     torch.set_num_threads(threads_of(config))
 
@@ -45,6 +48,8 @@ def setup(config: CommonConfig) -> None:
 def record(config: CommonConfig, name: str) -> Path:
     """The output folder, with the resolved config saved beside the run as `<name>.yaml`. Called once a command's
     inputs have proved usable, so a command refused on bad input leaves nothing behind."""
+    from echoatt.config import save_config
+
     run = RunDir(Path(config.out))
     run.root.mkdir(parents=True, exist_ok=True)
     save_config(config, run.config_file(name))
@@ -52,9 +57,65 @@ def record(config: CommonConfig, name: str) -> Path:
 
 
 def device_of(config: CommonConfig) -> str:
+    import torch
+
     if config.device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return config.device
+
+
+# Results are keyed by what a model is, never by how it is shown; these are the labels tables show.
+MODEL_LABELS = {"teacher": "teacher", "student": "student (before KD)", "distilled": "student (after KD)"}
+
+
+@dataclass
+class SharingInfo:
+    """What `share` built, saved beside the student (and copied beside the distilled one)."""
+
+    identity: dict  # teacher, plan, method, head map, config hash (`student_identity`)
+    plan: list[list[int]]  # blocks, leader first
+    method: str
+    head_map: str | None
+    lisa: dict | None  # rank and hidden width of LiSA's parts
+    parameters: dict  # teacher, student, removed, removed_percent
+    kv_cache_bytes_per_token_bf16: dict  # teacher, student
+
+    def save(self, student_dir: Path) -> None:
+        (student_dir / SHARING_FILE).write_text(json.dumps(asdict(self), indent=2))
+
+    @classmethod
+    def load(cls, student_dir: Path) -> SharingInfo | None:
+        path = student_dir / SHARING_FILE
+        return cls(**json.loads(path.read_text())) if path.is_file() else None
+
+
+@dataclass
+class RunSummary:
+    """The main job's headline: held-out perplexity of teacher and student before and after distillation."""
+
+    validation_windows: int
+    seq_len: int
+    perplexity: dict[str, float]  # teacher, student_before_kd, student_after_kd
+    gap_closed_percent: float | None
+
+    @classmethod
+    def of(cls, perplexity: dict[str, float], windows: int, seq_len: int) -> RunSummary:
+        """From perplexities keyed like MODEL_LABELS (teacher, student, distilled)."""
+        t, before, after = perplexity["teacher"], perplexity["student"], perplexity["distilled"]
+        gap = 100.0 * (before - after) / (before - t) if before > t else None
+        return cls(windows, seq_len, {"teacher": t, "student_before_kd": before, "student_after_kd": after}, gap)
+
+    def save(self, run: RunDir) -> None:
+        run.summary.write_text(json.dumps(asdict(self), indent=2))
+
+    @classmethod
+    def load(cls, run: RunDir) -> RunSummary | None:
+        return cls(**json.loads(run.summary.read_text())) if run.summary.is_file() else None
+
+
+def is_model_folder(path: Path) -> bool:
+    """A folder that `from_pretrained` may load (its config.json is there)."""
+    return (path / "config.json").is_file()
 
 
 class RunDirError(ValueError):
@@ -199,8 +260,10 @@ def student_identity(config, teacher: str) -> dict:
 
 def read_student_config(path: Path, what: str = "student"):
     """The config of a student folder, or one line saying why it is not one (before any long work)."""
-    if not (path / "config.json").is_file():
+    if not is_model_folder(path):
         raise RunDirError(f"no {what} checkpoint at {path} (no config.json; run `echoatt share` first)")
+    from transformers import AutoConfig
+
     try:
         return AutoConfig.from_pretrained(path)
     except (OSError, ValueError, TypeError, KeyError) as err:
@@ -211,8 +274,8 @@ def read_student_config(path: Path, what: str = "student"):
 
 def saved_identity(student_dir: Path) -> dict | None:
     """The identity `share` recorded beside a student, if any."""
-    info = student_dir / SHARING_FILE
-    return json.loads(info.read_text()).get("identity") if info.is_file() else None
+    info = SharingInfo.load(student_dir)
+    return info.identity if info else None
 
 
 def identity_of(student_dir: Path) -> dict:

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-import json
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 
 from echoatt.analysis import Similarity
 from echoatt.modeling import DROPPED, EchoAttConfig, EchoAttForCausalLM, is_lisa_parameter
 from echoatt.plan import PlanError, SharingPlan
+from echoatt.rundir import SharingInfo
 from echoatt.teacher import convert_config
 
 HEAD_MAPS = ("matched", "grouped", "identity")
@@ -92,6 +94,72 @@ def init_lowrank_keys(lowrank, k_proj: torch.Tensor, head_dim: int) -> None:
         lowrank.key[head * r:(head + 1) * r] = (s[:r, None] * vh[:r]).to(lowrank.key.dtype)  # (r, C)
 
 
+@dataclass(frozen=True)
+class StudentSpec:
+    """Which student: a plan, a follower method, a head map and LiSA's sizes — all `share` needs besides the
+    teacher (and, for matched maps and threshold plans, its similarity analysis)."""
+
+    plan: str = "k=2"
+    method: str = "copy"
+    head_map: str = "matched"
+    lisa_rank: int = 0  # 0: head_dim // 6
+    lisa_hidden: int = 0  # 0: the head count
+
+    def check(self, num_layers: int) -> None:
+        """Refuse unknown names and a misread plan before any analysis is run."""
+        if self.method not in METHODS:
+            raise PlanError(f"method must be one of {METHODS} (got {self.method!r})")
+        if self.head_map not in HEAD_MAPS:
+            raise PlanError(f"head map must be one of {HEAD_MAPS} (got {self.head_map!r})")
+        SharingPlan.parse(self.plan, num_layers, np.zeros((num_layers, num_layers)))
+
+    @property
+    def mapped(self) -> bool:
+        """Followers read mapped heads (copy, LiSA); dropped attention reads nothing."""
+        return self.method in ("copy", "lisa")
+
+    @property
+    def needs_analysis(self) -> bool:
+        return (self.mapped and self.head_map != "identity") or self.plan.startswith("threshold=")
+
+    def sharing_plan(self, num_layers: int, similarity: Similarity | None) -> SharingPlan:
+        matched = similarity.head_matched if similarity else None
+        return SharingPlan.parse(self.plan, num_layers, matched, adjacent=self.method == "lisa")
+
+    def build(
+        self, teacher: LlamaForCausalLM, similarity: Similarity | None, maps: list[list[int] | None] | None = None
+    ) -> tuple[EchoAttForCausalLM, SharingPlan]:
+        """The student and its plan; `maps` (one per layer, read at the followers) overrides the analysis's head maps
+        (e.g. for random weights, which have no analysis)."""
+        config = teacher.config
+        plan = self.sharing_plan(config.num_hidden_layers, similarity)
+        if maps is not None:
+            maps = [m if i in plan.followers else None for i, m in enumerate(maps)]
+        elif self.mapped:
+            groups = config.num_attention_heads // config.num_key_value_heads
+            maps = head_maps(plan, similarity, self.head_map, chain=self.method == "lisa", kv_groups=groups)
+        student = build_student(teacher, plan, maps, self.method, self.lisa_rank or None, self.lisa_hidden or None)
+        return student, plan
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A named student of `compare`: its label and the spec fields it sets."""
+
+    label: str
+    method: str
+    head_map: str
+
+
+VARIANTS = {
+    "drop": Variant("attention drop", "drop", "identity"),
+    "identity": Variant("plain copy", "copy", "identity"),
+    "matched": Variant("head-matched copy", "copy", "matched"),
+    "grouped": Variant("head-matched copy within KV groups", "copy", "grouped"),
+    "lisa": Variant("LiSA", "lisa", "matched"),
+}
+
+
 def parameter_count(model: torch.nn.Module) -> int:
     """Unique parameters (tied embeddings counted once)."""
     return sum(p.numel() for p in model.parameters())
@@ -113,14 +181,15 @@ def kv_cache_bytes_per_token(config, dtype_bytes: int = 2) -> int:
 
 
 def save_student(
-    student: EchoAttForCausalLM, tokenizer: PreTrainedTokenizerBase | None, out: str | Path, info: dict | None = None
+    student: EchoAttForCausalLM, tokenizer: PreTrainedTokenizerBase | None, out: str | Path,
+    info: SharingInfo | None = None,
 ) -> Path:
     """A checkpoint `AutoModelForCausalLM.from_pretrained` loads (with echoatt imported, or trust_remote_code), with
-    the teacher's tokenizer where it has one."""
+    the teacher's tokenizer where it has one and what the student is (`sharing.json`)."""
     out = Path(out)
     student.save_pretrained(out)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     if info is not None:
-        (out / "sharing.json").write_text(json.dumps(info, indent=2))
+        info.save(out)
     return out

@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from echoatt.evaluate import DEFAULT_TASKS, TASKS_DIR, local_task, markdown_table, zero_shot
+from echoatt.harness import DEFAULT_TASKS, TASKS_DIR, local_task, markdown_table, zero_shot
 
 
 def test_every_default_task_has_a_local_yaml():

@@ -1,4 +1,4 @@
-"""Show it: zero-shot accuracy through lm-evaluation-harness, and perplexity on held-out text, side by side.
+"""Zero-shot accuracy through lm-evaluation-harness, and the results table teacher vs students.
 
 The scorer is lm-eval's own (`HFLM` around the in-memory model, `simple_evaluate`); echoatt only ships task YAMLs
 (`lm_eval_tasks/`) that read offline copies of the benchmarks. Task names from the default suite resolve to those
@@ -88,11 +88,14 @@ def zero_shot(
     return results
 
 
-def markdown_table(results: dict[str, dict[str, dict[str, float]]]) -> str:
-    """Rows: task and metric; columns: the models. Values with ± stderr where lm-eval gave one."""
+def markdown_table(results: dict[str, dict[str, dict[str, float]]], labels: dict[str, str] | None = None) -> str:
+    """Rows: task and metric; columns: the models (shown by `labels`, keyed as `results`). Values with ± stderr where
+    lm-eval gave one."""
     models = list(results)
+    labels = labels or {}
     tasks = list(dict.fromkeys(t for r in results.values() for t in r))
-    lines = ["| task | metric | " + " | ".join(models) + " |", "|---|---|" + "---|" * len(models)]
+    header = " | ".join(labels.get(m, m) for m in models)
+    lines = [f"| task | metric | {header} |", "|---|---|" + "---|" * len(models)]
     for task in tasks:
         metrics = [m for m in METRICS if any(m in results[x].get(task, {}) for x in models)]
         for metric in metrics:
@@ -105,6 +108,9 @@ def markdown_table(results: dict[str, dict[str, dict[str, float]]]) -> str:
     return "\n".join(lines)
 
 
-def save_results(results: dict, out: Path, name: str = "eval") -> None:
-    (out / f"{name}.json").write_text(json.dumps(results, indent=2))
-    (out / f"{name}.md").write_text(markdown_table(results) + "\n")
+def save_results(results: dict, paths: tuple[Path, Path], labels: dict[str, str] | None = None) -> str:
+    """The results as JSON (keyed as given) and as a Markdown table (shown by `labels`); returns the table."""
+    table = markdown_table(results, labels)
+    paths[0].write_text(json.dumps({"labels": labels or {}, "results": results}, indent=2))
+    paths[1].write_text(table + "\n")
+    return table
