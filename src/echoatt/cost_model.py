@@ -31,6 +31,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from echoatt.modeling import role_of
+
 SOFTMAX_FLOPS = 5  # per score: scale, mask add, max, exp, normalise
 ROPE_FLOPS = 3  # per element: x*cos + rotate(x)*sin
 
@@ -90,18 +92,17 @@ def lisa_parts(config, B: int, T: int, P: int, dtype_bytes: int) -> dict[str, Co
 
 
 def attention_cost(config, layer: int, B: int, T: int, P: int, eager: bool, dtype_bytes: int) -> Cost:
-    """One layer's attention sub-layer, by its role in `config` (a LLaMA config: every layer ordinary)."""
-    source = getattr(config, "attention_source", None) or list(range(config.num_hidden_layers))
-    if source[layer] == -1:
+    """One layer's attention sub-layer, by its role in `config` on the path the model takes there."""
+    role = role_of(config, layer)
+    if role == "dropped":
         return Cost()
     lisa = getattr(config, "follower_type", "copy") == "lisa"
-    shared = source[layer] != layer or layer in source[layer + 1:]
-    materialised = eager or (shared and (lisa or config.reuse_probs(T, eager)))  # only students share
+    materialised = eager or (role != "ordinary" and (lisa or config.reuse_probs(T, eager)))
     parts = attention_parts(config, B, T, P, materialised, dtype_bytes)
     whole = sum(parts.values(), Cost())
-    if source[layer] == layer:
+    if role in ("ordinary", "leader"):
         return whole
-    if lisa:
+    if role == "lisa":
         kept = ("v_proj", "v_write", "v_read", "softmax", "pv", "o_proj")
         return sum((parts[k] for k in kept), Cost()) + sum(lisa_parts(config, B, T, P, dtype_bytes).values(), Cost())
     follower = whole + sum((parts[k] for k in SAVED["eager" if materialised else "fused"]), Cost()) * -1

@@ -30,7 +30,7 @@ from echoatt.config import DistillConfig
 from echoatt.corpus import spread, token_windows
 from echoatt.losses import KDLoss
 from echoatt.metrics import nll_sum
-from echoatt.modeling import is_lisa_parameter
+from echoatt.modeling import is_lisa_parameter, role_of
 from echoatt.rundir import SHARING_FILE, RunDir, device_of, identity_of, record, setup
 from echoatt.teacher import Teacher, load_teacher
 
@@ -48,8 +48,9 @@ def set_trainable(student: torch.nn.Module, mode: str) -> list[str]:
     lisa = getattr(student.config, "follower_type", "copy") == "lisa"
     if mode == "auto":
         mode = "lisa" if lisa else "shared"
-    followers = set(student.config.followers()) if hasattr(student.config, "followers") else set()
-    layers = followers | {f + 1 for f in followers if f + 1 < student.config.num_hidden_layers}
+    config = student.config
+    followers = {i for i in range(config.num_hidden_layers) if role_of(config, i) in ("copy", "lisa", "dropped")}
+    layers = followers | {f + 1 for f in followers if f + 1 < config.num_hidden_layers}
     names = []
     for name, param in student.named_parameters():
         parts = name.split(".")

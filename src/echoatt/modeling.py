@@ -73,6 +73,11 @@ def output_cache(outputs) -> Cache | None:
     return cache if cache is not None else outputs.past_key_values
 
 
+def role_of(config, layer: int) -> str:
+    """A layer's role under any config: `EchoAttConfig.role`, and `ordinary` for every layer of a teacher's."""
+    return config.role(layer) if isinstance(config, EchoAttConfig) else "ordinary"
+
+
 def is_lisa_parameter(name: str) -> bool:
     """Whether a parameter name belongs to LiSA's added parts (`HeadAlign`, `LowRankQK`), which no teacher has."""
     return ".align." in name or ".lowrank." in name
@@ -136,19 +141,23 @@ class EchoAttConfig(LlamaConfig):
             if heads is not None and (len(heads) != h or not all(0 <= g < h for g in heads)):
                 raise ValueError(f"head_map[{layer}] must list {h} head indices in [0, {h})")
 
-    def is_follower(self, layer: int) -> bool:
-        return self.attention_source[layer] not in (layer, DROPPED)
-
-    def is_dropped(self, layer: int) -> bool:
-        return self.attention_source[layer] == DROPPED
+    def role(self, layer: int) -> str:
+        """What `layer`'s attention is: `ordinary`, `leader` (others read it), `copy` or `lisa` (a follower), or
+        `dropped`. The model's attention class, the cost model, KV accounting and what trains all ask this."""
+        source = self.attention_source[layer]
+        if source == DROPPED:
+            return "dropped"
+        if source != layer:
+            return self.follower_type
+        return "leader" if self.is_leader(layer) else "ordinary"
 
     def is_leader(self, layer: int) -> bool:
         """Some other layer reads this layer's attention."""
         return any(s == layer and i != layer for i, s in enumerate(self.attention_source))
 
     def followers(self) -> list[int]:
-        """Layers whose attention differs from the teacher's: followers, and dropped layers."""
-        return [i for i in range(self.num_hidden_layers) if self.attention_source[i] != i]
+        """Layers whose attention differs from the teacher's: followers (copy, LiSA), and dropped layers."""
+        return [i for i in range(self.num_hidden_layers) if self.role(i) in ("copy", "lisa", "dropped")]
 
     def reuse_probs(self, new_tokens: int, eager: bool) -> bool:
         """Whether a leader hands over probabilities (reuse path) rather than Q and K (fused path) for a call with
@@ -158,9 +167,11 @@ class EchoAttConfig(LlamaConfig):
 
     def cached_key_dims(self, layer: int) -> int:
         """Key features per KV head that `layer` keeps in the cache."""
-        if self.is_dropped(layer) or (self.is_follower(layer) and self.follower_type == "copy"):
-            return 0
-        return self.lisa_rank if self.is_follower(layer) else self.head_dim
+        return {"dropped": 0, "copy": 0, "lisa": self.lisa_rank}.get(self.role(layer), self.head_dim)
+
+    def cached_value_dims(self, layer: int) -> int:
+        """Value features per KV head that `layer` keeps in the cache."""
+        return 0 if self.role(layer) == "dropped" else self.head_dim
 
 
 class Handoff(NamedTuple):
@@ -250,8 +261,9 @@ class LowRankQK(nn.Module):
         return apply_rotary_pos_emb(q, k, cos, sin)
 
 
-class EchoAttAttention(nn.Module):
-    """LLaMA attention in one of its roles: ordinary, leader (hands its attention on), copy or LiSA follower, dropped."""
+class AttentionBase(nn.Module):
+    """What every role shares: shapes, the KV-cache write, the attention kernel, and V and O where the layer has them.
+    Weight names are LLaMA's (`q_proj`, `k_proj`, `v_proj`, `o_proj`), so checkpoints load unchanged."""
 
     def __init__(self, config: EchoAttConfig, layer_idx: int):
         super().__init__()
@@ -260,50 +272,53 @@ class EchoAttAttention(nn.Module):
         self.head_dim = config.head_dim
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
+        self.num_key_value_groups = self.num_heads // self.num_kv_heads
         self.scaling = self.head_dim**-0.5
         self.attention_dropout = config.attention_dropout
         self.is_causal = True
         self.source = config.attention_source[layer_idx]
-        self.is_follower = config.is_follower(layer_idx)
-        self.is_lisa = self.is_follower and config.follower_type == "lisa"
         self.is_leader = config.is_leader(layer_idx)
         self.hands_logits = self.is_leader and config.follower_type == "lisa"
-        self.is_dropped = config.is_dropped(layer_idx)
-        groups = self.num_heads // self.num_kv_heads
-        self.num_key_value_groups = groups
+
+    def _values(self, config: EchoAttConfig) -> None:
         bias = config.attention_bias
-        if self.is_dropped:
-            return
-        head_map = config.head_map[layer_idx] or list(range(self.num_heads))
-        if self.is_lisa:
-            self.align = HeadAlign(self.num_heads, config.lisa_hidden, list(head_map))
-            self.lowrank = LowRankQK(config)
-        elif self.is_follower:
-            self.head_map = list(head_map)
-            self.identity_map = self.head_map == list(range(self.num_heads))
-            key_map = [g // groups for g in self.head_map]  # source KV head behind each source head read
-            self.value_map = [h // groups for h in range(self.num_heads)]  # own KV head of each own head
-            # Where every head reads a source head of its own KV group, the kernel keeps GQA; otherwise it gets K
-            # gathered and V repeated to H heads, so it must not repeat them again.
-            self.group_aligned = key_map == self.value_map
-            self.num_key_value_groups = groups if self.group_aligned else 1
-            self.key_map = key_map
-            self._index_cache: dict[torch.device, tuple[torch.Tensor, ...]] = {}
-        else:
-            self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
-            self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
 
     def _interface(self) -> Callable:
         return ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
 
-    def _indices(self, device: torch.device) -> tuple[torch.Tensor, ...]:
-        if device not in self._index_cache:
-            self._index_cache[device] = tuple(
-                torch.tensor(m, device=device) for m in (self.head_map, self.key_map, self.value_map)
-            )
-        return self._index_cache[device]
+    def _cache_update(self, cache: Cache | None, key: torch.Tensor, value: torch.Tensor, kwargs: dict):
+        """As Llama does: the cache gets the call's kwargs (paged caches for continuous batching read them)."""
+        return (key, value) if cache is None else cache.update(key, value, self.layer_idx, kwargs=kwargs)
+
+    def _handoff(self, kwargs: dict) -> dict[int, Handoff]:
+        handoff = kwargs.pop(HANDOFF_KEY, None)
+        if handoff is None:
+            raise RuntimeError("shared attention needs the model's forward (it passes the leader's attention on)")
+        return handoff
+
+    def _materialised(self, logits, attention_mask, value, handoff: dict | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Softmax of (B, H, Tq, Tk) logits, then P @ V; a leader hands P (and its logits, for LiSA) on."""
+        probs = masked_softmax(logits, attention_mask, value.dtype)
+        probs = nn.functional.dropout(probs, self.attention_dropout if self.training else 0.0, self.training)
+        if self.is_leader:
+            handoff[self.layer_idx] = Handoff(probs=probs, logits=logits if self.hands_logits else None, gathered={})
+        return grouped_values(probs, value), probs
+
+    def _out(self, attn_output: torch.Tensor, input_shape) -> torch.Tensor:  # (B, T, H, D) -> (B, T, C)
+        return self.o_proj(attn_output.reshape(*input_shape, -1).contiguous())
+
+
+class EchoAttAttention(AttentionBase):
+    """An ordinary layer's attention (LLaMA's), or a leader's: the same, and it hands its attention on."""
+
+    def __init__(self, config: EchoAttConfig, layer_idx: int):
+        super().__init__(config, layer_idx)
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self._values(config)
 
     def reuse_probs(self, new_tokens: int, attention_mask) -> bool:
         """Whether this leader hands over probabilities (reuse path) rather than Q and K (fused path)."""
@@ -322,60 +337,70 @@ class EchoAttAttention(nn.Module):
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         cache = cache if cache is not None else past_key_values  # its name changed in transformers 5.24
-        handoff: dict[int, Handoff] = kwargs.pop(HANDOFF_KEY, None)
-        # As Llama does: the cache gets the call's kwargs (paged caches for continuous batching read them).
-        update = None if cache is None else lambda k, v: cache.update(k, v, self.layer_idx, kwargs=kwargs)
-        if self.is_dropped:
-            if update is not None:  # zero bytes, so the cache still has every layer
-                empty = hidden_states.new_empty((hidden_states.shape[0], self.num_kv_heads, hidden_states.shape[1], 0))
-                update(empty, empty)
-            return torch.zeros_like(hidden_states), None
-        if handoff is None and (self.is_leader or self.is_follower):
-            raise RuntimeError("shared attention needs the model's forward (it passes the leader's attention on)")
+        handoff = self._handoff(kwargs) if self.is_leader else kwargs.pop(HANDOFF_KEY, None)
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
+        query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, H, T, D)
+        key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, Hkv, T, D)
         value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, Hkv, T, D)
-        dropout = self.attention_dropout if self.training else 0.0
-
-        if self.is_follower and not self.is_lisa:
-            if update is not None:
-                _, value = update(value.new_empty((*value.shape[:-1], 0)), value)  # (B, Hkv, T, 0) keys: no bytes
-            attn_output, attn_weights = self._copy(handoff[self.source], value, attention_mask, dropout, **kwargs)
+        query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
+        key, value = self._cache_update(cache, key, value, kwargs)
+        eager = self.config._attn_implementation == "eager"
+        # Materialise here (rather than call the backend's kernel) where LiSA followers need logits, or where a leader
+        # on a fused backend hands probabilities on; on eager the kernel itself returns them.
+        if self.hands_logits or (self.is_leader and not eager and self.reuse_probs(input_shape[1], attention_mask)):
+            attn_output, attn_weights = self._materialised(
+                grouped_scores(query, key, self.scaling), attention_mask, value, handoff)
         else:
-            if self.is_lisa:
-                query, key = self.lowrank(hidden_states, position_embeddings)  # (B, H, T, r), (B, Hkv, T, r)
-            else:
-                query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, H, T, D)
-                key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, Hkv, T, D)
-                query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
-            if update is not None:
-                key, value = update(key, value)
-            eager = self.config._attn_implementation == "eager"
-            # Materialise here (rather than call the backend's kernel) where LiSA needs logits, or where a leader on
-            # a fused backend hands probabilities on; on eager the kernel itself returns them.
-            explicit = self.is_lisa or self.hands_logits
-            explicit = explicit or (self.is_leader and not eager and self.reuse_probs(input_shape[1], attention_mask))
-            if explicit:
-                if self.is_lisa:  # (B, H, Tq, Tk)
-                    logits = self.align(handoff[self.source].logits) + grouped_scores(query, key, self.lowrank.rank**-0.5)
-                else:
-                    logits = grouped_scores(query, key, self.scaling)
-                probs = nn.functional.dropout(masked_softmax(logits, attention_mask, value.dtype), dropout, self.training)
-                attn_output, attn_weights = grouped_values(probs, value), probs
-                shared = Handoff(probs=probs, logits=logits if self.hands_logits else None, gathered={})
-            else:
-                attn_output, attn_weights = self._interface()(
-                    self, query, key, value, attention_mask, dropout=dropout, scaling=self.scaling, **kwargs
-                )
-                shared = Handoff(probs=attn_weights, gathered={}) if eager else Handoff(query=query, key=key)
+            dropout = self.attention_dropout if self.training else 0.0
+            attn_output, attn_weights = self._interface()(
+                self, query, key, value, attention_mask, dropout=dropout, scaling=self.scaling, **kwargs
+            )
             if self.is_leader:
-                handoff[self.layer_idx] = shared
+                handoff[self.layer_idx] = (Handoff(probs=attn_weights, gathered={}) if eager
+                                           else Handoff(query=query, key=key))
+        return self._out(attn_output, input_shape), attn_weights
 
-        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
-        return self.o_proj(attn_output), attn_weights
 
-    def _copy(self, lead: Handoff, value: torch.Tensor, attention_mask, dropout: float, **kwargs):
-        """A copy follower's attention output (B, Tq, H, D) from the leader's handoff and its own V (B, Hkv, Tk, D)."""
+class CopyFollowerAttention(AttentionBase):
+    """EchoAtt's follower: no Q/K; head h applies leader head `head_map[h]`'s attention to its own V, then its O."""
+
+    def __init__(self, config: EchoAttConfig, layer_idx: int):
+        super().__init__(config, layer_idx)
+        groups = self.num_key_value_groups
+        self.head_map = list(config.head_map[layer_idx] or range(self.num_heads))
+        self.identity_map = self.head_map == list(range(self.num_heads))
+        self.key_map = [g // groups for g in self.head_map]  # source KV head behind each source head read
+        self.value_map = [h // groups for h in range(self.num_heads)]  # own KV head of each own head
+        # Where every head reads a source head of its own KV group, the kernel keeps GQA; otherwise it gets K gathered
+        # and V repeated to H heads, so it must not repeat them again.
+        self.group_aligned = self.key_map == self.value_map
+        self.num_key_value_groups = groups if self.group_aligned else 1
+        self._index_cache: dict[torch.device, tuple[torch.Tensor, ...]] = {}
+        self._values(config)
+
+    def _indices(self, device: torch.device) -> tuple[torch.Tensor, ...]:
+        if device not in self._index_cache:
+            self._index_cache[device] = tuple(
+                torch.tensor(m, device=device) for m in (self.head_map, self.key_map, self.value_map)
+            )
+        return self._index_cache[device]
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,  # (B, T, C)
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        cache = cache if cache is not None else past_key_values
+        lead = self._handoff(kwargs)[self.source]
+        input_shape = hidden_states.shape[:-1]
+        value = self.v_proj(hidden_states).view(*input_shape, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        no_keys = value.new_empty((*value.shape[:-1], 0))  # (B, Hkv, T, 0): counts tokens, stores nothing
+        _, value = self._cache_update(cache, no_keys, value, kwargs)
         head_index, key_index, value_index = self._indices(value.device)
         if lead.probs is not None:  # reuse path
             # In inference, followers with the same head map gather P once between them; with gradients each gathers
@@ -384,14 +409,74 @@ class EchoAttAttention(nn.Module):
             if not self.identity_map and tuple(self.head_map) not in gathered:
                 gathered[tuple(self.head_map)] = lead.probs.index_select(1, head_index)
             probs = lead.probs if self.identity_map else gathered[tuple(self.head_map)]
-            return grouped_values(probs, value), probs
+            return self._out(grouped_values(probs, value), input_shape), probs
         query = lead.query if self.identity_map else lead.query.index_select(1, head_index)  # (B, H, Tq, D)
         key = lead.key
         if not self.group_aligned:
             key, value = key.index_select(1, key_index), value.index_select(1, value_index)  # (B, H, Tk, D)
-        return self._interface()(
+        dropout = self.attention_dropout if self.training else 0.0
+        attn_output, attn_weights = self._interface()(
             self, query, key, value, attention_mask, dropout=dropout, scaling=self.scaling, **kwargs
         )
+        return self._out(attn_output, input_shape), attn_weights
+
+
+class LisaFollowerAttention(AttentionBase):
+    """LiSA's follower: logits = align(the layer before's logits) + rope(Q_r) rope(K_r)^T / sqrt(r), then the mask,
+    softmax, its own V and O. It may itself be read by the next LiSA follower (a chain)."""
+
+    def __init__(self, config: EchoAttConfig, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self.align = HeadAlign(self.num_heads, config.lisa_hidden, list(config.head_map[layer_idx] or range(self.num_heads)))
+        self.lowrank = LowRankQK(config)
+        self._values(config)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,  # (B, T, C)
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        cache = cache if cache is not None else past_key_values
+        handoff = self._handoff(kwargs)
+        input_shape = hidden_states.shape[:-1]
+        value = self.v_proj(hidden_states).view(*input_shape, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        query, key = self.lowrank(hidden_states, position_embeddings)  # (B, H, T, r), (B, Hkv, T, r)
+        key, value = self._cache_update(cache, key, value, kwargs)
+        logits = self.align(handoff[self.source].logits) + grouped_scores(query, key, self.lowrank.rank**-0.5)
+        attn_output, attn_weights = self._materialised(logits, attention_mask, value, handoff)
+        return self._out(attn_output, input_shape), attn_weights
+
+
+class DroppedAttention(AttentionBase):
+    """The baseline a user would pick instead: no attention sub-layer at all (no weights, nothing cached)."""
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,  # (B, T, C)
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, None]:
+        cache = cache if cache is not None else past_key_values
+        kwargs.pop(HANDOFF_KEY, None)
+        empty = hidden_states.new_empty((hidden_states.shape[0], self.num_kv_heads, hidden_states.shape[1], 0))
+        self._cache_update(cache, empty, empty, kwargs)  # zero bytes, so the cache still has every layer
+        return torch.zeros_like(hidden_states), None
+
+
+ATTENTION_BY_ROLE = {
+    "ordinary": EchoAttAttention,
+    "leader": EchoAttAttention,
+    "copy": CopyFollowerAttention,
+    "lisa": LisaFollowerAttention,
+    "dropped": DroppedAttention,
+}
 
 
 class EchoAttDecoderLayer(LlamaDecoderLayer):
@@ -400,7 +485,7 @@ class EchoAttDecoderLayer(LlamaDecoderLayer):
     def __init__(self, config: EchoAttConfig, layer_idx: int):
         GradientCheckpointingLayer.__init__(self)  # LlamaDecoderLayer.__init__ would build a full LlamaAttention
         self.hidden_size = config.hidden_size
-        self.self_attn = EchoAttAttention(config=config, layer_idx=layer_idx)
+        self.self_attn = ATTENTION_BY_ROLE[config.role(layer_idx)](config=config, layer_idx=layer_idx)
         self.mlp = LlamaMLP(config)
         self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -410,7 +495,7 @@ class EchoAttPreTrainedModel(LlamaPreTrainedModel):
     config_class = EchoAttConfig
     config: EchoAttConfig
     _no_split_modules = ["EchoAttDecoderLayer"]
-    _can_record_outputs = {"hidden_states": EchoAttDecoderLayer, "attentions": EchoAttAttention}
+    _can_record_outputs = {"hidden_states": EchoAttDecoderLayer, "attentions": AttentionBase}
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:

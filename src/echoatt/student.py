@@ -176,7 +176,7 @@ def kv_cache_bytes_per_token(config, dtype_bytes: int = 2) -> int:
     layers = range(config.num_hidden_layers)
     if not isinstance(config, EchoAttConfig):
         return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * dtype_bytes
-    dims = sum(config.cached_key_dims(i) + (0 if config.is_dropped(i) else config.head_dim) for i in layers)
+    dims = sum(config.cached_key_dims(i) + config.cached_value_dims(i) for i in layers)
     return dims * config.num_key_value_heads * dtype_bytes
 
 
