@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from conftest import tiny_teacher
+
 from echoatt import analysis
 from echoatt.analysis import Similarity, attention_similarity
 

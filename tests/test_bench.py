@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import tiny_teacher
+
 from echoatt.bench import CANDIDATES, markdown, run_bench
 from echoatt.config import BenchConfig
 from echoatt.cost_model import bound, forward_cost

@@ -80,7 +80,7 @@ def test_lisa_cache_holds_low_rank_keys_and_generation_matches(teacher):
     total = sum(layer.keys.numel() + layer.values.numel() for layer in cache.layers) * 4
     assert total == kv_cache_bytes_per_token(lisa.config, dtype_bytes=4) * 2 * 12
     x = ids(batch=1, length=6)
-    kw = dict(max_new_tokens=10, do_sample=False, pad_token_id=0, eos_token_id=None)
+    kw = {"max_new_tokens": 10, "do_sample": False, "pad_token_id": 0, "eos_token_id": None}
     assert torch.equal(lisa.generate(x, use_cache=True, **kw), lisa.generate(x, use_cache=False, **kw))
 
 
@@ -123,7 +123,7 @@ def test_gradcheck_lisa_follower(teacher):
     hidden = torch.randn(1, 4, 64, dtype=torch.float64, generator=gen, requires_grad=True)
     logits = torch.randn(1, 4, 4, 4, dtype=torch.float64, generator=gen, requires_grad=True)
     rotary = lisa.model.rotary_emb(hidden, torch.arange(4)[None])
-    run = lambda h, s: attn(h, rotary, attention_handoff={1: Handoff(logits=s)})[0]  # noqa: E731
+    run = lambda h, s: attn(h, rotary, attention_handoff={1: Handoff(logits=s)})[0]
     assert torch.autograd.gradcheck(run, (hidden, logits), eps=1e-6, atol=1e-6, fast_mode=True)
 
 

@@ -85,7 +85,7 @@ def test_eager_and_fused_paths_agree(teacher, path):
 def test_generate_with_cache_matches_cache_free(teacher, impl, path):
     student = student_of(teacher, impl=impl, path=path)
     x = ids(batch=1, length=6)
-    kw = dict(max_new_tokens=10, do_sample=False, pad_token_id=0, eos_token_id=None)
+    kw = {"max_new_tokens": 10, "do_sample": False, "pad_token_id": 0, "eos_token_id": None}
     cached = student.generate(x, use_cache=True, **kw)
     uncached = student.generate(x, use_cache=False, **kw)
     assert torch.equal(cached, uncached)
@@ -213,7 +213,7 @@ def test_attention_drop_baseline_removes_the_sub_layer(teacher):
         cache = output_cache(dropped(x, use_cache=True))
     assert cache.layers[2].keys.numel() == cache.layers[2].values.numel() == 0
     assert cache.get_seq_length() == 12
-    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
+    kw = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0, "eos_token_id": None}
     assert torch.equal(dropped.generate(x[:1], use_cache=True, **kw), dropped.generate(x[:1], use_cache=False, **kw))
     c = teacher.config
     per_layer = c.num_key_value_heads * c.head_dim * 2
@@ -250,8 +250,8 @@ def test_gradcheck_follower_attention(teacher, path):
     if path == "probs":
         scores = torch.randn(1, 4, 4, 4, dtype=torch.float64, generator=gen).masked_fill(torch.ones(4, 4).triu(1).bool(), -1e9)
         lead = (torch.softmax(scores, -1).requires_grad_(),)
-        run = lambda h, p: attn(h, attention_handoff={1: Handoff(probs=p)})[0]  # noqa: E731
+        run = lambda h, p: attn(h, attention_handoff={1: Handoff(probs=p)})[0]
     else:
         lead = tuple(torch.randn(1, n, 4, 16, dtype=torch.float64, generator=gen, requires_grad=True) for n in (4, 2))
-        run = lambda h, q, k: attn(h, attention_handoff={1: Handoff(query=q, key=k)})[0]  # noqa: E731
+        run = lambda h, q, k: attn(h, attention_handoff={1: Handoff(query=q, key=k)})[0]
     assert torch.autograd.gradcheck(run, (hidden, *lead), eps=1e-6, atol=1e-6)

@@ -4,6 +4,7 @@ beats the plain copy on held-out English prose."""
 from __future__ import annotations
 
 import importlib.util
+
 import pytest
 import torch
 

@@ -23,7 +23,7 @@ def declared() -> dict[str, Requirement]:
 
 
 def pins(lock: str) -> dict[str, str]:
-    return dict(re.findall(r"^([A-Za-z0-9_.\-]+)==(\S+)", (ROOT / lock).read_text(), re.M))
+    return dict(re.findall(r"^([A-Za-z0-9_.\-]+)==(\S+)", (ROOT / lock).read_text(), re.MULTILINE))
 
 
 def test_every_dependency_has_an_upper_bound():

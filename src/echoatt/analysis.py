@@ -1,4 +1,4 @@
-"""Attend: how alike are the attention maps of a model's layers and heads?
+"""How alike are the attention maps of a model's layers and heads?
 
 All similarities come from one Gram matrix G over (layer, head) pairs: G[(i,h),(j,g)] = <P_i^h, P_j^g>, summed over
 sequences, queries and keys, where P_i^h is head h's attention-probability matrix at layer i (causal part: the
@@ -60,7 +60,7 @@ class Similarity:
         return [int(g) for g in sim.argmax(axis=-1)]
 
     def to_json(self) -> dict:
-        r = lambda a: np.round(a, 5).tolist()  # noqa: E731
+        r = lambda a: np.round(a, 5).tolist()
         return {
             "num_layers": self.num_layers,
             "num_heads": self.head_head.shape[1],

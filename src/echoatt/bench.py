@@ -27,10 +27,10 @@ from echoatt.modeling import CACHE_KWARG, output_cache
 from echoatt.student import kv_cache_bytes_per_token, parameter_count
 
 CANDIDATES = ("teacher_sdpa", "teacher_eager", "student_sdpa", "student_eager")
-TINYLLAMA = dict(  # TinyLlama-1.1B's shape (the papers' setting): 22 layers, GQA 32/4
-    vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-    num_key_value_heads=4, max_position_embeddings=2048, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-)
+TINYLLAMA = {  # TinyLlama-1.1B's shape (the papers' setting): 22 layers, GQA 32/4
+    "vocab_size": 32000, "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22, "num_attention_heads": 32,
+    "num_key_value_heads": 4, "max_position_embeddings": 2048, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+}
 
 
 def arch_config(spec: str):
@@ -126,7 +126,7 @@ def _impl(name: str) -> str:
 def prefill_figure(teacher, student, length: int, config: BenchConfig, device, dtype_bytes: int) -> dict:
     ids = torch.randint(0, teacher.config.vocab_size, (1, length), device=device)
     work = {
-        n: (lambda m=m, impl=_impl(n): _with_impl(m, impl)(input_ids=ids, use_cache=False, logits_to_keep=1))
+        n: (lambda m=m, n=n: _with_impl(m, _impl(n))(input_ids=ids, use_cache=False, logits_to_keep=1))
         for n, m in _models(teacher, student).items()
     }
     timings = measure(work, device, config.repeats, config.warmup)
@@ -255,13 +255,13 @@ def run_bench(teacher, student, config: BenchConfig, device: torch.device) -> di
 def markdown(result: dict) -> str:
     """The speed table: medians, both ratios and their bounds, achieved/bound."""
     lines = [
-        f"Device: {result['device']}, {result['threads']} threads, {result['dtype']}, torch {result['torch']}. "
+        (f"Device: {result['device']}, {result['threads']} threads, {result['dtype']}, torch {result['torch']}. "
         "Medians of interleaved repeats; bound = analytic teacher cost / student cost (FLOPs for prefill and "
         f"training, bytes for decode). Student: {result.get('student', 'copy')} followers; on SDPA it takes the reuse "
-        f"path for calls of at most {result.get('reuse_crossover', '?')} new tokens (decode), the fused path above.",
+        f"path for calls of at most {result.get('reuse_crossover', '?')} new tokens (decode), the fused path above."),
         "",
-        "| figure | setting | teacher sdpa | teacher eager | student sdpa | student eager | ratio (vs teacher sdpa) "
-        "| bound | achieved/bound | eager/eager ratio | bound | achieved/bound |",
+        ("| figure | setting | teacher sdpa | teacher eager | student sdpa | student eager | ratio (vs teacher sdpa) "
+        "| bound | achieved/bound | eager/eager ratio | bound | achieved/bound |"),
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for f in result["figures"]:
@@ -286,9 +286,9 @@ def markdown(result: dict) -> str:
     p, kv = size["parameters"], size["kv_cache_bytes_per_token"]
     lines += [
         "",
-        f"Parameters: teacher {p['teacher']:,}, student {p['student']:,} "
+        (f"Parameters: teacher {p['teacher']:,}, student {p['student']:,} "
         f"(−{100 * (1 - p['student'] / p['teacher']):.2f}%). KV cache per token: teacher {kv['teacher']:,} B, "
-        f"student {kv['student']:,} B (×{kv['student'] / kv['teacher']:.3f}).",
+        f"student {kv['student']:,} B (×{kv['student'] / kv['teacher']:.3f})."),
     ]
     return "\n".join(lines)
 

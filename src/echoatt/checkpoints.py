@@ -44,7 +44,8 @@ def resume_point(run: RunDir, resume: str, identity: dict) -> Checkpoint | None:
     if not same_student(saved, identity):
         was = describe(saved) if saved else "an unlabelled student"
         raise TrainingError(f"checkpoint {found.path} was trained from another student ({was}), not this one "
-                            f"({describe(identity)}); use another --out, `echoatt share --overwrite`, or --resume never")
+                            f"({describe(identity)}); use another --out, `echoatt share --overwrite`, "
+                            "or --resume never")
     return found
 
 

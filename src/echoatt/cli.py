@@ -8,6 +8,7 @@ import sys
 from typing import Any
 
 from echoatt import pipeline
+from echoatt.checkpoints import TrainingError
 from echoatt.config import (
     AnalyzeConfig,
     BenchConfig,
@@ -19,7 +20,6 @@ from echoatt.config import (
     ShareConfig,
     load_yaml,
 )
-from echoatt.checkpoints import TrainingError
 from echoatt.corpus import CorpusError
 from echoatt.plan import PlanError
 from echoatt.rundir import RunDirError

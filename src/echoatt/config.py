@@ -13,7 +13,7 @@ import yaml
 from echoatt.losses import KDLoss
 
 
-def opt(default: Any, help: str) -> Any:  # noqa: A002
+def opt(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
 

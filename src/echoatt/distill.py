@@ -176,8 +176,9 @@ def load_inputs(config: DistillConfig, teacher: Teacher | None, accelerator: Acc
     if len(train) < needed:
         raise ValueError(f"the corpus gives {len(train)} training windows of {config.seq_len} tokens; "
                          f"one step needs {needed}")
-    return dict(run=run, student_dir=student_dir, identity=identity, resume_from=resume_from, teacher=teacher,
-                tokenizer=tokenizer, student=student, train_windows=train, val_windows=spread(val, config.eval_windows))
+    return {"run": run, "student_dir": student_dir, "identity": identity, "resume_from": resume_from,
+            "teacher": teacher, "tokenizer": tokenizer, "student": student, "train_windows": train,
+            "val_windows": spread(val, config.eval_windows)}
 
 
 def setup_training(config: DistillConfig, teacher: Teacher | None = None) -> Training:

@@ -34,9 +34,8 @@ has no attention sub-layer at all (no Q/K/V/O weights, nothing cached), only its
 from __future__ import annotations
 
 import inspect
-import math
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import torch
 from huggingface_hub.dataclasses import strict
@@ -71,6 +70,12 @@ def output_cache(outputs) -> Cache | None:
     """The KV cache of a model output: field `cache` from transformers 5.24, `past_key_values` before."""
     cache = getattr(outputs, "cache", None)
     return cache if cache is not None else outputs.past_key_values
+
+
+def llama_fields(config) -> dict:
+    """The fields of any LLaMA-compatible config that a `LlamaConfig` has (the rest, e.g. GGUF's quantisation, drop)."""
+    keys = LlamaConfig.__dataclass_fields__.keys() - {"architectures", "model_type"}
+    return {k: v for k, v in config.to_dict().items() if k in keys}
 
 
 def role_of(config, layer: int) -> str:
@@ -140,6 +145,13 @@ class EchoAttConfig(LlamaConfig):
             heads = self.head_map[layer]
             if heads is not None and (len(heads) != h or not all(0 <= g < h for g in heads)):
                 raise ValueError(f"head_map[{layer}] must list {h} head indices in [0, {h})")
+
+    @classmethod
+    def from_llama(cls, config, **sharing) -> EchoAttConfig:
+        """A teacher's LLaMA-compatible config (Llama, Mistral, GGUF-loaded) with the sharing fields given."""
+        converted = cls(**llama_fields(config), **sharing)
+        converted._attn_implementation = config._attn_implementation
+        return converted
 
     def role(self, layer: int) -> str:
         """What `layer`'s attention is: `ordinary`, `leader` (others read it), `copy` or `lisa` (a follower), or
@@ -427,7 +439,8 @@ class LisaFollowerAttention(AttentionBase):
 
     def __init__(self, config: EchoAttConfig, layer_idx: int):
         super().__init__(config, layer_idx)
-        self.align = HeadAlign(self.num_heads, config.lisa_hidden, list(config.head_map[layer_idx] or range(self.num_heads)))
+        head_map = list(config.head_map[layer_idx] or range(self.num_heads))
+        self.align = HeadAlign(self.num_heads, config.lisa_hidden, head_map)
         self.lowrank = LowRankQK(config)
         self._values(config)
 
@@ -494,8 +507,8 @@ class EchoAttDecoderLayer(LlamaDecoderLayer):
 class EchoAttPreTrainedModel(LlamaPreTrainedModel):
     config_class = EchoAttConfig
     config: EchoAttConfig
-    _no_split_modules = ["EchoAttDecoderLayer"]
-    _can_record_outputs = {"hidden_states": EchoAttDecoderLayer, "attentions": AttentionBase}
+    _no_split_modules: ClassVar[list[str]] = ["EchoAttDecoderLayer"]
+    _can_record_outputs: ClassVar[dict] = {"hidden_states": EchoAttDecoderLayer, "attentions": AttentionBase}
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:

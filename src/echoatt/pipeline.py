@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from echoatt.analysis import Similarity, attention_similarity
+from echoatt.checkpoints import checkpoint_identities
 from echoatt.config import (
     AnalyzeConfig,
     BenchConfig,
@@ -21,7 +20,6 @@ from echoatt.config import (
     ShareConfig,
 )
 from echoatt.corpus import spread, token_windows
-from echoatt.checkpoints import checkpoint_identities
 from echoatt.distill import distill
 from echoatt.metrics import perplexity
 from echoatt.modeling import EchoAttForCausalLM
@@ -31,15 +29,15 @@ from echoatt.rundir import (
     MODEL_LABELS,
     RunDir,
     RunDirError,
+    RunSummary,
+    SharingInfo,
     describe,
     device_of,
     identity_of,
+    is_model_folder,
     read_student_config,
     record,
     same_student,
-    RunSummary,
-    SharingInfo,
-    is_model_folder,
     setup,
     student_identity,
 )
@@ -51,6 +49,7 @@ from echoatt.student import (
     save_student,
 )
 from echoatt.teacher import Teacher, load_teacher
+
 
 def analyze(config: AnalyzeConfig, teacher: Teacher | None = None) -> Similarity:
     """Measure the teacher's layer x layer attention similarity; write similarity.json and a heatmap."""
@@ -134,7 +133,8 @@ def share(
         plan=[list(b) for b in plan.blocks],
         method=spec.method,
         head_map=spec.head_map if spec.mapped else None,
-        lisa={"rank": student.config.lisa_rank, "hidden": student.config.lisa_hidden} if spec.method == "lisa" else None,
+        lisa=({"rank": student.config.lisa_rank, "hidden": student.config.lisa_hidden}
+              if spec.method == "lisa" else None),
         parameters=parameter_report(teacher.model, student),
         kv_cache_bytes_per_token_bf16={"teacher": kv_cache_bytes_per_token(teacher.model.config),
                                        "student": kv_cache_bytes_per_token(student.config)},
@@ -257,7 +257,8 @@ def compare(config: CompareConfig) -> dict:
         results.setdefault("teacher", scored["teacher"])
         results[f"{name}/student"] = scored["student"]
         results[f"{name}/distilled"] = {**scored["distilled"], "trained parameters": {"percent": trained["percent"]}}
-        labels |= {f"{name}/student": f"{variant.label} (before KD)", f"{name}/distilled": f"{variant.label} (after KD)"}
+        labels |= {f"{name}/student": f"{variant.label} (before KD)",
+                   f"{name}/distilled": f"{variant.label} (after KD)"}
         table = save_results(results, run.results("compare"), labels)
     print(table)
     return results

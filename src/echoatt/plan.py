@@ -6,7 +6,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-
 PLAN_WORDS = {  # what each kind of plan string takes after its first part
     "k": ("first", "last", "followers", "protect"),
     "threshold": ("max", "protect"),

@@ -68,10 +68,10 @@ def sections(run: RunDir) -> list[Section]:
     if run.similarity.is_file():
         data = json.loads(run.similarity.read_text())
         settings = data.get("settings", {})
-        text = [f"Attention similarity of the teacher `{settings.get('teacher', '?')}` over {data['tokens']:,} tokens "
+        text = [(f"Attention similarity of the teacher `{settings.get('teacher', '?')}` over {data['tokens']:,} tokens "
                 f"({settings.get('sequences', '?')} windows of {settings.get('seq_len', '?')}). Head-averaged maps of "
                 "neighbouring inner layers are alike; the same head index often is not, which is why followers read "
-                "the most similar leader head (head-matched copy)."]
+                "the most similar leader head (head-matched copy).")]
         images = [run.heatmap.name] if run.heatmap.is_file() else []
         out.append(Section("Attend: attention similarity", text, images))
     info = SharingInfo.load(run.student)
@@ -86,7 +86,7 @@ def sections(run: RunDir) -> list[Section]:
             out.append(Section(title, [table.read_text().strip()]))
     for path in run.bench_results():
         label = path.stem.removeprefix("bench").lstrip("-") or "this run's teacher and student"
-        table = path.with_suffix(".md")
+        table = run.results(path.stem)[1]
         if table.is_file():
             out.append(Section(f"Speed and size: {label}", [table.read_text().strip()]))
     return out
@@ -99,11 +99,11 @@ def student_text(info: SharingInfo) -> list[str]:
         f"Blocks (leader←followers): {blocks}. Method: {info.method}"
         + (f", head map: {info.head_map}." if info.head_map else ".")
         + (f" LiSA: rank {info.lisa['rank']}, alignment hidden width {info.lisa['hidden']}." if info.lisa else ""),
-        "| | teacher | student | removed |\n|---|---|---|---|\n"
+        ("| | teacher | student | removed |\n|---|---|---|---|\n"
         f"| parameters | {params['teacher']:,} | {params['student']:,} | {params['removed']:,} "
         f"({params['removed_percent']:.2f}%) |\n"
         f"| KV-cache bytes per token (bf16) | {kv['teacher']:,} | {kv['student']:,} | "
-        f"{kv['teacher'] - kv['student']:,} ({100 * (1 - kv['student'] / kv['teacher']):.1f}%) |",
+        f"{kv['teacher'] - kv['student']:,} ({100 * (1 - kv['student'] / kv['teacher']):.1f}%) |"),
     ]
 
 

