@@ -171,3 +171,13 @@ def test_a_run_folder_holds_one_student(teacher_dir, corpus_dir, tmp_path, capsy
     assert main(["distill", *args, *train]) == 0
     assert main(["share", *args, "--plan", "1-2,3-4", "--head-map", "identity"]) == 0
     assert (out / "checkpoints" / "latest").is_file()
+
+
+def test_models_with_the_same_folder_name_are_told_apart(tmp_path):
+    from echoatt.pipeline import model_names
+
+    a, b = tmp_path / "k2" / "student", tmp_path / "th" / "student"
+    assert model_names([a, b]) == {"k2/student": a, "th/student": b}
+    assert model_names([a, tmp_path / "other"]) == {"student": a, "other": tmp_path / "other"}
+    with pytest.raises(ValueError, match="the same folder twice"):
+        model_names([a, a])

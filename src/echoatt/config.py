@@ -55,6 +55,9 @@ class ShareConfig(CommonConfig):
     lisa_hidden: int = opt(0, "LiSA: hidden width of the head-alignment network (0: the number of heads)")
     similarity: str = opt("", "similarity.json from `echoatt analyze` (default: OUT/similarity.json, else analyse)")
     overwrite: bool = opt(False, "where OUT holds another student or its checkpoints, clear them (else refuse)")
+    calibrate: int = opt(32, "training windows to refit each follower's o_proj on, against the teacher's attention "
+                         "output (0: off; needs the teacher's tokenizer)")
+    calibrate_ridge: float = opt(1e-2, "ridge of the refit, relative to the mean diagonal of Z^T Z")
 
 
 @dataclass

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from echoatt.analysis import Similarity, attention_similarity
+from echoatt.calibrate import calibrate_followers
 from echoatt.checkpoints import checkpoint_identities
 from echoatt.config import (
     AnalyzeConfig,
@@ -125,9 +126,12 @@ def share(
         print("no similarity analysis found: measuring it first (echoatt analyze)")
         similarity = analyze_with_defaults(config, teacher)
     student, plan = spec.build(teacher.model, similarity)
-    identity = student_identity(student.config, teacher.name)
+    calibration = calibration_settings(config, teacher, student)
+    identity = student_identity(student.config, teacher.name, calibration)
     claim_run_folder(run, identity, config.overwrite)
     record(config, "share")
+    if calibration:
+        calibration = calibrate(config, teacher, student) | calibration
     info = SharingInfo(
         identity=identity,
         plan=[list(b) for b in plan.blocks],
@@ -138,11 +142,32 @@ def share(
         parameters=parameter_report(teacher.model, student),
         kv_cache_bytes_per_token_bf16={"teacher": kv_cache_bytes_per_token(teacher.model.config),
                                        "student": kv_cache_bytes_per_token(student.config)},
+        calibration=calibration,
     )
     path = save_student(student, teacher.tokenizer, run.student, info)
     print_student(info, student.config)
     print(f"wrote the student to {path}")
     return student
+
+
+def calibration_settings(config: ShareConfig, teacher: Teacher, student) -> dict | None:
+    """What the refit of the followers will use, or None where there is nothing to refit or no text to do it on."""
+    if not config.calibrate or not any(student.config.role(i) in ("copy", "lisa") for i in student.config.followers()):
+        return None
+    if teacher.tokenizer is None:
+        print(f"the teacher has no tokenizer ({teacher.tokenizer_error}): the followers are not calibrated")
+        return None
+    return {"windows": config.calibrate, "ridge": config.calibrate_ridge, "corpus": config.corpus,
+            "seq_len": config.seq_len}
+
+
+def calibrate(config: ShareConfig, teacher: Teacher, student) -> dict:
+    """Refit each follower's o_proj on training windows against the teacher's attention output (`calibrate.py`)."""
+    train, _ = token_windows(teacher.tokenizer, config.corpus, config.seq_len, config.encoding)
+    report = calibrate_followers(student, teacher.model, spread(train, config.calibrate), config.calibrate_ridge)
+    print(report.summary())
+    mean = lambda d: sum(d.values()) / len(d)
+    return {"error_before": mean(report.before), "error_after": mean(report.after)}
 
 
 def print_student(info: SharingInfo, config) -> None:
@@ -169,7 +194,7 @@ def evaluate(config: EvalConfig, teacher: Teacher | None = None) -> dict:
     tasks = [t for t in config.tasks.split(",") if t]
     check_tasks(tasks)
     if config.models:
-        paths = {Path(p).name: Path(p) for p in config.models.split(",") if p}
+        paths = model_names([Path(p) for p in config.models.split(",") if p])
     else:
         paths = {name: path for name, path in (("student", run.student), ("distilled", run.distilled))
                  if is_model_folder(path)}
@@ -189,6 +214,16 @@ def evaluate(config: EvalConfig, teacher: Teacher | None = None) -> dict:
             results[name].update(zero_shot(model, tokenizer, tasks, config.limit or None, config.eval_batch_size))
     print(save_results(results, run.results("eval"), MODEL_LABELS))
     return results
+
+
+def model_names(paths: list[Path]) -> dict[str, Path]:
+    """A short, distinct name for each model folder: its own name, or with its parents' where names repeat
+    (`a/student`, `b/student`)."""
+    for depth in range(1, max(len(p.parts) for p in paths) + 1):
+        names = ["/".join(p.parts[-depth:]) for p in paths]
+        if len(set(names)) == len(names):
+            return dict(zip(names, paths, strict=True))
+    raise ValueError(f"--models lists the same folder twice: {[str(p) for p in paths]}")
 
 
 def bench(config: BenchConfig) -> dict:

@@ -79,6 +79,7 @@ class SharingInfo:
     lisa: dict | None  # rank and hidden width of LiSA's parts
     parameters: dict  # teacher, student, removed, removed_percent
     kv_cache_bytes_per_token_bf16: dict  # teacher, student
+    calibration: dict | None = None  # windows, ridge, error before/after (calibrate.CalibrationReport), or None
 
     def save(self, student_dir: Path) -> None:
         (student_dir / SHARING_FILE).write_text(json.dumps(asdict(self), indent=2))
@@ -245,8 +246,8 @@ def config_hash(config: dict) -> str:
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def student_identity(config, teacher: str) -> dict:
-    """Teacher, plan, method and head map in words, and the config hash that decides."""
+def student_identity(config, teacher: str, calibration: dict | None = None) -> dict:
+    """Teacher, plan, method, head map and calibration in words, and the config hash that decides with them."""
     cfg = config.to_dict()
     source = cfg.get("attention_source") or []
     return {
@@ -254,6 +255,7 @@ def student_identity(config, teacher: str) -> dict:
         "attention_source": source,
         "method": "drop" if -1 in source else cfg.get("follower_type", "copy"),
         "head_map": cfg.get("head_map"),
+        "calibration": calibration,
         "config_hash": config_hash(cfg),
     }
 
@@ -285,11 +287,15 @@ def identity_of(student_dir: Path) -> dict:
     current = config_hash(config.to_dict())
     if recorded and recorded.get("config_hash") == current:
         return recorded
-    return student_identity(config, teacher=recorded.get("teacher") if recorded else None)
+    if recorded is None:
+        return student_identity(config, teacher=None)
+    return student_identity(config, recorded.get("teacher"), recorded.get("calibration"))
 
 
 def same_student(a: dict | None, b: dict | None) -> bool:
-    return a is not None and b is not None and (a["config_hash"], a["teacher"]) == (b["config_hash"], b["teacher"])
+    """Same config, teacher and calibration settings (the weights a student starts from follow from them)."""
+    key = lambda x: (x["config_hash"], x["teacher"], x.get("calibration"))
+    return a is not None and b is not None and key(a) == key(b)
 
 
 def describe(identity: dict) -> str:

@@ -1,0 +1,77 @@
+"""Calibration: each follower's o_proj refit by ridge least squares on the teacher's stream."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_teacher
+
+from echoatt.calibrate import calibrate_followers
+from echoatt.plan import SharingPlan
+from echoatt.student import build_student
+
+MAPS = [None, None, [1, 0, 3, 2], None, [2, 2, 0, 1], None]
+
+
+def windows(n=24, length=24, seed=0):
+    return torch.randint(3, 128, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("method", ["copy", "lisa"])
+def test_refit_lowers_the_followers_error_and_touches_nothing_else(method):
+    teacher = tiny_teacher()
+    maps = MAPS if method == "copy" else [None, None, [1, 0, 3, 2], [2, 2, 0, 1], None, None]
+    student = build_student(teacher, SharingPlan.from_blocks(6, [[1, 2], [3, 4]] if method == "copy" else [[1, 2, 3]]),
+                            maps, method=method)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    report = calibrate_followers(student, teacher, windows(), ridge=1e-4, progress=False)
+    followers = student.config.followers()
+    assert set(report.after) == set(followers)
+    for i in followers:
+        assert report.after[i] < 0.9 * report.before[i], (i, report.before[i], report.after[i])
+    for name, value in student.state_dict().items():
+        changed = not torch.equal(value, before[name])
+        refit = any(name == f"model.layers.{i}.self_attn.o_proj.weight" for i in followers)
+        assert changed == refit, name
+
+
+def test_refit_is_the_least_squares_solution():
+    """With a vanishing ridge, a follower whose borrowed attention is exactly its own gets back the o_proj that
+    reproduces the teacher layer's output."""
+    teacher = tiny_teacher()
+    with torch.no_grad():  # layer 1 adds nothing and layer 2 attends as it does, so reading layer 1's attention is exact
+        teacher.model.layers[1].self_attn.o_proj.weight.zero_()
+        teacher.model.layers[1].mlp.down_proj.weight.zero_()
+        for name in ("q_proj", "k_proj"):
+            getattr(teacher.model.layers[2].self_attn, name).weight.copy_(
+                getattr(teacher.model.layers[1].self_attn, name).weight)
+        teacher.model.layers[2].input_layernorm.weight.copy_(teacher.model.layers[1].input_layernorm.weight)
+    student = build_student(teacher, SharingPlan.from_blocks(6, [[1, 2]]))
+    with torch.no_grad():
+        student.model.layers[2].self_attn.o_proj.weight.normal_()  # spoil it; the refit must find it again
+    report = calibrate_followers(student, teacher, windows(), ridge=1e-9, progress=False)
+    assert report.before[2] > 0.5 and report.after[2] < 1e-6
+
+
+def test_share_calibrates_by_default_and_records_it(teacher_dir, corpus_dir, tmp_path, monkeypatch):
+    import json
+
+    from safetensors.torch import load_file
+
+    from echoatt.cli import main
+
+    monkeypatch.setenv("ECHOATT_CACHE", str(tmp_path / "cache"))
+    args = ["share", "--teacher", str(teacher_dir), "--corpus", str(corpus_dir), "--seq-len", "32", "--plan", "1-2"]
+    assert main([*args, "--out", str(tmp_path / "on")]) == 0
+    assert main([*args, "--out", str(tmp_path / "off"), "--calibrate", "0"]) == 0
+    on = json.loads((tmp_path / "on" / "student" / "sharing.json").read_text())["calibration"]
+    assert on["windows"] == 32 and on["error_after"] < on["error_before"]
+    assert json.loads((tmp_path / "off" / "student" / "sharing.json").read_text())["calibration"] is None
+    weights = {k: load_file(tmp_path / k / "student" / "model.safetensors") for k in ("on", "off")}
+    name = "model.layers.2.self_attn.o_proj.weight"
+    assert not torch.equal(weights["on"][name], weights["off"][name])  # the follower's O was refit
+    leader = "model.layers.1.self_attn.o_proj.weight"
+    assert torch.equal(weights["on"][leader], weights["off"][leader])  # nothing else was
+    # Another calibration is another student: the folder refuses it (and would never resume its checkpoints).
+    assert main([*args, "--out", str(tmp_path / "on"), "--calibrate", "0"]) == 2
+    assert main([*args, "--out", str(tmp_path / "on")]) == 0  # the same one again is welcome
