@@ -89,3 +89,25 @@ def test_parse_refuses_what_it_would_otherwise_misread(spec, message):
     with pytest.raises(PlanError, match=message):
         SharingPlan.parse(spec, 6, head_matched=np.ones((6, 6)))
     assert SharingPlan.parse("k=4", 6).blocks == ((1, 2, 3, 4),)  # the largest k that fits is fine
+
+
+def test_budget_picks_the_most_alike_followers_that_reach_the_bounds():
+    """Followers are added by least predicted loss (1 − head-matched similarity to what they read) until the cost
+    model's bounds reach the targets; `k=2` asks for at least blind k=2's bounds."""
+    hm = np.full((8, 8), 0.1)
+    for i in (3, 4, 5):
+        hm[i, 2] = 0.95  # layers 3-5 attend like layer 2
+    bounds = lambda plan: {"prefill": 1 + 0.01 * len(plan.followers), "decode": 1 + 0.02 * len(plan.followers),
+                           "kv": 1 - 0.05 * len(plan.followers)}
+    plan = SharingPlan.parse("budget=k=2", 8, hm, bounds=bounds)
+    assert plan.blocks == ((2, 3, 4, 5),)  # 3 followers, as many as k=2's, and the ones alike
+    assert plan.predicted_loss(hm) == pytest.approx(3 * 0.05)
+    assert SharingPlan.from_k(8, 2).predicted_loss(hm) > 2.5
+    assert len(SharingPlan.parse("budget=decode=1.08", 8, hm, bounds=bounds).followers) == 4
+    assert len(SharingPlan.parse("budget=kv=0.9", 8, hm, bounds=bounds).followers) == 2
+    with pytest.raises(PlanError, match="cannot be met"):
+        SharingPlan.parse("budget=decode=2", 8, hm, bounds=bounds)
+    with pytest.raises(PlanError, match="unknown option 'speed'"):
+        SharingPlan.parse("budget=speed=2", 8, hm, bounds=bounds)
+    with pytest.raises(PlanError, match="names no target"):
+        SharingPlan.parse("budget=protect=2", 8, hm, bounds=bounds)

@@ -47,6 +47,7 @@ from echoatt.student import (
     StudentSpec,
     kv_cache_bytes_per_token,
     parameter_report,
+    plan_bounds,
     save_student,
 )
 from echoatt.teacher import Teacher, load_teacher
@@ -143,6 +144,7 @@ def share(
         kv_cache_bytes_per_token_bf16={"teacher": kv_cache_bytes_per_token(teacher.model.config),
                                        "student": kv_cache_bytes_per_token(student.config)},
         calibration=calibration,
+        bounds=plan_bounds(teacher.model.config, student.config),
     )
     path = save_student(student, teacher.tokenizer, run.student, info)
     print_student(info, student.config)
@@ -179,6 +181,9 @@ def print_student(info: SharingInfo, config) -> None:
     print(f"parameters: teacher {params['teacher']:,}  student {params['student']:,}  "
           f"removed {params['removed']:,} ({params['removed_percent']:.2f}%)")
     print(f"KV cache per token (bf16): teacher {kv['teacher']:,} B  student {kv['student']:,} B")
+    b = info.bounds
+    print(f"predicted bounds (bf16, teacher time / student time): prefill 1x512 {b['prefill']:.3f}x, "
+          f"decode 16 x 1024 context {b['decode']:.3f}x")
 
 
 def evaluate(config: EvalConfig, teacher: Teacher | None = None) -> dict:

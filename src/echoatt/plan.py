@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -9,7 +10,10 @@ import numpy as np
 PLAN_WORDS = {  # what each kind of plan string takes after its first part
     "k": ("first", "last", "followers", "protect"),
     "threshold": ("max", "protect"),
+    "budget": ("k", "prefill", "decode", "kv", "protect"),
 }
+# Budget targets: bounds to reach (at least) or ratios to stay under (at most), as `student.plan_bounds` gives them.
+AT_LEAST, AT_MOST = ("prefill", "decode"), ("kv",)
 
 
 class PlanError(ValueError):
@@ -120,16 +124,68 @@ class SharingPlan:
         return cls(num_layers, tuple(blocks))
 
     @classmethod
+    def from_followers(cls, num_layers: int, followers: set[int]) -> SharingPlan:
+        """Each maximal run of consecutive followers follows the layer just before it."""
+        blocks, layer = [], 0
+        while layer < num_layers:
+            if layer + 1 < num_layers and layer + 1 in followers and layer not in followers:
+                end = layer + 1
+                while end + 1 < num_layers and end + 1 in followers:
+                    end += 1
+                blocks.append(tuple(range(layer, end + 1)))
+                layer = end
+            layer += 1
+        return cls(num_layers, tuple(blocks))
+
+    def predicted_loss(self, head_matched: np.ndarray, adjacent: bool = False) -> float:
+        """Σ over followers of 1 − head-matched similarity to the layer it reads (its leader, or with `adjacent` the
+        layer before it): what the analysis predicts sharing loses."""
+        source = self.attention_source()
+        return float(sum(1 - head_matched[i, i - 1 if adjacent else source[i]] for i in self.followers))
+
+    @classmethod
+    def from_budget(
+        cls,
+        head_matched: np.ndarray,
+        meets: Callable[[SharingPlan], bool],
+        protect_first: int = 1,
+        protect_last: int = 1,
+        adjacent: bool = False,
+    ) -> SharingPlan:
+        """The followers that meet a budget with the least predicted loss, greedily: from no sharing, add the follower
+        whose plan predicts the least loss, until `meets(plan)`. Layers 0..protect_first-1 and the last
+        `protect_last` never share (nor lead)."""
+        num_layers = head_matched.shape[0]
+        candidates = set(range(protect_first + 1, num_layers - protect_last))
+        followers: set[int] = set()
+        plan = cls(num_layers, ())
+        while not meets(plan):
+            if not candidates - followers:
+                raise PlanError("the budget cannot be met even with every unprotected layer following; relax it")
+            options = [cls.from_followers(num_layers, followers | {c}) for c in sorted(candidates - followers)]
+            plan = min(options, key=lambda p: p.predicted_loss(head_matched, adjacent))
+            followers = set(plan.followers)
+        return plan
+
+    @classmethod
     def from_blocks(cls, num_layers: int, blocks: list[list[int]]) -> SharingPlan:
         return cls(num_layers, tuple(tuple(int(i) for i in b) for b in blocks))
 
     @classmethod
     def parse(
-        cls, spec: str, num_layers: int, head_matched: np.ndarray | None = None, adjacent: bool = False
+        cls,
+        spec: str,
+        num_layers: int,
+        head_matched: np.ndarray | None = None,
+        adjacent: bool = False,
+        bounds: Callable[[SharingPlan], dict[str, float]] | None = None,
+        check_only: bool = False,
     ) -> SharingPlan:
         """Parse a plan string: `k=2`, `k=3,first,last`, `k=2,followers=9`, `k=2,protect=4`,
-        `threshold=0.9[,max=3][,protect=4]`, `none`, or blocks `1-2,4-6`. `adjacent`: threshold plans compare each
-        layer with the one before it (LiSA) rather than with its block's leader."""
+        `threshold=0.9[,max=3][,protect=4]`, `budget=k=2` (at least plan k=2's prefill and decode bounds) or
+        `budget=decode=1.2[,prefill=1.08][,kv=0.7][,protect=N]`, `none`, or blocks `1-2,4-6`. `adjacent`: threshold
+        and budget plans compare each layer with the one before it (LiSA) rather than with its block's leader.
+        `bounds` costs a plan for a budget; `check_only` checks the syntax without searching."""
         spec = spec.strip()
         if spec in ("none", ""):
             return cls(num_layers, ())
@@ -143,6 +199,8 @@ class SharingPlan:
                                 f"{', '.join(PLAN_WORDS[kind])}")
         try:
             protect = int(opts.get("protect", 1))
+            if kind == "budget":
+                return cls._budget(spec, num_layers, head_matched, adjacent, bounds, check_only)
             if kind == "k":
                 k = int(opts["k"])
                 first, last = "first" in parts[1:], "last" in parts[1:]
@@ -162,7 +220,7 @@ class SharingPlan:
         except ValueError as err:
             raise PlanError(f"bad number in plan {spec!r}") from err
         blocks = []
-        for part in parts:
+        for part in parts:  # explicit blocks
             try:
                 a, b = (int(x) for x in part.split("-"))
             except ValueError as err:
@@ -172,3 +230,31 @@ class SharingPlan:
                 raise PlanError(f"block {part!r} must run from a lower to a higher layer (like {b}-{a})")
             blocks.append(list(range(a, b + 1)))
         return cls.from_blocks(num_layers, blocks)
+
+    @classmethod
+    def _budget(cls, spec, num_layers, head_matched, adjacent, bounds, check_only) -> SharingPlan:
+        parts = spec.split(",")
+        items = [parts[0].split("=", 1)[1], *parts[1:]]
+        opts = {}
+        for item in items:
+            key, _, value = item.strip().partition("=")
+            if key not in PLAN_WORDS["budget"]:
+                raise PlanError(f"unknown option {key!r} in plan {spec!r}; a budget= plan takes "
+                                f"{', '.join(PLAN_WORDS['budget'])}")
+            opts[key] = value
+        targets = {k: float(v) for k, v in opts.items() if k in AT_LEAST + AT_MOST}
+        if not targets and "k" not in opts:
+            raise PlanError(f"plan {spec!r} names no target: use budget=k=2 or e.g. budget=decode=1.2,prefill=1.05")
+        if check_only:
+            return cls(num_layers, ())
+        if head_matched is None or bounds is None:
+            raise PlanError("a budget plan needs the similarity analysis (run `echoatt analyze` first)")
+        if "k" in opts:  # at least what blind k=N reaches, unless a target says otherwise
+            reference = bounds(cls.from_k(num_layers, int(opts["k"])))
+            targets = {k: reference[k] for k in AT_LEAST} | targets
+
+        def meets(plan: SharingPlan) -> bool:
+            got = bounds(plan)
+            return all(got[k] >= v - 1e-9 if k in AT_LEAST else got[k] <= v + 1e-9 for k, v in targets.items())
+
+        return cls.from_budget(head_matched, meets, int(opts.get("protect", 1)), adjacent=adjacent)

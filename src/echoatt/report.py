@@ -95,10 +95,17 @@ def sections(run: RunDir) -> list[Section]:
 def student_text(info: SharingInfo) -> list[str]:
     params, kv = info.parameters, info.kv_cache_bytes_per_token_bf16
     blocks = ", ".join(f"{b[0]}←{','.join(map(str, b[1:]))}" for b in info.plan) or "none"
+    bounds = ("" if not info.bounds else
+              f" The cost model's bound on speed (teacher time / student time, bf16): prefill 1 × 512 "
+              f"**{info.bounds['prefill']:.3f}×**, decode 16 × 1024 context **{info.bounds['decode']:.3f}×**.")
+    calibration = ("" if not info.calibration else
+                   f" Followers calibrated on {info.calibration['windows']} windows: attention-output error vs the "
+                   f"teacher {info.calibration['error_before']:.3f} → {info.calibration['error_after']:.3f}.")
     return [
         f"Blocks (leader←followers): {blocks}. Method: {info.method}"
         + (f", head map: {info.head_map}." if info.head_map else ".")
-        + (f" LiSA: rank {info.lisa['rank']}, alignment hidden width {info.lisa['hidden']}." if info.lisa else ""),
+        + (f" LiSA: rank {info.lisa['rank']}, alignment hidden width {info.lisa['hidden']}." if info.lisa else "")
+        + bounds + calibration,
         ("| | teacher | student | removed |\n|---|---|---|---|\n"
         f"| parameters | {params['teacher']:,} | {params['student']:,} | {params['removed']:,} "
         f"({params['removed_percent']:.2f}%) |\n"

@@ -80,6 +80,7 @@ class SharingInfo:
     parameters: dict  # teacher, student, removed, removed_percent
     kv_cache_bytes_per_token_bf16: dict  # teacher, student
     calibration: dict | None = None  # windows, ridge, error before/after (calibrate.CalibrationReport), or None
+    bounds: dict | None = None  # the cost model's promise (`student.plan_bounds`): prefill, decode, kv
 
     def save(self, student_dir: Path) -> None:
         (student_dir / SHARING_FILE).write_text(json.dumps(asdict(self), indent=2))

@@ -41,6 +41,48 @@ def head_maps(
     return maps
 
 
+def student_config(
+    teacher_config,
+    plan: SharingPlan,
+    head_map: list[list[int] | None] | None = None,
+    method: str = "copy",
+    lisa_rank: int | None = None,
+    lisa_hidden: int | None = None,
+) -> EchoAttConfig:
+    """The student's config for `plan` (no weights: the planner costs candidate plans with it)."""
+    if plan.num_layers != teacher_config.num_hidden_layers:
+        raise PlanError(f"plan is for {plan.num_layers} layers, teacher has {teacher_config.num_hidden_layers}")
+    if method not in METHODS:
+        raise PlanError(f"method must be one of {METHODS} (got {method!r})")
+    source = plan.attention_source()
+    extra = {}
+    if method == "drop":
+        source, head_map = [DROPPED if i in plan.followers else s for i, s in enumerate(source)], None
+    elif method == "lisa":
+        source = [i - 1 if i in plan.followers else i for i in range(plan.num_layers)]
+        extra = {"follower_type": "lisa", "lisa_rank": lisa_rank, "lisa_hidden": lisa_hidden}
+    try:
+        config = EchoAttConfig.from_llama(teacher_config, attention_source=source, head_map=head_map, **extra)
+    except ValueError as err:
+        raise PlanError(str(err)) from err
+    config.architectures = ["EchoAttForCausalLM"]
+    return config
+
+
+def plan_bounds(teacher_config, config: EchoAttConfig) -> dict[str, float]:
+    """What a student config promises, by the cost model, at the settings plans are chosen for (bf16): `prefill`
+    (1 x 512 tokens), `decode` (16 sequences, 1024 tokens of context) as teacher time / student time, and `kv`
+    (KV-cache bytes per token) as student / teacher."""
+    from echoatt.cost_model import bound
+
+    fused = {"teacher_eager": False, "student_eager": False, "dtype_bytes": 2}
+    return {
+        "prefill": bound(teacher_config, config, B=1, T=512, P=0, logits=1, **fused).value,
+        "decode": bound(teacher_config, config, B=16, T=1, P=1024, **fused).value,
+        "kv": kv_cache_bytes_per_token(config) / kv_cache_bytes_per_token(teacher_config),
+    }
+
+
 def build_student(
     teacher: LlamaForCausalLM,
     plan: SharingPlan,
@@ -54,22 +96,7 @@ def build_student(
     `method="lisa"`: each follower reads the layer before it through LiSA's head alignment and low-rank correction
     (`head_map` from `head_maps(..., chain=True)`); it starts as the head-matched copy. `method="drop"` builds the
     baseline instead: the followers' attention sub-layers are removed entirely."""
-    if plan.num_layers != teacher.config.num_hidden_layers:
-        raise PlanError(f"plan is for {plan.num_layers} layers, teacher has {teacher.config.num_hidden_layers}")
-    if method not in METHODS:
-        raise PlanError(f"method must be one of {METHODS} (got {method!r})")
-    source = plan.attention_source()
-    extra = {}
-    if method == "drop":
-        source, head_map = [DROPPED if i in plan.followers else s for i, s in enumerate(source)], None
-    elif method == "lisa":
-        source = [i - 1 if i in plan.followers else i for i in range(plan.num_layers)]
-        extra = {"follower_type": "lisa", "lisa_rank": lisa_rank, "lisa_hidden": lisa_hidden}
-    try:
-        config = EchoAttConfig.from_llama(teacher.config, attention_source=source, head_map=head_map, **extra)
-    except ValueError as err:
-        raise PlanError(str(err)) from err
-    config.architectures = ["EchoAttForCausalLM"]
+    config = student_config(teacher.config, plan, head_map, method, lisa_rank, lisa_hidden)
     param = next(teacher.parameters())
     student = EchoAttForCausalLM(config).to(device=param.device, dtype=param.dtype)
     weights = teacher.state_dict()
@@ -111,7 +138,7 @@ class StudentSpec:
             raise PlanError(f"method must be one of {METHODS} (got {self.method!r})")
         if self.head_map not in HEAD_MAPS:
             raise PlanError(f"head map must be one of {HEAD_MAPS} (got {self.head_map!r})")
-        SharingPlan.parse(self.plan, num_layers, np.zeros((num_layers, num_layers)))
+        SharingPlan.parse(self.plan, num_layers, np.zeros((num_layers, num_layers)), check_only=True)
 
     @property
     def mapped(self) -> bool:
@@ -120,11 +147,19 @@ class StudentSpec:
 
     @property
     def needs_analysis(self) -> bool:
-        return (self.mapped and self.head_map != "identity") or self.plan.startswith("threshold=")
+        return (self.mapped and self.head_map != "identity") or self.plan.startswith(("threshold=", "budget="))
 
-    def sharing_plan(self, num_layers: int, similarity: Similarity | None) -> SharingPlan:
+    def sharing_plan(self, teacher_config, similarity: Similarity | None) -> SharingPlan:
+        """The plan `self.plan` names; a budget is met by the cost model's bounds for this method."""
         matched = similarity.head_matched if similarity else None
-        return SharingPlan.parse(self.plan, num_layers, matched, adjacent=self.method == "lisa")
+
+        def bounds(plan: SharingPlan) -> dict[str, float]:
+            config = student_config(teacher_config, plan, None, self.method, self.lisa_rank or None,
+                                    self.lisa_hidden or None)
+            return plan_bounds(teacher_config, config)
+
+        return SharingPlan.parse(self.plan, teacher_config.num_hidden_layers, matched,
+                                 adjacent=self.method == "lisa", bounds=bounds)
 
     def build(
         self, teacher: LlamaForCausalLM, similarity: Similarity | None, maps: list[list[int] | None] | None = None
@@ -132,7 +167,7 @@ class StudentSpec:
         """The student and its plan; `maps` (one per layer, read at the followers) overrides the analysis's head maps
         (e.g. for random weights, which have no analysis)."""
         config = teacher.config
-        plan = self.sharing_plan(config.num_hidden_layers, similarity)
+        plan = self.sharing_plan(config, similarity)
         if maps is not None:
             maps = [m if i in plan.followers else None for i, m in enumerate(maps)]
         elif self.mapped:
