@@ -167,3 +167,30 @@ def test_disk_full_is_a_message_and_keeps_the_last_checkpoint(run_dir, teacher_d
         distill(config(run_dir, teacher_dir, corpus_dir))
     assert (run_dir / "checkpoints" / "latest").read_text() == "step-000003"
     assert not list((run_dir / "checkpoints").glob("*.partial"))
+
+
+def test_tied_embeddings_checkpoint_quietly_and_stay_tied(tmp_path, tokenizer, corpus_dir, monkeypatch):
+    import logging
+
+    from conftest import tiny_teacher
+
+    monkeypatch.setenv("ECHOATT_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "tied-teacher"
+    tiny_teacher(vocab_size=len(tokenizer), tie_word_embeddings=True).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    teacher = load_teacher(str(folder))
+    save_student(build_student(teacher.model, SharingPlan.from_k(6, 2)), teacher.tokenizer, tmp_path / "run" / "student")
+    heard: list[str] = []
+    collect = logging.Handler()
+    collect.emit = lambda record: heard.append(record.getMessage())
+    logging.getLogger("accelerate.utils.other").addHandler(collect)
+    try:
+        result = distill(config(tmp_path / "run", folder, corpus_dir, steps=2, save_every=1))
+    finally:
+        logging.getLogger("accelerate.utils.other").removeHandler(collect)
+    assert not [m for m in heard if "Removed shared tensor" in m], heard
+    from transformers import AutoModelForCausalLM
+
+    for path in (result["student"], tmp_path / "run" / "checkpoints" / "step-000002" / "student"):
+        model = AutoModelForCausalLM.from_pretrained(path)
+        assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
+from echoatt.noise import silence
 from echoatt.rundir import Checkpoint, RunDir, describe, same_student
 
 
@@ -59,6 +60,8 @@ def save_checkpoint(
     accelerator: Accelerator, student, tokenizer, run: RunDir, step: int, keep: int, identity: dict
 ) -> Path:
     """Write step-N atomically (partial folder, rename, then the `latest` pointer); prune all but `keep`."""
+    # Tied embeddings (lm_head = embed_tokens) are saved once and tied again on load, as the resume tests check.
+    silence("accelerate.utils.other", "Removed shared tensor {'lm_head.weight'} while saving")
     final, partial = run.checkpoint(step), run.checkpoint(step, partial=True)
     if accelerator.is_main_process:
         shutil.rmtree(partial.path, ignore_errors=True)

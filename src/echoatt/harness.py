@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import functools
 import json
-import logging
 import os
 from pathlib import Path
 
 import torch
+
+from echoatt.noise import silence
 
 TASKS_DIR = Path(__file__).with_name("lm_eval_tasks")
 DEFAULT_TASKS = ("hellaswag", "winogrande", "mmlu", "arc_easy", "arc_challenge", "piqa", "boolq", "lambada")
@@ -25,25 +26,16 @@ def local_task(name: str) -> str:
     return f"echoatt_{name}" if (TASKS_DIR / f"{name}.yaml").is_file() else name
 
 
-class QuietNoise(logging.Filter):
-    """lm-eval warnings that say nothing about the models scored here: our offline tasks load their data through a
-    function (lm-eval suggests `--metadata` for each, every run), and our student's model type is not in
-    transformers' causal-LM registry (lm-eval then treats it as causal, which it is)."""
-
-    NOISE = ("Custom kwargs can be passed to `--metadata`", "HF model type is neither marked as CausalLM")
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not any(text in record.getMessage() for text in self.NOISE)
-
-
 @functools.cache
 def task_manager(include_path: str | None = None):
     """lm-eval's task index over its own tasks and ours (built once: it reads every task YAML)."""
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     from lm_eval.tasks import TaskManager
 
-    for name in ("lm_eval.api.task", "lm_eval.models.huggingface"):
-        logging.getLogger(name).addFilter(QuietNoise())
+    # Our offline tasks load their data through a function (lm-eval suggests `--metadata` for each, every run), and
+    # our student's model type is not in transformers' causal-LM registry (lm-eval then treats it as causal: it is).
+    silence("lm_eval.api.task", "Custom kwargs can be passed to `--metadata`")
+    silence("lm_eval.models.huggingface", "HF model type is neither marked as CausalLM")
     return TaskManager(include_path=[str(TASKS_DIR)] + ([include_path] if include_path else []))
 
 
