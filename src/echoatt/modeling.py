@@ -292,6 +292,20 @@ class AttentionBase(nn.Module):
         self.is_leader = config.is_leader(layer_idx)
         self.hands_logits = self.is_leader and config.follower_type == "lisa"
 
+    def forward(
+        self,
+        hidden_states: torch.Tensor,  # (B, T, C)
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Llama's attention signature; each role's `attend` does the work. The KV cache comes as `cache` from
+        transformers 5.24 and as `past_key_values` before."""
+        return self.attend(hidden_states, position_embeddings, attention_mask,
+                           cache if cache is not None else past_key_values, kwargs)
+
     def _values(self, config: EchoAttConfig) -> None:
         bias = config.attention_bias
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
@@ -339,16 +353,7 @@ class EchoAttAttention(AttentionBase):
             return False
         return self.config.reuse_probs(new_tokens, eager)
 
-    def forward(
-        self,
-        hidden_states: torch.Tensor,  # (B, T, C)
-        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-        attention_mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
-        cache: Cache | None = None,
-        **kwargs,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        cache = cache if cache is not None else past_key_values  # its name changed in transformers 5.24
+    def attend(self, hidden_states, position_embeddings, attention_mask, cache: Cache | None, kwargs: dict):
         handoff = self._handoff(kwargs) if self.is_leader else kwargs.pop(HANDOFF_KEY, None)
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
@@ -398,16 +403,7 @@ class CopyFollowerAttention(AttentionBase):
             )
         return self._index_cache[device]
 
-    def forward(
-        self,
-        hidden_states: torch.Tensor,  # (B, T, C)
-        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-        attention_mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
-        cache: Cache | None = None,
-        **kwargs,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        cache = cache if cache is not None else past_key_values
+    def attend(self, hidden_states, position_embeddings, attention_mask, cache: Cache | None, kwargs: dict):
         lead = self._handoff(kwargs)[self.source]
         input_shape = hidden_states.shape[:-1]
         value = self.v_proj(hidden_states).view(*input_shape, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
@@ -444,16 +440,7 @@ class LisaFollowerAttention(AttentionBase):
         self.lowrank = LowRankQK(config)
         self._values(config)
 
-    def forward(
-        self,
-        hidden_states: torch.Tensor,  # (B, T, C)
-        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-        attention_mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
-        cache: Cache | None = None,
-        **kwargs,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        cache = cache if cache is not None else past_key_values
+    def attend(self, hidden_states, position_embeddings, attention_mask, cache: Cache | None, kwargs: dict):
         handoff = self._handoff(kwargs)
         input_shape = hidden_states.shape[:-1]
         value = self.v_proj(hidden_states).view(*input_shape, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
@@ -467,16 +454,7 @@ class LisaFollowerAttention(AttentionBase):
 class DroppedAttention(AttentionBase):
     """The baseline a user would pick instead: no attention sub-layer at all (no weights, nothing cached)."""
 
-    def forward(
-        self,
-        hidden_states: torch.Tensor,  # (B, T, C)
-        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-        attention_mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
-        cache: Cache | None = None,
-        **kwargs,
-    ) -> tuple[torch.Tensor, None]:
-        cache = cache if cache is not None else past_key_values
+    def attend(self, hidden_states, position_embeddings, attention_mask, cache: Cache | None, kwargs: dict):
         kwargs.pop(HANDOFF_KEY, None)
         empty = hidden_states.new_empty((hidden_states.shape[0], self.num_kv_heads, hidden_states.shape[1], 0))
         self._cache_update(cache, empty, empty, kwargs)  # zero bytes, so the cache still has every layer
