@@ -149,12 +149,20 @@ class StudentSpec:
     def needs_analysis(self) -> bool:
         return (self.mapped and self.head_map != "identity") or self.plan.startswith(("threshold=", "budget="))
 
+    def head_maps(self, teacher_config, plan: SharingPlan, similarity: Similarity | None):
+        """Per layer, the source head each follower head reads (None where nothing is mapped)."""
+        if not self.mapped:
+            return None
+        groups = teacher_config.num_attention_heads // teacher_config.num_key_value_heads
+        return head_maps(plan, similarity, self.head_map, chain=self.method == "lisa", kv_groups=groups)
+
     def sharing_plan(self, teacher_config, similarity: Similarity | None) -> SharingPlan:
         """The plan `self.plan` names; a budget is met by the cost model's bounds for this method."""
         matched = similarity.head_matched if similarity else None
 
-        def bounds(plan: SharingPlan) -> dict[str, float]:
-            config = student_config(teacher_config, plan, None, self.method, self.lisa_rank or None,
+        def bounds(plan: SharingPlan) -> dict[str, float]:  # with the head maps the student will have
+            maps = self.head_maps(teacher_config, plan, similarity) if similarity is not None else None
+            config = student_config(teacher_config, plan, maps, self.method, self.lisa_rank or None,
                                     self.lisa_hidden or None)
             return plan_bounds(teacher_config, config)
 
@@ -170,9 +178,8 @@ class StudentSpec:
         plan = self.sharing_plan(config, similarity)
         if maps is not None:
             maps = [m if i in plan.followers else None for i, m in enumerate(maps)]
-        elif self.mapped:
-            groups = config.num_attention_heads // config.num_key_value_heads
-            maps = head_maps(plan, similarity, self.head_map, chain=self.method == "lisa", kv_groups=groups)
+        else:
+            maps = self.head_maps(config, plan, similarity)
         student = build_student(teacher, plan, maps, self.method, self.lisa_rank or None, self.lisa_hidden or None)
         return student, plan
 
