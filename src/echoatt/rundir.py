@@ -301,5 +301,8 @@ def same_student(a: dict | None, b: dict | None) -> bool:
 
 def describe(identity: dict) -> str:
     followers = [i for i, s in enumerate(identity["attention_source"]) if s != i]
-    return (f"teacher {identity['teacher']}, {identity['method']}, followers {followers}, "
+    maps = identity.get("head_map") or []
+    heads = "mapped heads" if any(m is not None and m != list(range(len(m))) for m in maps) else "same-index heads"
+    calibrated = "calibrated" if identity.get("calibration") else "not calibrated"
+    return (f"teacher {identity['teacher']}, {identity['method']}, followers {followers}, {heads}, {calibrated}, "
             f"config {identity['config_hash']}")
