@@ -27,8 +27,11 @@ A LiSA follower's source always hands over its logits (scaled QK^T before the ma
 Followers keep only V in the KV cache (LiSA followers also their rank-r keys): a copy follower's key slot is a
 (B, Hkv, T, 0) tensor, zero bytes that still count tokens.
 
-The baseline a user would pick instead, *attention drop*, is the same class with `attention_source[i] = -1`: layer i
+The baseline a user would pick instead, *attention drop*, is the same model with `attention_source[i] = -1`: layer i
 has no attention sub-layer at all (no Q/K/V/O weights, nothing cached), only its MLP.
+
+Each layer's attention is one small class for its role (`EchoAttConfig.role`): `EchoAttAttention` (ordinary layers and
+leaders), `CopyFollowerAttention`, `LisaFollowerAttention`, `DroppedAttention`; weight names are LLaMA's.
 """
 
 from __future__ import annotations
@@ -471,7 +474,8 @@ ATTENTION_BY_ROLE = {
 
 
 class EchoAttDecoderLayer(LlamaDecoderLayer):
-    """`LlamaDecoderLayer` with an `EchoAttAttention`; its inherited forward passes the handoff on in kwargs."""
+    """`LlamaDecoderLayer` with the attention class of its role; its inherited forward passes the handoff on in
+    kwargs."""
 
     def __init__(self, config: EchoAttConfig, layer_idx: int):
         GradientCheckpointingLayer.__init__(self)  # LlamaDecoderLayer.__init__ would build a full LlamaAttention
