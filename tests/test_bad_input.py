@@ -103,6 +103,8 @@ def test_corpus_that_is_not_the_declared_encoding(teacher_dir, tmp_path, capsys)
     out = tmp_path / "out"
     line = refused(["analyze", *common(teacher_dir, corpus, out)], out, capsys)
     assert "is not valid utf-8" in line and "--encoding" in line
+    line = refused(["share", *common(teacher_dir, corpus, out), "--head-map", "identity"], out, capsys)  # calibration
+    assert "is not valid utf-8" in line
     assert main(["analyze", *common(teacher_dir, corpus, out), "--encoding", "latin-1", "--num-sequences", "2"]) == 0
 
 

@@ -29,10 +29,16 @@ class CalibrationReport:
     after: dict[int, float]
     windows: int
 
+    def means(self) -> dict[str, float]:
+        """Mean error over the followers, before and after."""
+        return {"error_before": sum(self.before.values()) / max(len(self.before), 1),
+                "error_after": sum(self.after.values()) / max(len(self.after), 1)}
+
     def summary(self) -> str:
-        mean = lambda d: sum(d.values()) / max(len(d), 1)
+        means = self.means()
         return (f"calibrated {len(self.after)} followers' o_proj on {self.windows} windows: attention-output error "
-                f"vs the teacher {mean(self.before):.3f} -> {mean(self.after):.3f} (mean relative squared error)")
+                f"vs the teacher {means['error_before']:.3f} -> {means['error_after']:.3f} (mean relative squared "
+                "error)")
 
 
 def _teacher_inputs(teacher, ids: torch.Tensor, layers: list[int]) -> tuple[dict, dict]:

@@ -127,12 +127,14 @@ def share(
         print("no similarity analysis found: measuring it first (echoatt analyze)")
         similarity = analyze_with_defaults(config, teacher)
     student, plan = spec.build(teacher.model, similarity)
-    calibration = calibration_settings(config, teacher, student)
+    calibration, windows = calibration_settings(config, teacher, student)
     identity = student_identity(student.config, teacher.name, calibration)
     claim_run_folder(run, identity, config.overwrite)
     record(config, "share")
     if calibration:
-        calibration = calibrate(config, teacher, student) | calibration
+        report = calibrate_followers(student, teacher.model, windows, config.calibrate_ridge)
+        print(report.summary())
+        calibration = calibration | report.means()
     info = SharingInfo(
         identity=identity,
         plan=[list(b) for b in plan.blocks],
@@ -152,24 +154,18 @@ def share(
     return student
 
 
-def calibration_settings(config: ShareConfig, teacher: Teacher, student) -> dict | None:
-    """What the refit of the followers will use, or None where there is nothing to refit or no text to do it on."""
+def calibration_settings(config: ShareConfig, teacher: Teacher, student) -> tuple[dict | None, torch.Tensor | None]:
+    """What the refit of the followers will use (settings, and the training windows, read now so that a corpus that
+    cannot be used is refused before the run folder is touched); None where there is nothing to refit or no text."""
     if not config.calibrate or not any(student.config.role(i) in ("copy", "lisa") for i in student.config.followers()):
-        return None
+        return None, None
     if teacher.tokenizer is None:
         print(f"the teacher has no tokenizer ({teacher.tokenizer_error}): the followers are not calibrated")
-        return None
-    return {"windows": config.calibrate, "ridge": config.calibrate_ridge, "corpus": config.corpus,
-            "seq_len": config.seq_len}
-
-
-def calibrate(config: ShareConfig, teacher: Teacher, student) -> dict:
-    """Refit each follower's o_proj on training windows against the teacher's attention output (`calibrate.py`)."""
+        return None, None
     train, _ = token_windows(teacher.tokenizer, config.corpus, config.seq_len, config.encoding)
-    report = calibrate_followers(student, teacher.model, spread(train, config.calibrate), config.calibrate_ridge)
-    print(report.summary())
-    mean = lambda d: sum(d.values()) / len(d)
-    return {"error_before": mean(report.before), "error_after": mean(report.after)}
+    settings = {"windows": config.calibrate, "ridge": config.calibrate_ridge, "corpus": config.corpus,
+                "seq_len": config.seq_len}
+    return settings, spread(train, config.calibrate)
 
 
 def print_student(info: SharingInfo, config) -> None:
