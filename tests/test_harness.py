@@ -79,3 +79,19 @@ def test_markdown_table_layout():
     table = markdown_table({"a": {"t": {"acc": 0.5, "acc_stderr": 0.1}}, "b": {"t": {"acc": 0.25}}})
     assert table.splitlines()[0] == "| task | metric | a | b |"
     assert "| t | acc | 0.5000 ± 0.1000 | 0.2500 |" in table
+
+
+def test_the_table_says_when_the_sample_cannot_separate_models(tmp_path):
+    from echoatt.harness import save_results
+
+    def scored(n, stderr):
+        return {"piqa": {"acc": 0.6, "acc_stderr": stderr, "samples": n}, "held-out text": {"perplexity": 30.0}}
+
+    small = save_results({"teacher": scored(30, 0.09), "student": scored(30, 0.09)}, (tmp_path / "a.json", tmp_path / "a.md"))
+    assert "30 items a task" in small and "±0.255" in small and "cannot separate the models" in small
+    large = save_results({"teacher": scored(200, 0.034), "student": scored(200, 0.034)},
+                         (tmp_path / "b.json", tmp_path / "b.md"))
+    assert "200 items a task" in large and "cannot separate" not in large
+    assert (tmp_path / "b.md").read_text().startswith("| task | metric |")
+    only_perplexity = {"teacher": {"held-out text": {"perplexity": 30.0}}}
+    assert "items a task" not in save_results(only_perplexity, (tmp_path / "c.json", tmp_path / "c.md"))

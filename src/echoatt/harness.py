@@ -100,9 +100,26 @@ def markdown_table(results: dict[str, dict[str, dict[str, float]]], labels: dict
     return "\n".join(lines)
 
 
+def separation_note(results: dict[str, dict[str, dict[str, float]]]) -> str:
+    """What the zero-shot rows can tell apart: two models differ beyond noise only where their scores are more than
+    2 x their combined stderr apart; says so plainly when the sample is too small (30 items a task cannot)."""
+    stderrs = sorted(e[f"{m}_stderr"] for r in results.values() for e in r.values() for m in ("acc", "acc_norm")
+                     if isinstance(e.get(f"{m}_stderr"), float))
+    samples = [e["samples"] for r in results.values() for e in r.values() if e.get("samples")]
+    if not stderrs or not samples:
+        return ""
+    noise = 2 * (2 * stderrs[len(stderrs) // 2] ** 2) ** 0.5
+    note = (f"Zero-shot: {min(samples)} items a task; two models' accuracies closer than about ±{noise:.3f} "
+            "(2 × their combined stderr) are within noise.")
+    if min(samples) < 200:
+        note += " **This sample cannot separate the models: score 200 or more items a task (`--limit 200`).**"
+    return note
+
+
 def save_results(results: dict, paths: tuple[Path, Path], labels: dict[str, str] | None = None) -> str:
-    """The results as JSON (keyed as given) and as a Markdown table (shown by `labels`); returns the table."""
-    table = markdown_table(results, labels)
+    """The results as JSON (keyed as given) and as a Markdown table (shown by `labels`) with what its zero-shot rows
+    can separate; returns the Markdown."""
+    table = "\n\n".join(filter(None, [markdown_table(results, labels), separation_note(results)]))
     paths[0].write_text(json.dumps({"labels": labels or {}, "results": results}, indent=2))
     paths[1].write_text(table + "\n")
     return table
