@@ -95,3 +95,27 @@ def test_the_table_says_when_the_sample_cannot_separate_models(tmp_path):
     assert (tmp_path / "b.md").read_text().startswith("| task | metric |")
     only_perplexity = {"teacher": {"held-out text": {"perplexity": 30.0}}}
     assert "items a task" not in save_results(only_perplexity, (tmp_path / "c.json", tmp_path / "c.md"))
+
+
+def test_teacher_scores_are_cached_by_teacher_task_and_sample(tmp_path, monkeypatch):
+    import torch
+
+    from echoatt import harness
+
+    monkeypatch.setenv("ECHOATT_CACHE", str(tmp_path))
+    scored = []
+
+    def fake(model, tokenizer, tasks, limit=None, batch_size=8):
+        scored.append(list(tasks))
+        return {t: {"acc": 0.5, "samples": limit} for t in tasks}
+
+    monkeypatch.setattr(harness, "zero_shot", fake)
+    model = torch.nn.Linear(2, 2)
+    first = harness.cached_zero_shot(model, None, ["piqa", "boolq"], 200, 8, stamp="teacher-A")
+    again = harness.cached_zero_shot(model, None, ["boolq", "piqa", "arc_easy"], 200, 8, stamp="teacher-A")
+    assert scored == [["piqa", "boolq"], ["arc_easy"]]  # only what was never scored
+    assert again["piqa"] == first["piqa"] and list(again) == ["boolq", "piqa", "arc_easy"]
+    harness.cached_zero_shot(model, None, ["piqa"], 30, 8, stamp="teacher-A")  # another sample
+    harness.cached_zero_shot(model, None, ["piqa"], 200, 8, stamp="teacher-B")  # another teacher
+    harness.cached_zero_shot(model.to(torch.float64), None, ["piqa"], 200, 8, stamp="teacher-A")  # another dtype
+    assert scored[2:] == [["piqa"]] * 3

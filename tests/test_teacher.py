@@ -33,3 +33,14 @@ def test_missing_paths(tmp_path):
         load_teacher(str(tmp_path / "x.gguf"))
     with pytest.raises(TeacherError, match="nothing is neither a folder nor a hub id"):
         load_teacher(str(tmp_path / "nothing"))
+
+
+def test_stamp_changes_with_the_weights(teacher_dir):
+    import os
+
+    teacher = load_teacher(str(teacher_dir))
+    before = teacher.stamp()
+    weights = teacher_dir / "model.safetensors"
+    stat = weights.stat()
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # the file rewritten
+    assert teacher.stamp() != before and str(teacher_dir) in before

@@ -80,6 +80,33 @@ def zero_shot(
     return results
 
 
+def cached_zero_shot(
+    model: torch.nn.Module, tokenizer, tasks: list[str], limit: int | None, batch_size: int, stamp: str
+) -> dict[str, dict[str, float]]:
+    """`zero_shot`, each task's result kept in the echoatt cache under `stamp` (what the model is), the task, its
+    sample and the lm-eval version: the frozen teacher is scored once per task and sample, not on every re-run."""
+    import lm_eval
+
+    from echoatt.corpus import fingerprint
+    from echoatt.rundir import cache_dir
+
+    folder = cache_dir() / "scores"
+    weight = next(model.parameters())  # scores on another device or dtype are other scores
+    key = (stamp, limit, lm_eval.__version__, weight.device.type, weight.dtype)
+    files = {t: folder / f"{fingerprint(*key, t)}.json" for t in tasks}
+    results = {t: json.loads(f.read_text()) for t, f in files.items() if f.is_file()}
+    missing = [t for t in tasks if t not in results]
+    if missing:
+        fresh = zero_shot(model, tokenizer, missing, limit, batch_size)
+        folder.mkdir(parents=True, exist_ok=True)
+        for task, entry in fresh.items():
+            tmp = files[task].with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(entry))
+            tmp.replace(files[task])
+        results |= fresh
+    return {t: results[t] for t in tasks}
+
+
 def markdown_table(results: dict[str, dict[str, dict[str, float]]], labels: dict[str, str] | None = None) -> str:
     """Rows: task and metric; columns: the models (shown by `labels`, keyed as `results`). Values with ± stderr where
     lm-eval gave one."""

@@ -187,7 +187,7 @@ def evaluate(config: EvalConfig, teacher: Teacher | None = None) -> dict:
     keyed `teacher`, `student`, `distilled` (OUT's students) or by folder name (`--models`)."""
     from transformers import AutoModelForCausalLM
 
-    from echoatt.harness import check_tasks, save_results, zero_shot
+    from echoatt.harness import cached_zero_shot, check_tasks, save_results, zero_shot
 
     config.validate()
     setup(config)
@@ -211,7 +211,10 @@ def evaluate(config: EvalConfig, teacher: Teacher | None = None) -> dict:
         model = teacher.model if path is None else AutoModelForCausalLM.from_pretrained(path).to(teacher.model.device)
         print(f"evaluating {MODEL_LABELS.get(name, name)}")
         results[name] = {"held-out text": {"perplexity": perplexity(model.eval(), val)}}
-        if tasks:
+        if tasks and path is None:  # the frozen teacher: scored once per task and sample (cached)
+            results[name].update(cached_zero_shot(model, tokenizer, tasks, config.limit or None,
+                                                  config.eval_batch_size, teacher.stamp()))
+        elif tasks:
             results[name].update(zero_shot(model, tokenizer, tasks, config.limit or None, config.eval_batch_size))
     print(save_results(results, run.results("eval"), MODEL_LABELS))
     return results

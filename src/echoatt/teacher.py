@@ -8,6 +8,7 @@ from there afterwards (~1 s).
 from __future__ import annotations
 
 import importlib.util
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +43,15 @@ class Teacher:
     tokenizer: PreTrainedTokenizerBase | None  # None: the folder has none (plans that need no text still work)
     name: str  # what the user asked for, resolved (a path or hub id)
     tokenizer_error: str = ""  # why there is no tokenizer
+
+    def stamp(self) -> str:
+        """What this teacher is, for caches: its name, and for a local folder every weight and config file's name,
+        size and modification time (a hub id stands for itself)."""
+        folder = Path(self.name)
+        if not folder.is_dir():
+            return self.name
+        files = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".json"))
+        return json.dumps([self.name, *[(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]])
 
     def text_tokenizer(self, purpose: str) -> PreTrainedTokenizerBase:
         """The tokenizer, or a clear error naming what needed text."""
