@@ -28,8 +28,9 @@ from echoatt.student import kv_cache_bytes_per_token, parameter_count
 
 CANDIDATES = ("teacher_sdpa", "teacher_eager", "student_sdpa", "student_eager")
 TINYLLAMA = {  # TinyLlama-1.1B's shape (the papers' setting): 22 layers, GQA 32/4
-    "vocab_size": 32000, "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22, "num_attention_heads": 32,
-    "num_key_value_heads": 4, "max_position_embeddings": 2048, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+    "vocab_size": 32000, "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22,
+    "num_attention_heads": 32, "num_key_value_heads": 4, "max_position_embeddings": 2048,
+    "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
 }
 
 
@@ -40,7 +41,8 @@ def arch_config(spec: str):
 
     from transformers import LlamaConfig
 
-    from echoatt.teacher import check_supported, first_line
+    from echoatt.rundir import first_line
+    from echoatt.teacher import check_supported
 
     if spec == "tinyllama":
         return LlamaConfig(**TINYLLAMA)

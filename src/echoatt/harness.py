@@ -88,7 +88,7 @@ def cached_zero_shot(
     import lm_eval
 
     from echoatt.corpus import fingerprint
-    from echoatt.rundir import cache_dir
+    from echoatt.rundir import cache_dir, replaced_atomically
 
     folder = cache_dir() / "scores"
     weight = next(model.parameters())  # scores on another device or dtype are other scores
@@ -100,9 +100,8 @@ def cached_zero_shot(
         fresh = zero_shot(model, tokenizer, missing, limit, batch_size)
         folder.mkdir(parents=True, exist_ok=True)
         for task, entry in fresh.items():
-            tmp = files[task].with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(entry))
-            tmp.replace(files[task])
+            with replaced_atomically(files[task]) as tmp:
+                tmp.write_text(json.dumps(entry))
         results |= fresh
     return {t: results[t] for t in tasks}
 

