@@ -75,3 +75,36 @@ def test_save_load_and_heatmap(teacher, tmp_path):
     sim.heatmap(tmp_path / "s.png")
     assert (tmp_path / "s.png").stat().st_size > 10_000
     assert "adjacent layers" in sim.summary()
+
+
+def test_induction_scores_read_the_attention_on_the_token_after_the_earlier_occurrence(teacher):
+    """Against the eager attention's own probabilities, position by position."""
+    from echoatt.analysis import induction_scores
+    from echoatt.metrics import repeated_tokens
+
+    probe = repeated_tokens(3, 10, 128, seed=1, exclude=[0, 1, 2])
+    assert probe.shape == (3, 20) and torch.equal(probe[:, :10], probe[:, 10:]) and probe.min() >= 3
+    scores = induction_scores(teacher, probe)
+    teacher.config._attn_implementation = "eager"
+    attentions = teacher(input_ids=probe, output_attentions=True).attentions  # L x (N, H, T, T)
+    expected = [[np.mean([a[n, h, q, q - 9].item() for n in range(3) for q in range(10, 20)])
+                 for h in range(a.shape[1])] for a in attentions]
+    np.testing.assert_allclose(scores, expected, atol=1e-5)
+    sim = attention_similarity(teacher, windows(), progress=False)
+    sim.induction = scores
+    assert "heads that retrieve from context" in sim.summary()
+
+
+def test_attention_redundancy_is_llm_drops_cosine(teacher):
+    """cos(x, x + attn(x)) of the residual stream around each attention, averaged over tokens."""
+    from echoatt.analysis import attention_redundancy
+
+    ids = windows(2, 16)
+    got = attention_redundancy(teacher, ids, batch_size=1)
+    hidden = teacher(input_ids=ids, output_hidden_states=True).hidden_states  # embeddings, then each layer's output
+    layer = teacher.model.layers[0]
+    x = hidden[0]
+    attn = layer.self_attn(layer.input_layernorm(x), teacher.model.rotary_emb(x, torch.arange(16)[None]), None)[0]
+    expected = torch.nn.functional.cosine_similarity(x, x + attn, dim=-1).mean().item()
+    assert got[0] == pytest.approx(expected, abs=1e-5)
+    assert got.shape == (6,) and ((got > -1) & (got <= 1)).all()

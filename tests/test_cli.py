@@ -25,18 +25,27 @@ def test_run_writes_analysis_and_student(trained_teacher_dir, corpus_dir, tmp_pa
     assert ppl["teacher"] < ppl["student_before_kd"], ppl  # sharing cost something (a trained teacher)...
     assert ppl["student_after_kd"] < ppl["student_before_kd"], ppl  # ...and distillation won part of it back
     report = (out / "report.md").read_text()
-    for section in ("## Summary", "## Attend", "## Copy", "## Adjust", "## Evaluation"):
+    for section in ("## Summary", "## Attend", "## Copy", "## Adjust", "## Evaluation", "## Speed and size"):
         assert section in report
+    assert "| retrieval from context (repeated random tokens) | acc |" in report
+    speed = json.loads((out / "bench.json").read_text())  # the short measured speed, beside its bounds
+    assert [f["figure"] for f in speed["figures"]] == ["prefill", "decode"]
+    assert all(f["ratios"]["headline"]["bound"] > 0 for f in speed["figures"])
     assert (out / "training_curves.png").is_file() and "<table>" in (out / "report.html").read_text()
-    assert AutoModelForCausalLM.from_pretrained(out / "student-distilled").config.followers() == [2, 4]
+    info = json.loads((out / "student" / "sharing.json").read_text())
+    followers = [i for block in info["plan"] for i in block[1:]]
+    assert len(followers) == 2 and info["parameters"]["removed"] > 0  # as many as k=2's, chosen by measurement
+    effects = json.loads((out / "block_effects.json").read_text())["blocks"]
+    k2 = sum(sum(effects[b].values()) for b in ("1-2", "3-4"))
+    chosen = sum(sum(effects[f"{b[0]}-{b[-1]}"].values()) for b in info["plan"])
+    assert chosen <= k2  # the default plan costs at most what blind k=2 does, by the measurement it was chosen on
+    assert AutoModelForCausalLM.from_pretrained(out / "student-distilled").config.followers() == followers
     sim = json.loads((out / "similarity.json").read_text())
     assert len(sim["head_avg"]) == 6 and sim["tokens"] == 4 * 32
     assert (out / "attention_similarity.png").is_file()
-    assert yaml.safe_load((out / "run.yaml").read_text())["plan"] == "k=2"
+    assert yaml.safe_load((out / "run.yaml").read_text())["plan"] == "budget=k=2"
     student = AutoModelForCausalLM.from_pretrained(out / "student")
-    assert student.config.followers() == [2, 4]
-    info = json.loads((out / "student" / "sharing.json").read_text())
-    assert info["plan"] == [[1, 2], [3, 4]] and info["parameters"]["removed"] > 0
+    assert student.config.followers() == followers
     out_ids = student.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4, do_sample=False)
     assert out_ids.shape == (1, 7)
 
@@ -99,3 +108,31 @@ def test_compare_puts_methods_side_by_side_with_their_trained_share(teacher_dir,
     share = {m: results[f"{m}/distilled"]["trained parameters"]["percent"] for m in ("drop", "lisa")}
     assert 0 < share["lisa"] < 5 < share["drop"]
     assert "| trained parameters | percent |" in (out / "compare.md").read_text()
+
+
+def test_compare_at_equal_bound_draws_the_trade_curve(teacher_dir, corpus_dir, tmp_path, monkeypatch):
+    """Each method gets its own plan per predicted bound (drop by LLM-Drop's criterion), every point is scored before
+    training, the first is distilled; the report shows the curve."""
+    monkeypatch.setenv("ECHOATT_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "compare"
+    assert main(["compare", "--teacher", str(teacher_dir), "--corpus", str(corpus_dir), "--seq-len", "32",
+                 "--out", str(out), "--methods", "drop,matched,lisa", "--steps", "1", "--batch-size", "1",
+                 "--grad-accum", "1", "--eval-windows", "2", "--tasks", "", "--equal-bound", "prefill=1.01,1.02",
+                 "--calibrate", "4"]) == 0
+    curve = json.loads((out / "trade_curve.json").read_text())
+    assert curve["metric"] == "prefill" and set(curve["points"]) == {"attention drop", "head-matched copy"}
+    assert set(curve["unreachable"]["LiSA"]) == {"1.01", "1.02"}  # LiSA is slower than the teacher at prefill
+    assert "LiSA" not in curve["trained"] and not (out / "lisa" / "student").exists()
+    sim = json.loads((out / "similarity.json").read_text())
+    for label, points in curve["points"].items():
+        assert [p["target"] for p in points] == [1.01, 1.02]
+        assert all(p["bounds"]["prefill"] >= p["target"] for p in points)
+        assert points[0]["followers"] <= points[1]["followers"]
+        assert curve["trained"][label]["bounds"] == points[0]["bounds"]  # the first value is the one distilled
+    dropped = curve["points"]["attention drop"][0]["plan"]
+    ranked = sorted(range(1, 5), key=lambda i: -sim["redundancy"][i])
+    assert [b[1] for b in dropped] == sorted(ranked[: len(dropped)])  # LLM-Drop's most redundant first
+    assert (out / "matched" / "block_effects.json").is_file() and not (out / "drop" / "block_effects.json").exists()
+    report = (out / "report.md").read_text()  # compare writes its report
+    assert "## The trade: quality against speed" in report and (out / "trade_curve.png").is_file()
+    assert "LiSA cannot reach prefill 1.01, 1.02 at all" in report

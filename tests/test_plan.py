@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from echoatt.plan import PlanError, SharingPlan
+from echoatt.plan import PlanError, SharingPlan, similarity_loss
 
 
 def test_k2_over_inner_layers_of_30():
@@ -92,18 +92,20 @@ def test_parse_refuses_what_it_would_otherwise_misread(spec, message):
 
 
 def test_budget_picks_the_most_alike_followers_that_reach_the_bounds():
-    """Followers are added by least predicted loss (1 − head-matched similarity to what they read) until the cost
-    model's bounds reach the targets; `k=2` asks for at least blind k=2's bounds."""
+    """Blocks are added by least predicted loss per follower (1 − head-matched similarity to what they read) until
+    the cost model's bounds reach the targets; `k=2` asks for at least blind k=2's bounds."""
     hm = np.full((8, 8), 0.1)
     for i in (3, 4, 5):
         hm[i, 2] = 0.95  # layers 3-5 attend like layer 2
     bounds = lambda plan: {"prefill": 1 + 0.01 * len(plan.followers), "decode": 1 + 0.02 * len(plan.followers),
                            "kv": 1 - 0.05 * len(plan.followers)}
-    plan = SharingPlan.parse("budget=k=2", 8, hm, bounds=bounds)
+    plan = SharingPlan.parse("budget=k=2,max=4", 8, hm, bounds=bounds)
     assert plan.blocks == ((2, 3, 4, 5),)  # 3 followers, as many as k=2's, and the ones alike
-    assert plan.predicted_loss(hm) == pytest.approx(3 * 0.05)
-    assert SharingPlan.from_k(8, 2).predicted_loss(hm) > 2.5
-    assert len(SharingPlan.parse("budget=decode=1.08", 8, hm, bounds=bounds).followers) == 4
+    loss = similarity_loss(hm)
+    assert plan.predicted_loss(loss) == pytest.approx(3 * 0.05)
+    assert SharingPlan.from_k(8, 2).predicted_loss(loss) > 2.5
+    assert SharingPlan.parse("budget=k=2", 8, hm, bounds=bounds).blocks[0] == (2, 3, 4)  # blocks of at most 3
+    assert len(SharingPlan.parse("budget=decode=1.06", 8, hm, bounds=bounds).followers) == 3
     assert len(SharingPlan.parse("budget=kv=0.9", 8, hm, bounds=bounds).followers) == 2
     with pytest.raises(PlanError, match="cannot be met"):
         SharingPlan.parse("budget=decode=2", 8, hm, bounds=bounds)
@@ -111,3 +113,23 @@ def test_budget_picks_the_most_alike_followers_that_reach_the_bounds():
         SharingPlan.parse("budget=speed=2", 8, hm, bounds=bounds)
     with pytest.raises(PlanError, match="names no target"):
         SharingPlan.parse("budget=protect=2", 8, hm, bounds=bounds)
+
+
+def test_budget_avoids_the_blocks_measured_to_cost_most():
+    """With measured block losses, the budget takes the cheap blocks, however alike the analysis says the others
+    are; larger blocks replace the pairs inside them when that costs less per follower."""
+    hm = np.full((8, 8), 0.9)
+    bounds = lambda plan: {"prefill": 1 + 0.01 * len(plan.followers), "decode": 1, "kv": 1}
+    candidates = SharingPlan.budget_candidates("budget=prefill=1.03", 8)
+    assert (1, 2) in candidates and (4, 5, 6) in candidates and (0, 1) not in candidates and (6, 7) not in candidates
+    dear = {(1, 2): 5.0, (1, 2, 3): 10.0}  # layer 2 must not follow
+    loss = lambda block: dear.get(block, 0.1 * (len(block) - 1))
+    plan = SharingPlan.parse("budget=prefill=1.03", 8, hm, bounds=bounds, block_loss=loss)
+    assert 2 not in plan.followers and len(plan.followers) == 3
+    assert plan.predicted_loss(loss) == pytest.approx(0.3)
+
+
+def test_drop_budget_takes_its_own_ranking():
+    bounds = lambda plan: {"prefill": 1 + 0.01 * len(plan.followers), "decode": 1, "kv": 1}
+    plan = SharingPlan.parse("budget=prefill=1.03", 8, None, bounds=bounds, ranking=[0, 5, 7, 2, 3, 6, 1, 4])
+    assert plan.followers == [2, 3, 5] and plan.blocks == ((1, 2, 3), (4, 5))  # 0 and 7 are never shared

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
 CHUNK_BYTES = 256 * 2**20  # budget for one chunk of probability rows over all layers
+RETRIEVAL_HEAD = 0.1  # induction score from which the summary and heatmap call a head one that retrieves
 
 
 @dataclass
@@ -36,6 +37,8 @@ class Similarity:
     head_avg: np.ndarray  # (L, L) cosine of head-averaged maps
     tokens: int
     settings: dict = field(default_factory=dict)
+    induction: np.ndarray | None = None  # (L, H) `induction_scores`: the heads that retrieve from context
+    redundancy: np.ndarray | None = None  # (L,) `attention_redundancy`: LLM-Drop's criterion
 
     @property
     def num_layers(self) -> int:
@@ -70,6 +73,8 @@ class Similarity:
             "head_matched": r(self.head_matched),
             "same_head": r(self.same_head),
             "head_head": r(self.head_head),
+            "induction": None if self.induction is None else r(self.induction),
+            "redundancy": None if self.redundancy is None else r(self.redundancy),
         }
 
     def save(self, path: str | Path) -> None:
@@ -78,7 +83,9 @@ class Similarity:
     @classmethod
     def load(cls, path: str | Path) -> Similarity:
         data = json.loads(Path(path).read_text())
-        return cls(np.array(data["head_head"]), np.array(data["head_avg"]), data["tokens"], data.get("settings", {}))
+        optional = {k: np.array(data[k]) for k in ("induction", "redundancy") if data.get(k) is not None}
+        return cls(np.array(data["head_head"]), np.array(data["head_avg"]), data["tokens"], data.get("settings", {}),
+                   **optional)
 
     def summary(self, top: int = 5) -> str:
         """A few lines a person reads: adjacent-layer similarity and the most / least alike pairs."""
@@ -91,10 +98,15 @@ class Similarity:
         lines += [f"  {i:2d},{i + 1:2d}: {a:.3f} / {m:.3f} / {s:.3f}" for i, a, m, s in adj]
         lines.append("most alike pairs (head-avg): " + ", ".join(f"{i}-{j} {v:.3f}" for v, i, j in off[:top]))
         lines.append("least alike pairs (head-avg): " + ", ".join(f"{i}-{j} {v:.3f}" for v, i, j in off[-top:]))
+        if self.induction is not None:
+            heads = [(i, h, v) for (i, h), v in np.ndenumerate(self.induction) if v >= RETRIEVAL_HEAD]
+            lines.append(f"heads that retrieve from context (induction score >= {RETRIEVAL_HEAD}): "
+                         + (", ".join(f"{i}.{h} {v:.2f}" for i, h, v in heads) or "none"))
         return "\n".join(lines)
 
     def heatmap(self, path: str | Path) -> None:
-        """Head-averaged, head-matched and same-head similarity as three layer x layer heatmaps."""
+        """Head-averaged, head-matched and same-head similarity as three layer x layer heatmaps, and beside them
+        (where measured) each head's induction score: the heads that retrieve from context."""
         import matplotlib
 
         matplotlib.use("Agg")
@@ -106,7 +118,9 @@ class Similarity:
             ("same head (mean over heads)", self.same_head.mean(axis=-1)),
         ]
         L = self.num_layers
-        fig, axes = plt.subplots(1, 3, figsize=(18, 6), constrained_layout=True)
+        extra = self.induction is not None
+        fig, axes = plt.subplots(1, 3 + extra, figsize=(18 + 4 * extra, 6), constrained_layout=True,
+                                 width_ratios=[1, 1, 1] + [0.5] * extra)
         ticks = list(range(0, L, max(1, L // 15)))
         for ax, (title, mat) in zip(axes, panels):
             im = ax.imshow(mat, vmin=0, vmax=1, cmap="viridis", origin="upper")
@@ -115,7 +129,15 @@ class Similarity:
             ax.set_ylabel("layer")
             ax.set_xticks(ticks)
             ax.set_yticks(ticks)
-        fig.colorbar(im, ax=axes, shrink=0.8, label="cosine similarity of attention maps")
+        fig.colorbar(im, ax=axes[:3], shrink=0.8, label="cosine similarity of attention maps")
+        if extra:
+            ax = axes[3]
+            ind = ax.imshow(self.induction, vmin=0, vmax=1, cmap="magma", origin="upper", aspect="auto")
+            ax.set_title("retrieval from context\n(induction score per head)")
+            ax.set_xlabel("head")
+            ax.set_ylabel("layer")
+            ax.set_yticks(ticks)
+            fig.colorbar(ind, ax=ax, shrink=0.8, label="attention on the token after the earlier occurrence")
         fig.suptitle(f"Attention similarity ({self.tokens:,} tokens)")
         fig.savefig(path, dpi=110)
         plt.close(fig)
@@ -181,3 +203,49 @@ def attention_similarity(
     avg_norm = avg_gram.diagonal().sqrt()
     head_avg = avg_gram / avg_norm[:, None] / avg_norm[None, :]
     return Similarity(head_head.cpu().numpy(), head_avg.cpu().numpy(), int(windows.numel()), settings or {})
+
+
+@torch.no_grad()
+def induction_scores(model: torch.nn.Module, probe: torch.Tensor) -> np.ndarray:
+    """(L, H): how much each head retrieves from context — its mean attention, from each query in the repeated half of
+    `metrics.repeated_tokens` windows (N, 2P), on the token that followed the query token's earlier occurrence
+    (induction heads, Olsson et al. 2022). Near 0 for most heads; the heads near 1 are the ones copying must keep."""
+    device = next(model.parameters()).device
+    period = probe.shape[1] // 2
+    captured, handles = _capture_inputs(model)
+    try:
+        model.model(input_ids=probe.to(device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    queries = torch.arange(period, 2 * period, device=device)
+    scores = []
+    for attn, hidden, pe in captured:
+        rows = _probability_rows(attn, hidden, pe, period, 2 * period, {})  # (N, H, P, 2P)
+        scores.append(rows[:, :, queries - period, queries - period + 1].mean(dim=(0, 2)))  # (H,)
+    return torch.stack(scores).cpu().numpy()
+
+
+@torch.no_grad()
+def attention_redundancy(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 4) -> np.ndarray:
+    """(L,): LLM-Drop's criterion (arXiv 2406.15786) for dropping attention sub-layers — the mean cosine similarity,
+    over tokens of `windows` (N, T), of each layer's residual stream before its attention and after adding the
+    attention's output. Near 1: the attention changes its input least, so it is the first to drop."""
+    device = next(model.parameters()).device
+    inputs: dict[int, torch.Tensor] = {}
+    sums = torch.zeros(model.config.num_hidden_layers, dtype=torch.float64)
+    handles = []
+    for i, layer in enumerate(model.model.layers):
+        handles.append(layer.register_forward_pre_hook(
+            lambda m, a, kw, i=i: inputs.__setitem__(i, kw.get("hidden_states", a[0] if a else None)),
+            with_kwargs=True))
+        handles.append(layer.self_attn.register_forward_hook(
+            lambda m, a, out, i=i: sums.__setitem__(i, sums[i] + torch.nn.functional.cosine_similarity(
+                inputs[i].float(), (inputs[i] + out[0]).float(), dim=-1).sum().item())))
+    try:
+        for start in range(0, len(windows), batch_size):
+            model.model(input_ids=windows[start : start + batch_size].to(device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return (sums / windows.numel()).numpy()

@@ -45,8 +45,9 @@ class AnalyzeConfig(CommonConfig):
 
 @dataclass
 class ShareConfig(CommonConfig):
-    plan: str = opt("k=2", "sharing plan: k=N[,first][,last][,protect=N], threshold=X[,max=N][,protect=N], blocks "
-                    "like 1-2,4-6, or none")
+    plan: str = opt("budget=k=2", "sharing plan: budget=k=N (at least blind k=N's predicted speed, with the blocks "
+                    "measured to cost least), budget=decode=X[,prefill=Y][,kv=Z][,protect=N][,max=3], k=N[,first]"
+                    "[,last][,protect=N], threshold=X[,max=N][,protect=N], blocks like 1-2,4-6, or none")
     method: str = opt("copy", "copy (EchoAtt: followers reuse the leader's attention), lisa (head alignment + low-rank "
                       "correction, each follower reading the layer before it) or drop (the baseline: no attention)")
     head_map: str = opt("matched", "follower head -> leader head: matched (most similar head), grouped (most similar "
@@ -111,6 +112,8 @@ class RunConfig(AnalyzeConfig, ShareConfig, DistillConfig, EvalConfig):
     """The main job: analyze -> share -> distill -> evaluate teacher, student before and after KD."""
 
     limit: int = opt(30, "zero-shot items per task in the main job (0: all; the default keeps it CPU-sized)")
+    speed: bool = opt(True, "time teacher vs distilled student at the end: prefill 1 x 512 and decode 8 x 256 context, "
+                      "3 repeats (about a minute on 2 CPU cores), beside the analytic bounds")
 
 
 @dataclass
@@ -120,6 +123,26 @@ class CompareConfig(ShareConfig, DistillConfig, EvalConfig):
 
     methods: str = opt("drop,identity,matched,lisa", "which students: drop, identity (plain copy), matched, grouped, lisa")
     limit: int = opt(30, "zero-shot items per task (0: all; the default keeps it CPU-sized)")
+    equal_bound: str = opt("", "compare at equal predicted speed instead of at the same layers: METRIC=V1[,V2,...] "
+                           "(prefill, decode or kv), e.g. decode=1.05,1.10,1.15. Each method gets its own budget plan "
+                           "per value (attention drop by LLM-Drop's criterion), scored before training (perplexity, "
+                           "retrieval probe): the trade curve; the first value is distilled and scored in full")
+
+    def bound_targets(self) -> tuple[str, list[float]]:
+        """`equal_bound` as (metric, values), refused when it cannot be read."""
+        metric, _, values = self.equal_bound.partition("=")
+        try:
+            numbers = [float(v) for v in values.split(",") if v]
+        except ValueError as err:
+            raise ValueError(f"--equal-bound {self.equal_bound!r}: values must be numbers, e.g. decode=1.05,1.10") from err
+        if metric not in ("prefill", "decode", "kv") or not numbers:
+            raise ValueError(f"--equal-bound {self.equal_bound!r}: use prefill=, decode= or kv= and at least one value")
+        return metric, numbers
+
+    def validate(self) -> None:
+        super().validate()
+        if self.equal_bound:
+            self.bound_targets()
 
 
 @dataclass

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from echoatt.analysis import Similarity, attention_similarity
+from echoatt.analysis import Similarity, attention_redundancy, attention_similarity, induction_scores
 from echoatt.calibrate import calibrate_followers
 from echoatt.checkpoints import checkpoint_identities
 from echoatt.config import (
@@ -22,9 +22,9 @@ from echoatt.config import (
 )
 from echoatt.corpus import spread, token_windows
 from echoatt.distill import distill
-from echoatt.metrics import perplexity
+from echoatt.metrics import perplexity, retrieval
 from echoatt.modeling import EchoAttForCausalLM
-from echoatt.plan import SharingPlan
+from echoatt.plan import PlanError, SharingPlan
 from echoatt.report import write_report
 from echoatt.rundir import (
     MODEL_LABELS,
@@ -32,6 +32,7 @@ from echoatt.rundir import (
     RunDirError,
     RunSummary,
     SharingInfo,
+    TradeCurve,
     describe,
     device_of,
     identity_of,
@@ -42,6 +43,7 @@ from echoatt.rundir import (
     setup,
     student_identity,
 )
+from echoatt.sensitivity import BlockEffects, measure_block_effects
 from echoatt.student import (
     VARIANTS,
     StudentSpec,
@@ -49,6 +51,7 @@ from echoatt.student import (
     parameter_report,
     plan_bounds,
     save_student,
+    student_config,
 )
 from echoatt.teacher import Teacher, load_teacher
 
@@ -64,6 +67,8 @@ def analyze(config: AnalyzeConfig, teacher: Teacher | None = None) -> Similarity
     windows = spread(train, config.num_sequences)
     settings = {"teacher": teacher.name, "corpus": config.corpus, "seq_len": config.seq_len, "sequences": len(windows)}
     similarity = attention_similarity(teacher.model, windows, settings=settings)
+    similarity.induction = induction_scores(teacher.model, teacher.retrieval_probe())
+    similarity.redundancy = attention_redundancy(teacher.model, windows[:4])
     similarity.save(run.similarity)
     similarity.heatmap(run.heatmap)
     suggested = SharingPlan.from_threshold(similarity.head_matched, config.threshold)
@@ -123,10 +128,14 @@ def share(
     spec = spec_of(config)
     spec.check(teacher.model.config.num_hidden_layers)
     similarity = similarity or find_similarity(config)
+    if similarity is None and teacher.tokenizer is None and spec.without_text() != spec:
+        print(f"the teacher has no tokenizer: nothing to measure a budget plan with, so plan {spec.without_text().plan}")
+        spec = spec.without_text()
     if similarity is None and spec.needs_analysis:
         print("no similarity analysis found: measuring it first (echoatt analyze)")
         similarity = analyze_with_defaults(config, teacher)
-    student, plan = spec.build(teacher.model, similarity)
+    effects = block_effects(config, teacher, spec, similarity, run)
+    student, plan = spec.build(teacher.model, similarity, block_loss=effects.loss if effects else None)
     calibration, windows = calibration_settings(config, teacher, student)
     identity = student_identity(student.config, teacher.name, calibration)
     claim_run_folder(run, identity, config.overwrite)
@@ -152,6 +161,33 @@ def share(
     print_student(info, student.config)
     print(f"wrote the student to {path}")
     return student
+
+
+EFFECT_TEXT_WINDOWS, EFFECT_PROBE = 1, (2, 128)  # what each candidate block is scored on: cheap, paired with the teacher
+
+
+def block_effects(config: ShareConfig, teacher: Teacher, spec: StudentSpec, similarity: Similarity | None,
+                  run: RunDir) -> BlockEffects | None:
+    """For a budget plan, the measured loss of each candidate block (`sensitivity.py`), kept in the run folder
+    beside the analysis and reused while teacher, method, head map and text stay the same; None for other plans or
+    a teacher without tokenizer (the similarity then predicts the loss)."""
+    if (not spec.plan.strip().startswith("budget=") or teacher.tokenizer is None
+            or spec.drop_ranking(similarity) is not None):  # attention drop ranks by its own criterion
+        return None
+    candidates = SharingPlan.budget_candidates(spec.plan.strip(), teacher.model.config.num_hidden_layers)
+    settings = {"teacher": teacher.name, "method": spec.method, "head_map": spec.head_map, "corpus": config.corpus,
+                "seq_len": config.seq_len, "seed": config.seed, "text_windows": EFFECT_TEXT_WINDOWS,
+                "probe": list(EFFECT_PROBE)}
+    effects = BlockEffects.load(run.block_effects)
+    if effects is None or not effects.covers(candidates, settings):
+        train, _ = token_windows(teacher.tokenizer, config.corpus, config.seq_len, config.encoding)
+        probe = teacher.retrieval_probe(*EFFECT_PROBE, seed=config.seed)
+        effects = measure_block_effects(teacher.model, spec, similarity, candidates,
+                                        spread(train, EFFECT_TEXT_WINDOWS), probe, settings)
+        run.root.mkdir(parents=True, exist_ok=True)
+        effects.save(run.block_effects)
+    print(effects.summary())
+    return effects
 
 
 def calibration_settings(config: ShareConfig, teacher: Teacher, student) -> tuple[dict | None, torch.Tensor | None]:
@@ -182,6 +218,10 @@ def print_student(info: SharingInfo, config) -> None:
           f"decode 16 x 1024 context {b['decode']:.3f}x")
 
 
+EVAL_PROBE = (8, 128)  # retrieval probe scored by `eval`: 8 windows of 128 random tokens, repeated
+PROBE_ROW = "retrieval from context (repeated random tokens)"
+
+
 def evaluate(config: EvalConfig, teacher: Teacher | None = None) -> dict:
     """Held-out perplexity and zero-shot accuracy (lm-eval) of the teacher and each model, side by side. Results are
     keyed `teacher`, `student`, `distilled` (OUT's students) or by folder name (`--models`)."""
@@ -205,12 +245,14 @@ def evaluate(config: EvalConfig, teacher: Teacher | None = None) -> dict:
     tokenizer = teacher.text_tokenizer("evaluation")
     _, val = token_windows(tokenizer, config.corpus, config.seq_len, config.encoding)
     val = spread(val, config.eval_windows)
+    probe = teacher.retrieval_probe(*EVAL_PROBE, seed=config.seed)
     record(config, "eval")
     results = {}
     for name, path in {"teacher": None, **paths}.items():
         model = teacher.model if path is None else AutoModelForCausalLM.from_pretrained(path).to(teacher.model.device)
         print(f"evaluating {MODEL_LABELS.get(name, name)}")
-        results[name] = {"held-out text": {"perplexity": perplexity(model.eval(), val)}}
+        results[name] = {"held-out text": {"perplexity": perplexity(model.eval(), val)},
+                         PROBE_ROW: {"acc": retrieval(model, probe)["accuracy"]}}
         if tasks and path is None:  # the frozen teacher: scored once per task and sample (cached)
             results[name].update(cached_zero_shot(model, tokenizer, tasks, config.limit or None,
                                                   config.eval_batch_size, teacher.stamp()))
@@ -270,7 +312,8 @@ def bench(config: BenchConfig) -> dict:
 
 def compare(config: CompareConfig) -> dict:
     """The table users pick a method from: teacher, attention drop, plain copy, head-matched copy and LiSA at the
-    same layers, each before and after the same distillation budget. Each variant works in OUT/<variant>/."""
+    same layers — or, with `--equal-bound`, each at its own plan of the same predicted speed (and the trade curve
+    over several speeds) — each before and after the same distillation budget. Each variant works in OUT/<variant>/."""
     from echoatt.harness import save_results
 
     config.validate()
@@ -282,25 +325,93 @@ def compare(config: CompareConfig) -> dict:
     teacher = load_teacher(config.teacher, device=device_of(config))
     run = RunDir(record(config, "compare"))
     similarity = find_similarity(config)
-    if similarity is None and any(VARIANTS[n].head_map != "identity" for n in names):  # analysed once, for all
-        similarity = analyze_with_defaults(config, teacher)
+    if similarity is None and (config.equal_bound or any(VARIANTS[n].head_map != "identity" for n in names)):
+        similarity = analyze_with_defaults(config, teacher)  # analysed once, for all
+    subs = {name: dataclasses.replace(config, out=str(run.root / name), method=VARIANTS[name].method,
+                                      head_map=VARIANTS[name].head_map) for name in names}
+    if config.equal_bound:
+        metric, values = config.bound_targets()
+        curve = trade_curve(subs, teacher, similarity, run)
+        subs = {name: dataclasses.replace(sub, plan=f"budget={metric}={values[0]}") for name, sub in subs.items()}
+    elif config.plan.strip().startswith("budget="):  # the same layers for every method: the head-matched copy's plan
+        copy = dataclasses.replace(config, method="copy", head_map="matched")
+        effects = block_effects(copy, teacher, spec_of(copy), similarity, run)
+        plan = spec_of(copy).sharing_plan(teacher.model.config, similarity, effects.loss if effects else None)
+        print(f"every method at the layers the budget chose for the head-matched copy: {plan.describe()}")
+        blocks = ",".join(f"{b[0]}-{b[-1]}" for b in plan.blocks) or "none"
+        subs = {name: dataclasses.replace(sub, plan=blocks) for name, sub in subs.items()}
     results: dict = {}
     labels = {"teacher": "teacher"}
-    for name in names:
-        variant = VARIANTS[name]
-        sub = dataclasses.replace(config, out=str(run.root / name), method=variant.method, head_map=variant.head_map)
-        print(f"== {variant.label} ==")
+    for name, sub in subs.items():
+        label = VARIANTS[name].label
+        if config.equal_bound and not any(p["target"] == values[0] for p in curve.points.get(label, [])):
+            print(f"== {label}: no plan reaches {sub.plan.removeprefix('budget=')}; not distilled ==")
+            continue
+        print(f"== {label} ==")
         share(sub, teacher, similarity)
         trained = distill(sub, teacher)["parameters"]
         scored = evaluate(dataclasses.replace(sub, models=""), teacher)
         results.setdefault("teacher", scored["teacher"])
         results[f"{name}/student"] = scored["student"]
         results[f"{name}/distilled"] = {**scored["distilled"], "trained parameters": {"percent": trained["percent"]}}
-        labels |= {f"{name}/student": f"{variant.label} (before KD)",
-                   f"{name}/distilled": f"{variant.label} (after KD)"}
+        labels |= {f"{name}/student": f"{label} (before KD)", f"{name}/distilled": f"{label} (after KD)"}
         table = save_results(results, run.results("compare"), labels)
+        if config.equal_bound:
+            curve.distilled(label, SharingInfo.load(Path(sub.out) / "student").bounds, scored["distilled"])
+            curve.save(run.trade_curve)
     print(table)
+    print(f"report: {write_report(run.root)[1]}")
     return results
+
+
+def trade_curve(subs: dict[str, CompareConfig], teacher: Teacher, similarity: Similarity, run: RunDir) -> TradeCurve:
+    """For each method and each `--equal-bound` value: its budget plan, calibrated as `share` would, scored before
+    any training on the validation text (perplexity) and the retrieval probe. Written to OUT/trade_curve.json."""
+    config = next(iter(subs.values()))
+    metric, values = config.bound_targets()
+    tokenizer = teacher.text_tokenizer("the trade curve")
+    val = spread(token_windows(tokenizer, config.corpus, config.seq_len, config.encoding)[1], config.eval_windows)
+    probe = teacher.retrieval_probe(*EVAL_PROBE, seed=config.seed)
+    curve = TradeCurve(metric, {"perplexity": perplexity(teacher.model, val),
+                                "retrieval": retrieval(teacher.model, probe)["accuracy"]})
+    for name, sub in subs.items():
+        label = VARIANTS[name].label
+        for value in values:
+            point = dataclasses.replace(sub, plan=f"budget={metric}={value}")
+            spec = spec_of(point)
+            most = densest_bound(spec, teacher.model.config, similarity, metric)
+            if (most < value) if metric != "kv" else (most > value):
+                curve.unreachable.setdefault(label, {})[str(value)] = most
+                print(f"{label} cannot reach {metric} {value}: {most:.3f} with as many followers as blocks of 3 allow")
+                continue
+            effects = block_effects(point, teacher, spec, similarity, RunDir(Path(point.out)))
+            try:
+                student, plan = spec.build(teacher.model, similarity, block_loss=effects.loss if effects else None)
+            except PlanError as err:
+                print(f"{label} at {metric} {value}: {err}")
+                continue
+            calibration, windows = calibration_settings(point, teacher, student)
+            if calibration:
+                calibrate_followers(student, teacher.model, windows, point.calibrate_ridge, progress=False)
+            curve.add(label, {
+                "target": value, "plan": [list(b) for b in plan.blocks], "followers": len(plan.followers),
+                "bounds": plan_bounds(teacher.model.config, student.config),
+                "perplexity": perplexity(student, val), "retrieval": retrieval(student, probe)["accuracy"]})
+            print(curve.lines()[-1])
+            curve.save(run.trade_curve)
+    return curve
+
+
+def densest_bound(spec: StudentSpec, teacher_config, similarity: Similarity, metric: str) -> float:
+    """The bound of a method's densest plan (two of every three inner layers following): about the most a budget
+    plan with blocks of up to 3 can reach."""
+    plan = SharingPlan.from_k(teacher_config.num_hidden_layers, 3)
+    config = student_config(teacher_config, plan, spec.head_maps(teacher_config, plan, similarity), spec.method,
+                            spec.lisa_rank or None, spec.lisa_hidden or None)
+    return plan_bounds(teacher_config, config)[metric]
+
+
+QUICK_SPEED = {"prefill": "512", "decode": "8x256", "train_len": 0, "repeats": 3}  # what `run` times: a short look
 
 
 def run(config: RunConfig) -> RunSummary:
@@ -319,6 +430,10 @@ def run(config: RunConfig) -> RunSummary:
     ppl = {name: r["held-out text"]["perplexity"] for name, r in results.items()}
     summary = RunSummary.of(ppl, config.eval_windows, config.seq_len)
     summary.save(out)
+    if config.speed:
+        print("timing teacher vs distilled student (`echoatt bench` for the full set)")
+        bench(BenchConfig(**{k: getattr(config, k) for k in ("teacher", "out", "device", "seed", "threads")},
+                          student=str(out.distilled), **QUICK_SPEED))
     write_report(out.root)
     p = summary.perplexity
     print(f"validation perplexity ({config.eval_windows} windows of {config.seq_len} tokens): teacher "

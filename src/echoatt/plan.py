@@ -10,7 +10,7 @@ import numpy as np
 PLAN_WORDS = {  # what each kind of plan string takes after its first part
     "k": ("first", "last", "followers", "protect"),
     "threshold": ("max", "protect"),
-    "budget": ("k", "prefill", "decode", "kv", "protect"),
+    "budget": ("k", "prefill", "decode", "kv", "protect", "max"),
 }
 # Budget targets: bounds to reach (at least) or ratios to stay under (at most), as `student.plan_bounds` gives them.
 AT_LEAST, AT_MOST = ("prefill", "decode"), ("kv",)
@@ -124,47 +124,60 @@ class SharingPlan:
         return cls(num_layers, tuple(blocks))
 
     @classmethod
-    def from_followers(cls, num_layers: int, followers: set[int]) -> SharingPlan:
-        """Each maximal run of consecutive followers follows the layer just before it."""
-        blocks, layer = [], 0
+    def from_dropped(cls, num_layers: int, followers: set[int]) -> SharingPlan:
+        """Each maximal run of followers attached to the layer just before it (where whom they follow does not
+        matter: dropped attention)."""
+        blocks, layer = [], 1
         while layer < num_layers:
-            if layer + 1 < num_layers and layer + 1 in followers and layer not in followers:
-                end = layer + 1
-                while end + 1 < num_layers and end + 1 in followers:
+            if layer in followers:
+                end = layer
+                while end + 1 in followers:
                     end += 1
-                blocks.append(tuple(range(layer, end + 1)))
+                blocks.append(tuple(range(layer - 1, end + 1)))
                 layer = end
             layer += 1
         return cls(num_layers, tuple(blocks))
 
-    def predicted_loss(self, head_matched: np.ndarray, adjacent: bool = False) -> float:
-        """Σ over followers of 1 − head-matched similarity to the layer it reads (its leader, or with `adjacent` the
-        layer before it): what the analysis predicts sharing loses."""
-        source = self.attention_source()
-        return float(sum(1 - head_matched[i, i - 1 if adjacent else source[i]] for i in self.followers))
+    @classmethod
+    def from_ranking(cls, num_layers: int, ranked: list[int], meets: Callable[[SharingPlan], bool]) -> SharingPlan:
+        """The first layers of `ranked` that meet a budget, as `from_dropped` (attention drop's own order)."""
+        for n in range(len(ranked) + 1):
+            plan = cls.from_dropped(num_layers, set(ranked[:n]))
+            if meets(plan):
+                return plan
+        raise PlanError("the budget cannot be met even with every unprotected layer following; relax it")
+
+    def predicted_loss(self, block_loss: Callable[[tuple[int, ...]], float]) -> float:
+        """What the plan is predicted to cost in quality: the sum of its blocks' losses."""
+        return float(sum(block_loss(b) for b in self.blocks))
 
     @classmethod
     def from_budget(
         cls,
-        head_matched: np.ndarray,
+        num_layers: int,
+        candidates: list[tuple[int, ...]],
+        block_loss: Callable[[tuple[int, ...]], float],
         meets: Callable[[SharingPlan], bool],
-        protect_first: int = 1,
-        protect_last: int = 1,
-        adjacent: bool = False,
     ) -> SharingPlan:
-        """The followers that meet a budget with the least predicted loss, greedily: from no sharing, add the follower
-        whose plan predicts the least loss, until `meets(plan)`. Layers 0..protect_first-1 and the last
-        `protect_last` never share (nor lead)."""
-        num_layers = head_matched.shape[0]
-        candidates = set(range(protect_first + 1, num_layers - protect_last))
-        followers: set[int] = set()
+        """The blocks that meet a budget with the least predicted loss, greedily: from no sharing, take the candidate
+        block (or the larger block that replaces chosen ones inside it) that adds followers at the least loss per
+        follower, until `meets(plan)`."""
+        chosen: list[tuple[int, ...]] = []
         plan = cls(num_layers, ())
         while not meets(plan):
-            if not candidates - followers:
+            best = None
+            for block in candidates:
+                inside = [b for b in chosen if set(b) & set(block)]
+                gain = len(block) - 1 - sum(len(b) - 1 for b in inside)
+                if gain <= 0 or any(not set(b) <= set(block) for b in inside):
+                    continue
+                cost = (block_loss(block) - sum(block_loss(b) for b in inside)) / gain
+                if best is None or cost < best[0]:
+                    best = (cost, block, inside)
+            if best is None:
                 raise PlanError("the budget cannot be met even with every unprotected layer following; relax it")
-            options = [cls.from_followers(num_layers, followers | {c}) for c in sorted(candidates - followers)]
-            plan = min(options, key=lambda p: p.predicted_loss(head_matched, adjacent))
-            followers = set(plan.followers)
+            chosen = sorted([b for b in chosen if b not in best[2]] + [best[1]])
+            plan = cls(num_layers, tuple(chosen))
         return plan
 
     @classmethod
@@ -180,12 +193,16 @@ class SharingPlan:
         adjacent: bool = False,
         bounds: Callable[[SharingPlan], dict[str, float]] | None = None,
         check_only: bool = False,
+        block_loss: Callable[[tuple[int, ...]], float] | None = None,
+        ranking: list[int] | None = None,
     ) -> SharingPlan:
         """Parse a plan string: `k=2`, `k=3,first,last`, `k=2,followers=9`, `k=2,protect=4`,
         `threshold=0.9[,max=3][,protect=4]`, `budget=k=2` (at least plan k=2's prefill and decode bounds) or
-        `budget=decode=1.2[,prefill=1.08][,kv=0.7][,protect=N]`, `none`, or blocks `1-2,4-6`. `adjacent`: threshold
-        and budget plans compare each layer with the one before it (LiSA) rather than with its block's leader.
-        `bounds` costs a plan for a budget; `check_only` checks the syntax without searching."""
+        `budget=decode=1.2[,prefill=1.08][,kv=0.7][,protect=N][,max=3]`, `none`, or blocks `1-2,4-6`. `adjacent`:
+        threshold and budget plans compare each layer with the one before it (LiSA) rather than with its block's
+        leader. `bounds` costs a plan for a budget, `block_loss` (measured) predicts what a block costs in quality
+        (default: from the similarity), or `ranking` orders the layers to take (attention drop's criterion);
+        `check_only` checks the syntax without searching."""
         spec = spec.strip()
         if spec in ("none", ""):
             return cls(num_layers, ())
@@ -200,7 +217,7 @@ class SharingPlan:
         try:
             protect = int(opts.get("protect", 1))
             if kind == "budget":
-                return cls._budget(spec, num_layers, head_matched, adjacent, bounds, check_only)
+                return cls._budget(spec, num_layers, head_matched, adjacent, bounds, check_only, block_loss, ranking)
             if kind == "k":
                 k = int(opts["k"])
                 first, last = "first" in parts[1:], "last" in parts[1:]
@@ -219,8 +236,13 @@ class SharingPlan:
             raise
         except ValueError as err:
             raise PlanError(f"bad number in plan {spec!r}") from err
+        return cls._explicit(spec, parts, num_layers)
+
+    @classmethod
+    def _explicit(cls, spec: str, parts: list[str], num_layers: int) -> SharingPlan:
+        """Explicit blocks `1-2,4-6`."""
         blocks = []
-        for part in parts:  # explicit blocks
+        for part in parts:
             try:
                 a, b = (int(x) for x in part.split("-"))
             except ValueError as err:
@@ -231,24 +253,39 @@ class SharingPlan:
             blocks.append(list(range(a, b + 1)))
         return cls.from_blocks(num_layers, blocks)
 
-    @classmethod
-    def _budget(cls, spec, num_layers, head_matched, adjacent, bounds, check_only) -> SharingPlan:
+    @staticmethod
+    def budget_options(spec: str) -> dict[str, str]:
+        """The options of a `budget=` plan string, refusing unknown ones and a budget without a target."""
         parts = spec.split(",")
-        items = [parts[0].split("=", 1)[1], *parts[1:]]
         opts = {}
-        for item in items:
+        for item in [parts[0].split("=", 1)[1], *parts[1:]]:
             key, _, value = item.strip().partition("=")
             if key not in PLAN_WORDS["budget"]:
                 raise PlanError(f"unknown option {key!r} in plan {spec!r}; a budget= plan takes "
                                 f"{', '.join(PLAN_WORDS['budget'])}")
             opts[key] = value
-        targets = {k: float(v) for k, v in opts.items() if k in AT_LEAST + AT_MOST}
-        if not targets and "k" not in opts:
+        if not set(opts) & {"k", *AT_LEAST, *AT_MOST}:
             raise PlanError(f"plan {spec!r} names no target: use budget=k=2 or e.g. budget=decode=1.2,prefill=1.05")
+        return opts
+
+    @classmethod
+    def budget_candidates(cls, spec: str, num_layers: int) -> list[tuple[int, ...]]:
+        """The blocks a `budget=` plan chooses among: 2 to `max` (default 3) consecutive layers, none of the first
+        `protect` (default 1) nor the last layer."""
+        opts = cls.budget_options(spec)
+        max_block, protect = int(opts.get("max", 3)), int(opts.get("protect", 1))
+        layers = range(protect, num_layers - 1)
+        return [tuple(range(a, a + n)) for n in range(2, max_block + 1) for a in layers if a + n - 1 in layers]
+
+    @classmethod
+    def _budget(cls, spec, num_layers, head_matched, adjacent, bounds, check_only, block_loss, ranking) -> SharingPlan:
+        opts = cls.budget_options(spec)
+        candidates = cls.budget_candidates(spec, num_layers)
         if check_only:
             return cls(num_layers, ())
-        if head_matched is None or bounds is None:
+        if bounds is None or (head_matched is None and block_loss is None and ranking is None):
             raise PlanError("a budget plan needs the similarity analysis (run `echoatt analyze` first)")
+        targets = {k: float(v) for k, v in opts.items() if k in AT_LEAST + AT_MOST}
         if "k" in opts:  # at least what blind k=N reaches, unless a target says otherwise
             reference = bounds(cls.from_k(num_layers, int(opts["k"])))
             targets = {k: reference[k] for k in AT_LEAST} | targets
@@ -257,4 +294,13 @@ class SharingPlan:
             got = bounds(plan)
             return all(got[k] >= v - 1e-9 if k in AT_LEAST else got[k] <= v + 1e-9 for k, v in targets.items())
 
-        return cls.from_budget(head_matched, meets, int(opts.get("protect", 1)), adjacent=adjacent)
+        if ranking is not None:  # attention drop, in its own order
+            shareable = {i for block in candidates for i in block[1:]}
+            return cls.from_ranking(num_layers, [i for i in ranking if i in shareable], meets)
+        return cls.from_budget(num_layers, candidates, block_loss or similarity_loss(head_matched, adjacent), meets)
+
+
+def similarity_loss(head_matched: np.ndarray, adjacent: bool = False) -> Callable[[tuple[int, ...]], float]:
+    """A block's loss as the analysis predicts it: Σ over its followers of 1 − head-matched similarity to the layer
+    each reads (the leader, or with `adjacent` the layer before it)."""
+    return lambda block: float(sum(1 - head_matched[i, i - 1 if adjacent else block[0]] for i in block[1:]))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import markdown
 
-from echoatt.rundir import RunDir, RunSummary, SharingInfo
+from echoatt.rundir import RunDir, RunSummary, SharingInfo, TradeCurve
 
 
 @dataclass
@@ -54,6 +54,64 @@ def training_curves(log_path: Path, png: Path) -> bool:
     return True
 
 
+def trade_plot(curve: TradeCurve, png: Path) -> None:
+    """Quality against the predicted speed bound, one line per method: perplexity and retrieval-probe accuracy
+    before training, and each method's distilled point (a star)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), constrained_layout=True)
+    for ax, key, title in ((axes[0], "perplexity", "validation perplexity (lower is better)"),
+                           (axes[1], "retrieval", "retrieval-probe accuracy (higher is better)")):
+        for label, points in curve.points.items():
+            points = sorted(points, key=lambda p: p["bounds"][curve.metric])
+            line = ax.plot([p["bounds"][curve.metric] for p in points], [p[key] for p in points], marker="o",
+                           label=f"{label}, untrained")[0]
+            done = curve.trained.get(label)
+            if done and done.get(key) is not None:
+                ax.plot([done["bounds"][curve.metric]], [done[key]], marker="*", markersize=14, linestyle="",
+                        color=line.get_color(), label=f"{label}, distilled")
+        ax.axhline(curve.teacher[key], color="black", linestyle="--", label="teacher")
+        ax.set_xlabel(f"predicted {curve.metric} bound (teacher time / student time)" if curve.metric != "kv"
+                      else "KV-cache bytes per token, student / teacher")
+        ax.set_title(title)
+        if key == "perplexity":
+            ax.set_yscale("log")
+    axes[1].legend(fontsize=8)
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+def trade_text(curve: TradeCurve) -> list[str]:
+    rows = ["| method | target | followers | prefill bound | decode bound | KV ratio | perplexity | retrieval |",
+            "|---|---|---|---|---|---|---|---|",
+            f"| teacher | | 0 | 1 | 1 | 1 | {curve.teacher['perplexity']:.2f} | {curve.teacher['retrieval']:.3f} |"]
+    for label, points in curve.points.items():
+        rows += [f"| {label} | {curve.metric} {p['target']} | {p['followers']} | {p['bounds']['prefill']:.3f}× | "
+                 f"{p['bounds']['decode']:.3f}× | {p['bounds']['kv']:.3f} | {p['perplexity']:.2f} | "
+                 f"{p['retrieval']:.3f} |" for p in points]
+    text = [("Every method at its own plan for each predicted speed (`compare --equal-bound`), calibrated, before "
+            "any training: perplexity on the validation text and accuracy on the retrieval probe (repeated random "
+            "tokens: what copying attention loses first). Stars in the plot are the distilled students."),
+            "\n".join(rows)]
+    for label, missed in curve.unreachable.items():
+        text.append(f"{label} cannot reach {curve.metric} " + ", ".join(missed) + " at all: its densest plan (two of "
+                    f"every three inner layers following) reaches only {max(missed.values()):.3f}.")
+    if curve.trained:
+        done = ["| method (distilled) | prefill bound | decode bound | perplexity | retrieval | zero-shot mean |",
+                "|---|---|---|---|---|---|"]
+        for label, p in curve.trained.items():
+            zs = (f"{p['zero_shot_mean']:.3f} ± {p['zero_shot_stderr']:.3f} ({p['tasks']} tasks)"
+                  if "zero_shot_mean" in p else "–")
+            retrieval = "–" if p.get("retrieval") is None else f"{p['retrieval']:.3f}"
+            done.append(f"| {label} | {p['bounds']['prefill']:.3f}× | {p['bounds']['decode']:.3f}× | "
+                        f"{p['perplexity']:.2f} | {retrieval} | {zs} |")
+        text.append("\n".join(done))
+    return text
+
+
 def sections(run: RunDir) -> list[Section]:
     out: list[Section] = []
     summary = RunSummary.load(run)
@@ -84,6 +142,10 @@ def sections(run: RunDir) -> list[Section]:
         table = run.results(name)[1]
         if table.is_file():
             out.append(Section(title, [table.read_text().strip()]))
+    curve = TradeCurve.load(run.trade_curve)
+    if curve and curve.points:
+        trade_plot(curve, run.trade_plot)
+        out.append(Section("The trade: quality against speed", trade_text(curve), [run.trade_plot.name]))
     for path in run.bench_results():
         label = path.stem.removeprefix("bench").lstrip("-") or "this run's teacher and student"
         table = run.results(path.stem)[1]

@@ -14,7 +14,7 @@ import json
 import os
 import shutil
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -132,6 +132,50 @@ class RunSummary:
         return cls(**json.loads(run.summary.read_text())) if run.summary.is_file() else None
 
 
+@dataclass
+class TradeCurve:
+    """`compare --equal-bound`: quality against predicted speed, per method. `points` are scored before training
+    (perplexity on the validation text, retrieval-probe accuracy); `trained` holds each method's distilled point."""
+
+    metric: str  # the bound the points are chosen by: prefill, decode or kv
+    teacher: dict[str, float]  # {"perplexity": ..., "retrieval": ...}
+    points: dict[str, list[dict]] = field(default_factory=dict)  # method label -> points, in target order
+    trained: dict[str, dict] = field(default_factory=dict)  # method label -> its distilled point
+    unreachable: dict[str, dict] = field(default_factory=dict)  # method label -> {target: the most it reaches}
+
+    def add(self, label: str, point: dict) -> None:
+        self.points.setdefault(label, []).append(point)
+
+    def distilled(self, label: str, bounds: dict[str, float], scores: dict[str, dict]) -> None:
+        """The distilled student's point, from `evaluate`'s scores: perplexity, probe and zero-shot mean (± its
+        stderr) over the tasks scored."""
+        tasks = [v for v in scores.values() if "acc" in v and "samples" in v]
+        accs = [v.get("acc_norm", v["acc"]) for v in tasks]
+        errs = [v.get("acc_norm_stderr", v.get("acc_stderr")) or 0.0 for v in tasks]
+        point = {"bounds": bounds, "perplexity": scores["held-out text"]["perplexity"]}
+        point["retrieval"] = next((v["acc"] for k, v in scores.items() if k.startswith("retrieval")), None)
+        if accs:
+            point |= {"zero_shot_mean": sum(accs) / len(accs),
+                      "zero_shot_stderr": sum(e * e for e in errs) ** 0.5 / len(errs), "tasks": len(accs)}
+        self.trained[label] = point
+
+    def lines(self) -> list[str]:
+        out = []
+        for label, points in self.points.items():
+            for p in points:
+                out.append(f"{label} at {self.metric} >= {p['target']}: {p['followers']} followers, bounds prefill "
+                           f"{p['bounds']['prefill']:.3f}x decode {p['bounds']['decode']:.3f}x kv {p['bounds']['kv']:.3f}"
+                           f", perplexity {p['perplexity']:.2f}, retrieval {p['retrieval']:.3f}")
+        return out
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(asdict(self), indent=1))
+
+    @classmethod
+    def load(cls, path: Path) -> TradeCurve | None:
+        return cls(**json.loads(path.read_text())) if path.is_file() else None
+
+
 def is_model_folder(path: Path) -> bool:
     """A folder that `from_pretrained` may load (its config.json is there)."""
     return (path / "config.json").is_file()
@@ -237,6 +281,18 @@ class RunDir:
     @property
     def heatmap(self) -> Path:
         return self.root / "attention_similarity.png"
+
+    @property
+    def trade_curve(self) -> Path:  # compare --equal-bound
+        return self.root / "trade_curve.json"
+
+    @property
+    def trade_plot(self) -> Path:
+        return self.root / "trade_curve.png"
+
+    @property
+    def block_effects(self) -> Path:  # the measured loss of each candidate block (budget plans)
+        return self.root / "block_effects.json"
 
     @property
     def summary(self) -> Path:

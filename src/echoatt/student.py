@@ -3,6 +3,7 @@ count what it saves."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -148,6 +149,14 @@ class StudentSpec:
     def needs_analysis(self) -> bool:
         return (self.mapped and self.head_map != "identity") or self.plan.startswith(("threshold=", "budget="))
 
+    def without_text(self) -> StudentSpec:
+        """What can be built for a teacher without tokenizer (no analysis, nothing to measure): a `budget=k=N` plan
+        becomes blind `k=N`; anything else that needs the analysis stays as it is (and is refused, saying why)."""
+        if not self.plan.strip().startswith("budget=") or (self.mapped and self.head_map != "identity"):
+            return self
+        k = SharingPlan.budget_options(self.plan.strip()).get("k")
+        return self if k is None else dataclasses.replace(self, plan=f"k={k}")
+
     def head_maps(self, teacher_config, plan: SharingPlan, similarity: Similarity | None):
         """Per layer, the source head each follower head reads (None where nothing is mapped)."""
         if not self.mapped:
@@ -155,8 +164,10 @@ class StudentSpec:
         groups = teacher_config.num_attention_heads // teacher_config.num_key_value_heads
         return head_maps(plan, similarity, self.head_map, chain=self.method == "lisa", kv_groups=groups)
 
-    def sharing_plan(self, teacher_config, similarity: Similarity | None) -> SharingPlan:
-        """The plan `self.plan` names; a budget is met by the cost model's bounds for this method."""
+    def sharing_plan(self, teacher_config, similarity: Similarity | None, block_loss=None) -> SharingPlan:
+        """The plan `self.plan` names; a budget is met by the cost model's bounds for this method, at the least loss
+        `block_loss` (measured: `sensitivity.BlockEffects.loss`) or, without it, the similarity predicts — except
+        attention drop, which takes the layers its own criterion ranks first (`Similarity.redundancy`)."""
         matched = similarity.head_matched if similarity else None
 
         def bounds(plan: SharingPlan) -> dict[str, float]:  # with the head maps the student will have
@@ -166,15 +177,23 @@ class StudentSpec:
             return plan_bounds(teacher_config, config)
 
         return SharingPlan.parse(self.plan, teacher_config.num_hidden_layers, matched,
-                                 adjacent=self.method == "lisa", bounds=bounds)
+                                 adjacent=self.method == "lisa", bounds=bounds, block_loss=block_loss,
+                                 ranking=self.drop_ranking(similarity))
+
+    def drop_ranking(self, similarity: Similarity | None) -> list[int] | None:
+        """For attention drop with a measured LLM-Drop criterion: the layers, most redundant attention first."""
+        if self.method != "drop" or similarity is None or similarity.redundancy is None:
+            return None
+        return [int(i) for i in np.argsort(-similarity.redundancy, kind="stable")]
 
     def build(
-        self, teacher: LlamaForCausalLM, similarity: Similarity | None, maps: list[list[int] | None] | None = None
+        self, teacher: LlamaForCausalLM, similarity: Similarity | None, maps: list[list[int] | None] | None = None,
+        block_loss=None,
     ) -> tuple[EchoAttForCausalLM, SharingPlan]:
         """The student and its plan; `maps` (one per layer, read at the followers) overrides the analysis's head maps
-        (e.g. for random weights, which have no analysis)."""
+        (e.g. for random weights, which have no analysis); `block_loss` as `sharing_plan` takes it."""
         config = teacher.config
-        plan = self.sharing_plan(config, similarity)
+        plan = self.sharing_plan(config, similarity, block_loss)
         if maps is not None:
             maps = [m if i in plan.followers else None for i, m in enumerate(maps)]
         else:

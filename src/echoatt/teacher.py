@@ -24,6 +24,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from echoatt.metrics import repeated_tokens
 from echoatt.modeling import llama_fields
 from echoatt.rundir import cache_dir, first_line, is_model_folder
 
@@ -59,6 +60,11 @@ class Teacher:
             raise TeacherError(f"{purpose} needs text, but the teacher {self.name} has no usable tokenizer "
                                f"({self.tokenizer_error}); add its tokenizer files to the model folder")
         return self.tokenizer
+
+    def retrieval_probe(self, sequences: int = 4, period: int = 128, seed: int = 0) -> torch.Tensor:
+        """`metrics.repeated_tokens` over this teacher's vocabulary, special tokens left out: (sequences, 2 * period)."""
+        special = self.tokenizer.all_special_ids if self.tokenizer is not None else []
+        return repeated_tokens(sequences, period, self.model.config.vocab_size, seed, special)
 
 
 def default_gguf_path() -> Path:

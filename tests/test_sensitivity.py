@@ -1,0 +1,66 @@
+"""Measured block losses: each is the student's NLL increase over the teacher with that block alone shared, and
+budget plans are chosen by them (and reuse them while nothing they depend on changed)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_teacher
+
+from echoatt import pipeline, sensitivity
+from echoatt.cli import main
+from echoatt.metrics import repeated_tokens, retrieval
+from echoatt.sensitivity import BlockEffects, measure_block_effects
+from echoatt.student import StudentSpec
+
+
+def test_block_effects_are_the_kl_from_the_teacher_of_each_block_alone(tmp_path):
+    teacher = tiny_teacher()
+    text = torch.randint(3, 128, (2, 24), generator=torch.Generator().manual_seed(0))
+    probe = repeated_tokens(2, 8, 128, exclude=[0, 1, 2])
+    spec = StudentSpec(plan="k=2", head_map="identity")
+    effects = measure_block_effects(teacher, spec, None, [(1, 2), (2, 3, 4)], text, probe, {"a": 1}, progress=False)
+    student, _ = StudentSpec(plan="2-4", head_map="identity").build(teacher, None)
+    p_t, p_s = (torch.log_softmax(m(input_ids=text).logits[:, :-1].double(), -1) for m in (teacher, student))
+    kl = (p_t.exp() * (p_t - p_s)).sum(-1).mean().item()  # (N, T-1) positions, every one predicted
+    assert effects.blocks[(2, 3, 4)]["text"] == pytest.approx(kl, rel=1e-4)
+    q_t, q_s = (torch.log_softmax(m(input_ids=probe).logits[:, 8:-1].double(), -1) for m in (teacher, student))
+    assert effects.blocks[(2, 3, 4)]["retrieval"] == pytest.approx((q_t.exp() * (q_t - q_s)).sum(-1).mean().item(),
+                                                                   rel=1e-4)  # the repeated half only
+    assert effects.teacher["retrieval"] == pytest.approx(retrieval(teacher, probe)["nll"])
+    assert effects.loss((1, 2)) == pytest.approx(sum(effects.blocks[(1, 2)].values()))
+    effects.save(tmp_path / "e.json")
+    back = BlockEffects.load(tmp_path / "e.json")
+    assert back.blocks == effects.blocks and back.covers([(1, 2)], {"a": 1}) and not back.covers([(1, 2)], {"a": 2})
+    assert "cheapest" in effects.summary()
+
+
+def test_retrieval_scores_the_repeated_half_only():
+    teacher = tiny_teacher()
+    probe = repeated_tokens(2, 8, 128)
+    logits = teacher(input_ids=probe).logits[:, 8:-1]
+    target = probe[:, 9:]
+    got = retrieval(teacher, probe)
+    assert got["nll"] == pytest.approx(torch.nn.functional.cross_entropy(logits.transpose(1, 2), target).item(), 1e-5)
+    assert got["accuracy"] == pytest.approx((logits.argmax(-1) == target).float().mean().item())
+
+
+def test_budget_share_measures_blocks_once(teacher_dir, corpus_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("ECHOATT_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    args = ["share", "--teacher", str(teacher_dir), "--corpus", str(corpus_dir), "--seq-len", "32", "--out", str(out),
+            "--plan", "budget=prefill=1.01", "--calibrate", "0"]
+    assert main(args) == 0
+    effects = json.loads((out / "block_effects.json").read_text())
+    assert set(effects["blocks"]) == {"1-2", "2-3", "3-4", "1-3", "2-4"}  # 6 layers: first and last kept
+    assert json.loads((out / "similarity.json").read_text())["induction"] is not None
+    sharing = json.loads((out / "student" / "sharing.json").read_text())
+    per_follower = {name: sum(v.values()) / (int(name[2]) - int(name[0])) for name, v in effects["blocks"].items()}
+    assert f"{sharing['plan'][0][0]}-{sharing['plan'][0][-1]}" == min(per_follower, key=per_follower.get)
+    monkeypatch.setattr(pipeline, "measure_block_effects", lambda *a, **k: pytest.fail("measured again"))
+    assert main(args + ["--overwrite"]) == 0
+    assert "measured loss of sharing each block" in capsys.readouterr().out
+    assert sensitivity.BlockEffects.load(out / "block_effects.json").blocks.keys() == {
+        tuple(range(int(a), int(b) + 1)) for a, b in (n.split("-") for n in effects["blocks"])}
