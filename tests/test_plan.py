@@ -133,3 +133,22 @@ def test_drop_budget_takes_its_own_ranking():
     bounds = lambda plan: {"prefill": 1 + 0.01 * len(plan.followers), "decode": 1, "kv": 1}
     plan = SharingPlan.parse("budget=prefill=1.03", 8, None, bounds=bounds, ranking=[0, 5, 7, 2, 3, 6, 1, 4])
     assert plan.followers == [2, 3, 5] and plan.blocks == ((1, 2, 3), (4, 5))  # 0 and 7 are never shared
+
+
+def test_a_mixed_budget_weighs_dropping_attention_against_sharing_it():
+    """`drop` adds each layer alone as a candidate (its attention dropped); the greedy takes what buys the most
+    speed per unit of measured loss, whichever kind it is."""
+    bounds = lambda plan: {"prefill": 1 + 0.01 * len(plan.followers) + 0.03 * len(plan.dropped), "decode": 1, "kv": 1}
+    candidates = SharingPlan.budget_candidates("budget=prefill=1.06,drop", 8)
+    assert (2,) in candidates and (1,) not in candidates and (7,) not in candidates  # as followers: 2..6
+    cheap_drops = lambda block: 0.05 if len(block) == 1 else 0.1 * (len(block) - 1)
+    plan = SharingPlan.parse("budget=prefill=1.06,drop", 8, None, bounds=bounds, block_loss=cheap_drops)
+    assert plan.blocks == () and len(plan.dropped) == 2
+    dear_drops = lambda block: 1.0 if len(block) == 1 else 0.1 * (len(block) - 1)
+    plan = SharingPlan.parse("budget=prefill=1.03,drop", 8, None, bounds=bounds, block_loss=dear_drops)
+    assert plan.dropped == () and len(plan.followers) == 3
+    assert "attention dropped at [2, 5]" in SharingPlan(8, ((3, 4),), (2, 5)).describe()
+    with pytest.raises(PlanError, match="overlaps"):
+        SharingPlan(8, ((2, 3),), (3,))
+    with pytest.raises(PlanError, match="measured loss"):
+        SharingPlan.parse("budget=prefill=1.03,drop", 8, np.ones((8, 8)), bounds=bounds)

@@ -21,7 +21,8 @@ def test_block_effects_are_the_kl_from_the_teacher_of_each_block_alone(tmp_path)
     text = torch.randint(3, 128, (2, 24), generator=torch.Generator().manual_seed(0))
     probe = repeated_tokens(2, 8, 128, exclude=[0, 1, 2])
     spec = StudentSpec(plan="k=2", head_map="identity")
-    effects = measure_block_effects(teacher, spec, None, [(1, 2), (2, 3, 4)], text, probe, {"a": 1}, progress=False)
+    effects = measure_block_effects(teacher, spec, None, [(1, 2), (2, 3, 4), (3,)], text, probe, {"a": 1},
+                                    progress=False)
     student, _ = StudentSpec(plan="2-4", head_map="identity").build(teacher, None)
     p_t, p_s = (torch.log_softmax(m(input_ids=text).logits[:, :-1].double(), -1) for m in (teacher, student))
     kl = (p_t.exp() * (p_t - p_s)).sum(-1).mean().item()  # (N, T-1) positions, every one predicted
@@ -30,10 +31,15 @@ def test_block_effects_are_the_kl_from_the_teacher_of_each_block_alone(tmp_path)
     assert effects.blocks[(2, 3, 4)]["retrieval"] == pytest.approx((q_t.exp() * (q_t - q_s)).sum(-1).mean().item(),
                                                                    rel=1e-4)  # the repeated half only
     assert effects.teacher["retrieval"] == pytest.approx(retrieval(teacher, probe)["nll"])
+    dropped, _ = StudentSpec(plan="2-3", method="drop").build(teacher, None)  # a candidate of one layer: dropped
+    d_s = torch.log_softmax(dropped(input_ids=text).logits[:, :-1].double(), -1)
+    assert effects.blocks[(3,)]["text"] == pytest.approx((p_t.exp() * (p_t - d_s)).sum(-1).mean().item(), rel=1e-4)
+    assert "drop 3" in effects.summary()
     assert effects.loss((1, 2)) == pytest.approx(sum(effects.blocks[(1, 2)].values()))
     effects.save(tmp_path / "e.json")
     back = BlockEffects.load(tmp_path / "e.json")
-    assert back.blocks == effects.blocks and back.covers([(1, 2)], {"a": 1}) and not back.covers([(1, 2)], {"a": 2})
+    assert back.blocks == effects.blocks and back.missing([(1, 2)], {"a": 1}) == []
+    assert back.missing([(1, 2)], {"a": 2}) == [(1, 2)]
     assert "cheapest" in effects.summary()
 
 

@@ -147,6 +147,7 @@ def share(
     info = SharingInfo(
         identity=identity,
         plan=[list(b) for b in plan.blocks],
+        dropped=list(plan.dropped),
         method=spec.method,
         head_map=spec.head_map if spec.mapped else None,
         lisa=({"rank": student.config.lisa_rank, "hidden": student.config.lisa_hidden}
@@ -178,12 +179,15 @@ def block_effects(config: ShareConfig, teacher: Teacher, spec: StudentSpec, simi
     settings = {"teacher": teacher.name, "method": spec.method, "head_map": spec.head_map, "corpus": config.corpus,
                 "seq_len": config.seq_len, "seed": config.seed, "text_windows": EFFECT_TEXT_WINDOWS,
                 "probe": list(EFFECT_PROBE)}
-    effects = BlockEffects.load(run.block_effects)
-    if effects is None or not effects.covers(candidates, settings):
+    effects = BlockEffects.load(run.block_effects) or BlockEffects({}, {}, settings)
+    missing = effects.missing(candidates, settings)
+    if missing:  # measure what is not known yet under these settings
         train, _ = token_windows(teacher.tokenizer, config.corpus, config.seq_len, config.encoding)
         probe = teacher.retrieval_probe(*EFFECT_PROBE, seed=config.seed)
-        effects = measure_block_effects(teacher.model, spec, similarity, candidates,
-                                        spread(train, EFFECT_TEXT_WINDOWS), probe, settings)
+        fresh = measure_block_effects(teacher.model, spec, similarity, missing, spread(train, EFFECT_TEXT_WINDOWS),
+                                      probe, settings)
+        known = effects.blocks if effects.settings == settings else {}
+        effects = BlockEffects(fresh.teacher, known | fresh.blocks, settings)
         run.root.mkdir(parents=True, exist_ok=True)
         effects.save(run.block_effects)
     print(effects.summary())
@@ -209,7 +213,8 @@ def print_student(info: SharingInfo, config) -> None:
            "lisa": f"LiSA, rank {config.lisa_rank}, align hidden {config.lisa_hidden}, "
                    f"starting from head map: {info.head_map}"}[info.method]
     params, kv = info.parameters, info.kv_cache_bytes_per_token_bf16
-    print(f"plan: {SharingPlan.from_blocks(config.num_hidden_layers, info.plan).describe()} ({how})")
+    plan = SharingPlan(config.num_hidden_layers, tuple(tuple(b) for b in info.plan), tuple(info.dropped))
+    print(f"plan: {plan.describe()} ({how})")
     print(f"parameters: teacher {params['teacher']:,}  student {params['student']:,}  "
           f"removed {params['removed']:,} ({params['removed_percent']:.2f}%)")
     print(f"KV cache per token (bf16): teacher {kv['teacher']:,} B  student {kv['student']:,} B")
@@ -394,7 +399,8 @@ def trade_curve(subs: dict[str, CompareConfig], teacher: Teacher, similarity: Si
             if calibration:
                 calibrate_followers(student, teacher.model, windows, point.calibrate_ridge, progress=False)
             curve.add(label, {
-                "target": value, "plan": [list(b) for b in plan.blocks], "followers": len(plan.followers),
+                "target": value, "plan": [list(b) for b in plan.blocks], "dropped": list(plan.dropped),
+                "followers": len(plan.followers) + len(plan.dropped),
                 "bounds": plan_bounds(teacher.model.config, student.config),
                 "perplexity": perplexity(student, val), "retrieval": retrieval(student, probe)["accuracy"]})
             print(curve.lines()[-1])

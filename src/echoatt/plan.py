@@ -10,7 +10,7 @@ import numpy as np
 PLAN_WORDS = {  # what each kind of plan string takes after its first part
     "k": ("first", "last", "followers", "protect"),
     "threshold": ("max", "protect"),
-    "budget": ("k", "prefill", "decode", "kv", "protect", "max"),
+    "budget": ("k", "prefill", "decode", "kv", "protect", "max", "drop"),
 }
 # Budget targets: bounds to reach (at least) or ratios to stay under (at most), as `student.plan_bounds` gives them.
 AT_LEAST, AT_MOST = ("prefill", "decode"), ("kv",)
@@ -22,18 +22,23 @@ class PlanError(ValueError):
 
 @dataclass(frozen=True)
 class SharingPlan:
-    """Blocks of consecutive layer indices; `blocks[b][0]` leads, the others follow it.
+    """Blocks of consecutive layer indices; `blocks[b][0]` leads, the others follow it. A mixed plan also removes
+    the attention of some other layers outright (`dropped`).
 
     Attributes:
         num_layers: layers in the model the plan is for.
         blocks: each block's layers, ascending and consecutive, at least two per block.
+        dropped: layers, in no block, whose attention sub-layer the student leaves out.
     """
 
     num_layers: int
     blocks: tuple[tuple[int, ...], ...]
+    dropped: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
-        seen: set[int] = set()
+        seen: set[int] = set(self.dropped)
+        if any(not 0 <= i < self.num_layers for i in self.dropped) or len(seen) != len(self.dropped):
+            raise PlanError(f"dropped layers {list(self.dropped)} must be distinct layers of the model")
         for block in self.blocks:
             if len(block) < 2:
                 raise PlanError(f"block {list(block)} has one layer: a block needs a leader and at least one follower")
@@ -63,7 +68,8 @@ class SharingPlan:
 
     def describe(self) -> str:
         blocks = " ".join(f"[{b[0]}<-{','.join(map(str, b[1:]))}]" for b in self.blocks) or "(no sharing)"
-        return f"{len(self.followers)}/{self.num_layers} layers follow: {blocks}"
+        dropped = f"; attention dropped at {list(self.dropped)}" if self.dropped else ""
+        return f"{len(self.followers)}/{self.num_layers} layers follow: {blocks}{dropped}"
 
     @classmethod
     def from_k(
@@ -158,18 +164,22 @@ class SharingPlan:
         candidates: list[tuple[int, ...]],
         block_loss: Callable[[tuple[int, ...]], float],
         meets: Callable[[SharingPlan], bool],
+        progress: Callable[[SharingPlan], float],
     ) -> SharingPlan:
         """The blocks that meet a budget with the least predicted loss, greedily: from no sharing, take the candidate
-        block (or the larger block that replaces chosen ones inside it) that adds followers at the least loss per
-        follower, until `meets(plan)`."""
+        — a block, a larger block replacing chosen ones inside it, or (a candidate of one layer) that layer's attention
+        dropped — that buys the most `progress` towards the targets per unit of loss, until `meets(plan)`."""
         chosen: list[tuple[int, ...]] = []
         plan = cls(num_layers, ())
         while not meets(plan):
             best = None
             for block in candidates:
                 inside = [b for b in chosen if set(b) & set(block)]
-                gain = len(block) - 1 - sum(len(b) - 1 for b in inside)
-                if gain <= 0 or any(not set(b) <= set(block) for b in inside):
+                if inside and (len(block) == 1 or any(len(b) == 1 or not set(b) <= set(block) for b in inside)):
+                    continue
+                option = cls._of([b for b in chosen if b not in inside] + [block], num_layers)
+                gain = progress(option) - progress(plan)
+                if gain <= 1e-12:
                     continue
                 cost = (block_loss(block) - sum(block_loss(b) for b in inside)) / gain
                 if best is None or cost < best[0]:
@@ -177,8 +187,14 @@ class SharingPlan:
             if best is None:
                 raise PlanError("the budget cannot be met even with every unprotected layer following; relax it")
             chosen = sorted([b for b in chosen if b not in best[2]] + [best[1]])
-            plan = cls(num_layers, tuple(chosen))
+            plan = cls._of(chosen, num_layers)
         return plan
+
+    @classmethod
+    def _of(cls, chosen: list[tuple[int, ...]], num_layers: int) -> SharingPlan:
+        """A plan from chosen candidates: blocks, and single layers (dropped attention)."""
+        return cls(num_layers, tuple(sorted(b for b in chosen if len(b) > 1)),
+                   tuple(sorted(b[0] for b in chosen if len(b) == 1)))
 
     @classmethod
     def from_blocks(cls, num_layers: int, blocks: list[list[int]]) -> SharingPlan:
@@ -198,7 +214,7 @@ class SharingPlan:
     ) -> SharingPlan:
         """Parse a plan string: `k=2`, `k=3,first,last`, `k=2,followers=9`, `k=2,protect=4`,
         `threshold=0.9[,max=3][,protect=4]`, `budget=k=2` (at least plan k=2's prefill and decode bounds) or
-        `budget=decode=1.2[,prefill=1.08][,kv=0.7][,protect=N][,max=3]`, `none`, or blocks `1-2,4-6`. `adjacent`:
+        `budget=decode=1.2[,prefill=1.08][,kv=0.7][,protect=N][,max=3][,drop]`, `none`, or blocks `1-2,4-6`. `adjacent`:
         threshold and budget plans compare each layer with the one before it (LiSA) rather than with its block's
         leader. `bounds` costs a plan for a budget, `block_loss` (measured) predicts what a block costs in quality
         (default: from the similarity), or `ranking` orders the layers to take (attention drop's criterion);
@@ -271,11 +287,13 @@ class SharingPlan:
     @classmethod
     def budget_candidates(cls, spec: str, num_layers: int) -> list[tuple[int, ...]]:
         """The blocks a `budget=` plan chooses among: 2 to `max` (default 3) consecutive layers, none of the first
-        `protect` (default 1) nor the last layer."""
+        `protect` (default 1) nor the last layer; with `drop`, also each follower-able layer alone (its attention
+        dropped)."""
         opts = cls.budget_options(spec)
         max_block, protect = int(opts.get("max", 3)), int(opts.get("protect", 1))
         layers = range(protect, num_layers - 1)
-        return [tuple(range(a, a + n)) for n in range(2, max_block + 1) for a in layers if a + n - 1 in layers]
+        blocks = [tuple(range(a, a + n)) for n in range(2, max_block + 1) for a in layers if a + n - 1 in layers]
+        return blocks + ([(i,) for i in layers[1:]] if "drop" in opts else [])
 
     @classmethod
     def _budget(cls, spec, num_layers, head_matched, adjacent, bounds, check_only, block_loss, ranking) -> SharingPlan:
@@ -294,10 +312,19 @@ class SharingPlan:
             got = bounds(plan)
             return all(got[k] >= v - 1e-9 if k in AT_LEAST else got[k] <= v + 1e-9 for k, v in targets.items())
 
+        def progress(plan: SharingPlan) -> float:  # towards each target, as a share of the way, capped at 1
+            got = bounds(plan)
+            return sum(min((got[k] - 1) / (v - 1) if k in AT_LEAST else (1 - got[k]) / (1 - v), 1.0)
+                       for k, v in targets.items() if v != 1)
+
         if ranking is not None:  # attention drop, in its own order
             shareable = {i for block in candidates for i in block[1:]}
             return cls.from_ranking(num_layers, [i for i in ranking if i in shareable], meets)
-        return cls.from_budget(num_layers, candidates, block_loss or similarity_loss(head_matched, adjacent), meets)
+        if "drop" in opts and block_loss is None:
+            raise PlanError(f"plan {spec!r} weighs dropping attention against sharing it, which needs the measured "
+                            "loss of each (a teacher with a tokenizer)")
+        loss = block_loss or similarity_loss(head_matched, adjacent)
+        return cls.from_budget(num_layers, candidates, loss, meets, progress)
 
 
 def similarity_loss(head_matched: np.ndarray, adjacent: bool = False) -> Callable[[tuple[int, ...]], float]:

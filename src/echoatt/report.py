@@ -157,6 +157,8 @@ def sections(run: RunDir) -> list[Section]:
 def student_text(info: SharingInfo) -> list[str]:
     params, kv = info.parameters, info.kv_cache_bytes_per_token_bf16
     blocks = ", ".join(f"{b[0]}←{','.join(map(str, b[1:]))}" for b in info.plan) or "none"
+    if info.dropped:
+        blocks += f"; attention dropped at layers {', '.join(map(str, info.dropped))}"
     bounds = ("" if not info.bounds else
               f" The cost model's bound on speed (teacher time / student time, bf16): prefill 1 × 512 "
               f"**{info.bounds['prefill']:.3f}×**, decode 16 × 1024 context **{info.bounds['decode']:.3f}×**.")

@@ -36,8 +36,9 @@ class BlockEffects:
         effect = self.blocks[tuple(block)]
         return effect["text"] + effect["retrieval"]
 
-    def covers(self, candidates: list[tuple[int, ...]], settings: dict) -> bool:
-        return self.settings == settings and all(tuple(b) in self.blocks for b in candidates)
+    def missing(self, candidates: list[tuple[int, ...]], settings: dict) -> list[tuple[int, ...]]:
+        """The candidates not measured yet under these settings (all of them if the settings differ)."""
+        return [b for b in candidates if self.settings != settings or tuple(b) not in self.blocks]
 
     def save(self, path: Path) -> None:
         blocks = {f"{b[0]}-{b[-1]}": v for b, v in self.blocks.items()}
@@ -56,7 +57,8 @@ class BlockEffects:
 
     def summary(self, top: int = 6) -> str:
         ranked = sorted(self.blocks, key=self.loss)
-        show = lambda bs: ", ".join(f"{b[0]}-{b[-1]} {self.loss(b):+.3f}" for b in bs)
+        name = lambda b: f"{b[0]}-{b[-1]}" if len(b) > 1 else f"drop {b[0]}"
+        show = lambda bs: ", ".join(f"{name(b)} {self.loss(b):+.3f}" for b in bs)
         return (f"measured loss of sharing each block alone (KL from the teacher, text + retrieval probe), over "
                 f"{len(self.blocks)} blocks: cheapest {show(ranked[:top])}; dearest {show(ranked[-top:])}")
 
@@ -80,13 +82,16 @@ def measure_block_effects(
     teacher: torch.nn.Module, spec, similarity, candidates: list[tuple[int, ...]], text: torch.Tensor,
     probe: torch.Tensor, settings: dict, progress: bool = True,
 ) -> BlockEffects:
-    """Each candidate block shared alone by `spec` (a `student.StudentSpec`: method, head map), compared with the
-    teacher on `text` (N, T) windows and the `probe` (M, 2P)."""
+    """Each candidate block shared alone by `spec` (a `student.StudentSpec`: method, head map) — a candidate of one
+    layer: that layer's attention dropped — compared with the teacher on `text` (N, T) windows and the `probe`
+    (M, 2P)."""
     reference = {"text": _logits(teacher, text), "retrieval": _logits(teacher, probe)}
     base = {"text": nll_sum(teacher, text)[0] / nll_sum(teacher, text)[1], "retrieval": retrieval(teacher, probe)["nll"]}
     blocks = {}
     for block in tqdm(candidates, desc="measuring blocks", disable=not progress):
-        student, _ = dataclasses.replace(spec, plan=f"{block[0]}-{block[-1]}").build(teacher, similarity)
+        alone = (dataclasses.replace(spec, plan=f"{block[0]}-{block[-1]}") if len(block) > 1  # shared...
+                 else dataclasses.replace(spec, method="drop", plan=f"{block[0] - 1}-{block[0]}"))  # ...or dropped
+        student, _ = alone.build(teacher, similarity)
         blocks[tuple(block)] = _kl(student, text, probe, reference)
         del student
     return BlockEffects(base, blocks, settings)

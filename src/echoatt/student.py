@@ -63,6 +63,7 @@ def student_config(
     elif method == "lisa":
         source = [i - 1 if i in plan.followers else i for i in range(plan.num_layers)]
         extra = {"follower_type": "lisa", "lisa_rank": lisa_rank, "lisa_hidden": lisa_hidden}
+    source = [DROPPED if i in plan.dropped else s for i, s in enumerate(source)]  # a mixed plan's dropped layers
     try:
         config = EchoAttConfig.from_llama(teacher_config, attention_source=source, head_map=head_map, **extra)
     except ValueError as err:
