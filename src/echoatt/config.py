@@ -45,9 +45,10 @@ class AnalyzeConfig(CommonConfig):
 
 @dataclass
 class ShareConfig(CommonConfig):
-    plan: str = opt("budget=k=2", "sharing plan: budget=k=N (at least blind k=N's predicted speed, with the blocks "
-                    "measured to cost least), budget=decode=X[,prefill=Y][,kv=Z][,protect=N][,max=3], k=N[,first]"
-                    "[,last][,protect=N], threshold=X[,max=N][,protect=N], blocks like 1-2,4-6, or none")
+    plan: str = opt("budget=k=2,drop", "sharing plan: budget=k=N (at least blind k=N's predicted speed, with the "
+                    "blocks measured to cost least; ',drop': dropping a layer's attention is a candidate too), "
+                    "budget=decode=X[,prefill=Y][,kv=Z][,protect=N][,max=3][,drop], k=N[,first][,last][,protect=N], "
+                    "threshold=X[,max=N][,protect=N], blocks like 1-2,4-6, or none")
     method: str = opt("copy", "copy (EchoAtt: followers reuse the leader's attention), lisa (head alignment + low-rank "
                       "correction, each follower reading the layer before it) or drop (the baseline: no attention)")
     head_map: str = opt("matched", "follower head -> leader head: matched (most similar head), grouped (most similar "
