@@ -124,11 +124,12 @@ def test_compare_at_equal_bound_draws_the_trade_curve(teacher_dir, corpus_dir, t
     monkeypatch.setenv("ECHOATT_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "compare"
     assert main(["compare", "--teacher", str(teacher_dir), "--corpus", str(corpus_dir), "--seq-len", "32",
-                 "--out", str(out), "--methods", "drop,matched,lisa", "--steps", "1", "--batch-size", "1",
+                 "--out", str(out), "--methods", "drop,matched,lisa,mixed", "--steps", "1", "--batch-size", "1",
                  "--grad-accum", "1", "--eval-windows", "2", "--tasks", "", "--equal-bound", "prefill=1.01,1.02",
                  "--calibrate", "4"]) == 0
     curve = json.loads((out / "trade_curve.json").read_text())
-    assert curve["metric"] == "prefill" and set(curve["points"]) == {"attention drop", "head-matched copy"}
+    assert curve["metric"] == "prefill" and set(curve["points"]) == {"attention drop", "head-matched copy",
+                                                                      "shared and dropped (mixed)"}
     assert set(curve["unreachable"]["LiSA"]) == {"1.01", "1.02"}  # LiSA is slower than the teacher at prefill
     assert "LiSA" not in curve["trained"] and not (out / "lisa" / "student").exists()
     sim = json.loads((out / "similarity.json").read_text())
@@ -141,6 +142,8 @@ def test_compare_at_equal_bound_draws_the_trade_curve(teacher_dir, corpus_dir, t
     ranked = sorted(range(1, 5), key=lambda i: -sim["redundancy"][i])
     assert [b[1] for b in dropped] == sorted(ranked[: len(dropped)])  # LLM-Drop's most redundant first
     assert (out / "matched" / "block_effects.json").is_file() and not (out / "drop" / "block_effects.json").exists()
+    mixed = json.loads((out / "mixed" / "block_effects.json").read_text())["blocks"]
+    assert {"2-2", "3-3", "4-4"} <= set(mixed)  # dropping each layer alone was measured beside the blocks
     report = (out / "report.md").read_text()  # compare writes its report
     assert "## The trade: quality against speed" in report and (out / "trade_curve.png").is_file()
     assert "LiSA cannot reach prefill 1.01, 1.02 at all" in report

@@ -122,7 +122,8 @@ class CompareConfig(ShareConfig, DistillConfig, EvalConfig):
     """Attention drop, plain copy, head-matched copy and LiSA at the same layers, each distilled with the same
     budget."""
 
-    methods: str = opt("drop,identity,matched,lisa", "which students: drop, identity (plain copy), matched, grouped, lisa")
+    methods: str = opt("drop,identity,matched,lisa", "which students: drop, identity (plain copy), matched, grouped, lisa, "
+                       "mixed (with --equal-bound: shared blocks and dropped attention, as the default plan)")
     limit: int = opt(30, "zero-shot items per task (0: all; the default keeps it CPU-sized)")
     equal_bound: str = opt("", "compare at equal predicted speed instead of at the same layers: METRIC=V1[,V2,...] "
                            "(prefill, decode or kv), e.g. decode=1.05,1.10,1.15. Each method gets its own budget plan "

@@ -337,7 +337,8 @@ def compare(config: CompareConfig) -> dict:
     if config.equal_bound:
         metric, values = config.bound_targets()
         curve = trade_curve(subs, teacher, similarity, run)
-        subs = {name: dataclasses.replace(sub, plan=f"budget={metric}={values[0]}") for name, sub in subs.items()}
+        subs = {name: dataclasses.replace(sub, plan=f"budget={metric}={values[0]}{VARIANTS[name].budget_options}")
+                for name, sub in subs.items()}
     elif config.plan.strip().startswith("budget="):  # the same layers for every method: the head-matched copy's plan
         copy = dataclasses.replace(config, method="copy", head_map="matched")
         effects = block_effects(copy, teacher, spec_of(copy), similarity, run)
@@ -382,7 +383,7 @@ def trade_curve(subs: dict[str, CompareConfig], teacher: Teacher, similarity: Si
     for name, sub in subs.items():
         label = VARIANTS[name].label
         for value in values:
-            point = dataclasses.replace(sub, plan=f"budget={metric}={value}")
+            point = dataclasses.replace(sub, plan=f"budget={metric}={value}{VARIANTS[name].budget_options}")
             spec = spec_of(point)
             most = densest_bound(spec, teacher.model.config, similarity, metric)
             if (most < value) if metric != "kv" else (most > value):
@@ -409,12 +410,14 @@ def trade_curve(subs: dict[str, CompareConfig], teacher: Teacher, similarity: Si
 
 
 def densest_bound(spec: StudentSpec, teacher_config, similarity: Similarity, metric: str) -> float:
-    """The bound of a method's densest plan (two of every three inner layers following): about the most a budget
-    plan with blocks of up to 3 can reach."""
+    """The bound of a method's densest plan (two of every three inner layers following, or for a mixed plan that or
+    their attention dropped, whichever is more): about the most a budget plan with blocks of up to 3 can reach."""
     plan = SharingPlan.from_k(teacher_config.num_hidden_layers, 3)
-    config = student_config(teacher_config, plan, spec.head_maps(teacher_config, plan, similarity), spec.method,
-                            spec.lisa_rank or None, spec.lisa_hidden or None)
-    return plan_bounds(teacher_config, config)[metric]
+    methods = [spec.method, "drop"] if "drop" in SharingPlan.budget_options(spec.plan) else [spec.method]
+    bounds = [plan_bounds(teacher_config, student_config(
+        teacher_config, plan, spec.head_maps(teacher_config, plan, similarity) if m != "drop" else None, m,
+        spec.lisa_rank or None, spec.lisa_hidden or None))[metric] for m in methods]
+    return min(bounds) if metric == "kv" else max(bounds)
 
 
 QUICK_SPEED = {"prefill": "512", "decode": "8x256", "train_len": 0, "repeats": 3}  # what `run` times: a short look

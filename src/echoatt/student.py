@@ -205,11 +205,12 @@ class StudentSpec:
 
 @dataclass(frozen=True)
 class Variant:
-    """A named student of `compare`: its label and the spec fields it sets."""
+    """A named student of `compare`: its label, the spec fields it sets, and what it adds to a budget plan."""
 
     label: str
     method: str
     head_map: str
+    budget_options: str = ""  # ",drop": a mixed plan (shared blocks and dropped attention)
 
 
 VARIANTS = {
@@ -218,6 +219,7 @@ VARIANTS = {
     "matched": Variant("head-matched copy", "copy", "matched"),
     "grouped": Variant("head-matched copy within KV groups", "copy", "grouped"),
     "lisa": Variant("LiSA", "lisa", "matched"),
+    "mixed": Variant("shared and dropped (mixed)", "copy", "matched", ",drop"),
 }
 
 
