@@ -255,3 +255,20 @@ def test_gradcheck_follower_attention(teacher, path):
         lead = tuple(torch.randn(1, n, 4, 16, dtype=torch.float64, generator=gen, requires_grad=True) for n in (4, 2))
         run = lambda h, q, k: attn(h, attention_handoff={1: Handoff(query=q, key=k)})[0]
     assert torch.autograd.gradcheck(run, (hidden, *lead), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_a_mixed_student_shares_and_drops_and_generates_with_a_cache(teacher, impl, tmp_path):
+    """A plan with a shared block and dropped layers: the roles are what the plan says, it reloads, and cached
+    generation equals cache-free generation."""
+    from echoatt.student import build_student
+
+    plan = SharingPlan(6, ((2, 3),), (1, 4))
+    student = build_student(teacher, plan, [None, None, None, [1, 0, 3, 2], None, None])
+    assert [student.config.role(i) for i in range(6)] == ["ordinary", "dropped", "leader", "copy", "dropped",
+                                                          "ordinary"]
+    student.save_pretrained(tmp_path)
+    student = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation=impl).eval()
+    x = ids(batch=1, length=6)
+    kw = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": 0, "eos_token_id": None}
+    assert torch.equal(student.generate(x, use_cache=True, **kw), student.generate(x, use_cache=False, **kw))
