@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from echoatt.losses import IGNORE_INDEX, soft_label_loss
-from echoatt.metrics import nll_sum, retrieval
+from echoatt.losses import IGNORE_INDEX, hard_label_loss, soft_label_loss
 
 
 @dataclass
@@ -86,7 +86,9 @@ def measure_block_effects(
     layer: that layer's attention dropped — compared with the teacher on `text` (N, T) windows and the `probe`
     (M, 2P)."""
     reference = {"text": _logits(teacher, text), "retrieval": _logits(teacher, probe)}
-    base = {"text": nll_sum(teacher, text)[0] / nll_sum(teacher, text)[1], "retrieval": retrieval(teacher, probe)["nll"]}
+    period = probe.shape[1] // 2  # the teacher's own NLL, for scale, from the logits it already gave
+    base = {"text": hard_label_loss(reference["text"], text).item(),
+            "retrieval": F.cross_entropy(reference["retrieval"][:, period:-1].transpose(1, 2), probe[:, period + 1:]).item()}
     blocks = {}
     for block in tqdm(candidates, desc="measuring blocks", disable=not progress):
         alone = (dataclasses.replace(spec, plan=f"{block[0]}-{block[-1]}") if len(block) > 1  # shared...
