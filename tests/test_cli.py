@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 import yaml
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -116,17 +117,31 @@ def test_compare_puts_methods_side_by_side_with_their_trained_share(teacher_dir,
     share = {m: results[f"{m}/distilled"]["trained parameters"]["percent"] for m in ("drop", "lisa")}
     assert 0 < share["lisa"] < 5 < share["drop"]
     assert "| trained parameters | percent |" in (out / "compare.md").read_text()
+    plans = {m: yaml.safe_load((out / m / "share.yaml").read_text())["plan"] for m in ("drop", "lisa")}
+    assert plans["drop"] == plans["lisa"]  # the budget resolved once, to an explicit plan every method reads
+    plan = SharingPlan.parse(plans["lisa"], 6)
+    for m in ("drop", "lisa"):
+        assert AutoConfig.from_pretrained(out / m / "student").followers() == sorted(plan.followers + list(plan.dropped))
 
 
 def test_compare_at_equal_bound_draws_the_trade_curve(teacher_dir, corpus_dir, tmp_path, monkeypatch):
     """Each method gets its own plan per predicted bound (drop by LLM-Drop's criterion), every point is scored before
-    training, the first is distilled; the report shows the curve."""
+    training (zero-shot too: lm-eval stands in here by a score that counts the model's changed layers), the first is
+    distilled; the report shows the curve."""
+    import echoatt.harness
+
+    def score(model, tokenizer, tasks, limit, batch_size, *stamp):
+        changed = len(model.config.followers()) if hasattr(model.config, "followers") else 0
+        return {t: {"acc": 0.6 - 0.05 * changed, "acc_stderr": 0.03, "samples": limit} for t in tasks}
+
+    monkeypatch.setattr(echoatt.harness, "zero_shot", score)
+    monkeypatch.setattr(echoatt.harness, "cached_zero_shot", score)
     monkeypatch.setenv("ECHOATT_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "compare"
     assert main(["compare", "--teacher", str(teacher_dir), "--corpus", str(corpus_dir), "--seq-len", "32",
                  "--out", str(out), "--methods", "drop,matched,lisa,mixed", "--steps", "1", "--batch-size", "1",
-                 "--grad-accum", "1", "--eval-windows", "2", "--tasks", "", "--equal-bound", "prefill=1.01,1.02",
-                 "--calibrate", "4"]) == 0
+                 "--grad-accum", "1", "--eval-windows", "2", "--tasks", "boolq,piqa", "--limit", "5",
+                 "--equal-bound", "prefill=1.01,1.02", "--calibrate", "4"]) == 0
     curve = json.loads((out / "trade_curve.json").read_text())
     assert curve["metric"] == "prefill" and set(curve["points"]) == {"attention drop", "head-matched copy",
                                                                       "shared and dropped (mixed)"}
@@ -138,6 +153,10 @@ def test_compare_at_equal_bound_draws_the_trade_curve(teacher_dir, corpus_dir, t
         assert all(p["bounds"]["prefill"] >= p["target"] for p in points)
         assert points[0]["followers"] <= points[1]["followers"]
         assert curve["trained"][label]["bounds"] == points[0]["bounds"]  # the first value is the one distilled
+        for p in points:  # each point scored on the tasks, as itself
+            assert p["tasks"] == 2 and p["zero_shot_mean"] == pytest.approx(0.6 - 0.05 * p["followers"])
+            assert p["zero_shot_stderr"] == pytest.approx(0.03 / 2**0.5)
+    assert curve["teacher"]["zero_shot_mean"] == pytest.approx(0.6)
     dropped = curve["points"]["attention drop"][0]["plan"]
     ranked = sorted(range(1, 5), key=lambda i: -sim["redundancy"][i])
     assert [b[1] for b in dropped] == sorted(ranked[: len(dropped)])  # LLM-Drop's most redundant first
@@ -146,4 +165,17 @@ def test_compare_at_equal_bound_draws_the_trade_curve(teacher_dir, corpus_dir, t
     assert {"2-2", "3-3", "4-4"} <= set(mixed)  # dropping each layer alone was measured beside the blocks
     report = (out / "report.md").read_text()  # compare writes its report
     assert "## The trade: quality against speed" in report and (out / "trade_curve.png").is_file()
+    assert "zero-shot mean over 2 tasks" in report and "| teacher | | 0 | 1 | 1 | 1 |" in report
     assert "LiSA cannot reach prefill 1.01, 1.02 at all" in report
+
+
+def test_compare_where_no_method_reaches_the_bound_says_so(teacher_dir, corpus_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("ECHOATT_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "compare"
+    assert main(["compare", "--teacher", str(teacher_dir), "--corpus", str(corpus_dir), "--seq-len", "32",
+                 "--out", str(out), "--methods", "lisa", "--eval-windows", "2", "--tasks", "",
+                 "--equal-bound", "prefill=1.01"]) == 0
+    assert "no method was distilled" in capsys.readouterr().out
+    curve = json.loads((out / "trade_curve.json").read_text())
+    assert list(curve["unreachable"]) == ["LiSA"] and curve["unreachable"]["LiSA"]["1.01"] < 1.01
+    assert "LiSA cannot reach prefill 1.01 at all" in (out / "report.md").read_text()

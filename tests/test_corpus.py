@@ -61,3 +61,20 @@ def test_pack_and_windows(tokenizer, corpus_dir, tmp_path, monkeypatch):
     assert cached and all(f.suffix == ".safetensors" for f in cached)
     with pytest.raises(CorpusError, match="corpus too short"):
         token_windows(tokenizer, str(corpus_dir), 100_000)
+
+
+def test_teacher_writes_windows_reproducibly_and_caches_them(teacher_dir, tmp_path, monkeypatch):
+    from echoatt.corpus import generated_windows
+    from echoatt.teacher import load_teacher
+
+    monkeypatch.setenv("ECHOATT_CACHE", str(tmp_path / "cache"))
+    teacher = load_teacher(str(teacher_dir))
+    windows = generated_windows(teacher, 5, 16, seed=3, batch=2)
+    assert windows.shape == (5, 16) and windows.dtype == torch.long
+    assert 0 <= windows.min() and windows.max() < teacher.model.config.vocab_size
+    assert not (windows == teacher.tokenizer.bos_token_id).all(dim=1).any()  # the prompt itself is not kept
+    assert len(list((tmp_path / "cache" / "generated").iterdir())) == 1
+    teacher.model.generate = None  # a second call must read the cache, not sample again
+    assert torch.equal(generated_windows(teacher, 5, 16, seed=3, batch=2), windows)
+    del teacher.model.generate
+    assert not torch.equal(generated_windows(teacher, 5, 16, seed=4, batch=2), windows)

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from echoatt.config import DistillConfig
 from echoatt.distill import TrainingError, batch_indices, distill
@@ -120,6 +121,23 @@ def test_bad_input_is_refused(run_dir, teacher_dir, corpus_dir, tmp_path):
 
     with pytest.raises(CorpusError, match="corpus too short"):
         distill(config(run_dir, teacher_dir, tiny))
+
+
+def test_generated_share_is_mixed_into_the_training_windows(run_dir, teacher_dir, corpus_dir):
+    from accelerate import Accelerator
+
+    from echoatt.corpus import generated_windows, token_windows
+    from echoatt.distill import load_inputs
+
+    cfg = config(run_dir, teacher_dir, corpus_dir, generated=0.25)  # 6 steps x 4 windows read: 6 written, 18 corpus
+    teacher = load_teacher(str(teacher_dir))
+    train = load_inputs(cfg, teacher, Accelerator(cpu=True))["train_windows"]
+    corpus = token_windows(teacher.tokenizer, str(corpus_dir), 32)[0]
+    assert train.shape == (24, 32)
+    assert torch.equal(train[18:], generated_windows(teacher, 6, 32, cfg.seed))
+    assert all((corpus == row).all(dim=1).any() for row in train[:18])
+    with pytest.raises(ValueError, match="--generated"):
+        config(run_dir, teacher_dir, corpus_dir, generated=1.5).validate()
 
 
 def test_data_order_depends_only_on_seed_and_step():

@@ -50,6 +50,11 @@ def test_parse():
     assert SharingPlan.parse("k=2", 6).blocks == ((1, 2), (3, 4))
     assert SharingPlan.parse("1-2,3-5", 6).blocks == ((1, 2), (3, 4, 5))
     assert SharingPlan.parse("none", 6).blocks == ()
+    mixed = SharingPlan.parse("1-2,drop=4,drop=5", 6)
+    assert mixed.blocks == ((1, 2),) and mixed.dropped == (4, 5)
+    assert SharingPlan.parse(mixed.spec(), 6) == mixed and SharingPlan(6, ()).spec() == "none"
+    with pytest.raises(PlanError, match="overlaps"):
+        SharingPlan.parse("1-2,drop=2", 6)
     with pytest.raises(PlanError, match="cannot parse"):
         SharingPlan.parse("every other", 6)
     with pytest.raises(PlanError, match="analysis"):

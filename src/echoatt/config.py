@@ -48,7 +48,7 @@ class ShareConfig(CommonConfig):
     plan: str = opt("budget=k=2,drop", "sharing plan: budget=k=N (at least blind k=N's predicted speed, with the "
                     "blocks measured to cost least; ',drop': dropping a layer's attention is a candidate too), "
                     "budget=decode=X[,prefill=Y][,kv=Z][,protect=N][,max=3][,drop], k=N[,first][,last][,protect=N], "
-                    "threshold=X[,max=N][,protect=N], blocks like 1-2,4-6, or none")
+                    "threshold=X[,max=N][,protect=N], blocks like 1-2,4-6 (drop=N: layer N's attention dropped), or none")
     method: str = opt("copy", "copy (EchoAtt: followers reuse the leader's attention), lisa (head alignment + low-rank "
                       "correction, each follower reading the layer before it) or drop (the baseline: no attention)")
     head_map: str = opt("matched", "follower head -> leader head: matched (most similar head), grouped (most similar "
@@ -79,6 +79,8 @@ class DistillConfig(CommonConfig):
     w_soft: float = opt(KDLoss.w_soft, "weight of the soft-label KL (scaled by T^2)")
     w_hidden: float = opt(KDLoss.w_hidden, "weight of the hidden-state loss")
     hidden_loss: str = opt(KDLoss.hidden_loss, "hidden-state distance: mse (scale-normalised per layer) or cosine")
+    generated: float = opt(0.0, "share of the training windows the teacher writes itself, sampled from the bare BOS "
+                           "(data-free distillation: text beyond the corpus' kind; cached; 0: corpus only)")
     trainable: str = opt("auto", "what trains: shared (follower layers and the layer after each), lisa (only LiSA's "
                          "alignment and low-rank parameters), all, or auto (lisa for a LiSA student, else shared)")
     gradient_checkpointing: bool = opt(False, "recompute activations in backward to save memory")
@@ -96,6 +98,8 @@ class DistillConfig(CommonConfig):
         for name in ("steps", "batch_size", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
+        if not 0 <= self.generated <= 1:
+            raise ValueError(f"--generated is a share of the training windows, from 0 to 1 (got {self.generated})")
 
 
 @dataclass
@@ -128,7 +132,8 @@ class CompareConfig(ShareConfig, DistillConfig, EvalConfig):
     equal_bound: str = opt("", "compare at equal predicted speed instead of at the same layers: METRIC=V1[,V2,...] "
                            "(prefill, decode or kv), e.g. decode=1.05,1.10,1.15. Each method gets its own budget plan "
                            "per value (attention drop by LLM-Drop's criterion), scored before training (perplexity, "
-                           "retrieval probe): the trade curve; the first value is distilled and scored in full")
+                           "retrieval probe, the --tasks at --limit items): the trade curve; the first value is "
+                           "distilled and scored in full")
 
     def bound_targets(self) -> tuple[str, list[float]]:
         """`equal_bound` as (metric, values), refused when it cannot be read."""

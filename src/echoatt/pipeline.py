@@ -42,6 +42,7 @@ from echoatt.rundir import (
     same_student,
     setup,
     student_identity,
+    zero_shot_summary,
 )
 from echoatt.sensitivity import BlockEffects, measure_block_effects
 from echoatt.student import (
@@ -344,10 +345,10 @@ def compare(config: CompareConfig) -> dict:
         effects = block_effects(copy, teacher, spec_of(copy), similarity, run)
         plan = spec_of(copy).sharing_plan(teacher.model.config, similarity, effects.loss if effects else None)
         print(f"every method at the layers the budget chose for the head-matched copy: {plan.describe()}")
-        blocks = ",".join(f"{b[0]}-{b[-1]}" for b in plan.blocks) or "none"
-        subs = {name: dataclasses.replace(sub, plan=blocks) for name, sub in subs.items()}
+        subs = {name: dataclasses.replace(sub, plan=plan.spec()) for name, sub in subs.items()}
     results: dict = {}
     labels = {"teacher": "teacher"}
+    table = "no method was distilled: none reaches the first --equal-bound value (the trade curve has the rest)"
     for name, sub in subs.items():
         label = VARIANTS[name].label
         if config.equal_bound and not any(p["target"] == values[0] for p in curve.points.get(label, [])):
@@ -372,14 +373,19 @@ def compare(config: CompareConfig) -> dict:
 
 def trade_curve(subs: dict[str, CompareConfig], teacher: Teacher, similarity: Similarity, run: RunDir) -> TradeCurve:
     """For each method and each `--equal-bound` value: its budget plan, calibrated as `share` would, scored before
-    any training on the validation text (perplexity) and the retrieval probe. Written to OUT/trade_curve.json."""
+    any training on the validation text (perplexity), the retrieval probe and the zero-shot tasks (`--tasks`,
+    `--limit` items each). Written to OUT/trade_curve.json."""
+    from echoatt.harness import cached_zero_shot, zero_shot
+
     config = next(iter(subs.values()))
     metric, values = config.bound_targets()
     tokenizer = teacher.text_tokenizer("the trade curve")
     val = spread(token_windows(tokenizer, config.corpus, config.seq_len, config.encoding)[1], config.eval_windows)
     probe = teacher.retrieval_probe(*EVAL_PROBE, seed=config.seed)
+    tasks, limit = [t for t in config.tasks.split(",") if t], config.limit or None
+    scored = cached_zero_shot(teacher.model, tokenizer, tasks, limit, config.eval_batch_size, teacher.stamp())
     curve = TradeCurve(metric, {"perplexity": perplexity(teacher.model, val),
-                                "retrieval": retrieval(teacher.model, probe)["accuracy"]})
+                                "retrieval": retrieval(teacher.model, probe)["accuracy"]} | zero_shot_summary(scored))
     for name, sub in subs.items():
         label = VARIANTS[name].label
         for value in values:
@@ -403,9 +409,11 @@ def trade_curve(subs: dict[str, CompareConfig], teacher: Teacher, similarity: Si
                 "target": value, "plan": [list(b) for b in plan.blocks], "dropped": list(plan.dropped),
                 "followers": len(plan.followers) + len(plan.dropped),
                 "bounds": plan_bounds(teacher.model.config, student.config),
-                "perplexity": perplexity(student, val), "retrieval": retrieval(student, probe)["accuracy"]})
+                "perplexity": perplexity(student, val), "retrieval": retrieval(student, probe)["accuracy"],
+                **zero_shot_summary(zero_shot(student, tokenizer, tasks, limit, config.eval_batch_size) if tasks else {})})
             print(curve.lines()[-1])
             curve.save(run.trade_curve)
+    curve.save(run.trade_curve)  # also where no method reached any value: what they reach is the answer then
     return curve
 
 

@@ -214,7 +214,8 @@ class SharingPlan:
     ) -> SharingPlan:
         """Parse a plan string: `k=2`, `k=3,first,last`, `k=2,followers=9`, `k=2,protect=4`,
         `threshold=0.9[,max=3][,protect=4]`, `budget=k=2` (at least plan k=2's prefill and decode bounds) or
-        `budget=decode=1.2[,prefill=1.08][,kv=0.7][,protect=N][,max=3][,drop]`, `none`, or blocks `1-2,4-6`. `adjacent`:
+        `budget=decode=1.2[,prefill=1.08][,kv=0.7][,protect=N][,max=3][,drop]`, `none`, or blocks `1-2,4-6` with
+        dropped attention `drop=N`. `adjacent`:
         threshold and budget plans compare each layer with the one before it (LiSA) rather than with its block's
         leader. `bounds` costs a plan for a budget, `block_loss` (measured) predicts what a block costs in quality
         (default: from the similarity), or `ranking` orders the layers to take (attention drop's criterion);
@@ -256,18 +257,26 @@ class SharingPlan:
 
     @classmethod
     def _explicit(cls, spec: str, parts: list[str], num_layers: int) -> SharingPlan:
-        """Explicit blocks `1-2,4-6`."""
-        blocks = []
+        """Explicit blocks `1-2,4-6`, and layers whose attention is dropped `drop=7` (as `spec()` writes a plan)."""
+        blocks, dropped = [], []
         for part in parts:
             try:
+                if part.startswith("drop="):
+                    dropped.append(int(part.removeprefix("drop=")))
+                    continue
                 a, b = (int(x) for x in part.split("-"))
             except ValueError as err:
-                raise PlanError(f"cannot parse {part!r} in plan {spec!r}: use k=N, threshold=X, none, or blocks like "
-                                "1-2,4-6") from err
+                raise PlanError(f"cannot parse {part!r} in plan {spec!r}: use k=N, threshold=X, budget=..., none, or "
+                                "blocks like 1-2,4-6 (with drop=N for a layer whose attention is dropped)") from err
             if b < a:
                 raise PlanError(f"block {part!r} must run from a lower to a higher layer (like {b}-{a})")
-            blocks.append(list(range(a, b + 1)))
-        return cls.from_blocks(num_layers, blocks)
+            blocks.append(tuple(range(a, b + 1)))
+        return cls(num_layers, tuple(blocks), tuple(dropped))
+
+    def spec(self) -> str:
+        """The plan as an explicit plan string that `parse` reads back to this plan: `27-28,drop=6,drop=25`."""
+        parts = [f"{b[0]}-{b[-1]}" for b in self.blocks] + [f"drop={i}" for i in self.dropped]
+        return ",".join(parts) or "none"
 
     @staticmethod
     def budget_options(spec: str) -> dict[str, str]:

@@ -55,20 +55,24 @@ def training_curves(log_path: Path, png: Path) -> bool:
 
 
 def trade_plot(curve: TradeCurve, png: Path) -> None:
-    """Quality against the predicted speed bound, one line per method: perplexity and retrieval-probe accuracy
-    before training, and each method's distilled point (a star)."""
+    """Quality against the predicted speed bound, one line per method: perplexity, retrieval-probe accuracy and (where
+    tasks were scored) zero-shot mean ± stderr before training, and each method's distilled point (a star)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), constrained_layout=True)
-    for ax, key, title in ((axes[0], "perplexity", "validation perplexity (lower is better)"),
-                           (axes[1], "retrieval", "retrieval-probe accuracy (higher is better)")):
+    panels = [("perplexity", "validation perplexity (lower is better)"),
+              ("retrieval", "retrieval-probe accuracy (higher is better)")]
+    if "zero_shot_mean" in curve.teacher:
+        panels.append(("zero_shot_mean", f"zero-shot mean over {curve.teacher['tasks']} tasks (± stderr)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), constrained_layout=True)
+    for ax, (key, title) in zip(axes, panels, strict=True):
         for label, points in curve.points.items():
             points = sorted(points, key=lambda p: p["bounds"][curve.metric])
-            line = ax.plot([p["bounds"][curve.metric] for p in points], [p[key] for p in points], marker="o",
-                           label=f"{label}, untrained")[0]
+            line = ax.errorbar([p["bounds"][curve.metric] for p in points], [p.get(key) for p in points],
+                               yerr=[p.get("zero_shot_stderr", 0) for p in points] if key == "zero_shot_mean" else None,
+                               marker="o", capsize=3, label=f"{label}, untrained")[0]
             done = curve.trained.get(label)
             if done and done.get(key) is not None:
                 ax.plot([done["bounds"][curve.metric]], [done[key]], marker="*", markersize=14, linestyle="",
@@ -84,17 +88,24 @@ def trade_plot(curve: TradeCurve, png: Path) -> None:
     plt.close(fig)
 
 
+def zero_shot_cell(point: dict) -> str:
+    return (f"{point['zero_shot_mean']:.3f} ± {point['zero_shot_stderr']:.3f}" if "zero_shot_mean" in point else "–")
+
+
 def trade_text(curve: TradeCurve) -> list[str]:
-    rows = ["| method | target | followers | prefill bound | decode bound | KV ratio | perplexity | retrieval |",
-            "|---|---|---|---|---|---|---|---|",
-            f"| teacher | | 0 | 1 | 1 | 1 | {curve.teacher['perplexity']:.2f} | {curve.teacher['retrieval']:.3f} |"]
+    t = curve.teacher
+    rows = ["| method | target | followers | prefill bound | decode bound | KV ratio | perplexity | retrieval | zero-shot |",
+            "|---|---|---|---|---|---|---|---|---|",
+            f"| teacher | | 0 | 1 | 1 | 1 | {t['perplexity']:.2f} | {t['retrieval']:.3f} | {zero_shot_cell(t)} |"]
     for label, points in curve.points.items():
         rows += [f"| {label} | {curve.metric} {p['target']} | {p['followers']} | {p['bounds']['prefill']:.3f}× | "
                  f"{p['bounds']['decode']:.3f}× | {p['bounds']['kv']:.3f} | {p['perplexity']:.2f} | "
-                 f"{p['retrieval']:.3f} |" for p in points]
+                 f"{p['retrieval']:.3f} | {zero_shot_cell(p)} |" for p in points]
+    scope = (f"and the zero-shot mean over {t['tasks']} tasks (± its stderr)" if "zero_shot_mean" in t
+             else "(no zero-shot tasks were scored on the curve)")
     text = [("Every method at its own plan for each predicted speed (`compare --equal-bound`), calibrated, before "
-            "any training: perplexity on the validation text and accuracy on the retrieval probe (repeated random "
-            "tokens: what copying attention loses first). Stars in the plot are the distilled students."),
+            "any training: perplexity on the validation text, accuracy on the retrieval probe (repeated random "
+            f"tokens: what copying attention loses first) {scope}. Stars in the plot are the distilled students."),
             "\n".join(rows)]
     for label, missed in curve.unreachable.items():
         text.append(f"{label} cannot reach {curve.metric} " + ", ".join(missed) + " at all: its densest plan (two of "
@@ -103,8 +114,7 @@ def trade_text(curve: TradeCurve) -> list[str]:
         done = ["| method (distilled) | prefill bound | decode bound | perplexity | retrieval | zero-shot mean |",
                 "|---|---|---|---|---|---|"]
         for label, p in curve.trained.items():
-            zs = (f"{p['zero_shot_mean']:.3f} ± {p['zero_shot_stderr']:.3f} ({p['tasks']} tasks)"
-                  if "zero_shot_mean" in p else "–")
+            zs = f"{zero_shot_cell(p)} ({p['tasks']} tasks)" if "zero_shot_mean" in p else "–"
             retrieval = "–" if p.get("retrieval") is None else f"{p['retrieval']:.3f}"
             done.append(f"| {label} | {p['bounds']['prefill']:.3f}× | {p['bounds']['decode']:.3f}× | "
                         f"{p['perplexity']:.2f} | {retrieval} | {zs} |")
@@ -143,9 +153,11 @@ def sections(run: RunDir) -> list[Section]:
         if table.is_file():
             out.append(Section(title, [table.read_text().strip()]))
     curve = TradeCurve.load(run.trade_curve)
-    if curve and curve.points:
-        trade_plot(curve, run.trade_plot)
-        out.append(Section("The trade: quality against speed", trade_text(curve), [run.trade_plot.name]))
+    if curve and (curve.points or curve.unreachable):
+        if curve.points:
+            trade_plot(curve, run.trade_plot)
+        out.append(Section("The trade: quality against speed", trade_text(curve),
+                           [run.trade_plot.name] if curve.points else []))
     for path in run.bench_results():
         label = path.stem.removeprefix("bench").lstrip("-") or "this run's teacher and student"
         table = run.results(path.stem)[1]

@@ -133,13 +133,26 @@ class RunSummary:
         return cls(**json.loads(run.summary.read_text())) if run.summary.is_file() else None
 
 
+def zero_shot_summary(scores: dict[str, dict]) -> dict[str, float]:
+    """The mean accuracy over the zero-shot tasks in `scores` (acc_norm where a task has it) with the stderr of that
+    mean (tasks independent), how many tasks, and each task's accuracy; {} when none was scored."""
+    tasks = {k: v for k, v in scores.items() if "acc" in v and "samples" in v}
+    if not tasks:
+        return {}
+    accs = {k: v.get("acc_norm", v["acc"]) for k, v in tasks.items()}
+    errs = [v.get("acc_norm_stderr", v.get("acc_stderr")) or 0.0 for v in tasks.values()]
+    return {"zero_shot_mean": sum(accs.values()) / len(accs),
+            "zero_shot_stderr": sum(e * e for e in errs) ** 0.5 / len(errs), "tasks": len(accs), "zero_shot": accs}
+
+
 @dataclass
 class TradeCurve:
     """`compare --equal-bound`: quality against predicted speed, per method. `points` are scored before training
-    (perplexity on the validation text, retrieval-probe accuracy); `trained` holds each method's distilled point."""
+    (perplexity on the validation text, retrieval-probe accuracy, and with tasks the zero-shot mean); `trained` holds
+    each method's distilled point."""
 
     metric: str  # the bound the points are chosen by: prefill, decode or kv
-    teacher: dict[str, float]  # {"perplexity": ..., "retrieval": ...}
+    teacher: dict[str, float]  # {"perplexity": ..., "retrieval": ..., and with tasks "zero_shot_mean": ...}
     points: dict[str, list[dict]] = field(default_factory=dict)  # method label -> points, in target order
     trained: dict[str, dict] = field(default_factory=dict)  # method label -> its distilled point
     unreachable: dict[str, dict] = field(default_factory=dict)  # method label -> {target: the most it reaches}
@@ -148,17 +161,10 @@ class TradeCurve:
         self.points.setdefault(label, []).append(point)
 
     def distilled(self, label: str, bounds: dict[str, float], scores: dict[str, dict]) -> None:
-        """The distilled student's point, from `evaluate`'s scores: perplexity, probe and zero-shot mean (± its
-        stderr) over the tasks scored."""
-        tasks = [v for v in scores.values() if "acc" in v and "samples" in v]
-        accs = [v.get("acc_norm", v["acc"]) for v in tasks]
-        errs = [v.get("acc_norm_stderr", v.get("acc_stderr")) or 0.0 for v in tasks]
+        """The distilled student's point, from `evaluate`'s scores: perplexity, probe and zero-shot mean."""
         point = {"bounds": bounds, "perplexity": scores["held-out text"]["perplexity"]}
         point["retrieval"] = next((v["acc"] for k, v in scores.items() if k.startswith("retrieval")), None)
-        if accs:
-            point |= {"zero_shot_mean": sum(accs) / len(accs),
-                      "zero_shot_stderr": sum(e * e for e in errs) ** 0.5 / len(errs), "tasks": len(accs)}
-        self.trained[label] = point
+        self.trained[label] = point | zero_shot_summary(scores)
 
     def lines(self) -> list[str]:
         out = []
@@ -166,7 +172,8 @@ class TradeCurve:
             for p in points:
                 out.append(f"{label} at {self.metric} >= {p['target']}: {p['followers']} followers, bounds prefill "
                            f"{p['bounds']['prefill']:.3f}x decode {p['bounds']['decode']:.3f}x kv {p['bounds']['kv']:.3f}"
-                           f", perplexity {p['perplexity']:.2f}, retrieval {p['retrieval']:.3f}")
+                           f", perplexity {p['perplexity']:.2f}, retrieval {p['retrieval']:.3f}"
+                           + (f", zero-shot {p['zero_shot_mean']:.3f}" if "zero_shot_mean" in p else ""))
         return out
 
     def save(self, path: Path) -> None:
