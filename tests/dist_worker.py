@@ -26,3 +26,4 @@ every = [None] * dist.get_world_size()
 dist.all_gather_object(every, mine)
 if dist.get_rank() == 0:
     (out / "checksums.json").write_text(json.dumps(every))
+dist.destroy_process_group()  # as `echoatt.cli` does: a live gloo group at exit can abort the process

@@ -179,3 +179,21 @@ def test_compare_where_no_method_reaches_the_bound_says_so(teacher_dir, corpus_d
     curve = json.loads((out / "trade_curve.json").read_text())
     assert list(curve["unreachable"]) == ["LiSA"] and curve["unreachable"]["LiSA"]["1.01"] < 1.01
     assert "LiSA cannot reach prefill 1.01 at all" in (out / "report.md").read_text()
+
+
+def test_a_command_leaves_the_process_group_before_exit(tmp_path):
+    """Under torchrun the group must be gone when the interpreter exits (a live gloo group can abort it)."""
+    import socket
+
+    import torch.distributed as dist
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        main(["report", str(tmp_path)])
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -87,7 +87,19 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"echoatt {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        end_process_group()
     return 0
+
+
+def end_process_group() -> None:
+    """Under `torchrun` / `accelerate launch`, leave the process group before exit: a group still alive when the
+    interpreter shuts down can abort the process ("terminate called without an active exception") after all the
+    work is done."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
