@@ -197,3 +197,18 @@ def test_a_command_leaves_the_process_group_before_exit(tmp_path):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def test_a_full_disk_is_a_message_not_a_traceback(teacher_dir, corpus_dir, tmp_path, monkeypatch, capsys):
+    from safetensors import SafetensorError
+
+    import echoatt.pipeline
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setenv("ECHOATT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(echoatt.pipeline, "save_student", full)
+    assert main(["share", "--teacher", str(teacher_dir), "--corpus", str(corpus_dir), "--seq-len", "32",
+                 "--out", str(tmp_path / "out"), "--plan", "k=2", "--calibrate", "0"]) == 1
+    assert "error: the disk is full" in capsys.readouterr().err

@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 
 from accelerate import Accelerator
+from safetensors import SafetensorError
 
 from echoatt.noise import silence
 from echoatt.rundir import Checkpoint, RunDir, describe, replaced_atomically, same_student
@@ -56,6 +57,11 @@ def load_checkpoint(accelerator: Accelerator, checkpoint: Checkpoint) -> int:
     return checkpoint.read()["step"]
 
 
+def disk_full(err: BaseException) -> bool:
+    """Whether a write failed for want of disk space (an OSError, or safetensors' own error saying so)."""
+    return getattr(err, "errno", None) == errno.ENOSPC or "No space left on device" in str(err)
+
+
 def save_checkpoint(
     accelerator: Accelerator, student, tokenizer, run: RunDir, step: int, keep: int, identity: dict
 ) -> Path:
@@ -80,11 +86,11 @@ def save_checkpoint(
                 tmp.write_text(final.path.name)
             for old in run.finished_checkpoints()[:-keep]:
                 shutil.rmtree(old.path, ignore_errors=True)
-    except OSError as err:
+    except (OSError, SafetensorError) as err:  # safetensors reports its own I/O errors (a full disk) as SafetensorError
         if accelerator.is_main_process:
             shutil.rmtree(partial.path, ignore_errors=True)
         kept = run.latest()
-        reason = "disk full" if err.errno == errno.ENOSPC else str(err)
+        reason = "disk full" if disk_full(err) else str(err)
         where = kept.path if kept else "none"
         raise TrainingError(f"could not write the checkpoint at step {step} ({reason}); kept: {where}") from err
     accelerator.wait_for_everyone()

@@ -7,8 +7,10 @@ import dataclasses
 import sys
 from typing import Any
 
+from safetensors import SafetensorError
+
 from echoatt import pipeline
-from echoatt.checkpoints import TrainingError
+from echoatt.checkpoints import TrainingError, disk_full
 from echoatt.config import (
     AnalyzeConfig,
     BenchConfig,
@@ -22,7 +24,7 @@ from echoatt.config import (
 )
 from echoatt.corpus import CorpusError
 from echoatt.plan import PlanError
-from echoatt.rundir import RunDirError
+from echoatt.rundir import RunDirError, first_line
 from echoatt.teacher import TeacherError
 
 COMMANDS = {  # name -> (config class, function, help)
@@ -87,6 +89,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"echoatt {args.command}: interrupted", file=sys.stderr)
         return 130
+    except (OSError, SafetensorError) as err:
+        if not disk_full(err):
+            raise
+        print(f"echoatt {args.command}: error: the disk is full ({first_line(err)}); free space and run the same "
+              "command again (the analysis, measured block effects and checkpoints already written are reused)", file=sys.stderr)
+        return 1
     finally:
         end_process_group()
     return 0
