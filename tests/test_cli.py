@@ -153,6 +153,8 @@ def test_compare_at_equal_bound_draws_the_trade_curve(teacher_dir, corpus_dir, t
         assert all(p["bounds"]["prefill"] >= p["target"] for p in points)
         assert points[0]["followers"] <= points[1]["followers"]
         assert curve["trained"][label]["bounds"] == points[0]["bounds"]  # the first value is the one distilled
+        measured = curve["trained"][label]["measured"]  # its short measured speed, beside the bound at that setting
+        assert set(measured) == {"prefill", "decode"} and all(m["ratio"] > 0 and m["bound"] > 0 for m in measured.values())
         for p in points:  # each point scored on the tasks, as itself
             assert p["tasks"] == 2 and p["zero_shot_mean"] == pytest.approx(0.6 - 0.05 * p["followers"])
             assert p["zero_shot_stderr"] == pytest.approx(0.03 / 2**0.5)
@@ -166,6 +168,7 @@ def test_compare_at_equal_bound_draws_the_trade_curve(teacher_dir, corpus_dir, t
     report = (out / "report.md").read_text()  # compare writes its report
     assert "## The trade: quality against speed" in report and (out / "trade_curve.png").is_file()
     assert "zero-shot mean over 2 tasks" in report and "| teacher | | 0 | 1 | 1 | 1 |" in report
+    assert "measured (bound at that setting)" in report and "decode 8 × 256: " in report
     assert "LiSA cannot reach prefill 1.01, 1.02 at all" in report
 
 

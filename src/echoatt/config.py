@@ -135,6 +135,9 @@ class CompareConfig(ShareConfig, DistillConfig, EvalConfig):
                            "retrieval probe, the --tasks at --limit items): the trade curve; the first value is "
                            "distilled and scored in full")
 
+    speed: bool = opt(True, "with --equal-bound: time each distilled student against the teacher (prefill 1 x 512, "
+                      "decode 8 x 256 context, 3 repeats), beside its bounds")
+
     def bound_targets(self) -> tuple[str, list[float]]:
         """`equal_bound` as (metric, values), refused when it cannot be read."""
         metric, _, values = self.equal_bound.partition("=")

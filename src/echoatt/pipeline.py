@@ -364,7 +364,8 @@ def compare(config: CompareConfig) -> dict:
         labels |= {f"{name}/student": f"{label} (before KD)", f"{name}/distilled": f"{label} (after KD)"}
         table = save_results(results, run.results("compare"), labels)
         if config.equal_bound:
-            curve.distilled(label, SharingInfo.load(Path(sub.out) / "student").bounds, scored["distilled"])
+            speed = quick_speed(sub, Path(sub.out) / "student-distilled") if config.speed else {}
+            curve.distilled(label, SharingInfo.load(Path(sub.out) / "student").bounds, scored["distilled"], speed)
             curve.save(run.trade_curve)
     print(table)
     print(f"report: {write_report(run.root)[1]}")
@@ -431,6 +432,16 @@ def densest_bound(spec: StudentSpec, teacher_config, similarity: Similarity, met
 QUICK_SPEED = {"prefill": "512", "decode": "8x256", "train_len": 0, "repeats": 3}  # what `run` times: a short look
 
 
+def quick_speed(config: RunConfig | CompareConfig, student: Path) -> dict[str, dict]:
+    """A short measured speed of `student` against the teacher (`bench` at QUICK_SPEED, written beside it in
+    config.out): {figure: {"setting", "ratio", "bound"}}, the ratio on SDPA with its analytic bound."""
+    print("timing teacher vs distilled student (`echoatt bench` for the full set)")
+    result = bench(BenchConfig(**{k: getattr(config, k) for k in ("teacher", "out", "device", "seed", "threads")},
+                               student=str(student), **QUICK_SPEED))
+    return {f["figure"]: {"setting": f["setting"], "ratio": f["ratios"]["headline"]["ratio"],
+                          "bound": f["ratios"]["headline"]["bound"]} for f in result["figures"]}
+
+
 def run(config: RunConfig) -> RunSummary:
     """The main job on one teacher: analyze -> share -> distill -> evaluate (perplexity and zero-shot)."""
     from echoatt.harness import check_tasks
@@ -448,9 +459,7 @@ def run(config: RunConfig) -> RunSummary:
     summary = RunSummary.of(ppl, config.eval_windows, config.seq_len)
     summary.save(out)
     if config.speed:
-        print("timing teacher vs distilled student (`echoatt bench` for the full set)")
-        bench(BenchConfig(**{k: getattr(config, k) for k in ("teacher", "out", "device", "seed", "threads")},
-                          student=str(out.distilled), **QUICK_SPEED))
+        quick_speed(config, out.distilled)
     write_report(out.root)
     p = summary.perplexity
     print(f"validation perplexity ({config.eval_windows} windows of {config.seq_len} tokens): teacher "

@@ -111,12 +111,14 @@ def trade_text(curve: TradeCurve) -> list[str]:
         text.append(f"{label} cannot reach {curve.metric} " + ", ".join(missed) + " at all: its densest plan (two of "
                     f"every three inner layers following) reaches only {max(missed.values()):.3f}.")
     if curve.trained:
-        done = ["| method (distilled) | prefill bound | decode bound | perplexity | retrieval | zero-shot mean |",
-                "|---|---|---|---|---|---|"]
+        done = [("| method (distilled) | prefill bound | decode bound | measured (bound at that setting) | perplexity | "
+                 "retrieval | zero-shot mean |"), "|---|---|---|---|---|---|---|"]
         for label, p in curve.trained.items():
             zs = f"{zero_shot_cell(p)} ({p['tasks']} tasks)" if "zero_shot_mean" in p else "–"
             retrieval = "–" if p.get("retrieval") is None else f"{p['retrieval']:.3f}"
-            done.append(f"| {label} | {p['bounds']['prefill']:.3f}× | {p['bounds']['decode']:.3f}× | "
+            measured = "; ".join(f"{name} {m['setting']['batch']} × {m['setting'].get('tokens', m['setting'].get('context'))}"
+                                 f": {m['ratio']:.3f}× ({m['bound']:.3f}×)" for name, m in p.get("measured", {}).items())
+            done.append(f"| {label} | {p['bounds']['prefill']:.3f}× | {p['bounds']['decode']:.3f}× | {measured or '–'} | "
                         f"{p['perplexity']:.2f} | {retrieval} | {zs} |")
         text.append("\n".join(done))
     return text

@@ -160,9 +160,10 @@ class TradeCurve:
     def add(self, label: str, point: dict) -> None:
         self.points.setdefault(label, []).append(point)
 
-    def distilled(self, label: str, bounds: dict[str, float], scores: dict[str, dict]) -> None:
-        """The distilled student's point, from `evaluate`'s scores: perplexity, probe and zero-shot mean."""
-        point = {"bounds": bounds, "perplexity": scores["held-out text"]["perplexity"]}
+    def distilled(self, label: str, bounds: dict[str, float], scores: dict[str, dict], speed: dict | None = None) -> None:
+        """The distilled student's point, from `evaluate`'s scores: perplexity, probe and zero-shot mean; and its
+        short measured speed (`pipeline.quick_speed`) where timed."""
+        point = {"bounds": bounds, "perplexity": scores["held-out text"]["perplexity"], "measured": speed or {}}
         point["retrieval"] = next((v["acc"] for k, v in scores.items() if k.startswith("retrieval")), None)
         self.trained[label] = point | zero_shot_summary(scores)
 
