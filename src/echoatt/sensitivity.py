@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from echoatt.losses import IGNORE_INDEX, hard_label_loss, soft_label_loss
@@ -68,13 +67,17 @@ def _logits(model: torch.nn.Module, windows: torch.Tensor) -> torch.Tensor:
     return torch.cat([model(input_ids=w[None].to(device), use_cache=False).logits.float().cpu() for w in windows])
 
 
+def _repeated_half(probe: torch.Tensor) -> torch.Tensor:
+    """The probe (M, 2P) as labels where only the predictions of its repeated half count."""
+    labels = probe.clone()
+    labels[:, : probe.shape[1] // 2 + 1] = IGNORE_INDEX
+    return labels
+
+
 def _kl(model: torch.nn.Module, text: torch.Tensor, probe: torch.Tensor, reference: dict) -> dict[str, float]:
     """Mean KL(teacher ‖ model) per predicted token on `text` and on the repeated half of `probe`."""
-    period = probe.shape[1] // 2
-    labels = probe.clone()
-    labels[:, : period + 1] = IGNORE_INDEX  # only the predictions of the repeated half count
     return {"text": soft_label_loss(_logits(model, text), reference["text"], text).item(),
-            "retrieval": soft_label_loss(_logits(model, probe), reference["retrieval"], labels).item()}
+            "retrieval": soft_label_loss(_logits(model, probe), reference["retrieval"], _repeated_half(probe)).item()}
 
 
 @torch.no_grad()
@@ -86,9 +89,8 @@ def measure_block_effects(
     layer: that layer's attention dropped — compared with the teacher on `text` (N, T) windows and the `probe`
     (M, 2P)."""
     reference = {"text": _logits(teacher, text), "retrieval": _logits(teacher, probe)}
-    period = probe.shape[1] // 2  # the teacher's own NLL, for scale, from the logits it already gave
-    base = {"text": hard_label_loss(reference["text"], text).item(),
-            "retrieval": F.cross_entropy(reference["retrieval"][:, period:-1].transpose(1, 2), probe[:, period + 1:]).item()}
+    base = {"text": hard_label_loss(reference["text"], text).item(),  # the teacher's own NLL, for scale
+            "retrieval": hard_label_loss(reference["retrieval"], _repeated_half(probe)).item()}
     blocks = {}
     for block in tqdm(candidates, desc="measuring blocks", disable=not progress):
         alone = (dataclasses.replace(spec, plan=f"{block[0]}-{block[-1]}") if len(block) > 1  # shared...
