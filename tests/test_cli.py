@@ -130,9 +130,10 @@ def test_compare_at_equal_bound_draws_the_trade_curve(teacher_dir, corpus_dir, t
     distilled; the report shows the curve."""
     import echoatt.harness
 
-    def score(model, tokenizer, tasks, limit, batch_size, *stamp):
+    def score(model, tokenizer, tasks, limit, batch_size, *stamp):  # 20 items: the first 12 - changed right
         changed = len(model.config.followers()) if hasattr(model.config, "followers") else 0
-        return {t: {"acc": 0.6 - 0.05 * changed, "acc_stderr": 0.03, "samples": limit} for t in tasks}
+        return {t: {"acc": 0.6 - 0.05 * changed, "acc_stderr": 0.03, "samples": limit,
+                    "items": [float(i < 12 - changed) for i in range(20)]} for t in tasks}
 
     monkeypatch.setattr(echoatt.harness, "zero_shot", score)
     monkeypatch.setattr(echoatt.harness, "cached_zero_shot", score)
@@ -158,6 +159,8 @@ def test_compare_at_equal_bound_draws_the_trade_curve(teacher_dir, corpus_dir, t
         for p in points:  # each point scored on the tasks, as itself
             assert p["tasks"] == 2 and p["zero_shot_mean"] == pytest.approx(0.6 - 0.05 * p["followers"])
             assert p["zero_shot_stderr"] == pytest.approx(0.03 / 2**0.5)
+            assert p["zero_shot_gap"] == pytest.approx(-0.05 * p["followers"])  # paired with the teacher's items
+        assert curve["trained"][label]["zero_shot_gap"] == pytest.approx(-0.05 * points[0]["followers"])
     assert curve["teacher"]["zero_shot_mean"] == pytest.approx(0.6)
     dropped = curve["points"]["attention drop"][0]["plan"]
     ranked = sorted(range(1, 5), key=lambda i: -sim["redundancy"][i])
@@ -168,6 +171,8 @@ def test_compare_at_equal_bound_draws_the_trade_curve(teacher_dir, corpus_dir, t
     report = (out / "report.md").read_text()  # compare writes its report
     assert "## The trade: quality against speed" in report and (out / "trade_curve.png").is_file()
     assert "zero-shot mean over 2 tasks" in report and "| teacher | | 0 | 1 | 1 | 1 |" in report
+    followers = curve["points"]["attention drop"][0]["followers"]
+    assert f"({-5 * followers:+.1f} ± " in report  # the paired gap in points beside each zero-shot mean
     assert "measured (bound at that setting)" in report and "decode 8 × 256: " in report
     assert "LiSA cannot reach prefill 1.01, 1.02 at all" in report
 

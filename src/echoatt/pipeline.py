@@ -365,7 +365,8 @@ def compare(config: CompareConfig) -> dict:
         table = save_results(results, run.results("compare"), labels)
         if config.equal_bound:
             speed = quick_speed(sub, Path(sub.out) / "student-distilled") if config.speed else {}
-            curve.distilled(label, SharingInfo.load(Path(sub.out) / "student").bounds, scored["distilled"], speed)
+            curve.distilled(label, SharingInfo.load(Path(sub.out) / "student").bounds, scored["distilled"],
+                            scored["teacher"], speed)
             curve.save(run.trade_curve)
     print(table)
     print(f"report: {write_report(run.root)[1]}")
@@ -411,7 +412,8 @@ def trade_curve(subs: dict[str, CompareConfig], teacher: Teacher, similarity: Si
                 "followers": len(plan.followers) + len(plan.dropped),
                 "bounds": plan_bounds(teacher.model.config, student.config),
                 "perplexity": perplexity(student, val), "retrieval": retrieval(student, probe)["accuracy"],
-                **zero_shot_summary(zero_shot(student, tokenizer, tasks, limit, config.eval_batch_size) if tasks else {})})
+                **zero_shot_summary(zero_shot(student, tokenizer, tasks, limit, config.eval_batch_size) if tasks else {},
+                                    scored)})
             print(curve.lines()[-1])
             curve.save(run.trade_curve)
     curve.save(run.trade_curve)  # also where no method reached any value: what they reach is the answer then

@@ -89,7 +89,12 @@ def trade_plot(curve: TradeCurve, png: Path) -> None:
 
 
 def zero_shot_cell(point: dict) -> str:
-    return (f"{point['zero_shot_mean']:.3f} ± {point['zero_shot_stderr']:.3f}" if "zero_shot_mean" in point else "–")
+    """Mean ± stderr, and where paired with the teacher the gap to it in points ± the paired stderr."""
+    if "zero_shot_mean" not in point:
+        return "–"
+    gap = (f" ({point['zero_shot_gap'] * 100:+.1f} ± {point['zero_shot_gap_stderr'] * 100:.1f})"
+           if "zero_shot_gap" in point else "")
+    return f"{point['zero_shot_mean']:.3f} ± {point['zero_shot_stderr']:.3f}{gap}"
 
 
 def trade_text(curve: TradeCurve) -> list[str]:
@@ -101,7 +106,8 @@ def trade_text(curve: TradeCurve) -> list[str]:
         rows += [f"| {label} | {curve.metric} {p['target']} | {p['followers']} | {p['bounds']['prefill']:.3f}× | "
                  f"{p['bounds']['decode']:.3f}× | {p['bounds']['kv']:.3f} | {p['perplexity']:.2f} | "
                  f"{p['retrieval']:.3f} | {zero_shot_cell(p)} |" for p in points]
-    scope = (f"and the zero-shot mean over {t['tasks']} tasks (± its stderr)" if "zero_shot_mean" in t
+    scope = (f"and the zero-shot mean over {t['tasks']} tasks (± its stderr; in brackets the gap to the teacher in "
+             "points, ± its stderr over the per-item differences)" if "zero_shot_mean" in t
              else "(no zero-shot tasks were scored on the curve)")
     text = [("Every method at its own plan for each predicted speed (`compare --equal-bound`), calibrated, before "
             "any training: perplexity on the validation text, accuracy on the retrieval probe (repeated random "

@@ -133,16 +133,43 @@ class RunSummary:
         return cls(**json.loads(run.summary.read_text())) if run.summary.is_file() else None
 
 
-def zero_shot_summary(scores: dict[str, dict]) -> dict[str, float]:
-    """The mean accuracy over the zero-shot tasks in `scores` (acc_norm where a task has it) with the stderr of that
-    mean (tasks independent), how many tasks, and each task's accuracy; {} when none was scored."""
+def headline_metric(entry: dict) -> str:
+    """The accuracy a task is judged by: acc_norm where lm-eval reports it (length-normalised choices), else acc."""
+    return "acc_norm" if "acc_norm" in entry else "acc"
+
+
+def zero_shot_summary(scores: dict[str, dict], reference: dict[str, dict] | None = None) -> dict[str, float]:
+    """The mean accuracy over the zero-shot tasks in `scores` (`headline_metric`) with the stderr of that mean (tasks
+    independent), how many tasks, and each task's accuracy; {} when none was scored. With the `reference` model's
+    scores (the teacher's) on the same items, also the gap to it, paired (`zero_shot_gap`)."""
     tasks = {k: v for k, v in scores.items() if "acc" in v and "samples" in v}
     if not tasks:
         return {}
-    accs = {k: v.get("acc_norm", v["acc"]) for k, v in tasks.items()}
-    errs = [v.get("acc_norm_stderr", v.get("acc_stderr")) or 0.0 for v in tasks.values()]
-    return {"zero_shot_mean": sum(accs.values()) / len(accs),
-            "zero_shot_stderr": sum(e * e for e in errs) ** 0.5 / len(errs), "tasks": len(accs), "zero_shot": accs}
+    accs = {k: v[headline_metric(v)] for k, v in tasks.items()}
+    errs = [v.get(f"{headline_metric(v)}_stderr") or 0.0 for v in tasks.values()]
+    summary = {"zero_shot_mean": sum(accs.values()) / len(accs),
+               "zero_shot_stderr": sum(e * e for e in errs) ** 0.5 / len(errs), "tasks": len(accs), "zero_shot": accs}
+    return summary | (zero_shot_gap(tasks, reference) if reference else {})
+
+
+def zero_shot_gap(scores: dict[str, dict], reference: dict[str, dict]) -> dict[str, float]:
+    """The mean over tasks of (model - reference) accuracy with its stderr taken over the per-item differences: both
+    models answer the same items, so most of each score's sampling noise cancels and a gap several times smaller
+    than either score's stderr can be told from zero. Tasks where either side lacks per-item outcomes (`items`) or
+    they do not pair up are left out; {} when none is left."""
+    gaps, variances = [], []
+    for task, entry in scores.items():
+        mine, theirs = entry.get("items"), reference.get(task, {}).get("items")
+        if not mine or not theirs or len(mine) != len(theirs) or len(mine) < 2:
+            continue
+        diffs = [a - b for a, b in zip(mine, theirs)]
+        mean = sum(diffs) / len(diffs)
+        gaps.append(mean)
+        variances.append(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs))
+    if not gaps:
+        return {}
+    return {"zero_shot_gap": sum(gaps) / len(gaps), "zero_shot_gap_stderr": sum(variances) ** 0.5 / len(gaps),
+            "gap_tasks": len(gaps)}
 
 
 @dataclass
@@ -152,7 +179,7 @@ class TradeCurve:
     each method's distilled point."""
 
     metric: str  # the bound the points are chosen by: prefill, decode or kv
-    teacher: dict[str, float]  # {"perplexity": ..., "retrieval": ..., and with tasks "zero_shot_mean": ...}
+    teacher: dict  # {"perplexity": ..., "retrieval": ..., and with tasks `zero_shot_summary`'s fields}
     points: dict[str, list[dict]] = field(default_factory=dict)  # method label -> points, in target order
     trained: dict[str, dict] = field(default_factory=dict)  # method label -> its distilled point
     unreachable: dict[str, dict] = field(default_factory=dict)  # method label -> {target: the most it reaches}
@@ -160,12 +187,13 @@ class TradeCurve:
     def add(self, label: str, point: dict) -> None:
         self.points.setdefault(label, []).append(point)
 
-    def distilled(self, label: str, bounds: dict[str, float], scores: dict[str, dict], speed: dict | None = None) -> None:
-        """The distilled student's point, from `evaluate`'s scores: perplexity, probe and zero-shot mean; and its
-        short measured speed (`pipeline.quick_speed`) where timed."""
+    def distilled(self, label: str, bounds: dict[str, float], scores: dict[str, dict], reference: dict[str, dict],
+                  speed: dict | None = None) -> None:
+        """The distilled student's point, from `evaluate`'s scores: perplexity, probe, zero-shot mean and its gap to
+        the `reference` (the teacher's scores); and its short measured speed (`pipeline.quick_speed`) where timed."""
         point = {"bounds": bounds, "perplexity": scores["held-out text"]["perplexity"], "measured": speed or {}}
         point["retrieval"] = next((v["acc"] for k, v in scores.items() if k.startswith("retrieval")), None)
-        self.trained[label] = point | zero_shot_summary(scores)
+        self.trained[label] = point | zero_shot_summary(scores, reference)
 
     def lines(self) -> list[str]:
         out = []
