@@ -135,7 +135,8 @@ def test_compare_at_equal_bound_draws_the_trade_curve(teacher_dir, corpus_dir, t
         return {t: {"acc": 0.6 - 0.05 * changed, "acc_stderr": 0.03, "samples": limit,
                     "items": [float(i < 12 - changed) for i in range(20)]} for t in tasks}
 
-    monkeypatch.setattr(echoatt.harness, "zero_shot", score)
+    students_scored = []
+    monkeypatch.setattr(echoatt.harness, "zero_shot", lambda *a: students_scored.append(1) or score(*a))
     monkeypatch.setattr(echoatt.harness, "cached_zero_shot", score)
     monkeypatch.setenv("ECHOATT_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "compare"
@@ -144,6 +145,12 @@ def test_compare_at_equal_bound_draws_the_trade_curve(teacher_dir, corpus_dir, t
                  "--grad-accum", "1", "--eval-windows", "2", "--tasks", "boolq,piqa", "--limit", "5",
                  "--equal-bound", "prefill=1.01,1.02", "--calibrate", "4"]) == 0
     curve = json.loads((out / "trade_curve.json").read_text())
+    # 3 methods reach both values (6 points), then each distilled student; the first value's untrained students are
+    # the curve's own (same plan, same calibration) and are not scored again
+    assert len(students_scored) == 3 * 2 + 3
+    results = json.loads((out / "compare.json").read_text())["results"]
+    first = curve["points"]["attention drop"][0]
+    assert results["drop/student"]["piqa"]["acc"] == pytest.approx(first["zero_shot"]["piqa"])
     assert curve["metric"] == "prefill" and set(curve["points"]) == {"attention drop", "head-matched copy",
                                                                       "shared and dropped (mixed)"}
     assert set(curve["unreachable"]["LiSA"]) == {"1.01", "1.02"}  # LiSA is slower than the teacher at prefill

@@ -228,9 +228,10 @@ EVAL_PROBE = (8, 128)  # retrieval probe scored by `eval`: 8 windows of 128 rand
 PROBE_ROW = "retrieval from context (repeated random tokens)"
 
 
-def evaluate(config: EvalConfig, teacher: Teacher | None = None) -> dict:
+def evaluate(config: EvalConfig, teacher: Teacher | None = None, known: dict[str, dict] | None = None) -> dict:
     """Held-out perplexity and zero-shot accuracy (lm-eval) of the teacher and each model, side by side. Results are
-    keyed `teacher`, `student`, `distilled` (OUT's students) or by folder name (`--models`)."""
+    keyed `teacher`, `student`, `distilled` (OUT's students) or by folder name (`--models`). `known`: zero-shot
+    scores already taken of some of those models (compare: the trade curve's untrained students), not taken again."""
     from transformers import AutoModelForCausalLM
 
     from echoatt.harness import cached_zero_shot, check_tasks, save_results, zero_shot
@@ -263,7 +264,8 @@ def evaluate(config: EvalConfig, teacher: Teacher | None = None) -> dict:
             results[name].update(cached_zero_shot(model, tokenizer, tasks, config.limit or None,
                                                   config.eval_batch_size, teacher.stamp()))
         elif tasks:
-            results[name].update(zero_shot(model, tokenizer, tasks, config.limit or None, config.eval_batch_size))
+            results[name].update((known or {}).get(name)
+                                 or zero_shot(model, tokenizer, tasks, config.limit or None, config.eval_batch_size))
     print(save_results(results, run.results("eval"), MODEL_LABELS))
     return results
 
@@ -337,7 +339,7 @@ def compare(config: CompareConfig) -> dict:
                                       head_map=VARIANTS[name].head_map) for name in names}
     if config.equal_bound:
         metric, values = config.bound_targets()
-        curve = trade_curve(subs, teacher, similarity, run)
+        curve, first = trade_curve(subs, teacher, similarity, run)
         subs = {name: dataclasses.replace(sub, plan=f"budget={metric}={values[0]}{VARIANTS[name].budget_options}")
                 for name, sub in subs.items()}
     elif config.plan.strip().startswith("budget="):  # the same layers for every method: the head-matched copy's plan
@@ -357,7 +359,12 @@ def compare(config: CompareConfig) -> dict:
         print(f"== {label} ==")
         share(sub, teacher, similarity)
         trained = distill(sub, teacher)["parameters"]
-        scored = evaluate(dataclasses.replace(sub, models=""), teacher)
+        known = {}
+        if config.equal_bound:  # the curve scored this very student (same plan, same calibration) before training
+            info, point = SharingInfo.load(Path(sub.out) / "student"), first.get(label, {})
+            if point and (info.plan, info.dropped) == (point["plan"], point["dropped"]):
+                known = {"student": point["scores"]}
+        scored = evaluate(dataclasses.replace(sub, models=""), teacher, known)
         results.setdefault("teacher", scored["teacher"])
         results[f"{name}/student"] = scored["student"]
         results[f"{name}/distilled"] = {**scored["distilled"], "trained parameters": {"percent": trained["percent"]}}
@@ -373,10 +380,12 @@ def compare(config: CompareConfig) -> dict:
     return results
 
 
-def trade_curve(subs: dict[str, CompareConfig], teacher: Teacher, similarity: Similarity, run: RunDir) -> TradeCurve:
+def trade_curve(subs: dict[str, CompareConfig], teacher: Teacher, similarity: Similarity,
+                run: RunDir) -> tuple[TradeCurve, dict[str, dict]]:
     """For each method and each `--equal-bound` value: its budget plan, calibrated as `share` would, scored before
     any training on the validation text (perplexity), the retrieval probe and the zero-shot tasks (`--tasks`,
-    `--limit` items each). Written to OUT/trade_curve.json."""
+    `--limit` items each). Written to OUT/trade_curve.json. Also returns, per method, the first value's plan and
+    full zero-shot scores (`compare` distils that student and need not score it again)."""
     from echoatt.harness import cached_zero_shot, zero_shot
 
     config = next(iter(subs.values()))
@@ -386,6 +395,7 @@ def trade_curve(subs: dict[str, CompareConfig], teacher: Teacher, similarity: Si
     probe = teacher.retrieval_probe(*EVAL_PROBE, seed=config.seed)
     tasks, limit = [t for t in config.tasks.split(",") if t], config.limit or None
     scored = cached_zero_shot(teacher.model, tokenizer, tasks, limit, config.eval_batch_size, teacher.stamp())
+    first: dict[str, dict] = {}
     curve = TradeCurve(metric, {"perplexity": perplexity(teacher.model, val),
                                 "retrieval": retrieval(teacher.model, probe)["accuracy"]} | zero_shot_summary(scored))
     for name, sub in subs.items():
@@ -407,17 +417,19 @@ def trade_curve(subs: dict[str, CompareConfig], teacher: Teacher, similarity: Si
             calibration, windows = calibration_settings(point, teacher, student)
             if calibration:
                 calibrate_followers(student, teacher.model, windows, point.calibrate_ridge, progress=False)
+            scores = zero_shot(student, tokenizer, tasks, limit, config.eval_batch_size) if tasks else {}
+            layers = {"plan": [list(b) for b in plan.blocks], "dropped": list(plan.dropped)}
+            if value == values[0]:
+                first[label] = layers | {"scores": scores}
             curve.add(label, {
-                "target": value, "plan": [list(b) for b in plan.blocks], "dropped": list(plan.dropped),
-                "followers": len(plan.followers) + len(plan.dropped),
+                "target": value, **layers, "followers": len(plan.followers) + len(plan.dropped),
                 "bounds": plan_bounds(teacher.model.config, student.config),
                 "perplexity": perplexity(student, val), "retrieval": retrieval(student, probe)["accuracy"],
-                **zero_shot_summary(zero_shot(student, tokenizer, tasks, limit, config.eval_batch_size) if tasks else {},
-                                    scored)})
+                **zero_shot_summary(scores, scored)})
             print(curve.lines()[-1])
             curve.save(run.trade_curve)
     curve.save(run.trade_curve)  # also where no method reached any value: what they reach is the answer then
-    return curve
+    return curve, first
 
 
 def densest_bound(spec: StudentSpec, teacher_config, similarity: Similarity, metric: str) -> float:
