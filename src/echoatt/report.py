@@ -56,7 +56,9 @@ def training_curves(log_path: Path, png: Path) -> bool:
 
 def trade_plot(curve: TradeCurve, png: Path) -> None:
     """Quality against the predicted speed bound, one line per method: perplexity, retrieval-probe accuracy and (where
-    tasks were scored) zero-shot mean ± stderr before training, and each method's distilled point (a star)."""
+    tasks were scored) zero-shot mean before training, and each method's distilled point (a star). Zero-shot bars are
+    the stderr of each point's gap to the teacher, paired item by item, where the items were kept (what says whether
+    a point is below the teacher's line), else of the mean itself."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -65,18 +67,21 @@ def trade_plot(curve: TradeCurve, png: Path) -> None:
     panels = [("perplexity", "validation perplexity (lower is better)"),
               ("retrieval", "retrieval-probe accuracy (higher is better)")]
     if "zero_shot_mean" in curve.teacher:
-        panels.append(("zero_shot_mean", f"zero-shot mean over {curve.teacher['tasks']} tasks (± stderr)"))
+        paired = any("zero_shot_gap_stderr" in p for ps in curve.points.values() for p in ps)
+        panels.append(("zero_shot_mean", f"zero-shot mean over {curve.teacher['tasks']} tasks "
+                       + ("\n(± stderr of the gap to the teacher, paired)" if paired else "(± stderr)")))
+    bar = lambda p, key: p.get("zero_shot_gap_stderr", p.get("zero_shot_stderr", 0)) if key == "zero_shot_mean" else 0
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), constrained_layout=True)
     for ax, (key, title) in zip(axes, panels, strict=True):
         for label, points in curve.points.items():
             points = sorted(points, key=lambda p: p["bounds"][curve.metric])
             line = ax.errorbar([p["bounds"][curve.metric] for p in points], [p.get(key) for p in points],
-                               yerr=[p.get("zero_shot_stderr", 0) for p in points] if key == "zero_shot_mean" else None,
+                               yerr=[bar(p, key) for p in points],
                                marker="o", capsize=3, label=f"{label}, untrained")[0]
             done = curve.trained.get(label)
             if done and done.get(key) is not None:
-                ax.plot([done["bounds"][curve.metric]], [done[key]], marker="*", markersize=14, linestyle="",
-                        color=line.get_color(), label=f"{label}, distilled")
+                ax.errorbar([done["bounds"][curve.metric]], [done[key]], yerr=[bar(done, key)], marker="*",
+                            markersize=14, linestyle="", capsize=3, color=line.get_color(), label=f"{label}, distilled")
         ax.axhline(curve.teacher[key], color="black", linestyle="--", label="teacher")
         ax.set_xlabel(f"predicted {curve.metric} bound (teacher time / student time)" if curve.metric != "kv"
                       else "KV-cache bytes per token, student / teacher")
