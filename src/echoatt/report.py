@@ -70,17 +70,17 @@ def trade_plot(curve: TradeCurve, png: Path) -> None:
         paired = any("zero_shot_gap_stderr" in p for ps in curve.points.values() for p in ps)
         panels.append(("zero_shot_mean", f"zero-shot mean over {curve.teacher['tasks']} tasks "
                        + ("\n(± stderr of the gap to the teacher, paired)" if paired else "(± stderr)")))
-    bar = lambda p, key: p.get("zero_shot_gap_stderr", p.get("zero_shot_stderr", 0)) if key == "zero_shot_mean" else 0
+    bars = lambda ps, key: [p.get("zero_shot_gap_stderr", p.get("zero_shot_stderr", 0)) for p in ps] if key == "zero_shot_mean" else None
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), constrained_layout=True)
     for ax, (key, title) in zip(axes, panels, strict=True):
         for label, points in curve.points.items():
             points = sorted(points, key=lambda p: p["bounds"][curve.metric])
             line = ax.errorbar([p["bounds"][curve.metric] for p in points], [p.get(key) for p in points],
-                               yerr=[bar(p, key) for p in points],
+                               yerr=bars(points, key),
                                marker="o", capsize=3, label=f"{label}, untrained")[0]
             done = curve.trained.get(label)
             if done and done.get(key) is not None:
-                ax.errorbar([done["bounds"][curve.metric]], [done[key]], yerr=[bar(done, key)], marker="*",
+                ax.errorbar([done["bounds"][curve.metric]], [done[key]], yerr=bars([done], key), marker="*",
                             markersize=14, linestyle="", capsize=3, color=line.get_color(), label=f"{label}, distilled")
         ax.axhline(curve.teacher[key], color="black", linestyle="--", label="teacher")
         ax.set_xlabel(f"predicted {curve.metric} bound (teacher time / student time)" if curve.metric != "kv"
