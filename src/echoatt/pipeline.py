@@ -359,11 +359,11 @@ def compare(config: CompareConfig) -> dict:
         print(f"== {label} ==")
         share(sub, teacher, similarity)
         trained = distill(sub, teacher)["parameters"]
-        known = {}
+        info, known = SharingInfo.load(Path(sub.out) / "student"), {}
         if config.equal_bound:  # the curve scored this very student (same plan, same calibration) before training
-            info, point = SharingInfo.load(Path(sub.out) / "student"), first.get(label, {})
-            if point and (info.plan, info.dropped) == (point["plan"], point["dropped"]):
-                known = {"student": point["scores"]}
+            point = next(p for p in curve.points[label] if p["target"] == values[0])
+            if (info.plan, info.dropped) == (point["plan"], point["dropped"]):
+                known = {"student": first[label]}
         scored = evaluate(dataclasses.replace(sub, models=""), teacher, known)
         results.setdefault("teacher", scored["teacher"])
         results[f"{name}/student"] = scored["student"]
@@ -372,8 +372,7 @@ def compare(config: CompareConfig) -> dict:
         table = save_results(results, run.results("compare"), labels)
         if config.equal_bound:
             speed = quick_speed(sub, Path(sub.out) / "student-distilled") if config.speed else {}
-            curve.distilled(label, SharingInfo.load(Path(sub.out) / "student").bounds, scored["distilled"],
-                            scored["teacher"], speed)
+            curve.distilled(label, info.bounds, scored["distilled"], scored["teacher"], speed)
             curve.save(run.trade_curve)
     print(table)
     print(f"report: {write_report(run.root)[1]}")
@@ -384,8 +383,8 @@ def trade_curve(subs: dict[str, CompareConfig], teacher: Teacher, similarity: Si
                 run: RunDir) -> tuple[TradeCurve, dict[str, dict]]:
     """For each method and each `--equal-bound` value: its budget plan, calibrated as `share` would, scored before
     any training on the validation text (perplexity), the retrieval probe and the zero-shot tasks (`--tasks`,
-    `--limit` items each). Written to OUT/trade_curve.json. Also returns, per method, the first value's plan and
-    full zero-shot scores (`compare` distils that student and need not score it again)."""
+    `--limit` items each). Written to OUT/trade_curve.json. Also returns, per method, the first value's full
+    zero-shot scores (`compare` distils that student and need not score it again)."""
     from echoatt.harness import cached_zero_shot, zero_shot
 
     config = next(iter(subs.values()))
@@ -418,11 +417,11 @@ def trade_curve(subs: dict[str, CompareConfig], teacher: Teacher, similarity: Si
             if calibration:
                 calibrate_followers(student, teacher.model, windows, point.calibrate_ridge, progress=False)
             scores = zero_shot(student, tokenizer, tasks, limit, config.eval_batch_size) if tasks else {}
-            layers = {"plan": [list(b) for b in plan.blocks], "dropped": list(plan.dropped)}
             if value == values[0]:
-                first[label] = layers | {"scores": scores}
+                first[label] = scores
             curve.add(label, {
-                "target": value, **layers, "followers": len(plan.followers) + len(plan.dropped),
+                "target": value, "plan": [list(b) for b in plan.blocks], "dropped": list(plan.dropped),
+                "followers": len(plan.followers) + len(plan.dropped),
                 "bounds": plan_bounds(teacher.model.config, student.config),
                 "perplexity": perplexity(student, val), "retrieval": retrieval(student, probe)["accuracy"],
                 **zero_shot_summary(scores, scored)})
