@@ -1,4 +1,4 @@
-"""Tiny random LLaMA teachers and a tiny trained tokenizer, built in the tests (fast and exact)."""
+"""Tiny random teachers of every supported family and a tiny trained tokenizer, built in the tests (fast and exact)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the network (s
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    MistralConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen3Config,
+)
 
 import echoatt  # noqa: F401  (registers the student with the Auto classes)
 
@@ -20,7 +27,22 @@ TEXT = (
 )
 
 
-def tiny_config(**overrides) -> LlamaConfig:
+# Each supported family as a tiny config of its own transformers class, with what sets it apart from Llama switched on:
+# llama3 has llama3 rotary scaling, head_dim != hidden / heads, untied embeddings and attention biases; qwen2 has
+# q/k/v biases and none on o; qwen3 has per-head q/k RMSNorm and head_dim != hidden / heads.
+FAMILIES = {
+    "llama": (LlamaConfig, {}),
+    "llama3": (LlamaConfig, {"head_dim": 32, "attention_bias": True, "tie_word_embeddings": False,
+                             "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                                 "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                                                 "original_max_position_embeddings": 32}}),
+    "mistral": (MistralConfig, {"sliding_window": None}),
+    "qwen2": (Qwen2Config, {}),
+    "qwen3": (Qwen3Config, {"head_dim": 32}),
+}
+
+
+def tiny_config(family: str = "llama", **overrides):
     kw = {
         "vocab_size": 128,
         "hidden_size": 64,
@@ -33,24 +55,43 @@ def tiny_config(**overrides) -> LlamaConfig:
         "bos_token_id": 1,
         "eos_token_id": 2,
     }
+    cls, family_kw = FAMILIES[family]
+    kw.update(family_kw)
     kw.update(overrides)
-    return LlamaConfig(**kw)
+    return cls(**kw)
 
 
-def tiny_teacher(seed: int = 0, **overrides) -> LlamaForCausalLM:
+def tiny_teacher(seed: int = 0, family: str = "llama", **overrides):
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(tiny_config(**overrides)).eval()
+    model = AutoModelForCausalLM.from_config(tiny_config(family, **overrides)).eval()
     with torch.no_grad():  # larger q/k weights give peaked, layer-specific attention instead of near-uniform maps,
         for layer in model.model.layers:  # and a larger head gives peaked predictions: something to distil
-            layer.self_attn.q_proj.weight.mul_(8)
-            layer.self_attn.k_proj.weight.mul_(8)
+            attn = layer.self_attn
+            attn.q_proj.weight.mul_(8)
+            attn.k_proj.weight.mul_(8)
+            for norm in (getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)):  # q/k norms undo that scale
+                if norm is not None:
+                    norm.weight.copy_(2 + 0.3 * torch.randn_like(norm.weight))
+            for proj in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj):  # biases the family has, not zero
+                if proj.bias is not None:
+                    proj.bias.normal_(0, 0.5)
         model.lm_head.weight.mul_(10)
     return model
 
 
-@pytest.fixture
-def teacher() -> LlamaForCausalLM:
-    return tiny_teacher()
+def attention_parameters(teacher, layer: int, parts: tuple[str, ...] | None = None) -> int:
+    """Parameters of a teacher layer's attention, or of the named parts of it (e.g. what only Q and K use)."""
+    attn = teacher.model.layers[layer].self_attn
+    return sum(p.numel() for n, p in attn.named_parameters() if parts is None or n.split(".")[0] in parts)
+
+
+QK_PARTS = ("q_proj", "k_proj", "q_norm", "k_norm")  # what a copy follower drops: Q, K and all that only they use
+
+
+@pytest.fixture(params=list(FAMILIES))
+def teacher(request):
+    """A tiny random teacher of each supported family."""
+    return tiny_teacher(family=request.param)
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_teacher
+from conftest import FAMILIES, tiny_teacher
 
 from echoatt.calibrate import calibrate_followers
 from echoatt.plan import SharingPlan
@@ -35,22 +35,32 @@ def test_refit_lowers_the_followers_error_and_touches_nothing_else(method):
         assert changed == refit, name
 
 
-def test_refit_is_the_least_squares_solution():
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_refit_is_the_least_squares_solution(family):
     """With a vanishing ridge, a follower whose borrowed attention is exactly its own gets back the o_proj that
-    reproduces the teacher layer's output."""
-    teacher = tiny_teacher()
+    reproduces the teacher layer's output — with the o_proj bias of a family that has one (llama3 here) kept, so
+    the fit's target is the output less that bias."""
+    teacher = tiny_teacher(family=family)
+    first, second = teacher.model.layers[1], teacher.model.layers[2]
     with torch.no_grad():  # layer 1 adds nothing and layer 2 attends as it does, so reading layer 1's attention is exact
-        teacher.model.layers[1].self_attn.o_proj.weight.zero_()
-        teacher.model.layers[1].mlp.down_proj.weight.zero_()
-        for name in ("q_proj", "k_proj"):
-            getattr(teacher.model.layers[2].self_attn, name).weight.copy_(
-                getattr(teacher.model.layers[1].self_attn, name).weight)
-        teacher.model.layers[2].input_layernorm.weight.copy_(teacher.model.layers[1].input_layernorm.weight)
+        for module in (first.self_attn.o_proj, first.mlp.down_proj):
+            for param in module.parameters():
+                param.zero_()
+        for name in ("q_proj", "k_proj", "q_norm", "k_norm"):  # all that makes Q and K: weights, biases, norms
+            if hasattr(first.self_attn, name):
+                getattr(second.self_attn, name).load_state_dict(getattr(first.self_attn, name).state_dict())
+        second.input_layernorm.weight.copy_(first.input_layernorm.weight)
     student = build_student(teacher, SharingPlan.from_blocks(6, [[1, 2]]))
+    o_proj = student.model.layers[2].self_attn.o_proj
     with torch.no_grad():
-        student.model.layers[2].self_attn.o_proj.weight.normal_()  # spoil it; the refit must find it again
+        o_proj.weight.normal_()  # spoil it; the refit must find it again
     report = calibrate_followers(student, teacher, windows(), ridge=1e-9, progress=False)
     assert report.before[2] > 0.5 and report.after[2] < 1e-6
+    if o_proj.bias is not None:
+        assert torch.equal(o_proj.bias, second.self_attn.o_proj.bias)
+    with torch.no_grad():  # the refit layer, bias included, gives the teacher's output: the whole model is the teacher
+        x = windows(n=2)
+        torch.testing.assert_close(student(x).logits, teacher(x).logits, atol=1e-3, rtol=1e-3)
 
 
 def test_share_calibrates_by_default_and_records_it(teacher_dir, corpus_dir, tmp_path, monkeypatch):

@@ -6,6 +6,7 @@ import importlib.util
 import logging
 
 import pytest
+from conftest import FAMILIES
 
 from echoatt.harness import DEFAULT_TASKS, TASKS_DIR, local_task, markdown_table, zero_shot
 
@@ -17,8 +18,8 @@ def test_every_default_task_has_a_local_yaml():
     assert local_task("some_lm_eval_task") == "some_lm_eval_task"  # passed through to lm-eval
 
 
-@pytest.mark.parametrize("model_kind", ["teacher", "lisa student"])
-def test_a_five_item_local_task_end_to_end(tokenizer, tmp_path, model_kind):
+@pytest.mark.parametrize(("model_kind", "family"), [("teacher", "llama")] + [("lisa student", f) for f in FAMILIES])
+def test_a_five_item_local_task_end_to_end(tokenizer, tmp_path, model_kind, family):
     """A task YAML of our own shape over 5 local items, scored through lm-eval's HFLM + simple_evaluate."""
     import json
 
@@ -33,7 +34,7 @@ def test_a_five_item_local_task_end_to_end(tokenizer, tmp_path, model_kind):
         "doc_to_choice: ['no', 'yes']\ndoc_to_target: \"{{['no', 'yes'].index(a)}}\"\n"
         "metric_list:\n  - {metric: acc, aggregation: mean, higher_is_better: true}\n"
     )
-    model = tiny_teacher(vocab_size=len(tokenizer))
+    model = tiny_teacher(family=family, vocab_size=len(tokenizer))
     if model_kind == "lisa student":
         from echoatt.plan import SharingPlan
         from echoatt.student import build_student

@@ -6,6 +6,7 @@ import inspect
 
 import pytest
 import torch
+from conftest import QK_PARTS, attention_parameters
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
@@ -44,10 +45,12 @@ def test_followers_have_no_query_key_projections(teacher):
         follower = layer in (2, 4)
         assert hasattr(block.self_attn, "q_proj") != follower
         assert hasattr(block.self_attn, "k_proj") != follower
+    for name in ("q_norm", "k_norm"):  # Qwen3's q/k norms go with the projections they normalise
+        assert hasattr(student.model.layers[1].self_attn, name) == hasattr(teacher.model.layers[1].self_attn, name)
+        assert not hasattr(student.model.layers[2].self_attn, name)
     report = parameter_report(teacher, student)
-    c = teacher.config
-    per_follower = c.hidden_size * (c.num_attention_heads + c.num_key_value_heads) * c.head_dim
-    assert report["removed"] == 2 * per_follower
+    assert report["removed"] == sum(attention_parameters(teacher, i, QK_PARTS) for i in (2, 4))
+    assert report["removed"] >= 2 * 64 * (4 + 2) * student.config.head_dim  # and the q/k projections are among them
 
 
 def test_follower_reuses_mapped_leader_heads(teacher):
@@ -62,9 +65,10 @@ def test_follower_reuses_mapped_leader_heads(teacher):
         student(ids(batch=1))
         attn = student.model.layers[2].self_attn
         got, _ = attn(seen["hidden"], attention_handoff={1: Handoff(probs=seen["probs"])})
-        v = attn.v_proj(seen["hidden"]).view(1, 12, 2, 16).transpose(1, 2).repeat_interleave(2, dim=1)  # (B,H,T,D)
+        d = attn.head_dim
+        v = attn.v_proj(seen["hidden"]).view(1, 12, 2, d).transpose(1, 2).repeat_interleave(2, dim=1)  # (B,H,T,D)
         probs = seen["probs"][:, HEAD_MAPS[2]]  # (B, H, T, T)
-        expected = attn.o_proj((probs @ v).transpose(1, 2).reshape(1, 12, 64))
+        expected = attn.o_proj((probs @ v).transpose(1, 2).reshape(1, 12, 4 * d))
     torch.testing.assert_close(got, expected)
 
 
@@ -138,8 +142,9 @@ def test_followers_cache_holds_no_keys(teacher):
         cache = output_cache(student(ids(), use_cache=True))
     for layer in range(6):
         keys, values = cache.layers[layer].keys, cache.layers[layer].values
-        assert values.shape == (2, 2, 12, 16)
-        assert keys.numel() == (0 if layer in (2, 4) else 2 * 2 * 12 * 16)
+        d = student.config.head_dim
+        assert values.shape == (2, 2, 12, d)
+        assert keys.numel() == (0 if layer in (2, 4) else 2 * 2 * 12 * d)
     total = sum(layer.keys.numel() + layer.values.numel() for layer in cache.layers) * 4
     assert total == kv_cache_bytes_per_token(student.config, dtype_bytes=4) * 2 * 12
     assert cache.get_seq_length() == 12
@@ -207,7 +212,10 @@ def test_attention_drop_baseline_removes_the_sub_layer(teacher):
     silenced = student_of(teacher, blocks=())  # the teacher with those attention outputs zeroed is the same model
     with torch.no_grad():
         for layer in (2, 4):
-            silenced.model.layers[layer].self_attn.o_proj.weight.zero_()
+            o_proj = silenced.model.layers[layer].self_attn.o_proj
+            o_proj.weight.zero_()
+            if o_proj.bias is not None:
+                o_proj.bias.zero_()
         x = ids()
         torch.testing.assert_close(dropped(x).logits, silenced(x).logits)
         cache = output_cache(dropped(x, use_cache=True))
@@ -215,10 +223,10 @@ def test_attention_drop_baseline_removes_the_sub_layer(teacher):
     assert cache.get_seq_length() == 12
     kw = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0, "eos_token_id": None}
     assert torch.equal(dropped.generate(x[:1], use_cache=True, **kw), dropped.generate(x[:1], use_cache=False, **kw))
-    c = teacher.config
-    per_layer = c.num_key_value_heads * c.head_dim * 2
+    per_layer = teacher.config.num_key_value_heads * dropped.config.head_dim * 2
+    assert kv_cache_bytes_per_token(dropped.config) == kv_cache_bytes_per_token(teacher.config) - 2 * 2 * per_layer
     assert kv_cache_bytes_per_token(dropped.config) == per_layer * (12 - 4)
-    assert parameter_report(teacher, dropped)["removed"] == 2 * 2 * c.hidden_size * (c.num_attention_heads + c.num_key_value_heads) * c.head_dim
+    assert parameter_report(teacher, dropped)["removed"] == sum(attention_parameters(teacher, i) for i in (2, 4))
 
 
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])

@@ -23,7 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+from transformers.models.llama.modeling_llama import repeat_kv
+
+from echoatt.modeling import project_qk
 
 CHUNK_BYTES = 256 * 2**20  # budget for one chunk of probability rows over all layers
 RETRIEVAL_HEAD = 0.1  # induction score from which the summary and heatmap call a head one that retrieves
@@ -158,10 +160,7 @@ def _capture_inputs(model: torch.nn.Module) -> tuple[list, list[torch.utils.hook
 def _probability_rows(attn, hidden, position_embeddings, q0: int, q1: int, qk_cache: dict) -> torch.Tensor:
     """Softmax rows q0..q1 of one layer's causal attention, keys 0..q1: (B, H, q1 - q0, q1)."""
     if attn not in qk_cache:
-        shape = (*hidden.shape[:-1], -1, attn.head_dim)
-        q = attn.q_proj(hidden).view(shape).transpose(1, 2)  # (B, H, T, D)
-        k = attn.k_proj(hidden).view(shape).transpose(1, 2)  # (B, Hkv, T, D)
-        q, k = apply_rotary_pos_emb(q, k, *position_embeddings)
+        q, k = project_qk(attn, hidden, position_embeddings)  # (B, H, T, D), (B, Hkv, T, D)
         qk_cache[attn] = (q, repeat_kv(k, attn.num_key_value_groups))
     q, k = qk_cache[attn]
     scores = torch.matmul(q[:, :, q0:q1].float(), k[:, :, :q1].float().transpose(2, 3)) * attn.scaling
@@ -175,7 +174,7 @@ def _probability_rows(attn, hidden, position_embeddings, q0: int, q1: int, qk_ca
 def attention_similarity(
     model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 1, progress: bool = True, settings: dict | None = None
 ) -> Similarity:
-    """Similarity of every (layer, head) pair of a LLaMA-style model's attention over `windows` (N, T) of tokens."""
+    """Similarity of every (layer, head) pair of a supported family's attention over `windows` (N, T) of tokens."""
     config = model.config
     L, H = config.num_hidden_layers, config.num_attention_heads
     device = next(model.parameters()).device

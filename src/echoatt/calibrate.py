@@ -3,8 +3,8 @@ teacher layer's on the teacher's own activations.
 
 A follower keeps its V and O but attends with borrowed probabilities, so its output drifts from the teacher's. The
 output is linear in `o_proj`: with Z (N, H*D) the follower's per-head attention outputs (before `o_proj`) and
-Y (N, C) the teacher layer's attention output at the same positions, the best `o_proj` in the least-squares sense is
-W = (ZᵀZ + λI)⁻¹ ZᵀY — one closed-form ridge solve per follower, from statistics summed window by window (ZᵀZ is
+Y (N, C) the teacher layer's attention output at the same positions less `o_proj`'s bias b where the family has one
+(kept as it is), the best `o_proj` weight in the least-squares sense is W = (ZᵀZ + λI)⁻¹ Zᵀ(Y − b) — one closed-form ridge solve per follower, from statistics summed window by window (ZᵀZ is
 (H*D)², ZᵀY is (H*D) x C: never all the activations at once).
 
 Both Z and Y are taken on the teacher's stream: each student attention sub-layer is fed the teacher's input at that
@@ -77,6 +77,7 @@ def calibrate_followers(student, teacher, windows: torch.Tensor, ridge: float = 
     zy = {i: torch.zeros(width, config.hidden_size, dtype=torch.float64, device=device) for i in followers}
     yy = dict.fromkeys(followers, 0.0)
     zs: dict[int, torch.Tensor] = {}
+    biases = {i: _bias(student.model.layers[i].self_attn.o_proj) for i in followers}  # kept: the layer adds it back
     feed: dict[int, torch.Tensor] = {}
     handles = []
     for i in feeds:
@@ -94,7 +95,7 @@ def calibrate_followers(student, teacher, windows: torch.Tensor, ridge: float = 
             student(input_ids=ids, use_cache=False)
             for i in followers:
                 z = zs[i].reshape(-1, width).double()  # (N, H*D)
-                y = targets[i].reshape(-1, config.hidden_size).double()  # (N, C)
+                y = targets[i].reshape(-1, config.hidden_size).double() - biases[i]  # (N, C): what W must give
                 zz[i] += z.T @ z
                 zy[i] += z.T @ y
                 yy[i] += float((y * y).sum())
@@ -111,6 +112,11 @@ def calibrate_followers(student, teacher, windows: torch.Tensor, ridge: float = 
         after[i] = _relative_error(zz[i], zy[i], yy[i], new)
         o_proj.weight.copy_(new.T.to(o_proj.weight.dtype))
     return CalibrationReport(before, after, len(windows))
+
+
+def _bias(linear: torch.nn.Linear) -> torch.Tensor | float:
+    """A linear layer's bias in float64 (C,), or 0 where it has none."""
+    return 0.0 if linear.bias is None else linear.bias.double()
 
 
 def _relative_error(zz: torch.Tensor, zy: torch.Tensor, yy: float, w: torch.Tensor) -> float:

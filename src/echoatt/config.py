@@ -158,8 +158,8 @@ class CompareConfig(ShareConfig, DistillConfig, EvalConfig):
 @dataclass
 class BenchConfig(CommonConfig):
     student: str = opt("", "student folder to measure (default: OUT/student)")
-    arch: str = opt("", "measure an architecture with random weights instead: 'tinyllama' (TinyLlama-1.1B shape) or "
-                    "a config.json; its student follows --plan")
+    arch: str = opt("", "measure an architecture with random weights instead: a named shape (tinyllama, qwen3-0.6b, "
+                    "qwen2.5-0.5b, llama-3.2-1b, mistral-7b) or a config.json; its student follows --plan")
     plan: str = opt("k=2", "sharing plan for --arch (e.g. k=2,followers=9 for the papers' 9 of 22)")
     method: str = opt("copy", "followers for --arch: copy, lisa or drop")
     prefill: str = opt("128,512", "prefill lengths (tokens, batch 1)")

@@ -13,8 +13,8 @@ Each student layer is costed by its role, on the path the model takes (`EchoAttC
 - ordinary layer: as the teacher's.
 - leader on the reuse path (eager, or a fused backend with at most `reuse_crossover` new tokens): materialised
   attention (scores and probabilities written and read).
-- copy follower, reuse path: skips its Q and K projections, RoPE on Q and K, K-cache write and read, QK^T, mask and
-  softmax; it reads the leader's probabilities where the teacher read its own scores. A non-identity head map first
+- copy follower, reuse path: skips its Q and K projections, RoPE (and Qwen3's q/k norms) on Q and K, K-cache write
+  and read, QK^T, mask and softmax; it reads the leader's probabilities where the teacher read its own scores. A non-identity head map first
   gathers them (read and written once per distinct map of a block, `gather_cost`); the leader scales Q, not the
   T-long scores, so no pass over the scores is left uncounted.
 - copy follower, fused path: skips its Q and K projections, RoPE and K-cache write; the kernel still computes the
@@ -31,10 +31,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from echoatt.modeling import role_of
+from echoatt.modeling import family_fields, head_dim_of, role_of
 
 SOFTMAX_FLOPS = 5  # per score: scale, mask add, max, exp, normalise
 ROPE_FLOPS = 3  # per element: x*cos + rotate(x)*sin
+NORM_FLOPS = 4  # per element of Qwen3's q/k RMSNorm before RoPE: square, sum, scale, weight
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,7 @@ class Cost:
 
 def attention_parts(config, B: int, T: int, P: int, eager: bool, dtype_bytes: int) -> dict[str, Cost]:
     """The cost of each piece of one ordinary attention sub-layer."""
-    C, H, Hkv, D = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    C, H, Hkv, D = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, head_dim_of(config)
     w = dtype_bytes
     keys = P + T if eager else P + (T + 1) / 2  # keys each query scores against
     full = B * H * T * (P + T)  # scores materialised on the eager path
@@ -59,7 +60,7 @@ def attention_parts(config, B: int, T: int, P: int, eager: bool, dtype_bytes: in
         "q_proj": Cost(2 * B * T * C * H * D, C * H * D * w),
         "k_proj": Cost(2 * B * T * C * Hkv * D, C * Hkv * D * w),
         "v_proj": Cost(2 * B * T * C * Hkv * D, C * Hkv * D * w),
-        "rope_qk": Cost(ROPE_FLOPS * B * T * (H + Hkv) * D),
+        "rope_qk": Cost((ROPE_FLOPS + NORM_FLOPS * family_fields(config)["qk_norm"]) * B * T * (H + Hkv) * D),
         "k_write": Cost(0, B * T * Hkv * D * w),
         "v_write": Cost(0, B * T * Hkv * D * w),
         "k_read": Cost(0, B * (P + T) * Hkv * D * w),

@@ -165,7 +165,7 @@ def load_inputs(config: DistillConfig, teacher: Teacher | None, accelerator: Acc
     student_dir = Path(config.student) if config.student else run.student
     identity = identity_of(student_dir)
     resume_from = resume_point(run, config.resume, identity)
-    teacher = teacher or load_teacher(config.teacher)
+    teacher = teacher or load_teacher(config.teacher, context=config.seq_len)
     tokenizer = teacher.text_tokenizer("distillation")
     student = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32)
     max_len = student.config.max_position_embeddings

@@ -1,4 +1,4 @@
-"""The shared-attention student: a LLaMA whose *follower* layers reuse an earlier layer's attention.
+"""The shared-attention student: a LLaMA-shaped decoder whose *follower* layers reuse an earlier layer's attention.
 
 One file on purpose (like transformers' `modeling_llama.py`): it imports only torch and transformers, so
 `save_pretrained` can copy it beside a checkpoint and `AutoModelForCausalLM.from_pretrained(dir,
@@ -32,6 +32,16 @@ has no attention sub-layer at all (no Q/K/V/O weights, nothing cached), only its
 
 Each layer's attention is one small class for its role (`EchoAttConfig.role`): `EchoAttAttention` (ordinary layers and
 leaders), `CopyFollowerAttention`, `LisaFollowerAttention`, `DroppedAttention`; weight names are LLaMA's.
+
+The teacher's family (`EchoAttConfig.family`: Llama 1-3.x, Mistral, Qwen2/2.5, Qwen3) is LLaMA plus a few config fields,
+read from each family's transformers modeling file, the way transformers keeps Llama's own variants:
+- `attention_bias` / `attention_out_bias`: bias on q, k, v and on o (Llama: both as configured; Qwen2: q, k, v only).
+- `qk_norm`: per-head RMSNorm on q and k before RoPE (Qwen3's `q_norm`, `k_norm`). Only a layer with Q and K has them:
+  a copy follower drops q/k projections and everything only they use (norms, biases).
+- `context_window`: the teacher's sliding window, where one applies (Mistral, Qwen with `use_sliding_window`). Within
+  the window sliding attention is full causal attention; the student refuses longer contexts with a one-line error
+  rather than let a follower see keys its leader's window excluded.
+Rotary scaling (`llama3`, `linear`, `dynamic`, `yarn`), `head_dim` and tied embeddings are LLaMA's own config fields.
 """
 
 from __future__ import annotations
@@ -75,10 +85,46 @@ def output_cache(outputs) -> Cache | None:
     return cache if cache is not None else outputs.past_key_values
 
 
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")  # teachers' `model_type`s the student mirrors exactly
+FAMILY_FIELDS = ("family", "attention_bias", "attention_out_bias", "qk_norm", "context_window")
+
+
 def llama_fields(config) -> dict:
     """The fields of any LLaMA-compatible config that a `LlamaConfig` has (the rest, e.g. GGUF's quantisation, drop)."""
     keys = LlamaConfig.__dataclass_fields__.keys() - {"architectures", "model_type"}
     return {k: v for k, v in config.to_dict().items() if k in keys}
+
+
+def family_fields(config) -> dict:
+    """What a teacher's family adds to LLaMA, as `EchoAttConfig` fields (see the module docstring); a student's config
+    gives its own. Read from transformers' modeling files: Qwen2Attention has bias on q, k, v and none on o; Qwen3's
+    q/k projections carry `q_norm`/`k_norm`; Qwen layers slide only where `layer_types` says so."""
+    if isinstance(config, EchoAttConfig):
+        return {k: getattr(config, k) for k in FAMILY_FIELDS}
+    family = config.model_type
+    window = getattr(config, "sliding_window", None)
+    if family in ("qwen2", "qwen3") and "sliding_attention" not in (getattr(config, "layer_types", None) or []):
+        window = None
+    fields = {"family": family, "attention_bias": bool(getattr(config, "attention_bias", False)),
+              "attention_out_bias": None, "qk_norm": family == "qwen3", "context_window": window}
+    if family == "qwen2":
+        fields.update(attention_bias=True, attention_out_bias=False)
+    return fields
+
+
+def head_dim_of(config) -> int:
+    """Features per attention head of any family's config (Qwen2's has no `head_dim` field)."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def project_qk(attn: nn.Module, hidden_states: torch.Tensor, position_embeddings) -> tuple[torch.Tensor, torch.Tensor]:
+    """Post-RoPE queries (B, H, T, D) and keys (B, Hkv, T, D) of any family's attention module, the student's or a
+    teacher's own: Q and K projections, Qwen3's per-head RMSNorm where the module has one, then RoPE."""
+    shape = (*hidden_states.shape[:-1], -1, attn.head_dim)
+    query, key = attn.q_proj(hidden_states).view(shape), attn.k_proj(hidden_states).view(shape)  # (B, T, H|Hkv, D)
+    if getattr(attn, "q_norm", None) is not None:
+        query, key = attn.q_norm(query), attn.k_norm(key)
+    return apply_rotary_pos_emb(query.transpose(1, 2), key.transpose(1, 2), *position_embeddings)
 
 
 def role_of(config, layer: int) -> str:
@@ -93,7 +139,12 @@ def is_lisa_parameter(name: str) -> bool:
 
 @strict
 class EchoAttConfig(LlamaConfig):
-    r"""A `LlamaConfig` plus where each layer's attention comes from.
+    r"""A `LlamaConfig` plus the teacher's family and where each layer's attention comes from.
+
+    family (`str`): the teacher's `model_type` (one of `FAMILIES`).
+    attention_out_bias (`bool`, *optional*): bias on `o_proj`; `None` means as `attention_bias` (q, k, v).
+    qk_norm (`bool`): per-head RMSNorm on queries and keys before RoPE (Qwen3).
+    context_window (`int`, *optional*): the teacher's sliding window; longer contexts are refused.
 
     attention_source (`list[int]`, *optional*):
         For each layer, the layer whose attention it uses: itself for ordinary layers and leaders, an earlier layer
@@ -118,10 +169,16 @@ class EchoAttConfig(LlamaConfig):
     lisa_hidden: int | None = None
     reuse_path: str = "auto"
     reuse_crossover: int = 16
+    family: str = "llama"
+    attention_out_bias: bool | None = None
+    qk_norm: bool = False
+    context_window: int | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
         n, h = self.num_hidden_layers, self.num_attention_heads
+        if self.family not in FAMILIES:
+            raise ValueError(f"family must be one of {FAMILIES} (got {self.family!r})")
         if self.attention_source is None:
             self.attention_source = list(range(n))
         if self.head_map is None:
@@ -150,9 +207,9 @@ class EchoAttConfig(LlamaConfig):
                 raise ValueError(f"head_map[{layer}] must list {h} head indices in [0, {h})")
 
     @classmethod
-    def from_llama(cls, config, **sharing) -> EchoAttConfig:
-        """A teacher's LLaMA-compatible config (Llama, Mistral, GGUF-loaded) with the sharing fields given."""
-        converted = cls(**llama_fields(config), **sharing)
+    def from_teacher(cls, config, **sharing) -> EchoAttConfig:
+        """A teacher's config (any of `FAMILIES`, GGUF-loaded or not, or a student's) with the sharing fields given."""
+        converted = cls(**{**llama_fields(config), **family_fields(config)}, **sharing)
         converted._attn_implementation = config._attn_implementation
         return converted
 
@@ -310,9 +367,9 @@ class AttentionBase(nn.Module):
                            cache if cache is not None else past_key_values, kwargs)
 
     def _values(self, config: EchoAttConfig) -> None:
-        bias = config.attention_bias
-        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+        out_bias = config.attention_bias if config.attention_out_bias is None else config.attention_out_bias
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=config.attention_bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=out_bias)
 
     def _interface(self) -> Callable:
         return ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
@@ -347,6 +404,9 @@ class EchoAttAttention(AttentionBase):
         bias = config.attention_bias
         self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
         self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        if config.qk_norm:
+            self.q_norm = LlamaRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+            self.k_norm = LlamaRMSNorm(self.head_dim, eps=config.rms_norm_eps)
         self._values(config)
 
     def reuse_probs(self, new_tokens: int, attention_mask) -> bool:
@@ -359,11 +419,8 @@ class EchoAttAttention(AttentionBase):
     def attend(self, hidden_states, position_embeddings, attention_mask, cache: Cache | None, kwargs: dict):
         handoff = self._handoff(kwargs) if self.is_leader else kwargs.pop(HANDOFF_KEY, None)
         input_shape = hidden_states.shape[:-1]
-        hidden_shape = (*input_shape, -1, self.head_dim)
-        query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, H, T, D)
-        key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, Hkv, T, D)
-        value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, Hkv, T, D)
-        query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
+        query, key = project_qk(self, hidden_states, position_embeddings)  # (B, H, T, D), (B, Hkv, T, D)
+        value = self.v_proj(hidden_states).view(*input_shape, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         key, value = self._cache_update(cache, key, value, kwargs)
         eager = self.config._attn_implementation == "eager"
         # Materialise here (rather than call the backend's kernel) where LiSA followers need logits, or where a leader
@@ -523,8 +580,20 @@ class EchoAttModel(EchoAttPreTrainedModel, LlamaModel):
         self.post_init()
 
     def forward(self, *args, **kwargs):
+        if self.config.context_window is not None:
+            self._check_window(args, kwargs)
         kwargs[HANDOFF_KEY] = {}
         return LlamaModel.forward(self, *args, **kwargs)
+
+    def _check_window(self, args: tuple, kwargs: dict) -> None:
+        """Refuse a call whose context (cached tokens + new ones) passes the teacher's sliding window."""
+        new = kwargs.get("input_ids", args[0] if args else None)
+        new = new if new is not None else kwargs.get("inputs_embeds")
+        cache = kwargs.get(CACHE_KWARG, kwargs.get("past_key_values"))
+        length = (new.shape[1] if new is not None else 0) + (cache.get_seq_length() if cache is not None else 0)
+        if length > self.config.context_window:
+            raise ValueError(f"a context of {length} tokens is longer than the teacher's sliding window "
+                             f"({self.config.context_window}); echoatt students refuse contexts past it")
 
 
 class EchoAttForCausalLM(EchoAttPreTrainedModel, LlamaForCausalLM):

@@ -23,7 +23,7 @@ from echoatt.config import (
 from echoatt.corpus import spread, token_windows
 from echoatt.distill import distill
 from echoatt.metrics import perplexity, retrieval
-from echoatt.modeling import EchoAttForCausalLM
+from echoatt.modeling import EchoAttForCausalLM, family_fields
 from echoatt.plan import PlanError, SharingPlan
 from echoatt.report import write_report
 from echoatt.rundir import (
@@ -61,7 +61,7 @@ def analyze(config: AnalyzeConfig, teacher: Teacher | None = None) -> Similarity
     """Measure the teacher's layer x layer attention similarity; write similarity.json and a heatmap."""
     config.validate()
     setup(config)
-    teacher = teacher or load_teacher(config.teacher, device=device_of(config))
+    teacher = teacher or load_teacher(config.teacher, device=device_of(config), context=config.seq_len)
     tokenizer = teacher.text_tokenizer("the similarity analysis")
     train, _ = token_windows(tokenizer, config.corpus, config.seq_len, config.encoding)
     run = RunDir(record(config, "analyze"))
@@ -125,7 +125,7 @@ def share(
     config.validate()
     setup(config)
     run = RunDir(Path(config.out))
-    teacher = teacher or load_teacher(config.teacher, device=device_of(config))
+    teacher = teacher or load_teacher(config.teacher, device=device_of(config), context=config.seq_len)
     spec = spec_of(config)
     spec.check(teacher.model.config.num_hidden_layers)
     similarity = similarity or find_similarity(config)
@@ -158,6 +158,7 @@ def share(
                                        "student": kv_cache_bytes_per_token(student.config)},
         calibration=calibration,
         bounds=plan_bounds(teacher.model.config, student.config),
+        family={"architectures": teacher.model.config.architectures, **family_fields(student.config)},
     )
     path = save_student(student, teacher.tokenizer, run.student, info)
     print_student(info, student.config)
@@ -248,7 +249,7 @@ def evaluate(config: EvalConfig, teacher: Teacher | None = None, known: dict[str
                  if is_model_folder(path)}
     for path in paths.values():
         read_student_config(path, "model")
-    teacher = teacher or load_teacher(config.teacher, device=device_of(config))
+    teacher = teacher or load_teacher(config.teacher, device=device_of(config), context=config.seq_len)
     tokenizer = teacher.text_tokenizer("evaluation")
     _, val = token_windows(tokenizer, config.corpus, config.seq_len, config.encoding)
     val = spread(val, config.eval_windows)
@@ -282,9 +283,9 @@ def model_names(paths: list[Path]) -> dict[str, Path]:
 
 def bench(config: BenchConfig) -> dict:
     """Speed and size, teacher vs student, in one process: a trained pair from OUT, or an architecture (--arch)."""
-    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    from echoatt.bench import arch_config, run_bench, save
+    from echoatt.bench import ARCHS, arch_config, run_bench, save
 
     config.validate()
     setup(config)
@@ -296,11 +297,12 @@ def bench(config: BenchConfig) -> dict:
         spec = StudentSpec(plan=config.plan, method=config.method, head_map="identity")
         spec.check(arch.num_hidden_layers)
         print(f"building the {config.arch} architecture with random weights")
-        teacher = LlamaForCausalLM(arch).to(dtype)
+        teacher = AutoModelForCausalLM.from_config(arch).to(dtype)
         heads = list(reversed(range(arch.num_attention_heads)))  # a non-identity map, as a matched student has
         maps = [heads] * arch.num_hidden_layers if spec.mapped else None
         student, _ = spec.build(teacher, None, maps)
-        name = f"bench-{Path(config.arch).stem}" + ("" if config.method == "copy" else f"-{config.method}")
+        name = f"bench-{config.arch if config.arch in ARCHS else Path(config.arch).stem}"
+        name += "" if config.method == "copy" else f"-{config.method}"
     else:
         path = Path(config.student) if config.student else RunDir(Path(config.out)).student
         read_student_config(path)
@@ -330,7 +332,7 @@ def compare(config: CompareConfig) -> dict:
     unknown = set(names) - set(VARIANTS)
     if unknown:
         raise ValueError(f"unknown methods {sorted(unknown)}: use {', '.join(VARIANTS)}")
-    teacher = load_teacher(config.teacher, device=device_of(config))
+    teacher = load_teacher(config.teacher, device=device_of(config), context=config.seq_len)
     run = RunDir(record(config, "compare"))
     similarity = find_similarity(config)
     if similarity is None and (config.equal_bound or any(VARIANTS[n].head_map != "identity" for n in names)):
@@ -462,7 +464,7 @@ def run(config: RunConfig) -> RunSummary:
     config.validate()
     setup(config)
     check_tasks([t for t in config.tasks.split(",") if t])  # before the long work, not after it
-    teacher = load_teacher(config.teacher, device=device_of(config))
+    teacher = load_teacher(config.teacher, device=device_of(config), context=config.seq_len)
     similarity = analyze(config, teacher)
     out = RunDir(record(config, "run"))
     share(config, teacher, similarity)

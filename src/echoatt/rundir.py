@@ -99,6 +99,7 @@ class SharingInfo:
     calibration: dict | None = None  # windows, ridge, error before/after (calibrate.CalibrationReport), or None
     bounds: dict | None = None  # the cost model's promise (`student.plan_bounds`): prefill, decode, kv
     dropped: list[int] = field(default_factory=list)  # a mixed plan's layers whose attention is left out
+    family: dict = field(default_factory=dict)  # the teacher's architecture and family fields (`family_fields`)
 
     def save(self, student_dir: Path) -> None:
         (student_dir / SHARING_FILE).write_text(json.dumps(asdict(self), indent=2))

