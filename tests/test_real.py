@@ -51,3 +51,73 @@ def test_analyze_and_share_on_the_default_teacher(default_teacher, tmp_path, cap
     matched = perplexity(student, val)
     print(f"held-out perplexity: teacher {teacher_ppl:.2f}, plain copy {plain:.2f}, head-matched {matched:.2f}")
     assert teacher_ppl < matched < plain
+
+
+def qwen2_of_default(folder, bias_std: float = 0.0, seed: int = 0):
+    """The default teacher's weights in a `Qwen2ForCausalLM` (Qwen2 is LLaMA with q/k/v biases): with zero biases
+    the same function as the LLaMA teacher; with `bias_std` > 0, small random biases. Its tokenizer is the teacher's
+    own (tokenizer_class kept general, so AutoTokenizer does not swap in Qwen2's pre-tokenizer)."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from echoatt.teacher import resolve_source
+
+    source = resolve_source("default")
+    llama = json.loads((source / "config.json").read_text())
+    shared = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings",
+              "rope_parameters", "bos_token_id", "eos_token_id", "pad_token_id", "hidden_act")
+    model = Qwen2ForCausalLM(Qwen2Config(**{k: llama[k] for k in shared}, use_sliding_window=False))
+    weights = load_file(source / "model.safetensors")
+    generator = torch.Generator().manual_seed(seed)
+    for name, param in model.named_parameters():
+        if name.endswith("_proj.bias"):
+            weights[name] = torch.randn(param.shape, generator=generator) * bias_std
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    assert set(missing) <= {"lm_head.weight"} and not unexpected  # tied to the embeddings
+    model.tie_weights()
+    model.save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        shutil.copy(source / name, folder / name)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "tokenizer_class": "PreTrainedTokenizerFast"}))
+    return folder
+
+
+def test_the_default_teacher_as_qwen2_gives_the_same_student(default_teacher, tmp_path):
+    """Qwen2 is LLaMA plus q/k/v biases: the default teacher's weights in a Qwen2ForCausalLM with zero biases give the
+    same logits, the same analysis and the same student to the bit; with small random biases an unshared student
+    still reproduces its (now different) teacher."""
+    from echoatt.analysis import attention_similarity
+    from echoatt.corpus import token_windows
+    from echoatt.plan import SharingPlan
+    from echoatt.student import build_student, head_maps
+    from echoatt.teacher import load_teacher
+
+    qwen = load_teacher(str(qwen2_of_default(tmp_path / "zero"))).model
+    assert type(qwen).__name__ == "Qwen2ForCausalLM"
+    train, _ = token_windows(default_teacher.tokenizer, "default", 128)
+    x = train[:2]
+    similarity = {}
+    logits = {}
+    plan = SharingPlan.from_k(30, 2)
+    for name, model in (("llama", default_teacher.model), ("qwen2", qwen)):
+        similarity[name] = attention_similarity(model, x, progress=False)
+        student = build_student(model, plan, head_maps(plan, similarity[name], "matched"))
+        assert student.config.family == name
+        with torch.no_grad():
+            logits[name] = (model(x).logits, student(x).logits)
+    assert (similarity["llama"].head_head == similarity["qwen2"].head_head).all()
+    assert torch.equal(logits["llama"][0], logits["qwen2"][0]) and torch.equal(logits["llama"][1], logits["qwen2"][1])
+
+    biased = load_teacher(str(qwen2_of_default(tmp_path / "biased", bias_std=0.05))).model
+    unshared = build_student(biased, SharingPlan.from_blocks(30, []))
+    with torch.no_grad():
+        teacher_logits = biased(x).logits
+        assert (teacher_logits - logits["llama"][0]).abs().max() > 1e-2  # the biases change the function...
+        gap = (unshared(x).logits - teacher_logits).abs().max().item()
+    print(f"Qwen2 with random q/k/v biases: unshared student vs teacher, max |logit difference| {gap:.2e}")
+    assert gap <= 1e-5  # ...and the student follows them exactly (fp32)

@@ -1,4 +1,4 @@
-"""echoatt: share attention across the layers of a LLaMA-family model, then distil it back to quality."""
+"""echoatt: share attention across the layers of a Llama, Mistral or Qwen model, then distil it back to quality."""
 
 from transformers import AutoConfig, AutoModelForCausalLM
 
