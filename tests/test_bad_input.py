@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from echoatt.cli import main
+from echoatt.plan import SharingPlan
 
 
 def snapshot(folder: Path) -> list[tuple[str, int, int]] | None:
@@ -183,3 +184,19 @@ def test_models_with_the_same_folder_name_are_told_apart(tmp_path):
     assert model_names([a, tmp_path / "other"]) == {"student": a, "other": tmp_path / "other"}
     with pytest.raises(ValueError, match="the same folder twice"):
         model_names([a, a])
+
+
+def test_a_mixed_students_record_names_its_followers_and_dropped_layers_apart():
+    """A mixed copy student (a shared block and dropped attention) is a copy student with dropped layers, not `drop`:
+    its identity and the refusal messages built from it say both."""
+    from conftest import tiny_teacher
+
+    from echoatt.rundir import describe, student_identity
+    from echoatt.student import build_student
+
+    student = build_student(tiny_teacher(), SharingPlan(6, ((1, 2),), (4,)))
+    identity = student_identity(student.config, "t")
+    assert identity["follower_type"] == "copy" and identity["dropped"] == [4]
+    assert "copy followers [2]" in describe(identity) and "attention dropped at [4]" in describe(identity)
+    dropped_only = student_identity(build_student(tiny_teacher(), SharingPlan(6, ((1, 2),)), method="drop").config, "t")
+    assert dropped_only["follower_type"] is None and dropped_only["dropped"] == [2]

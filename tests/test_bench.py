@@ -74,7 +74,7 @@ def test_cost_model_counts_one_gather_per_distinct_head_map():
     block, so a second follower of the same map costs nothing more."""
     teacher = tiny_teacher()
     c = teacher.config
-    plan = SharingPlan.from_blocks(6, [[1, 2, 3]])
+    plan = SharingPlan(6, ((1, 2, 3),))
     swap = [1, 0, 3, 2]
 
     def decode_bytes(maps) -> float:
@@ -90,7 +90,7 @@ def test_followers_of_one_map_share_the_gathered_probabilities():
     teacher = tiny_teacher()
     teacher.config._attn_implementation = "eager"
     swap = [1, 0, 3, 2]
-    student = build_student(teacher, SharingPlan.from_blocks(6, [[1, 2, 3]]), [None, None, swap, swap, None, None])
+    student = build_student(teacher, SharingPlan(6, ((1, 2, 3),)), [None, None, swap, swap, None, None])
     x = torch.randint(3, 100, (1, 8))
     with torch.no_grad():
         probs = student(x, output_attentions=True).attentions

@@ -21,7 +21,7 @@ def windows(n=24, length=24, seed=0):
 def test_refit_lowers_the_followers_error_and_touches_nothing_else(method):
     teacher = tiny_teacher()
     maps = MAPS if method == "copy" else [None, None, [1, 0, 3, 2], [2, 2, 0, 1], None, None]
-    student = build_student(teacher, SharingPlan.from_blocks(6, [[1, 2], [3, 4]] if method == "copy" else [[1, 2, 3]]),
+    student = build_student(teacher, SharingPlan(6, ((1, 2), (3, 4)) if method == "copy" else ((1, 2, 3),)),
                             maps, method=method)
     before = {k: v.clone() for k, v in student.state_dict().items()}
     report = calibrate_followers(student, teacher, windows(), ridge=1e-4, progress=False)
@@ -50,7 +50,7 @@ def test_refit_is_the_least_squares_solution(family):
             if hasattr(first.self_attn, name):
                 getattr(second.self_attn, name).load_state_dict(getattr(first.self_attn, name).state_dict())
         second.input_layernorm.weight.copy_(first.input_layernorm.weight)
-    student = build_student(teacher, SharingPlan.from_blocks(6, [[1, 2]]))
+    student = build_student(teacher, SharingPlan(6, ((1, 2),)))
     o_proj = student.model.layers[2].self_attn.o_proj
     with torch.no_grad():
         o_proj.weight.normal_()  # spoil it; the refit must find it again

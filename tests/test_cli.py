@@ -12,6 +12,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from echoatt.analysis import Similarity
 from echoatt.cli import main
 from echoatt.plan import SharingPlan
+from echoatt.rundir import TradeCurve
 from echoatt.student import StudentSpec, plan_bounds, student_config
 
 
@@ -132,7 +133,8 @@ def test_compare_at_equal_bound_draws_the_trade_curve(teacher_dir, corpus_dir, t
 
     def score(model, tokenizer, tasks, limit, batch_size, *stamp):  # 20 items: the first 12 - changed right
         changed = len(model.config.followers()) if hasattr(model.config, "followers") else 0
-        return {t: {"acc": 0.6 - 0.05 * changed, "acc_stderr": 0.03, "samples": limit,
+        mark = 1e-4 * (sum(float(p.double().sum()) for p in model.parameters()) % 1)  # which weights were scored
+        return {t: {"acc": 0.6 - 0.05 * changed + mark, "acc_stderr": 0.03, "samples": limit,
                     "items": [float(i < 12 - changed) for i in range(20)]} for t in tasks}
 
     students_scored = []
@@ -149,8 +151,10 @@ def test_compare_at_equal_bound_draws_the_trade_curve(teacher_dir, corpus_dir, t
     # the curve's own (same plan, same calibration) and are not scored again
     assert len(students_scored) == 3 * 2 + 3
     results = json.loads((out / "compare.json").read_text())["results"]
-    first = curve["points"]["attention drop"][0]
-    assert results["drop/student"]["piqa"]["acc"] == pytest.approx(first["zero_shot"]["piqa"])
+    for name, label in (("drop", "attention drop"), ("matched", "head-matched copy"),
+                        ("mixed", "shared and dropped (mixed)")):  # each method's own first point, to the weights
+        assert results[f"{name}/student"]["piqa"]["acc"] == curve["points"][label][0]["zero_shot"]["piqa"]
+    assert results["drop/student"]["piqa"]["acc"] != results["matched/student"]["piqa"]["acc"]  # told apart
     assert curve["metric"] == "prefill" and set(curve["points"]) == {"attention drop", "head-matched copy",
                                                                       "shared and dropped (mixed)"}
     assert set(curve["unreachable"]["LiSA"]) == {"1.01", "1.02"}  # LiSA is slower than the teacher at prefill
@@ -164,11 +168,11 @@ def test_compare_at_equal_bound_draws_the_trade_curve(teacher_dir, corpus_dir, t
         measured = curve["trained"][label]["measured"]  # its short measured speed, beside the bound at that setting
         assert set(measured) == {"prefill", "decode"} and all(m["ratio"] > 0 and m["bound"] > 0 for m in measured.values())
         for p in points:  # each point scored on the tasks, as itself
-            assert p["tasks"] == 2 and p["zero_shot_mean"] == pytest.approx(0.6 - 0.05 * p["followers"])
+            assert p["tasks"] == 2 and p["zero_shot_mean"] == pytest.approx(0.6 - 0.05 * p["followers"], abs=1e-4)
             assert p["zero_shot_stderr"] == pytest.approx(0.03 / 2**0.5)
             assert p["zero_shot_gap"] == pytest.approx(-0.05 * p["followers"])  # paired with the teacher's items
         assert curve["trained"][label]["zero_shot_gap"] == pytest.approx(-0.05 * points[0]["followers"])
-    assert curve["teacher"]["zero_shot_mean"] == pytest.approx(0.6)
+    assert curve["teacher"]["zero_shot_mean"] == pytest.approx(0.6, abs=1e-4)
     dropped = curve["points"]["attention drop"][0]["plan"]
     ranked = sorted(range(1, 5), key=lambda i: -sim["redundancy"][i])
     assert [b[1] for b in dropped] == sorted(ranked[: len(dropped)])  # LLM-Drop's most redundant first
@@ -180,6 +184,8 @@ def test_compare_at_equal_bound_draws_the_trade_curve(teacher_dir, corpus_dir, t
     assert "zero-shot mean over 2 tasks" in report and "| teacher | | 0 | 1 | 1 | 1 |" in report
     followers = curve["points"]["attention drop"][0]["followers"]
     assert f"({-5 * followers:+.1f} ± " in report  # the paired gap in points beside each zero-shot mean
+    assert "against the teacher only" in report  # not read as a comparison between methods
+    assert "prefill >= 1.01" in "\n".join(TradeCurve.load(out / "trade_curve.json").lines())
     assert "measured (bound at that setting)" in report and "decode 8 × 256: " in report
     assert "LiSA cannot reach prefill 1.01, 1.02 at all" in report
 
@@ -227,3 +233,41 @@ def test_a_full_disk_is_a_message_not_a_traceback(teacher_dir, corpus_dir, tmp_p
     assert main(["share", "--teacher", str(teacher_dir), "--corpus", str(corpus_dir), "--seq-len", "32",
                  "--out", str(tmp_path / "out"), "--plan", "k=2", "--calibrate", "0"]) == 1
     assert "error: the disk is full" in capsys.readouterr().err
+
+
+def test_compare_with_a_budget_plan_analyses_even_when_no_method_maps_heads(teacher_dir, corpus_dir, tmp_path,
+                                                                           monkeypatch):
+    """Attention drop and the plain copy need no head maps, but the budget's block losses are measured on the
+    head-matched copy: the analysis runs."""
+    monkeypatch.setenv("ECHOATT_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "compare"
+    assert main(["compare", "--teacher", str(teacher_dir), "--corpus", str(corpus_dir), "--seq-len", "32",
+                 "--out", str(out), "--methods", "drop,identity", "--plan", "budget=prefill=1.01", "--steps", "1",
+                 "--batch-size", "1", "--grad-accum", "1", "--eval-windows", "2", "--tasks", ""]) == 0
+    assert (out / "similarity.json").is_file() and (out / "block_effects.json").is_file()
+
+
+def test_densest_bound_is_each_methods_real_reach():
+    """Attention drop (and a mixed plan) may drop every layer its budget allows (2 .. L-2), far more than two of every
+    three: a KV target only dropping reaches is not called unreachable."""
+    from conftest import tiny_teacher
+
+    from echoatt.pipeline import densest_bound
+
+    config = tiny_teacher().config
+    every = SharingPlan(6, ((1, 2, 3, 4),))  # layers 2, 3, 4 as followers of 1: dropped, that is all a budget may drop
+    dropped = plan_bounds(config, student_config(config, every, method="drop"))["kv"]
+    assert dropped == pytest.approx(3 / 6)
+    assert densest_bound(StudentSpec(plan="budget=kv=0.55", method="drop"), config, None, "kv") == pytest.approx(dropped)
+    mixed = StudentSpec(plan="budget=kv=0.55,drop", method="copy", head_map="identity")
+    assert densest_bound(mixed, config, None, "kv") == pytest.approx(dropped)
+    copy = StudentSpec(plan="budget=kv=0.55", method="copy", head_map="identity")
+    blocks = plan_bounds(config, student_config(config, SharingPlan.from_k(6, 3)))["kv"]
+    assert densest_bound(copy, config, None, "kv") == pytest.approx(blocks) and blocks > 0.55
+
+
+def test_a_kv_curve_says_at_most():
+    curve = TradeCurve("kv", {"perplexity": 1.0, "retrieval": 1.0})
+    curve.add("attention drop", {"target": 0.7, "followers": 2, "bounds": {"prefill": 1.1, "decode": 1.2, "kv": 0.66},
+                                 "perplexity": 2.0, "retrieval": 0.5})
+    assert curve.lines()[0].startswith("attention drop at kv <= 0.7:")

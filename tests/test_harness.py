@@ -124,6 +124,38 @@ def test_teacher_scores_are_cached_by_teacher_task_and_sample(tmp_path, monkeypa
     assert scored[2:] == [["piqa"]] * 3
 
 
+def test_teacher_scores_are_scored_again_when_the_task_or_batch_changes(tmp_path, monkeypatch):
+    """A changed prompt (the task's YAML) or loader, or another batch size: the cached teacher items would be paired
+    with student items scored otherwise, so they are not reused."""
+    import shutil
+
+    import torch
+
+    from echoatt import harness
+
+    monkeypatch.setenv("ECHOATT_CACHE", str(tmp_path / "cache"))
+    tasks = tmp_path / "tasks"
+    shutil.copytree(harness.TASKS_DIR, tasks)
+    monkeypatch.setattr(harness, "TASKS_DIR", tasks)
+    scored = []
+    monkeypatch.setattr(harness, "zero_shot", lambda m, t, names, limit=None, batch_size=8: scored.append(names) or {
+        n: {"acc": 0.5, "samples": limit, "items": [1.0, 0.0]} for n in names})
+    model = torch.nn.Linear(2, 2)
+    score = lambda batch=8: harness.cached_zero_shot(model, None, ["piqa"], 200, batch, stamp="teacher")
+    score()
+    score()
+    assert len(scored) == 1  # reused while nothing changed
+    yaml = tasks / "piqa.yaml"
+    yaml.write_text(yaml.read_text().replace("Question: {{goal}}", "Q: {{goal}}"))
+    score()
+    assert len(scored) == 2  # another prompt
+    (tasks / "olmo_data.py").write_text((tasks / "olmo_data.py").read_text() + "\n# changed\n")
+    score()
+    assert len(scored) == 3  # another loader
+    score(batch=4)
+    assert len(scored) == 4  # another batch size
+
+
 def test_the_zero_shot_gap_is_paired_item_by_item():
     """The gap's stderr is that of the mean per-item difference: small where two models answer alike, however noisy
     each score; checked against the formula, task by task and over tasks."""

@@ -17,7 +17,7 @@ MAPS = [None, None, [1, 0, 3, 2], None, [2, 2, 0, 1], None]  # follower 2 reads 
 
 def lisa_of(teacher, blocks=((1, 2), (3, 4)), impl="sdpa", head_map=MAPS, rank=None):
     teacher.config._attn_implementation = impl
-    plan = SharingPlan.from_blocks(teacher.config.num_hidden_layers, [list(b) for b in blocks])
+    plan = SharingPlan(teacher.config.num_hidden_layers, tuple(tuple(b) for b in blocks))
     return build_student(teacher, plan, head_map, method="lisa", lisa_rank=rank)
 
 
@@ -28,7 +28,7 @@ def ids(batch=2, length=12, seed=1):
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
 def test_new_lisa_student_is_exactly_the_head_matched_copy(teacher, impl):
     lisa = lisa_of(teacher, impl=impl)
-    copy = build_student(teacher, SharingPlan.from_blocks(6, [[1, 2], [3, 4]]), MAPS)
+    copy = build_student(teacher, SharingPlan(6, ((1, 2), (3, 4))), MAPS)
     copy.config.reuse_path = "probs"  # the leader materialises its attention exactly as LiSA's source does
     x = ids()
     with torch.no_grad():  # to float rounding: LiSA scales Q before QK^T, eager attention scales the scores after
@@ -138,3 +138,14 @@ def test_lisa_parts_get_their_own_learning_rate(teacher):
     lisa_params = {id(p) for n, p in lisa.named_parameters() if ".align." in n or ".lowrank." in n}
     assert {id(p) for p in groups[1e-2]} == lisa_params
     assert groups[3e-4] and not lisa_params & {id(p) for p in groups[3e-4]}
+
+
+def test_a_lisa_plan_of_dropped_layers_only_trains_like_any_other(teacher):
+    """A budget can leave a LiSA student no LiSA follower (only dropped attention): `auto` then trains the layers
+    around the dropped ones, as for any student, instead of finding nothing to train."""
+    plan = SharingPlan(6, (), (2, 4))
+    student = build_student(teacher, plan, method="lisa")
+    assert student.config.follower_type == "lisa" and student.config.followers() == [2, 4]
+    names = set_trainable(student, "auto")
+    assert names and all(".layers.2." in n or ".layers.3." in n or ".layers.4." in n or ".layers.5." in n
+                         for n in names)

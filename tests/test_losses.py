@@ -63,6 +63,9 @@ def test_hidden_state_loss_by_hand():
     mask = torch.tensor([[1, 0]])
     s2 = [torch.tensor([[[1.0, 0.0], [5.0, 5.0]]])]
     assert hidden_state_loss(s2, t, mask=mask, kind="mse").item() == pytest.approx(0.25)
-    assert hidden_state_loss(t + t, t + t).item() == 0.0
+    # two layers: the mean of each layer's loss, each relative to its own teacher's scale (0.25 and 1.0 here)
+    far = [torch.tensor([[[2.0, 0.0], [0.0, 2.0]]]) * 4]  # teacher mean square 32; squared error 18 per token
+    assert hidden_state_loss(s + [t[0] * 2], t + [t[0] * 4], kind="mse").item() == pytest.approx((0.25 + 0.25) / 2)
+    assert hidden_state_loss(s + [t[0] * 1.0], t + far, kind="mse").item() == pytest.approx((0.25 + 18 / 32) / 2)
     with pytest.raises(ValueError, match="mse or cosine"):
         hidden_state_loss(s, t, kind="l1")

@@ -21,7 +21,7 @@ HEAD_MAPS = [None, None, [1, 0, 3, 2], None, [2, 2, 0, 1], None]  # non-trivial 
 
 def student_of(teacher, blocks=((1, 2), (3, 4)), head_map=HEAD_MAPS, impl="sdpa", path="auto", method="copy"):
     teacher.config._attn_implementation = impl
-    plan = SharingPlan.from_blocks(teacher.config.num_hidden_layers, [list(b) for b in blocks])
+    plan = SharingPlan(teacher.config.num_hidden_layers, tuple(tuple(b) for b in blocks))
     student = build_student(teacher, plan, head_map if blocks else None, method=method)
     student.config.reuse_path = path
     return student
@@ -205,7 +205,7 @@ def test_config_rejects_bad_sharing(source, head_map, message):
 
 
 def test_attention_drop_baseline_removes_the_sub_layer(teacher):
-    plan = SharingPlan.from_blocks(6, [[1, 2], [3, 4]])
+    plan = SharingPlan(6, ((1, 2), (3, 4)))
     dropped = build_student(teacher, plan, method="drop")
     for layer in (2, 4):
         assert not any(True for _ in dropped.model.layers[layer].self_attn.parameters())

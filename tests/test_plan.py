@@ -27,7 +27,7 @@ def test_k_with_first_and_last():
 
 
 def test_attention_source():
-    assert SharingPlan.from_blocks(6, [[1, 2, 3]]).attention_source() == [0, 1, 1, 1, 4, 5]
+    assert SharingPlan(6, ((1, 2, 3),)).attention_source() == [0, 1, 1, 1, 4, 5]
 
 
 @pytest.mark.parametrize(
@@ -43,7 +43,7 @@ def test_attention_source():
 )
 def test_invalid_plans(blocks, message):
     with pytest.raises(PlanError, match=message):
-        SharingPlan.from_blocks(6, blocks)
+        SharingPlan(6, tuple(tuple(b) for b in blocks))
 
 
 def test_parse():
@@ -107,8 +107,8 @@ def test_budget_picks_the_most_alike_followers_that_reach_the_bounds():
     plan = SharingPlan.parse("budget=k=2,max=4", 8, hm, bounds=bounds)
     assert plan.blocks == ((2, 3, 4, 5),)  # 3 followers, as many as k=2's, and the ones alike
     loss = similarity_loss(hm)
-    assert plan.predicted_loss(loss) == pytest.approx(3 * 0.05)
-    assert SharingPlan.from_k(8, 2).predicted_loss(loss) > 2.5
+    assert sum(map(loss, plan.blocks)) == pytest.approx(3 * 0.05)
+    assert sum(map(loss, SharingPlan.from_k(8, 2).blocks)) > 2.5
     assert SharingPlan.parse("budget=k=2", 8, hm, bounds=bounds).blocks[0] == (2, 3, 4)  # blocks of at most 3
     assert len(SharingPlan.parse("budget=decode=1.06", 8, hm, bounds=bounds).followers) == 3
     assert len(SharingPlan.parse("budget=kv=0.9", 8, hm, bounds=bounds).followers) == 2
@@ -131,7 +131,30 @@ def test_budget_avoids_the_blocks_measured_to_cost_most():
     loss = lambda block: dear.get(block, 0.1 * (len(block) - 1))
     plan = SharingPlan.parse("budget=prefill=1.03", 8, hm, bounds=bounds, block_loss=loss)
     assert 2 not in plan.followers and len(plan.followers) == 3
-    assert plan.predicted_loss(loss) == pytest.approx(0.3)
+    assert sum(map(loss, plan.blocks)) == pytest.approx(0.3)
+
+
+def test_a_move_that_lowers_the_loss_ranks_first_by_how_much_it_lowers_it():
+    """With (1,2) and (5,6) chosen, replacing (1,2) by (1,2,3) saves 0.02 for a little progress and by (1,2,3,4) saves
+    0.05 for much more: per unit of progress the small saving looks better (-0.2 vs -0.05) and, once taken, meets the
+    budget and rules out the large one. Improvements rank first, by how much they improve."""
+    a, b, c, d = (1, 2), (5, 6), (1, 2, 3), (1, 2, 3, 4)
+    loss = {a: 0.1, b: 0.1, c: 0.08, d: 0.05}.get
+    reached = {(): 0, (a,): 1, (b,): 1, (c,): 0.5, (d,): 0.4, (a, b): 2, (c, b): 2.1, (d, b): 3}
+    progress = lambda plan: reached[tuple(sorted(plan.blocks, key=lambda x: x not in (a, c, d)))]
+    plan = SharingPlan.from_budget(10, [a, b, c, d], loss, lambda plan: progress(plan) >= 2.1, progress)
+    assert plan.blocks == (d, b) and sum(map(loss, plan.blocks)) == pytest.approx(0.15)
+
+
+def test_progress_never_rewards_a_slower_plan():
+    """A target the empty plan meets already (blind k=2 LiSA's prefill bound is below 1) counts for no progress: the
+    planner must not pick blocks because they slow prefill down towards it."""
+    slow = (3, 4)  # LiSA-like: this block slows prefill, the others speed decode
+    bounds = lambda plan: {"prefill": 1 - 0.1 * (slow in plan.blocks), "decode": 1 + 0.05 * len(plan.followers),
+                           "kv": 1}
+    loss = lambda block: 0.3 if block == slow else 0.2  # dearer: only a reward for slowing prefill would pick it
+    plan = SharingPlan.parse("budget=decode=1.05,prefill=0.9", 8, None, bounds=bounds, block_loss=loss)
+    assert slow not in plan.blocks and len(plan.followers) == 1  # one decode follower, never the slowing block
 
 
 def test_drop_budget_takes_its_own_ranking():

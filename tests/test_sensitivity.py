@@ -8,12 +8,15 @@ import json
 import pytest
 import torch
 from conftest import tiny_teacher
+from transformers import AutoConfig
 
 from echoatt import pipeline, sensitivity
+from echoatt.analysis import Similarity
 from echoatt.cli import main
 from echoatt.metrics import repeated_tokens, retrieval
+from echoatt.plan import SharingPlan
 from echoatt.sensitivity import BlockEffects, measure_block_effects
-from echoatt.student import StudentSpec
+from echoatt.student import StudentSpec, plan_bounds, student_config
 
 
 def test_block_effects_are_the_kl_from_the_teacher_of_each_block_alone(tmp_path):
@@ -38,8 +41,8 @@ def test_block_effects_are_the_kl_from_the_teacher_of_each_block_alone(tmp_path)
     assert effects.loss((1, 2)) == pytest.approx(sum(effects.blocks[(1, 2)].values()))
     effects.save(tmp_path / "e.json")
     back = BlockEffects.load(tmp_path / "e.json")
-    assert back.blocks == effects.blocks and back.missing([(1, 2)], {"a": 1}) == []
-    assert back.missing([(1, 2)], {"a": 2}) == [(1, 2)]
+    assert back.blocks == effects.blocks and back.known({"a": 1}) == effects.blocks
+    assert back.known({"a": 2}) == {}
     assert "cheapest" in effects.summary()
 
 
@@ -63,10 +66,45 @@ def test_budget_share_measures_blocks_once(teacher_dir, corpus_dir, tmp_path, mo
     assert set(effects["blocks"]) == {"1-2", "2-3", "3-4", "1-3", "2-4"}  # 6 layers: first and last kept
     assert json.loads((out / "similarity.json").read_text())["induction"] is not None
     sharing = json.loads((out / "student" / "sharing.json").read_text())
-    per_follower = {name: sum(v.values()) / (int(name[2]) - int(name[0])) for name, v in effects["blocks"].items()}
-    assert f"{sharing['plan'][0][0]}-{sharing['plan'][0][-1]}" == min(per_follower, key=per_follower.get)
+    config, similarity = AutoConfig.from_pretrained(teacher_dir), Similarity.load(out / "similarity.json")
+
+    def per_progress(name: str) -> float:  # the planner's first choice: measured loss per share of the way to 1.01
+        plan = SharingPlan.parse(name, 6)
+        bounds = plan_bounds(config, student_config(config, plan, StudentSpec().head_maps(config, plan, similarity)))
+        return sum(effects["blocks"][name].values()) / min((bounds["prefill"] - 1) / 0.01, 1.0)
+
+    assert bounds_met(sharing, "prefill", 1.01) and len(sharing["plan"]) == 1  # one block is enough here
+    assert f"{sharing['plan'][0][0]}-{sharing['plan'][0][-1]}" == min(effects["blocks"], key=per_progress)
     monkeypatch.setattr(pipeline, "measure_block_effects", lambda *a, **k: pytest.fail("measured again"))
     assert main(args + ["--overwrite"]) == 0
     assert "measured loss of sharing each block" in capsys.readouterr().out
     assert sensitivity.BlockEffects.load(out / "block_effects.json").blocks.keys() == {
         tuple(range(int(a), int(b) + 1)) for a, b in (n.split("-") for n in effects["blocks"])}
+
+
+def bounds_met(sharing: dict, metric: str, target: float) -> bool:
+    return sharing["bounds"][metric] >= target - 1e-9
+
+
+def test_block_effects_are_measured_again_when_what_they_depend_on_changes(teacher_dir, corpus_dir, tmp_path,
+                                                                           monkeypatch):
+    """Re-analysed with more text (other head maps), or the teacher's weights rewritten at the same path, or the
+    corpus read in another encoding: the block losses kept in the run folder no longer apply."""
+    import os
+
+    monkeypatch.setenv("ECHOATT_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    base = ["--teacher", str(teacher_dir), "--corpus", str(corpus_dir), "--seq-len", "32", "--out", str(out)]
+    share = ["share", *base, "--plan", "budget=prefill=1.01", "--calibrate", "0", "--overwrite"]
+    measured = []
+    real = pipeline.measure_block_effects
+    monkeypatch.setattr(pipeline, "measure_block_effects", lambda *a, **k: measured.append(1) or real(*a, **k))
+    assert main(["analyze", *base, "--num-sequences", "2"]) == 0 and main(share) == 0
+    assert main(share) == 0 and len(measured) == 1  # nothing changed: reused
+    assert main(["analyze", *base, "--num-sequences", "6"]) == 0 and main(share) == 0
+    assert len(measured) == 2  # other head maps
+    weights = teacher_dir / "model.safetensors"
+    stat = weights.stat()
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # the teacher rewritten in place
+    assert main(share) == 0 and len(measured) == 3
+    assert main([*share, "--encoding", "latin-1"]) == 0 and len(measured) == 4

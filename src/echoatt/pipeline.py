@@ -24,7 +24,7 @@ from echoatt.corpus import spread, token_windows
 from echoatt.distill import distill
 from echoatt.metrics import perplexity, retrieval
 from echoatt.modeling import EchoAttForCausalLM, family_fields
-from echoatt.plan import PlanError, SharingPlan
+from echoatt.plan import AT_MOST, PlanError, SharingPlan
 from echoatt.report import write_report
 from echoatt.rundir import (
     MODEL_LABELS,
@@ -178,22 +178,30 @@ def block_effects(config: ShareConfig, teacher: Teacher, spec: StudentSpec, simi
             or spec.drop_ranking(similarity) is not None):  # attention drop ranks by its own criterion
         return None
     candidates = SharingPlan.budget_candidates(spec.plan.strip(), teacher.model.config.num_hidden_layers)
-    settings = {"teacher": teacher.name, "method": spec.method, "head_map": spec.head_map, "corpus": config.corpus,
-                "seq_len": config.seq_len, "seed": config.seed, "text_windows": EFFECT_TEXT_WINDOWS,
-                "probe": list(EFFECT_PROBE)}
+    settings = block_effect_settings(config, teacher, spec, similarity)
     effects = BlockEffects.load(run.block_effects) or BlockEffects({}, {}, settings)
-    missing = effects.missing(candidates, settings)
+    known = effects.known(settings)
+    missing = [b for b in candidates if b not in known]
     if missing:  # measure what is not known yet under these settings
         train, _ = token_windows(teacher.tokenizer, config.corpus, config.seq_len, config.encoding)
         probe = teacher.retrieval_probe(*EFFECT_PROBE, seed=config.seed)
         fresh = measure_block_effects(teacher.model, spec, similarity, missing, spread(train, EFFECT_TEXT_WINDOWS),
                                       probe, settings)
-        known = effects.blocks if effects.settings == settings else {}
         effects = BlockEffects(fresh.teacher, known | fresh.blocks, settings)
         run.root.mkdir(parents=True, exist_ok=True)
         effects.save(run.block_effects)
     print(effects.summary())
     return effects
+
+
+def block_effect_settings(config: ShareConfig, teacher: Teacher, spec: StudentSpec,
+                          similarity: Similarity | None) -> dict:
+    """What measured block effects depend on, the key they are kept under: the teacher's weights (its stamp), the
+    method and head maps (the analysis they come from, by content), and the text (corpus, encoding, windows, seed)."""
+    maps = similarity.fingerprint() if similarity is not None and spec.mapped and spec.head_map != "identity" else None
+    return {"teacher": teacher.stamp(), "method": spec.method, "head_map": spec.head_map, "analysis": maps,
+            "corpus": config.corpus, "encoding": config.encoding, "seq_len": config.seq_len, "seed": config.seed,
+            "text_windows": EFFECT_TEXT_WINDOWS, "probe": list(EFFECT_PROBE)}
 
 
 def calibration_settings(config: ShareConfig, teacher: Teacher, student) -> tuple[dict | None, torch.Tensor | None]:
@@ -335,7 +343,8 @@ def compare(config: CompareConfig) -> dict:
     teacher = load_teacher(config.teacher, device=device_of(config), context=config.seq_len)
     run = RunDir(record(config, "compare"))
     similarity = find_similarity(config)
-    if similarity is None and (config.equal_bound or any(VARIANTS[n].head_map != "identity" for n in names)):
+    needs = config.equal_bound or config.plan.strip().startswith(("budget=", "threshold="))  # plans chosen by it
+    if similarity is None and (needs or any(VARIANTS[n].head_map != "identity" for n in names)):
         similarity = analyze_with_defaults(config, teacher)  # analysed once, for all
     subs = {name: dataclasses.replace(config, out=str(run.root / name), method=VARIANTS[name].method,
                                       head_map=VARIANTS[name].head_map) for name in names}
@@ -373,7 +382,7 @@ def compare(config: CompareConfig) -> dict:
         labels |= {f"{name}/student": f"{label} (before KD)", f"{name}/distilled": f"{label} (after KD)"}
         table = save_results(results, run.results("compare"), labels)
         if config.equal_bound:
-            speed = quick_speed(sub, Path(sub.out) / "student-distilled") if config.speed else {}
+            speed = quick_speed(sub, RunDir(Path(sub.out)).distilled) if config.speed else {}
             curve.distilled(label, info.bounds, scored["distilled"], scored["teacher"], speed)
             curve.save(run.trade_curve)
     print(table)
@@ -405,9 +414,9 @@ def trade_curve(subs: dict[str, CompareConfig], teacher: Teacher, similarity: Si
             point = dataclasses.replace(sub, plan=f"budget={metric}={value}{VARIANTS[name].budget_options}")
             spec = spec_of(point)
             most = densest_bound(spec, teacher.model.config, similarity, metric)
-            if (most < value) if metric != "kv" else (most > value):
+            if (most > value) if metric in AT_MOST else (most < value):
                 curve.unreachable.setdefault(label, {})[str(value)] = most
-                print(f"{label} cannot reach {metric} {value}: {most:.3f} with as many followers as blocks of 3 allow")
+                print(f"{label} cannot reach {metric} {value}: {most:.3f} at its densest plan")
                 continue
             effects = block_effects(point, teacher, spec, similarity, RunDir(Path(point.out)))
             try:
@@ -434,14 +443,18 @@ def trade_curve(subs: dict[str, CompareConfig], teacher: Teacher, similarity: Si
 
 
 def densest_bound(spec: StudentSpec, teacher_config, similarity: Similarity, metric: str) -> float:
-    """The bound of a method's densest plan (two of every three inner layers following, or for a mixed plan that or
-    their attention dropped, whichever is more): about the most a budget plan with blocks of up to 3 can reach."""
-    plan = SharingPlan.from_k(teacher_config.num_hidden_layers, 3)
-    methods = [spec.method, "drop"] if "drop" in SharingPlan.budget_options(spec.plan) else [spec.method]
+    """The bound of a method's densest budget plan, about the most a budget can reach: blocks of `max` layers (default
+    3) over the unprotected inner layers for followers (copy, LiSA), and every layer the budget may drop for attention
+    drop and mixed plans; the better of the two where a plan may do both."""
+    layers, opts = teacher_config.num_hidden_layers, SharingPlan.budget_options(spec.plan.strip())
+    protect, max_block = int(opts.get("protect", 1)), int(opts.get("max", 3))
+    plans = [] if spec.method == "drop" else [(spec.method, SharingPlan.from_k(layers, max_block, protect_first=protect))]
+    if spec.method == "drop" or "drop" in opts:
+        plans.append(("drop", SharingPlan.from_dropped(layers, set(range(protect + 1, layers - 1)))))
     bounds = [plan_bounds(teacher_config, student_config(
         teacher_config, plan, spec.head_maps(teacher_config, plan, similarity) if m != "drop" else None, m,
-        spec.lisa_rank or None, spec.lisa_hidden or None))[metric] for m in methods]
-    return min(bounds) if metric == "kv" else max(bounds)
+        spec.lisa_rank or None, spec.lisa_hidden or None))[metric] for m, plan in plans]
+    return min(bounds) if metric in AT_MOST else max(bounds)
 
 
 QUICK_SPEED = {"prefill": "512", "decode": "8x256", "train_len": 0, "repeats": 3}  # what `run` times: a short look

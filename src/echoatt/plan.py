@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import numpy as np
 
@@ -153,10 +155,6 @@ class SharingPlan:
                 return plan
         raise PlanError("the budget cannot be met even with every unprotected layer following; relax it")
 
-    def predicted_loss(self, block_loss: Callable[[tuple[int, ...]], float]) -> float:
-        """What the plan is predicted to cost in quality: the sum of its blocks' losses."""
-        return float(sum(block_loss(b) for b in self.blocks))
-
     @classmethod
     def from_budget(
         cls,
@@ -168,22 +166,25 @@ class SharingPlan:
     ) -> SharingPlan:
         """The blocks that meet a budget with the least predicted loss, greedily: from no sharing, take the candidate
         — a block, a larger block replacing chosen ones inside it, or (a candidate of one layer) that layer's attention
-        dropped — that buys the most `progress` towards the targets per unit of loss, until `meets(plan)`."""
+        dropped — that buys the most `progress` towards the targets per unit of loss, until `meets(plan)`. A move that
+        lowers the loss (a larger block measured cheaper than the ones it replaces) and makes progress ranks before
+        any other, the largest improvement first: per unit of progress, a smaller gain would look better."""
         chosen: list[tuple[int, ...]] = []
         plan = cls(num_layers, ())
         while not meets(plan):
-            best = None
+            best, now = None, progress(plan)
             for block in candidates:
                 inside = [b for b in chosen if set(b) & set(block)]
                 if inside and (len(block) == 1 or any(len(b) == 1 or not set(b) <= set(block) for b in inside)):
                     continue
                 option = cls._of([b for b in chosen if b not in inside] + [block], num_layers)
-                gain = progress(option) - progress(plan)
+                gain = progress(option) - now
                 if gain <= 1e-12:
                     continue
-                cost = (block_loss(block) - sum(block_loss(b) for b in inside)) / gain
-                if best is None or cost < best[0]:
-                    best = (cost, block, inside)
+                delta = block_loss(block) - sum(block_loss(b) for b in inside)
+                rank = (0, delta) if delta < 0 else (1, delta / gain)  # improvements first, by how much they improve
+                if best is None or rank < best[0]:
+                    best = (rank, block, inside)
             if best is None:
                 raise PlanError("the budget cannot be met even with every unprotected layer following; relax it")
             chosen = sorted([b for b in chosen if b not in best[2]] + [best[1]])
@@ -195,10 +196,6 @@ class SharingPlan:
         """A plan from chosen candidates: blocks, and single layers (dropped attention)."""
         return cls(num_layers, tuple(sorted(b for b in chosen if len(b) > 1)),
                    tuple(sorted(b[0] for b in chosen if len(b) == 1)))
-
-    @classmethod
-    def from_blocks(cls, num_layers: int, blocks: list[list[int]]) -> SharingPlan:
-        return cls(num_layers, tuple(tuple(int(i) for i in b) for b in blocks))
 
     @classmethod
     def parse(
@@ -226,7 +223,7 @@ class SharingPlan:
         parts = [p.strip() for p in spec.split(",")]
         opts = dict(p.split("=", 1) for p in parts if "=" in p)
         kind = parts[0].split("=", 1)[0]
-        if kind in PLAN_WORDS:
+        if kind in PLAN_WORDS and kind != "budget":  # a budget's options are checked where they are read
             unknown = [p for p in parts[1:] if p.split("=", 1)[0] not in PLAN_WORDS[kind]]
             if unknown:
                 raise PlanError(f"unknown option {unknown[0]!r} in plan {spec!r}; a {kind}= plan takes "
@@ -279,6 +276,7 @@ class SharingPlan:
         return ",".join(parts) or "none"
 
     @staticmethod
+    @functools.cache
     def budget_options(spec: str) -> dict[str, str]:
         """The options of a `budget=` plan string, refusing unknown ones and a budget without a target."""
         parts = spec.split(",")
@@ -291,7 +289,7 @@ class SharingPlan:
             opts[key] = value
         if not set(opts) & {"k", *AT_LEAST, *AT_MOST}:
             raise PlanError(f"plan {spec!r} names no target: use budget=k=2 or e.g. budget=decode=1.2,prefill=1.05")
-        return opts
+        return MappingProxyType(opts)  # cached: read-only
 
     @classmethod
     def budget_candidates(cls, spec: str, num_layers: int) -> list[tuple[int, ...]]:
@@ -321,10 +319,15 @@ class SharingPlan:
             got = bounds(plan)
             return all(got[k] >= v - 1e-9 if k in AT_LEAST else got[k] <= v + 1e-9 for k, v in targets.items())
 
-        def progress(plan: SharingPlan) -> float:  # towards each target, as a share of the way, capped at 1
+        # Progress counts only the targets that sharing reaches by going faster (a bound above 1, a KV ratio below 1),
+        # each as a share of the way from no sharing, in [0, 1]: a target the empty plan meets already (blind k=2
+        # LiSA's prefill bound is below 1) is kept by `meets`, never rewarded for being slowed towards.
+        ahead = {k: v for k, v in targets.items() if (v > 1 if k in AT_LEAST else v < 1)}
+
+        def progress(plan: SharingPlan) -> float:
             got = bounds(plan)
-            return sum(min((got[k] - 1) / (v - 1) if k in AT_LEAST else (1 - got[k]) / (1 - v), 1.0)
-                       for k, v in targets.items() if v != 1)
+            return sum(min(max((got[k] - 1) / (v - 1) if k in AT_LEAST else (1 - got[k]) / (1 - v), 0.0), 1.0)
+                       for k, v in ahead.items())
 
         if ranking is not None:  # attention drop, in its own order
             shareable = {i for block in candidates for i in block[1:]}

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import markdown
 
+from echoatt.plan import AT_MOST
 from echoatt.rundir import RunDir, RunSummary, SharingInfo, TradeCurve
 
 
@@ -69,7 +70,8 @@ def trade_plot(curve: TradeCurve, png: Path) -> None:
     if "zero_shot_mean" in curve.teacher:
         paired = any("zero_shot_gap_stderr" in p for ps in curve.points.values() for p in ps)
         panels.append(("zero_shot_mean", f"zero-shot mean over {curve.teacher['tasks']} tasks "
-                       + ("\n(± stderr of the gap to the teacher, paired)" if paired else "(± stderr)")))
+                       + ("\n(± paired stderr of the gap to the teacher only, not between methods)" if paired
+                          else "(± stderr)")))
     bars = lambda ps, key: [p.get("zero_shot_gap_stderr", p.get("zero_shot_stderr", 0)) for p in ps] if key == "zero_shot_mean" else None
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), constrained_layout=True)
     for ax, (key, title) in zip(axes, panels, strict=True):
@@ -112,15 +114,17 @@ def trade_text(curve: TradeCurve) -> list[str]:
                  f"{p['bounds']['decode']:.3f}× | {p['bounds']['kv']:.3f} | {p['perplexity']:.2f} | "
                  f"{p['retrieval']:.3f} | {zero_shot_cell(p)} |" for p in points]
     scope = (f"and the zero-shot mean over {t['tasks']} tasks (± its stderr; in brackets the gap to the teacher in "
-             "points, ± its stderr over the per-item differences)" if "zero_shot_mean" in t
+             "points, ± its stderr over the per-item differences — against the teacher only: two methods' points "
+             "are not compared by these bars, their gap to each other has a stderr of its own)" if "zero_shot_mean" in t
              else "(no zero-shot tasks were scored on the curve)")
     text = [("Every method at its own plan for each predicted speed (`compare --equal-bound`), calibrated, before "
             "any training: perplexity on the validation text, accuracy on the retrieval probe (repeated random "
             f"tokens: what copying attention loses first) {scope}. Stars in the plot are the distilled students."),
             "\n".join(rows)]
     for label, missed in curve.unreachable.items():
-        text.append(f"{label} cannot reach {curve.metric} " + ", ".join(missed) + " at all: its densest plan (two of "
-                    f"every three inner layers following) reaches only {max(missed.values()):.3f}.")
+        most = (min if curve.metric in AT_MOST else max)(missed.values())
+        text.append(f"{label} cannot reach {curve.metric} " + ", ".join(missed) + " at all: its densest plan (as many "
+                    f"layers following, or with attention dropped, as its budget allows) reaches only {most:.3f}.")
     if curve.trained:
         done = [("| method (distilled) | prefill bound | decode bound | measured (bound at that setting) | perplexity | "
                  "retrieval | zero-shot mean |"), "|---|---|---|---|---|---|---|"]

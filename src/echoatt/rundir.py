@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from echoatt.plan import AT_MOST
+
 if TYPE_CHECKING:  # this module needs no torch to be imported: `report` reads run folders without it
     from echoatt.config import CommonConfig
 
@@ -200,7 +202,8 @@ class TradeCurve:
         out = []
         for label, points in self.points.items():
             for p in points:
-                out.append(f"{label} at {self.metric} >= {p['target']}: {p['followers']} followers, bounds prefill "
+                sign = "<=" if self.metric in AT_MOST else ">="
+                out.append(f"{label} at {self.metric} {sign} {p['target']}: {p['followers']} followers, bounds prefill "
                            f"{p['bounds']['prefill']:.3f}x decode {p['bounds']['decode']:.3f}x kv {p['bounds']['kv']:.3f}"
                            f", perplexity {p['perplexity']:.2f}, retrieval {p['retrieval']:.3f}"
                            + (f", zero-shot {p['zero_shot_mean']:.3f}" if "zero_shot_mean" in p else ""))
@@ -359,13 +362,15 @@ def config_hash(config: dict) -> str:
 
 
 def student_identity(config, teacher: str, calibration: dict | None = None) -> dict:
-    """Teacher, plan, method, head map and calibration in words, and the config hash that decides with them."""
+    """Teacher, plan (followers and their type, dropped layers apart: a mixed student has both), head map and
+    calibration in words, and the config hash that decides with them."""
     cfg = config.to_dict()
     source = cfg.get("attention_source") or []
     return {
         "teacher": teacher,
         "attention_source": source,
-        "method": "drop" if -1 in source else cfg.get("follower_type", "copy"),
+        "follower_type": cfg.get("follower_type", "copy") if any(s not in (i, -1) for i, s in enumerate(source)) else None,
+        "dropped": [i for i, s in enumerate(source) if s == -1],
         "head_map": cfg.get("head_map"),
         "calibration": calibration,
         "config_hash": config_hash(cfg),
@@ -409,9 +414,12 @@ def same_student(a: dict | None, b: dict | None) -> bool:
 
 
 def describe(identity: dict) -> str:
-    followers = [i for i, s in enumerate(identity["attention_source"]) if s != i]
+    followers = [i for i, s in enumerate(identity["attention_source"]) if s not in (i, -1)]
+    dropped = [i for i, s in enumerate(identity["attention_source"]) if s == -1]
     maps = identity.get("head_map") or []
     heads = "mapped heads" if any(m is not None and m != list(range(len(m))) for m in maps) else "same-index heads"
     calibrated = "calibrated" if identity.get("calibration") else "not calibrated"
-    return (f"teacher {identity['teacher']}, {identity['method']}, followers {followers}, {heads}, {calibrated}, "
+    parts = ([f"{identity.get('follower_type')} followers {followers}, {heads}"] if followers else []) + (
+        [f"attention dropped at {dropped}"] if dropped else [])
+    return (f"teacher {identity['teacher']}, {', '.join(parts) or 'no sharing'}, {calibrated}, "
             f"config {identity['config_hash']}")

@@ -35,9 +35,9 @@ class BlockEffects:
         effect = self.blocks[tuple(block)]
         return effect["text"] + effect["retrieval"]
 
-    def missing(self, candidates: list[tuple[int, ...]], settings: dict) -> list[tuple[int, ...]]:
-        """The candidates not measured yet under these settings (all of them if the settings differ)."""
-        return [b for b in candidates if self.settings != settings or tuple(b) not in self.blocks]
+    def known(self, settings: dict) -> dict[tuple[int, ...], dict[str, float]]:
+        """The blocks measured under exactly these settings (`pipeline.block_effect_settings`); none if they differ."""
+        return self.blocks if self.settings == settings else {}
 
     def save(self, path: Path) -> None:
         blocks = {f"{b[0]}-{b[-1]}": v for b, v in self.blocks.items()}
