@@ -131,11 +131,10 @@ def corpus_dir(tmp_path):
     return path
 
 
-@pytest.fixture
-def trained_teacher_dir(tmp_path, tokenizer):
+def trained_teacher(tokenizer, family: str = "llama", **overrides):
     """A tiny teacher trained briefly on the test corpus's text, so that it predicts held-out text better than a
     student that shares attention: distillation then has something to recover."""
-    model = tiny_teacher(vocab_size=len(tokenizer)).train()
+    model = tiny_teacher(family=family, **{"vocab_size": len(tokenizer), **overrides}).train()
     ids = torch.tensor(tokenizer(TEXT * 12)["input_ids"])
     windows = ids[: len(ids) // 32 * 32].view(-1, 32)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -144,7 +143,12 @@ def trained_teacher_dir(tmp_path, tokenizer):
         model(input_ids=batch, labels=batch).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
+    return model.eval()
+
+
+@pytest.fixture
+def trained_teacher_dir(tmp_path, tokenizer):
     path = tmp_path / "trained-teacher"
-    model.eval().save_pretrained(path)
+    trained_teacher(tokenizer).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path

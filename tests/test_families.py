@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAMILIES, TEXT, tiny_teacher
+from conftest import FAMILIES, TEXT, tiny_teacher, trained_teacher
 from gguf_file import write_gguf
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -31,19 +31,9 @@ def ids(batch=2, length=12, seed=1):
     return torch.randint(3, 128, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
-def saved_teacher(path: Path, tokenizer, family: str, train: bool = True) -> Path:
-    """A tiny teacher of `family` with the test tokenizer, trained briefly on the test text (something to distil)."""
-    model = tiny_teacher(family=family, vocab_size=len(tokenizer) + 8).train()  # +8: Qwen2Tokenizer adds a token
-    if train:
-        text = torch.tensor(tokenizer(TEXT * 12)["input_ids"])
-        windows = text[: len(text) // 32 * 32].view(-1, 32)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-        for step in range(40):
-            batch = windows[torch.arange(8) * 7 % len(windows) + step % 7]
-            model(input_ids=batch, labels=batch).loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-    model.eval().save_pretrained(path)
+def saved_teacher(path: Path, tokenizer, family: str) -> Path:
+    """A tiny trained teacher of `family` with the test tokenizer (+8 embedding rows: Qwen2Tokenizer adds a token)."""
+    trained_teacher(tokenizer, family, vocab_size=len(tokenizer) + 8).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 
