@@ -170,8 +170,8 @@ def test_a_gguf_teacher_of_each_family(family, tokenizer, tmp_path, monkeypatch,
     model = tiny_teacher(family=family, vocab_size=len(tokenizer) + 8)
     path = write_gguf(model, tokenizer, tmp_path / f"{family}.gguf")
     teacher = load_teacher(str(path))
-    assert teacher.model.config.model_type == ("llama" if family == "mistral" else family)  # llama.cpp files Mistral
-    assert teacher.tokenizer(TEXT)["input_ids"] == tokenizer(TEXT)["input_ids"]  # as llama's arch, no window
+    assert teacher.model.config.model_type == ("llama" if family == "mistral" else family)  # llama.cpp's arch for
+    assert teacher.tokenizer(TEXT)["input_ids"] == tokenizer(TEXT)["input_ids"]  # Mistral is llama (no window)
     with torch.no_grad():
         torch.testing.assert_close(teacher.model(ids()).logits, model(ids()).logits, atol=1e-5, rtol=0)
     out = tmp_path / "share"
