@@ -14,9 +14,9 @@ Each student layer is costed by its role, on the path the model takes (`EchoAttC
 - leader on the reuse path (eager, or a fused backend with at most `reuse_crossover` new tokens): materialised
   attention (scores and probabilities written and read).
 - copy follower, reuse path: skips its Q and K projections, RoPE (and Qwen3's q/k norms) on Q and K, K-cache write
-  and read, QK^T, mask and softmax; it reads the leader's probabilities where the teacher read its own scores. A non-identity head map first
-  gathers them (read and written once per distinct map of a block, `gather_cost`); the leader scales Q, not the
-  T-long scores, so no pass over the scores is left uncounted.
+  and read, QK^T, mask and softmax; it reads the leader's probabilities where the teacher read its own scores. A
+  non-identity head map first gathers them (read and written once per distinct map of a block, `gather_cost`); the
+  leader scales Q, not the T-long scores, so no pass over the scores is left uncounted.
 - copy follower, fused path: skips its Q and K projections, RoPE and K-cache write; the kernel still computes the
   leader's QK^T and softmax again for the follower's V, and still reads the leader's K.
 - LiSA follower: rank-r Q/K projections, RoPE and cache for r dims, a rank-r QK^T, the head alignment (H x H mix and
