@@ -4,8 +4,9 @@ teacher layer's on the teacher's own activations.
 A follower keeps its V and O but attends with borrowed probabilities, so its output drifts from the teacher's. The
 output is linear in `o_proj`: with Z (N, H*D) the follower's per-head attention outputs (before `o_proj`) and
 Y (N, C) the teacher layer's attention output at the same positions less `o_proj`'s bias b where the family has one
-(kept as it is), the best `o_proj` weight in the least-squares sense is W = (ZᵀZ + λI)⁻¹ Zᵀ(Y − b) — one closed-form ridge solve per follower, from statistics summed window by window (ZᵀZ is
-(H*D)², ZᵀY is (H*D) x C: never all the activations at once).
+(kept as it is), the best `o_proj` weight in the least-squares sense is W = (ZᵀZ + λI)⁻¹ Zᵀ(Y − b) — one closed-form
+ridge solve per follower, from statistics summed window by window (ZᵀZ is (H*D)², ZᵀY is (H*D) x C: never all the
+activations at once).
 
 Both Z and Y are taken on the teacher's stream: each student attention sub-layer is fed the teacher's input at that
 layer (a forward pre-hook swaps it in), so leaders hand on exactly the teacher's attention and every follower is fitted

