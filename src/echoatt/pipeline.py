@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import torch
@@ -45,6 +46,7 @@ from echoatt.rundir import (
     zero_shot_summary,
 )
 from echoatt.sensitivity import BlockEffects, measure_block_effects
+from echoatt.serve import serving_text
 from echoatt.student import (
     VARIANTS,
     StudentSpec,
@@ -54,7 +56,7 @@ from echoatt.student import (
     save_student,
     student_config,
 )
-from echoatt.teacher import Teacher, load_teacher
+from echoatt.teacher import Teacher, load_teacher, resolve_source
 
 
 def analyze(config: AnalyzeConfig, teacher: Teacher | None = None) -> Similarity:
@@ -296,6 +298,10 @@ def bench(config: BenchConfig) -> dict:
     from echoatt.bench import ARCHS, arch_config, run_bench, save
 
     config.validate()
+    if config.engine == "vllm":
+        return bench_in_vllm(config)
+    if config.engine != "torch":
+        raise ValueError(f"--engine must be torch or vllm (got {config.engine!r})")
     setup(config)
     device = torch.device(device_of(config))
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(config.dtype)
@@ -325,6 +331,28 @@ def bench(config: BenchConfig) -> dict:
           f"{device}, {dtype}, {torch.get_num_threads()} threads")
     result = run_bench(teacher, student, config, device)
     print(save(result, run.results(name)))
+    return result
+
+
+def bench_in_vllm(config: BenchConfig) -> dict:
+    """`bench --engine vllm`: this run's teacher and student, each served by vLLM, timed side by side."""
+    from echoatt.serve import bench_vllm, parse_cases, serve_python, vllm_markdown
+
+    if config.arch:
+        raise ValueError("--engine vllm times a teacher and its student checkpoint; --arch is for --engine torch")
+    parse_cases(config.serve_cases)
+    serve_python()  # refuse before any work where vLLM is nowhere
+    student = Path(config.student) if config.student else RunDir(Path(config.out)).distilled
+    student = student if is_model_folder(student) else RunDir(Path(config.out)).student
+    read_student_config(student)
+    teacher = resolve_source(config.teacher)
+    result = bench_vllm(config, Path(teacher), student)
+    run = RunDir(record(config, "bench"))
+    json_path, md_path = run.results("bench-vllm")
+    table = vllm_markdown(result)
+    json_path.write_text(json.dumps(result, indent=2))
+    md_path.write_text(table + "\n")
+    print(table)
     return result
 
 
@@ -495,6 +523,8 @@ def run(config: RunConfig) -> RunSummary:
     if summary.gap_closed_percent is not None:
         print(f"distillation closed {summary.gap_closed_percent:.1f}% of the gap to the teacher")
     print(f"report: {out.report[1]}")
+    for line in serving_text(out.distilled, read_student_config(out.distilled)):
+        print(line.replace("`", ""))
     return summary
 
 

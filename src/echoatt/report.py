@@ -15,7 +15,8 @@ from pathlib import Path
 import markdown
 
 from echoatt.plan import AT_MOST
-from echoatt.rundir import RunDir, RunSummary, SharingInfo, TradeCurve
+from echoatt.rundir import RunDir, RunSummary, SharingInfo, TradeCurve, is_model_folder, read_student_config
+from echoatt.serve import serving_text
 
 
 @dataclass
@@ -175,6 +176,8 @@ def sections(run: RunDir) -> list[Section]:
             trade_plot(curve, run.trade_plot)
         out.append(Section("The trade: quality against speed", trade_text(curve),
                            [run.trade_plot.name] if curve.points else []))
+    if is_model_folder(run.distilled):
+        out.append(Section("Serve it", serving_text(run.distilled, read_student_config(run.distilled))))
     for path in run.bench_results():
         label = path.stem.removeprefix("bench").lstrip("-") or "this run's teacher and student"
         table = run.results(path.stem)[1]

