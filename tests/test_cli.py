@@ -143,20 +143,24 @@ def test_compare_at_equal_bound_draws_the_trade_curve(teacher_dir, corpus_dir, t
     monkeypatch.setenv("ECHOATT_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "compare"
     assert main(["compare", "--teacher", str(teacher_dir), "--corpus", str(corpus_dir), "--seq-len", "32",
-                 "--out", str(out), "--methods", "drop,matched,lisa,mixed", "--steps", "1", "--batch-size", "1",
+                 "--out", str(out), "--methods", "drop,matched,lisa,mixed,drop-only", "--steps", "1",
+                 "--batch-size", "1",
                  "--grad-accum", "1", "--eval-windows", "2", "--tasks", "boolq,piqa", "--limit", "5",
                  "--equal-bound", "prefill=1.01,1.02", "--calibrate", "4"]) == 0
     curve = json.loads((out / "trade_curve.json").read_text())
-    # 3 methods reach both values (6 points), then each distilled student; the first value's untrained students are
+    # 4 methods reach both values (8 points), then each distilled student; the first value's untrained students are
     # the curve's own (same plan, same calibration) and are not scored again
-    assert len(students_scored) == 3 * 2 + 3
+    assert len(students_scored) == 4 * 2 + 4
     results = json.loads((out / "compare.json").read_text())["results"]
     for name, label in (("drop", "attention drop"), ("matched", "head-matched copy"),
                         ("mixed", "shared and dropped (mixed)")):  # each method's own first point, to the weights
         assert results[f"{name}/student"]["piqa"]["acc"] == curve["points"][label][0]["zero_shot"]["piqa"]
     assert results["drop/student"]["piqa"]["acc"] != results["matched/student"]["piqa"]["acc"]  # told apart
-    assert curve["metric"] == "prefill" and set(curve["points"]) == {"attention drop", "head-matched copy",
-                                                                      "shared and dropped (mixed)"}
+    assert curve["metric"] == "prefill" and set(curve["points"]) == {
+        "attention drop", "head-matched copy", "shared and dropped (mixed)",
+        "dropped by measured loss (llama.cpp-servable)"}
+    servable = AutoConfig.from_pretrained(out / "drop-only" / "student")  # no layer reads another's attention
+    assert {servable.role(i) for i in range(servable.num_hidden_layers)} == {"ordinary", "dropped"}
     assert set(curve["unreachable"]["LiSA"]) == {"1.01", "1.02"}  # LiSA is slower than the teacher at prefill
     assert "LiSA" not in curve["trained"] and not (out / "lisa" / "student").exists()
     sim = json.loads((out / "similarity.json").read_text())

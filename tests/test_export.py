@@ -31,7 +31,7 @@ def test_a_drop_student_exports_as_decilm_blocks(tmp_path, capsys):
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["model_type"] == "nemotron-nas" and config["architectures"] == ["DeciLMForCausalLM"]
     assert [b["attention"]["no_op"] for b in config["block_configs"]] == [False, False, False, True, True, False]
-    assert {b["attention"]["n_heads_in_group"] for b in config["block_configs"]} == {2}
+    assert [b["attention"]["n_heads_in_group"] for b in config["block_configs"]] == [2, 2, 2, None, None, 2]
     assert config["qkv_bias"] is True and config["attention_bias"] is False  # Qwen2: q/k/v bias, none on o
     weights = load_file(tmp_path / "out" / "model.safetensors")
     assert "model.layers.3.input_layernorm.weight" not in weights  # a no-op attention layer has no input norm
@@ -71,7 +71,8 @@ def test_serving_text_names_the_engine_for_each_kind_of_student(tmp_path):
     drop = EchoAttConfig(num_hidden_layers=4, attention_source=[0, 1, -1, 3])
     lisa = EchoAttConfig(num_hidden_layers=4, attention_source=[0, 1, 1, 3], follower_type="lisa")
     assert "vllm serve" in serving_text(tmp_path, copy)[0] and "keys again" in serving_text(tmp_path, copy)[1]
-    assert "echoatt export" in serving_text(tmp_path, drop)[1]
+    assert "--format gguf" in serving_text(tmp_path, drop)[1]
+    assert "drop-only" in serving_text(tmp_path, copy)[1]
     assert "LiSA" in serving_text(tmp_path, lisa)[0] and "vllm serve" not in " ".join(serving_text(tmp_path, lisa))
 
 

@@ -52,6 +52,14 @@ def test_the_serve_lock_is_vllm_for_cpus_inside_echoatts_ranges():
     assert not {"torch", "torchvision", "torchaudio", "torchcodec", "echoatt"} & served.keys()
 
 
+def test_the_llamacpp_lock_pins_the_build_setup_makes():
+    pinned = {k.lower(): v for k, v in pins("requirements-llamacpp.lock").items()}
+    setup = (ROOT / "scripts" / "setup.sh").read_text()
+    assert pinned["llama-cpp-python"] == "0.3.36" and "requirements-llamacpp.lock" in setup
+    assert "GGML_NATIVE=OFF" in setup  # a portable build: the cached wheel must run on every machine of the kind
+    assert not {"torch", "echoatt"} & pinned.keys()
+
+
 def test_ci_runs_the_lowest_transformers_that_is_declared():
     lowest = next(s.version for s in declared()["transformers"].specifier if s.operator == ">=")
     assert pins(".ci/transformers-oldest.lock")["transformers"] == lowest

@@ -47,7 +47,8 @@ class AnalyzeConfig(CommonConfig):
 class ShareConfig(CommonConfig):
     plan: str = opt("budget=k=2,drop", "sharing plan: budget=k=N (at least blind k=N's predicted speed, with the "
                     "blocks measured to cost least; ',drop': dropping a layer's attention is a candidate too), "
-                    "budget=decode=X[,prefill=Y][,kv=Z][,protect=N][,max=3][,drop], k=N[,first][,last][,protect=N], "
+                    "budget=decode=X[,prefill=Y][,kv=Z][,protect=N][,max=3][,drop|,drop-only: dropped attention alone, a plan "
+                    "llama.cpp and DeciLM engines run], k=N[,first][,last][,protect=N], "
                     "threshold=X[,max=N][,protect=N], blocks like 1-2,4-6 (drop=N: layer N's attention dropped), or none")
     method: str = opt("copy", "copy (EchoAtt: followers reuse the leader's attention), lisa (head alignment + low-rank "
                       "correction, each follower reading the layer before it) or drop (the baseline: no attention)")
@@ -127,7 +128,8 @@ class CompareConfig(ShareConfig, DistillConfig, EvalConfig):
     budget."""
 
     methods: str = opt("drop,identity,matched,lisa", "which students: drop, identity (plain copy), matched, grouped, lisa, "
-                       "mixed (with --equal-bound: shared blocks and dropped attention, as the default plan)")
+                       "mixed (with --equal-bound: shared blocks and dropped attention, as the default plan), drop-only "
+                       "(with --equal-bound: dropped attention chosen by measured loss, a plan llama.cpp can run)")
     limit: int = opt(30, "zero-shot items per task (0: all; the default keeps it CPU-sized)")
     equal_bound: str = opt("", "compare at equal predicted speed instead of at the same layers: METRIC=V1[,V2,...] "
                            "(prefill, decode or kv), e.g. decode=1.05,1.10,1.15. Each method gets its own budget plan "
@@ -170,8 +172,12 @@ class BenchConfig(CommonConfig):
     repeats: int = opt(5, "timed repeats per candidate")
     warmup: int = opt(1, "untimed warm-up repeats")
     dtype: str = opt("auto", "float32, bfloat16, or auto (bfloat16 on GPU, float32 on CPU)")
-    engine: str = opt("torch", "torch (echoatt's own PyTorch model) or vllm (teacher and student served by vLLM, from "
-                      "the serve environment: offline throughput, prefill, decode and time to first token)")
+    engine: str = opt("torch", "torch (echoatt's own PyTorch model), vllm (teacher and student served by vLLM, from "
+                      "the serve environment: offline throughput, prefill, decode and time to first token) or "
+                      "llama.cpp (both exported to GGUF and timed in llama.cpp: pp and tg)")
+    gguf_types: str = opt("f16,q8_0", "--engine llama.cpp: GGUF types teacher and student are exported to and timed at")
+    gguf_prompt: int = opt(512, "--engine llama.cpp: prompt tokens processed in one batch (pp)")
+    gguf_generate: int = opt(128, "--engine llama.cpp: tokens generated one at a time after the prompt (tg)")
     serve_cases: str = opt("throughput=64x512+128,prefill=64x512+1,decode=64x32+512,ttft=1x512+1",
                            "--engine vllm: cases as NAME=PROMPTSxLENGTH+NEW_TOKENS")
 
@@ -186,8 +192,12 @@ class BenchConfig(CommonConfig):
 class ExportConfig:
     out: str = field(default="", metadata={"help": "folder to write the exported model to", "positional": True})
     student: str = opt("runs/echoatt/student-distilled", "student checkpoint folder to export")
-    format: str = opt("decilm", "decilm: a Nemotron-NAS / DeciLM folder (students whose layers keep or drop "
-                      "attention) that vLLM, SGLang, TensorRT-LLM and llama.cpp load without echoatt")
+    format: str = opt("decilm", "decilm: a Nemotron-NAS / DeciLM folder that vLLM, SGLang, TensorRT-LLM load without "
+                      "echoatt; gguf: one GGUF file (llama.cpp's deci architecture). Both take students whose layers "
+                      "keep or drop attention")
+    type: str = opt("f16", "gguf: tensor type of the weights, f32, f16 or q8_0 (norms stay f32)")
+    tokenizer: str = opt("auto", "gguf: the tokenizer's source: auto (the teacher's own GGUF where the student's "
+                         "teacher was one, else the student's tokenizer.json), a .gguf file, or hf")
 
 
 @dataclass

@@ -20,7 +20,7 @@ from echoatt.config import ExportConfig
 from echoatt.modeling import EchoAttConfig, llama_fields
 from echoatt.plan import PlanError
 
-FORMATS = ("decilm",)
+FORMATS = ("decilm", "gguf")
 CONFIG_SOURCE = Path(__file__).with_name("configuration_decilm.py")
 WEIGHT_FILES = ("*.safetensors", "*.safetensors.index.json")
 
@@ -29,12 +29,34 @@ def export(config: ExportConfig) -> Path:
     """Write the student `config.student` in `config.format` to `config.out`."""
     if config.format not in FORMATS:
         raise ValueError(f"--format must be one of {', '.join(FORMATS)} (got {config.format!r})")
+    if not config.out:
+        raise ValueError("name the output: echoatt export OUT (a folder for decilm, a .gguf file for gguf)")
     student = Path(config.student)
     if not (student / "config.json").is_file():
         raise FileNotFoundError(f"{student} is not a student checkpoint (no config.json): run `echoatt run` or "
                                 "`echoatt share` first, or pass --student")
+    if config.format == "gguf":
+        return export_to_gguf(config, student)
     out = export_decilm(student, Path(config.out))
     print(f"wrote {out} (DeciLM / Nemotron-NAS); serve it without echoatt: vllm serve {out} --trust-remote-code")
+    return out
+
+
+def export_to_gguf(config: ExportConfig, student: Path) -> Path:
+    from echoatt.gguf_export import export_gguf
+    from echoatt.rundir import saved_identity
+    from echoatt.teacher import gguf_of
+
+    out = Path(config.out)
+    out = out if out.suffix == ".gguf" else out / f"{student.name}-{config.type}.gguf"
+    if config.tokenizer == "auto":
+        teacher = (saved_identity(student) or {}).get("teacher")
+        source = gguf_of(teacher) if teacher else None
+    else:
+        source = None if config.tokenizer == "hf" else Path(config.tokenizer)
+    export_gguf(student, out, config.type, source)
+    print(f"wrote {out} ({config.type}; tokenizer from {source or 'the student'}); run it in llama.cpp, e.g. "
+          f"llama-cli -m {out}")
     return out
 
 
@@ -55,7 +77,9 @@ def block_configs(config: EchoAttConfig) -> list[dict]:
     rounded = int(2 * mult * hidden / 3)
     ffn.update({"ffn_mult": mult} if -(-rounded // 256) * 256 == size else {"intermediate_size": size})
     groups = config.num_attention_heads // config.num_key_value_heads
-    return [{"attention": {"no_op": role == "dropped", "replace_with_linear": False, "n_heads_in_group": groups},
+    # A no-op layer's n_heads_in_group is None: llama.cpp's converter reads that as attention-free (vLLM reads no_op).
+    return [{"attention": {"no_op": role == "dropped", "replace_with_linear": False,
+                           "n_heads_in_group": None if role == "dropped" else groups},
              "ffn": dict(ffn)} for role in roles]
 
 

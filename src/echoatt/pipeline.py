@@ -298,10 +298,10 @@ def bench(config: BenchConfig) -> dict:
     from echoatt.bench import ARCHS, arch_config, run_bench, save
 
     config.validate()
-    if config.engine == "vllm":
-        return bench_in_vllm(config)
+    if config.engine in ("vllm", "llama.cpp"):
+        return bench_in_engine(config)
     if config.engine != "torch":
-        raise ValueError(f"--engine must be torch or vllm (got {config.engine!r})")
+        raise ValueError(f"--engine must be torch, vllm or llama.cpp (got {config.engine!r})")
     setup(config)
     device = torch.device(device_of(config))
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(config.dtype)
@@ -334,22 +334,28 @@ def bench(config: BenchConfig) -> dict:
     return result
 
 
-def bench_in_vllm(config: BenchConfig) -> dict:
-    """`bench --engine vllm`: this run's teacher and student, each served by vLLM, timed side by side."""
-    from echoatt.serve import bench_vllm, parse_cases, serve_python, vllm_markdown
+def bench_in_engine(config: BenchConfig) -> dict:
+    """`bench --engine vllm|llama.cpp`: this run's teacher and student, each run by the engine, timed side by side."""
+    from echoatt import serve
 
     if config.arch:
-        raise ValueError("--engine vllm times a teacher and its student checkpoint; --arch is for --engine torch")
-    parse_cases(config.serve_cases)
-    serve_python()  # refuse before any work where vLLM is nowhere
+        raise ValueError(f"--engine {config.engine} times a teacher and its student checkpoint; --arch is for "
+                         "--engine torch")
+    if config.engine == "vllm":
+        serve.parse_cases(config.serve_cases)
+    serve.engine_python(config.engine)  # refuse before any work where the engine is nowhere
     student = Path(config.student) if config.student else RunDir(Path(config.out)).distilled
     student = student if is_model_folder(student) else RunDir(Path(config.out)).student
     read_student_config(student)
-    teacher = resolve_source(config.teacher)
-    result = bench_vllm(config, Path(teacher), student)
+    teacher = Path(resolve_source(config.teacher))
     run = RunDir(record(config, "bench"))
-    json_path, md_path = run.results("bench-vllm")
-    table = vllm_markdown(result)
+    if config.engine == "vllm":
+        result, name = serve.bench_vllm(config, teacher, student), "bench-vllm"
+        table = serve.vllm_markdown(result)
+    else:
+        result, name = serve.bench_llamacpp(config, teacher, student, run.root / "gguf"), "bench-llamacpp"
+        table = serve.llamacpp_markdown(result)
+    json_path, md_path = run.results(name)
     json_path.write_text(json.dumps(result, indent=2))
     md_path.write_text(table + "\n")
     print(table)
@@ -476,7 +482,8 @@ def densest_bound(spec: StudentSpec, teacher_config, similarity: Similarity, met
     drop and mixed plans; the better of the two where a plan may do both."""
     layers, opts = teacher_config.num_hidden_layers, SharingPlan.budget_options(spec.plan.strip())
     protect, max_block = int(opts.get("protect", 1)), int(opts.get("max", 3))
-    plans = [] if spec.method == "drop" else [(spec.method, SharingPlan.from_k(layers, max_block, protect_first=protect))]
+    followers = spec.method != "drop" and "drop-only" not in opts
+    plans = [(spec.method, SharingPlan.from_k(layers, max_block, protect_first=protect))] if followers else []
     if spec.method == "drop" or "drop" in opts:
         plans.append(("drop", SharingPlan.from_dropped(layers, set(range(protect + 1, layers - 1)))))
     bounds = [plan_bounds(teacher_config, student_config(

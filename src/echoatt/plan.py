@@ -12,7 +12,7 @@ import numpy as np
 PLAN_WORDS = {  # what each kind of plan string takes after its first part
     "k": ("first", "last", "followers", "protect"),
     "threshold": ("max", "protect"),
-    "budget": ("k", "prefill", "decode", "kv", "protect", "max", "drop"),
+    "budget": ("k", "prefill", "decode", "kv", "protect", "max", "drop", "drop-only"),
 }
 # Budget targets: bounds to reach (at least) or ratios to stay under (at most), as `student.plan_bounds` gives them.
 AT_LEAST, AT_MOST = ("prefill", "decode"), ("kv",)
@@ -287,6 +287,8 @@ class SharingPlan:
                 raise PlanError(f"unknown option {key!r} in plan {spec!r}; a budget= plan takes "
                                 f"{', '.join(PLAN_WORDS['budget'])}")
             opts[key] = value
+        if "drop-only" in opts:  # a servable plan for engines without shared attention (llama.cpp, DeciLM)
+            opts["drop"] = ""
         if not set(opts) & {"k", *AT_LEAST, *AT_MOST}:
             raise PlanError(f"plan {spec!r} names no target: use budget=k=2 or e.g. budget=decode=1.2,prefill=1.05")
         return MappingProxyType(opts)  # cached: read-only
@@ -295,12 +297,15 @@ class SharingPlan:
     def budget_candidates(cls, spec: str, num_layers: int) -> list[tuple[int, ...]]:
         """The blocks a `budget=` plan chooses among: 2 to `max` (default 3) consecutive layers, none of the first
         `protect` (default 1) nor the last layer; with `drop`, also each follower-able layer alone (its attention
-        dropped)."""
+        dropped); with `drop-only`, only those (a plan that every engine can run: no layer reads another's attention)."""
         opts = cls.budget_options(spec)
         max_block, protect = int(opts.get("max", 3)), int(opts.get("protect", 1))
         layers = range(protect, num_layers - 1)
         blocks = [tuple(range(a, a + n)) for n in range(2, max_block + 1) for a in layers if a + n - 1 in layers]
-        return blocks + ([(i,) for i in layers[1:]] if "drop" in opts else [])
+        singles = [(i,) for i in layers[1:]]
+        if "drop-only" in opts:
+            return singles
+        return blocks + (singles if "drop" in opts else [])
 
     @classmethod
     def _budget(cls, spec, num_layers, head_matched, adjacent, bounds, check_only, block_loss, ranking) -> SharingPlan:

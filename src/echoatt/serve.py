@@ -32,22 +32,43 @@ def register() -> None:
 # --- where vLLM runs, and `echoatt bench --engine vllm` --------------------------------------------------------------
 
 SERVE_ENV = ".venv-serve"  # made by `bash scripts/setup.sh --serve`
-NO_VLLM = ("vLLM is not installed here and there is no serve environment: run `bash scripts/setup.sh --serve` (CPU: "
-           "makes .venv-serve) or `pip install \"echoatt[serve]\"` (GPU), or set ECHOATT_SERVE_PYTHON")
+ENGINES = {  # engine -> (its environment, the module it imports, the variable naming another Python, how to get it)
+    "vllm": (SERVE_ENV, "vllm", "ECHOATT_SERVE_PYTHON",
+             "`bash scripts/setup.sh --serve` (CPU: makes .venv-serve) or `pip install \"echoatt[serve]\"` (GPU)"),
+    "llama.cpp": (".venv-llamacpp", "llama_cpp", "ECHOATT_LLAMACPP_PYTHON",
+                  "`bash scripts/setup.sh --llamacpp` (makes .venv-llamacpp, building llama.cpp once)"),
+}
 
 
-def serve_python() -> Path:
-    """The Python that has vLLM: $ECHOATT_SERVE_PYTHON, this one where vLLM imports, else the serve environment of
-    the working folder or of echoatt's checkout."""
-    if os.environ.get("ECHOATT_SERVE_PYTHON"):
-        return Path(os.environ["ECHOATT_SERVE_PYTHON"])
-    if importlib.util.find_spec("vllm") is not None:
+def engine_python(engine: str = "vllm") -> Path:
+    """The Python that has `engine`: its variable ($ECHOATT_SERVE_PYTHON, $ECHOATT_LLAMACPP_PYTHON), this one where the
+    engine imports, else its environment in the working folder or in echoatt's checkout."""
+    folder, module, variable, how = ENGINES[engine]
+    if os.environ.get(variable):
+        return Path(os.environ[variable])
+    if importlib.util.find_spec(module) is not None:
         return Path(sys.executable)
     for root in (Path.cwd(), Path(__file__).resolve().parents[2]):
-        candidate = root / SERVE_ENV / "bin" / "python"
+        candidate = root / folder / "bin" / "python"
         if candidate.is_file():
             return candidate
-    raise FileNotFoundError(NO_VLLM)
+    raise FileNotFoundError(f"{engine} is not installed here and there is no {folder}: run {how}, or set {variable}")
+
+
+def run_worker(engine: str, script: str, request: dict, env: dict | None = None) -> dict:
+    """Run echoatt's `script` (a file beside this one, which imports only the engine and the standard library: the
+    engine's environment need not hold echoatt) with REQUEST.json in the engine's Python; its `RESULT {json}` line."""
+    python = engine_python(engine)
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "request.json"
+        path.write_text(json.dumps(request))
+        print(f"timing teacher and student in {engine} ({python})")
+        done = subprocess.run([str(python), str(Path(__file__).with_name(script)), str(path)], env={**os.environ, **(env or {})},
+                              capture_output=True, text=True, check=False)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode or not lines:
+        raise RuntimeError(f"{engine} bench failed:\n{(done.stdout + done.stderr)[-4000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
 
 
 def serve_command(student: Path, config) -> str:
@@ -70,11 +91,13 @@ def serving_text(student: Path, config) -> list[str]:
              f"`{serve_command(student, config)}`, or `vllm.LLM(model=\"{student}\")`.")]
     if "copy" in roles:
         lines.append("Its copy followers keep the leader's keys again in vLLM's KV cache (vLLM has one K/V cache per "
-                     "attention layer); engines without plugins (SGLang, TensorRT-LLM, llama.cpp) need a student whose "
-                     "attention is only kept or dropped (`echoatt export --format decilm`).")
+                     "attention layer). Engines without plugins (llama.cpp, SGLang, TensorRT-LLM) run students whose "
+                     "attention is only kept or dropped: `--plan budget=k=2,drop-only` builds one, then `echoatt "
+                     "export`.")
     elif not config.qk_norm:
-        lines.append(f"Without echoatt: `echoatt export OUT --student {student}` writes a DeciLM / Nemotron-NAS "
-                     "folder that vLLM, SGLang, TensorRT-LLM and llama.cpp load (`--trust-remote-code`).")
+        lines.append(f"Without echoatt: `echoatt export student.gguf --format gguf --student {student}` writes a GGUF "
+                     "file for llama.cpp (`--type f16|q8_0`), `echoatt export OUT --student ...` a DeciLM / "
+                     "Nemotron-NAS folder that vLLM, SGLang and TensorRT-LLM load (`--trust-remote-code`).")
     return lines
 
 
@@ -115,21 +138,11 @@ def bench_vllm(config, teacher: Path, student: Path) -> dict:
     from transformers import AutoConfig
 
     cases = parse_cases(config.serve_cases)
-    python = serve_python()
     dtype = config.dtype if config.dtype != "auto" else "float32"  # vLLM on GPUs: pass --dtype bfloat16
     request = {"models": {"teacher": str(teacher), "student": str(student)}, "cases": cases, "dtype": dtype,
                "eager": True, "repeats": config.repeats, "memory_fraction": 0.3}
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "request.json"
-        path.write_text(json.dumps(request))
-        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
-        print(f"timing teacher and student in vLLM ({python})")
-        done = subprocess.run([str(python), "-m", "echoatt.vllm_bench", str(path)], env=env, capture_output=True,
-                              text=True, check=False)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    if done.returncode or not lines:
-        raise RuntimeError(f"vLLM bench failed:\n{(done.stdout + done.stderr)[-4000:]}")
-    measured = json.loads(lines[-1][len("RESULT "):])
+    measured = run_worker("vllm", "vllm_bench.py", request,
+                          {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")})
     teacher_config, student_config = AutoConfig.from_pretrained(teacher), AutoConfig.from_pretrained(student)
     dtype_bytes = 4 if dtype == "float32" else 2
     figures = []
@@ -158,4 +171,54 @@ def vllm_markdown(result: dict) -> str:
                      f"| {f['timings_s']['teacher']['median']:.2f} s | {f['timings_s']['student']['median']:.2f} s "
                      f"| {f['ratio']:.3f}× | {b['prefill']:.3f}× | {decode} "
                      f"| {f['tokens_per_s']['student']:.0f} |")
+    return "\n".join(lines)
+
+
+# --- `echoatt bench --engine llama.cpp` --------------------------------------------------------------------------------
+
+GGUF_BYTES = {"f32": 4, "f16": 2, "q8_0": 1}  # bytes per weight the decode bound counts (q8_0: 34 bytes per 32)
+
+
+def bench_llamacpp(config, teacher: Path, student: Path, folder: Path) -> dict:
+    """Teacher and student exported to GGUF at each of `config.gguf_types`, timed in llama.cpp (pp and tg), with the
+    bounds beside: prompt processing by FLOPs, generation by bytes at the mean context."""
+    from transformers import AutoConfig
+
+    from echoatt.cost_model import bound
+    from echoatt.gguf_export import export_gguf
+    from echoatt.teacher import gguf_of
+
+    tokenizer = gguf_of(teacher)
+    teacher_config, student_config = AutoConfig.from_pretrained(teacher), AutoConfig.from_pretrained(student)
+    p, g = config.gguf_prompt, config.gguf_generate
+    figures = []
+    for kind in filter(None, config.gguf_types.split(",")):
+        files = {name: folder / f"{name}-{kind}.gguf" for name in ("teacher", "student")}
+        for name, source in (("teacher", teacher), ("student", student)):
+            print(f"exporting the {name} to {files[name]}")
+            export_gguf(source, files[name], kind, tokenizer)
+        measured = run_worker("llama.cpp", "llamacpp_bench.py",
+                              {"models": {k: str(v) for k, v in files.items()}, "prompt": p, "generate": g,
+                               "repeats": config.repeats, "threads": config.threads})
+        flags = {"teacher_eager": False, "student_eager": False, "dtype_bytes": GGUF_BYTES[kind]}
+        bounds = {"pp": bound(teacher_config, student_config, B=1, T=p, P=0, logits=1, **flags).value,
+                  "tg": bound(teacher_config, student_config, B=1, T=1, P=p + g // 2, **flags).value}
+        for fig, tokens in (("pp", p), ("tg", g)):
+            t, s = (measured["timings_s"][name][fig] for name in ("teacher", "student"))
+            figures.append({"type": kind, "figure": f"{fig}{tokens}", "timings_s": {"teacher": t, "student": s},
+                            "tokens_per_s": {"teacher": tokens / t["median"], "student": tokens / s["median"]},
+                            "ratio": t["median"] / s["median"], "bound": bounds[fig]})
+    return {"engine": "llama.cpp", "llama_cpp_python": measured["llama_cpp_python"], "threads": measured["threads"],
+            "repeats": config.repeats, "figures": figures}
+
+
+def llamacpp_markdown(result: dict) -> str:
+    """The llama.cpp speed table: tokens/s of teacher and student per type and figure, ratio beside its bound."""
+    lines = [(f"llama.cpp (llama-cpp-python {result['llama_cpp_python']}), {result['threads']} threads; medians of "
+              f"{result['repeats']} interleaved repeats after a warm-up. pp: prompt processing in one batch (bound by "
+              "FLOPs); tg: generation one token at a time after it (bound by bytes)."), "",
+             "| type | figure | teacher tokens/s | student tokens/s | ratio | bound |", "|---|---|---|---|---|---|"]
+    for f in result["figures"]:
+        lines.append(f"| {f['type']} | {f['figure']} | {f['tokens_per_s']['teacher']:.1f} "
+                     f"| {f['tokens_per_s']['student']:.1f} | {f['ratio']:.3f}× | {f['bound']:.3f}× |")
     return "\n".join(lines)

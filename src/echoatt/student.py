@@ -210,7 +210,7 @@ class Variant:
     label: str
     method: str
     head_map: str
-    budget_options: str = ""  # ",drop": a mixed plan (shared blocks and dropped attention)
+    budget_options: str = ""  # ",drop": a mixed plan (shared blocks and dropped attention); ",drop-only": measured drops
 
 
 VARIANTS = {
@@ -220,6 +220,7 @@ VARIANTS = {
     "grouped": Variant("head-matched copy within KV groups", "copy", "grouped"),
     "lisa": Variant("LiSA", "lisa", "matched"),
     "mixed": Variant("shared and dropped (mixed)", "copy", "matched", ",drop"),
+    "drop-only": Variant("dropped by measured loss (llama.cpp-servable)", "copy", "matched", ",drop-only"),
 }
 
 

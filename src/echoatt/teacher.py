@@ -128,17 +128,37 @@ def _load_gguf(path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     return serializable(model), tokenizer
 
 
+GGUF_SOURCE = "gguf_source.txt"  # in a converted teacher folder: the GGUF file it came from
+
+
+def converted_path(path: Path) -> Path:
+    return cache_dir() / "teachers" / f"{path.stem}-{path.stat().st_size}"
+
+
 def converted_gguf(path: Path) -> Path:
     """Convert a GGUF file once into a safetensors folder in the cache; return that folder."""
-    stat = path.stat()
-    target = cache_dir() / "teachers" / f"{path.stem}-{stat.st_size}"
+    target = converted_path(path)
     if not is_model_folder(target):
         model, tokenizer = _load_gguf(path)
         partial = target.with_name(target.name + ".partial")
         model.save_pretrained(partial)
         tokenizer.save_pretrained(partial)
+        (partial / GGUF_SOURCE).write_text(str(path.resolve()))
         partial.replace(target)  # atomic: a killed conversion never looks finished
     return target
+
+
+def gguf_of(folder: str | Path) -> Path | None:
+    """The GGUF file a converted teacher folder came from (recorded beside it; the default teacher's is known), so an
+    export can carry the teacher's own GGUF tokenizer."""
+    recorded = Path(folder) / GGUF_SOURCE
+    if recorded.is_file():
+        return Path(recorded.read_text().strip())
+    try:
+        default = default_gguf_path()
+    except TeacherError:
+        return None
+    return default if converted_path(default) == Path(folder) else None
 
 
 def resolve_source(spec: str) -> Path | str:

