@@ -152,3 +152,19 @@ def trained_teacher_dir(tmp_path, tokenizer):
     trained_teacher(tokenizer).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def worker_results(python, worker: str, jobs: list[dict], folder, env: dict | None = None) -> dict[str, dict]:
+    """Run `tests/<worker>` with a job file in another environment's Python (an engine's: vLLM, llama.cpp); each
+    job's `RESULT {json}` line, keyed by model path. A failed run fails with the end of its output."""
+    import json
+    import subprocess
+    from pathlib import Path
+
+    request = Path(folder) / "jobs.json"
+    request.write_text(json.dumps(jobs))
+    done = subprocess.run([str(python), str(Path(__file__).with_name(worker)), str(request)], cwd=folder, env=env,
+                          capture_output=True, text=True, timeout=900, check=False)
+    results = [json.loads(line[7:]) for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    assert done.returncode == 0 and len(results) == len(jobs), done.stdout[-3000:] + done.stderr[-3000:]
+    return {r["model"]: r for r in results}

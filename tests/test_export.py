@@ -13,7 +13,7 @@ from transformers import AutoConfig
 from echoatt.cli import main
 from echoatt.modeling import EchoAttConfig
 from echoatt.plan import SharingPlan
-from echoatt.serve import case_bounds, parse_cases, serving_text
+from echoatt.serve import case_bounds, check_servable, parse_cases, serving_text
 from echoatt.student import build_student
 
 
@@ -74,6 +74,23 @@ def test_serving_text_names_the_engine_for_each_kind_of_student(tmp_path):
     assert "--format gguf" in serving_text(tmp_path, drop)[1]
     assert "drop-only" in serving_text(tmp_path, copy)[1]
     assert "LiSA" in serving_text(tmp_path, lisa)[0] and "vllm serve" not in " ".join(serving_text(tmp_path, lisa))
+
+
+def test_vllm_refuses_what_it_cannot_run_exactly():
+    crossing = EchoAttConfig(num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                             attention_source=[0, 1, 1, 3], head_map=[None, None, [2, 3, 0, 1], None])
+    check_servable(crossing, 2048, 1, 1)  # one device: served
+    with pytest.raises(ValueError, match="tensor-parallel-size 1"):
+        check_servable(crossing, 2048, 2, 1)
+    with pytest.raises(ValueError, match="pipeline-parallel-size 1"):
+        check_servable(crossing, 2048, 1, 2)
+    with pytest.raises(ValueError, match="LiSA followers"):
+        check_servable(EchoAttConfig(num_hidden_layers=4, attention_source=[0, 1, 1, 3], follower_type="lisa"),
+                       2048, 1, 1)
+    windowed = EchoAttConfig(num_hidden_layers=4, attention_source=[0, 1, -1, 3], context_window=512)
+    check_servable(windowed, 512, 4, 2)  # drop-only: any parallelism
+    with pytest.raises(ValueError, match="--max-model-len 512 or less"):
+        check_servable(windowed, 1024, 1, 1)
 
 
 def test_serve_cases_parse_and_refuse(capsys):

@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 from pathlib import Path
 
 import gguf
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_teacher
+from conftest import tiny_teacher, worker_results
 
 from echoatt.cli import main
 from echoatt.plan import SharingPlan
@@ -95,13 +94,7 @@ def need_llamacpp() -> None:
 
 def llamacpp_results(jobs: list[dict], folder: Path) -> dict[str, dict]:
     need_llamacpp()
-    request = folder / "jobs.json"
-    request.write_text(json.dumps(jobs))
-    done = subprocess.run([str(LLAMACPP_PYTHON), str(ROOT / "tests" / "llamacpp_worker.py"), str(request)],
-                          capture_output=True, text=True, timeout=900, check=False)
-    results = [json.loads(line[7:]) for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    assert done.returncode == 0 and len(results) == len(jobs), done.stdout[-3000:] + done.stderr[-3000:]
-    return {r["model"]: r for r in results}
+    return worker_results(LLAMACPP_PYTHON, "llamacpp_worker.py", jobs, folder)
 
 
 def hf_reference(model, prompts: list[list[int]], max_tokens: int) -> dict:

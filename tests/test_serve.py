@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_teacher
+from conftest import tiny_teacher, worker_results
 
 from echoatt.export import export_decilm
 from echoatt.plan import SharingPlan
@@ -50,14 +50,7 @@ def vllm_results(jobs: list[dict], folder: Path, plugins: bool = True) -> dict[s
     """Each job's vLLM result (tokens, prompt log-probabilities), keyed by model path."""
     if not SERVE_PYTHON.is_file():
         pytest.skip(f"no serve environment at {SERVE_PYTHON}: `bash scripts/setup.sh --serve` makes it")
-    request = folder / "jobs.json"
-    request.write_text(json.dumps(jobs))
-    done = subprocess.run([str(SERVE_PYTHON), str(ROOT / "tests" / "vllm_worker.py"), str(request)], cwd=folder,
-                          env=serve_env_env(plugins), capture_output=True, text=True, timeout=900,
-                          check=False)
-    results = [json.loads(line[7:]) for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    assert done.returncode == 0 and len(results) == len(jobs), done.stdout[-3000:] + done.stderr[-3000:]
-    return {r["model"]: r for r in results}
+    return worker_results(SERVE_PYTHON, "vllm_worker.py", jobs, folder, serve_env_env(plugins))
 
 
 def hf_reference(model, prompts: list[list[int]], max_tokens: int) -> dict:

@@ -29,6 +29,26 @@ def register() -> None:
         ModelRegistry.register_model(ARCHITECTURE, "echoatt.vllm_model:EchoAttForCausalLM")
 
 
+def check_servable(config, max_model_len: int, tensor_parallel: int, pipeline_parallel: int) -> None:
+    """Refuse, by name, a student vLLM cannot run exactly (called by `vllm_model.EchoAttForCausalLM` at load; a
+    family outside `FAMILIES` never gets this far: `EchoAttConfig` refuses it by name)."""
+    roles = [config.role(i) for i in range(config.num_hidden_layers)]
+    if "lisa" in roles:
+        raise ValueError("this student has LiSA followers, which need the leader's attention logits; vLLM's attention "
+                         "kernels do not expose them. Serve a copy or drop student (echoatt share --method copy|drop)")
+    crossing = [i for i, r in enumerate(roles) if r == "copy" and config.head_map[i] not in (None, list(range(
+        config.num_attention_heads)))]
+    if crossing and tensor_parallel > 1:
+        raise ValueError(f"layers {crossing} read other leader heads (head_map); tensor parallelism would split a "
+                         "head from its source: serve with --tensor-parallel-size 1")
+    if "copy" in roles and pipeline_parallel > 1:
+        raise ValueError("copy followers read their leader within one forward; serve with --pipeline-parallel-size 1")
+    if config.context_window is not None and max_model_len > config.context_window:
+        raise ValueError(f"--max-model-len {max_model_len} passes the teacher's sliding window "
+                         f"({config.context_window}); echoatt students refuse contexts past it: pass "
+                         f"--max-model-len {config.context_window} or less")
+
+
 # --- where vLLM runs, and `echoatt bench --engine vllm` --------------------------------------------------------------
 
 SERVE_ENV = ".venv-serve"  # made by `bash scripts/setup.sh --serve`

@@ -44,7 +44,8 @@ from vllm.model_executor.models.utils import (
 )
 from vllm.sequence import IntermediateTensors
 
-from echoatt.modeling import FAMILIES, EchoAttConfig
+from echoatt.modeling import EchoAttConfig
+from echoatt.serve import check_servable
 
 STACKED = (  # checkpoint name part -> (vLLM parameter name part, shard)
     (".q_proj", ".qkv_proj", "q"),
@@ -53,28 +54,6 @@ STACKED = (  # checkpoint name part -> (vLLM parameter name part, shard)
     (".gate_proj", ".gate_up_proj", 0),
     (".up_proj", ".gate_up_proj", 1),
 )
-
-
-def check_servable(config: EchoAttConfig, max_model_len: int, tensor_parallel: int, pipeline_parallel: int) -> None:
-    """Refuse, by name, a student vLLM cannot run exactly."""
-    if config.family not in FAMILIES:
-        raise ValueError(f"echoatt's vLLM model serves students of {', '.join(FAMILIES)} teachers, not "
-                         f"{config.family!r}")
-    roles = [config.role(i) for i in range(config.num_hidden_layers)]
-    if "lisa" in roles:
-        raise ValueError("this student has LiSA followers, which need the leader's attention logits; vLLM's attention "
-                         "kernels do not expose them. Serve a copy or drop student (echoatt share --method copy|drop)")
-    crossing = [i for i, r in enumerate(roles) if r == "copy" and config.head_map[i] not in (None, list(range(
-        config.num_attention_heads)))]
-    if crossing and tensor_parallel > 1:
-        raise ValueError(f"layers {crossing} read other leader heads (head_map); tensor parallelism would split a "
-                         "head from its source: serve with --tensor-parallel-size 1")
-    if "copy" in roles and pipeline_parallel > 1:
-        raise ValueError("copy followers read their leader within one forward; serve with --pipeline-parallel-size 1")
-    if config.context_window is not None and max_model_len > config.context_window:
-        raise ValueError(f"--max-model-len {max_model_len} passes the teacher's sliding window "
-                         f"({config.context_window}); echoatt students refuse contexts past it: pass "
-                         f"--max-model-len {config.context_window} or less")
 
 
 class EchoAttAttention(nn.Module):
