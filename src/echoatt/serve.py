@@ -158,12 +158,12 @@ def bench_vllm(config, teacher: Path, student: Path) -> dict:
     from transformers import AutoConfig
 
     cases = parse_cases(config.serve_cases)
-    dtype = config.dtype if config.dtype != "auto" else "float32"  # vLLM on GPUs: pass --dtype bfloat16
-    request = {"models": {"teacher": str(teacher), "student": str(student)}, "cases": cases, "dtype": dtype,
+    request = {"models": {"teacher": str(teacher), "student": str(student)}, "cases": cases, "dtype": config.dtype,
                "eager": True, "repeats": config.repeats, "memory_fraction": 0.3}
     measured = run_worker("vllm", "vllm_bench.py", request,
                           {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")})
     teacher_config, student_config = AutoConfig.from_pretrained(teacher), AutoConfig.from_pretrained(student)
+    dtype = measured["dtype"]  # "auto" resolved by the worker: float32 on CPUs, bfloat16 on accelerators
     dtype_bytes = 4 if dtype == "float32" else 2
     figures = []
     for name, case in cases.items():

@@ -17,14 +17,14 @@ import sys
 import time
 
 
-def timed_cases(request: dict) -> dict:
+def timed_cases(request: dict, dtype: str) -> dict:
     import random
 
     from vllm import LLM, SamplingParams, TokensPrompt
 
     cases = request["cases"]  # name -> {"prompts", "prompt_len", "new_tokens"}
     longest = max(c["prompt_len"] + c["new_tokens"] for c in cases.values())
-    llms = {name: LLM(model=path, dtype=request["dtype"], max_model_len=longest, enforce_eager=request["eager"],
+    llms = {name: LLM(model=path, dtype=dtype, max_model_len=longest, enforce_eager=request["eager"],
                       seed=0, gpu_memory_utilization=request["memory_fraction"], skip_tokenizer_init=True,
                       max_num_seqs=max(c["prompts"] for c in cases.values()))
             for name, path in request["models"].items()}
@@ -44,6 +44,8 @@ def timed_cases(request: dict) -> dict:
                     times[name].append(time.perf_counter() - start)
         results[case] = {name: {"median": statistics.median(t), "min": min(t), "max": max(t)}
                          for name, t in times.items()}
+    for llm in llms.values():
+        llm.llm_engine.engine_core.shutdown()  # its processes end here, not at exit (see below)
     return results
 
 
@@ -58,5 +60,9 @@ if __name__ == "__main__":
 
     device = (f"{platform.machine()} CPU, {os.cpu_count()} cores" if current_platform.is_cpu()
               else current_platform.get_device_name())
-    print("RESULT " + json.dumps({"vllm": vllm.__version__, "device": device, "timings_s": timed_cases(request)}),
-          flush=True)
+    dtype = request["dtype"]
+    if dtype == "auto":  # fp32 where the CPU kernels are exact and fast enough, bf16 on accelerators
+        dtype = "float32" if current_platform.is_cpu() else "bfloat16"
+    print("RESULT " + json.dumps({"vllm": vllm.__version__, "device": device, "dtype": dtype,
+                                  "timings_s": timed_cases(request, dtype)}), flush=True)
+    os._exit(0)  # vLLM's threads sometimes abort the interpreter's shutdown (SIGABRT); the engines are shut down
