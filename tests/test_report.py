@@ -35,3 +35,35 @@ def test_report_reads_a_run_folder_without_torch(tmp_path):
     assert "<table>" in done.stdout and "<td>0.6000 ± 0.0100</td>" in done.stdout
     assert "<strong>50.0%</strong>" in done.stdout
     assert "## Evaluation" in (run / "report.md").read_text()
+
+
+def test_the_report_places_a_default_teachers_student_on_the_measured_curve(tmp_path):
+    """A student of the default teacher is shown among the measured plans (its bounds, its own scores); a student of
+    another teacher is not (the curve says nothing about it)."""
+    from echoatt.report import MEASURED_CURVE, write_report
+    from echoatt.rundir import SharingInfo
+
+    curve = json.loads(MEASURED_CURVE.read_text())
+    assert curve["points"] and sum(p.get("default", False) for p in curve["points"]) == 1
+    for p in curve["points"]:  # every measured point: distilled, scored paired, with its other-text ratio
+        assert {"method", "label", "bounds", "zero_shot_gap", "zero_shot_gap_stderr", "other_ratio"} <= set(p)
+    run = tmp_path / "run"
+    (run / "student").mkdir(parents=True)
+    info = SharingInfo(identity={"teacher": f"/cache/teachers/{curve['teacher_file']}-123"}, plan=[[27, 28]],
+                       method="copy", head_map="matched", lisa=None,
+                       parameters={"teacher": 10, "student": 9, "removed": 1, "removed_percent": 10.0},
+                       kv_cache_bytes_per_token_bf16={"teacher": 10, "student": 8},
+                       bounds={"prefill": 1.234, "decode": 1.456, "kv": 0.7}, dropped=[5])
+    info.save(run / "student")
+    (run / "summary.json").write_text(json.dumps({
+        "validation_windows": 4, "seq_len": 32, "gap_closed_percent": 50.0,
+        "perplexity": {"teacher": 2.0, "student_before_kd": 4.0, "student_after_kd": 3.0},
+        "other_text": {"text": "other text (wikipedia)",
+                       "perplexity": {"teacher": 20.0, "student_before_kd": 30.0, "student_after_kd": 23.0}}}))
+    report = write_report(run)[0].read_text()
+    assert "## Where this student sits on the trade curve" in report and (run / "trade_place.png").is_file()
+    assert "| **this run's student** | 1.234× | 1.456× | – | 1.15× |" in report
+    assert "(the default)" in report and "Text of another kind (wikipedia): teacher **20.00**" in report
+    info.identity["teacher"] = "/models/Qwen3-0.6B"
+    info.save(run / "student")
+    assert "trade curve" not in write_report(run)[0].read_text()

