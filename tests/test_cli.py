@@ -114,7 +114,7 @@ def test_compare_puts_methods_side_by_side_with_their_trained_share(teacher_dir,
     out = tmp_path / "compare"
     assert main(["compare", "--teacher", str(teacher_dir), "--corpus", str(corpus_dir), "--seq-len", "32",
                  "--out", str(out), "--methods", "drop,lisa", "--steps", "1", "--batch-size", "1", "--grad-accum", "1",
-                 "--eval-windows", "2", "--tasks", ""]) == 0
+                 "--eval-windows", "2", "--tasks", "", "--plan", "budget=k=2,drop"]) == 0
     saved = json.loads((out / "compare.json").read_text())
     results, labels = saved["results"], saved["labels"]  # keyed by what each model is, shown by its label
     assert [labels[k] for k in results] == ["teacher", "attention drop (before KD)", "attention drop (after KD)",

@@ -113,9 +113,12 @@ def test_a_student_loads_with_remote_code_where_echoatt_is_absent(teacher, tmp_p
 
 
 def test_the_whole_run_on_each_family(family_teacher_dir, corpus_dir, tmp_path, capsys):
-    """`echoatt run` (analysis, the measured default budget plan, calibration, distillation, perplexity, speed)."""
+    """`echoatt run` (analysis, a measured mixed budget plan, calibration, distillation, perplexity, speed). The
+    default's absolute target (decode >= 1.15) is for real models: a 6-layer toy may not reach it, so the plan here is
+    relative (at least blind k=2's speed)."""
     out = tmp_path / "run"
     args = ["run", "--teacher", str(family_teacher_dir), "--corpus", str(corpus_dir), "--seq-len", "32",
+            "--plan", "budget=k=2,drop",
             "--out", str(out), "--num-sequences", "4", "--steps", "8", "--batch-size", "2", "--grad-accum", "1",
             "--eval-windows", "4", "--lr", "3e-4", "--warmup-steps", "2", "--tasks", ""]
     assert main(args) == 0
@@ -137,7 +140,8 @@ def test_every_method_on_each_family(family_teacher_dir, corpus_dir, tmp_path):
     out = tmp_path / "compare"
     assert main(["compare", "--teacher", str(family_teacher_dir), "--corpus", str(corpus_dir), "--seq-len", "32",
                  "--out", str(out), "--methods", "drop,identity,matched,lisa,mixed", "--steps", "1",
-                 "--batch-size", "1", "--grad-accum", "1", "--eval-windows", "2", "--tasks", ""]) == 0
+                 "--batch-size", "1", "--grad-accum", "1", "--eval-windows", "2", "--tasks", "",
+                 "--plan", "budget=k=2,drop"]) == 0
     results = json.loads((out / "compare.json").read_text())["results"]
     for method in ("drop", "identity", "matched", "lisa", "mixed"):
         assert f"{method}/distilled" in results

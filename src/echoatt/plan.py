@@ -153,7 +153,8 @@ class SharingPlan:
             plan = cls.from_dropped(num_layers, set(ranked[:n]))
             if meets(plan):
                 return plan
-        raise PlanError("the budget cannot be met even with every unprotected layer following; relax it")
+        raise PlanError("the budget cannot be met even with every unprotected layer following or dropped: relax it (a "
+                             "lower target, or budget=k=2,drop: at least blind k=2's speed, which every model reaches)")
 
     @classmethod
     def from_budget(
@@ -186,7 +187,8 @@ class SharingPlan:
                 if best is None or rank < best[0]:
                     best = (rank, block, inside)
             if best is None:
-                raise PlanError("the budget cannot be met even with every unprotected layer following; relax it")
+                raise PlanError("the budget cannot be met even with every unprotected layer following or dropped: relax it (a "
+                             "lower target, or budget=k=2,drop: at least blind k=2's speed, which every model reaches)")
             chosen = sorted([b for b in chosen if b not in best[2]] + [best[1]])
             plan = cls._of(chosen, num_layers)
         return plan

@@ -152,11 +152,11 @@ class StudentSpec:
 
     def without_text(self) -> StudentSpec:
         """What can be built for a teacher without tokenizer (no analysis, nothing to measure): a `budget=k=N` plan
-        becomes blind `k=N`; anything else that needs the analysis stays as it is (and is refused, saying why)."""
+        becomes blind `k=N`, a budget of named targets (the default's) blind `k=2`; anything else that needs the
+        analysis stays as it is (and is refused, saying why)."""
         if not self.plan.strip().startswith("budget=") or (self.mapped and self.head_map != "identity"):
             return self
-        k = SharingPlan.budget_options(self.plan.strip()).get("k")
-        return self if k is None else dataclasses.replace(self, plan=f"k={k}")
+        return dataclasses.replace(self, plan=f"k={SharingPlan.budget_options(self.plan.strip()).get('k', 2)}")
 
     def head_maps(self, teacher_config, plan: SharingPlan, similarity: Similarity | None):
         """Per layer, the source head each follower head reads (None where nothing is mapped)."""
