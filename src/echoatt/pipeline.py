@@ -38,6 +38,7 @@ from echoatt.rundir import (
     device_of,
     identity_of,
     is_model_folder,
+    other_row,
     read_student_config,
     record,
     same_student,
@@ -280,17 +281,13 @@ def evaluate(config: EvalConfig, teacher: Teacher | None = None, known: dict[str
     return results
 
 
-def other_row(config: EvalConfig) -> str:
-    return f"other text ({Path(config.other_text).name})"
-
-
 def perplexity_texts(config: EvalConfig, tokenizer) -> dict[str, torch.Tensor]:
     """The windows perplexity is scored on, by results row: the corpus' validation split ("held-out text") and, with
     --other-text, text of another kind (where the student's quality must generalise, not just fit the corpus)."""
     _, val = token_windows(tokenizer, config.corpus, config.seq_len, config.encoding)
     texts = {"held-out text": spread(val, config.eval_windows)}
     if config.other_text:
-        texts[other_row(config)] = other_windows(tokenizer, config.other_text, config.seq_len, config.eval_windows,
+        texts[other_row(config.other_text)] = other_windows(tokenizer, config.other_text, config.seq_len, config.eval_windows,
                                                  config.encoding)
     return texts
 

@@ -16,6 +16,7 @@ import markdown
 
 from echoatt.plan import AT_MOST
 from echoatt.rundir import (
+    OTHER_ROW,
     RunDir,
     RunSummary,
     SharingInfo,
@@ -171,7 +172,7 @@ def sections(run: RunDir) -> list[Section]:
             line += f" Distillation closed **{summary.gap_closed_percent:.1f}%** of the gap."
         if summary.other_text:
             o = summary.other_text["perplexity"]
-            line += (f" Text of another kind ({summary.other_text['text'].removeprefix('other text (')[:-1]}): teacher "
+            line += (f" Text of another kind ({summary.other_text['text'].removeprefix(OTHER_ROW + ' (')[:-1]}): teacher "
                      f"**{o['teacher']:.2f}**, student **{o['student_before_kd']:.2f}** → **{o['student_after_kd']:.2f}**"
                      f" ({o['student_after_kd'] / o['teacher']:.2f}× the teacher's).")
         out.append(Section("Summary", [line]))

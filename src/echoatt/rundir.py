@@ -84,6 +84,13 @@ def device_of(config: CommonConfig) -> str:
 
 
 # Results are keyed by what a model is, never by how it is shown; these are the labels tables show.
+OTHER_ROW = "other text"  # the results row of perplexity on --other-text: "other text (SOURCE)"
+
+
+def other_row(source: str) -> str:
+    return f"{OTHER_ROW} ({Path(source).name})"
+
+
 MODEL_LABELS = {"teacher": "teacher", "student": "student (before KD)", "distilled": "student (after KD)"}
 
 
@@ -129,7 +136,7 @@ class RunSummary:
         ppl = {keys[name]: r["held-out text"]["perplexity"] for name, r in results.items()}
         t, before, after = ppl["teacher"], ppl["student_before_kd"], ppl["student_after_kd"]
         gap = 100.0 * (before - after) / (before - t) if before > t else None
-        row = next((k for k in results["teacher"] if k.startswith("other text")), None)
+        row = next((k for k in results["teacher"] if k.startswith(OTHER_ROW)), None)
         other = row and {"text": row, "perplexity": {keys[n]: r[row]["perplexity"] for n, r in results.items()}}
         return cls(windows, seq_len, ppl, gap, other)
 
@@ -202,7 +209,7 @@ class TradeCurve:
         point = {"target": target, "bounds": bounds, "perplexity": scores["held-out text"]["perplexity"],
                  "measured": speed or {}}
         point["retrieval"] = next((v["acc"] for k, v in scores.items() if k.startswith("retrieval")), None)
-        other = next((v["perplexity"] for k, v in scores.items() if k.startswith("other text")), None)
+        other = next((v["perplexity"] for k, v in scores.items() if k.startswith(OTHER_ROW)), None)
         if other is not None:
             point["other_perplexity"] = other
         self.trained.setdefault(label, []).append(point | zero_shot_summary(scores, reference))
