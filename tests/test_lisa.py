@@ -141,11 +141,13 @@ def test_lisa_parts_get_their_own_learning_rate(teacher):
 
 
 def test_a_lisa_plan_of_dropped_layers_only_trains_like_any_other(teacher):
-    """A budget can leave a LiSA student no LiSA follower (only dropped attention): `auto` then trains the layers
-    around the dropped ones, as for any student, instead of finding nothing to train."""
+    """A budget can leave a LiSA student no LiSA follower (only dropped attention): `auto` then trains every
+    parameter, as for any copy or drop student, instead of finding nothing to train; `shared` trains the layers
+    around the dropped ones."""
     plan = SharingPlan(6, (), (2, 4))
     student = build_student(teacher, plan, method="lisa")
     assert student.config.follower_type == "lisa" and student.config.followers() == [2, 4]
-    names = set_trainable(student, "auto")
+    assert set_trainable(student, "auto") == [name for name, _ in student.named_parameters()]
+    names = set_trainable(student, "shared")
     assert names and all(".layers.2." in n or ".layers.3." in n or ".layers.4." in n or ".layers.5." in n
                          for n in names)

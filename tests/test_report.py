@@ -47,6 +47,7 @@ def test_the_report_places_a_default_teachers_student_on_the_measured_curve(tmp_
     assert curve["points"] and sum(p.get("default", False) for p in curve["points"]) == 1
     for p in curve["points"]:  # every measured point: distilled, scored paired, with its other-text ratio
         assert {"method", "label", "bounds", "zero_shot_gap", "zero_shot_gap_stderr", "other_ratio"} <= set(p)
+        assert set(p["measured_speed"]) == {"prefill", "decode"}  # each point timed, as `run` times its student
     run = tmp_path / "run"
     (run / "student").mkdir(parents=True)
     info = SharingInfo(identity={"teacher": f"/cache/teachers/{curve['teacher_file']}-123"}, plan=[[27, 28]],
@@ -62,7 +63,10 @@ def test_the_report_places_a_default_teachers_student_on_the_measured_curve(tmp_
                        "perplexity": {"teacher": 20.0, "student_before_kd": 30.0, "student_after_kd": 23.0}}}))
     report = write_report(run)[0].read_text()
     assert "## Where this student sits on the trade curve" in report and (run / "trade_place.png").is_file()
-    assert "| **this run's student** | 1.234× | 1.456× | – | 1.15× |" in report
+    assert "| **this run's student** | 1.234× | 1.456× | – / – | – | 1.15× |" in report
+    (run / "bench.json").write_text(json.dumps({"figures": [  # the run's own timing, as `quick_speed` writes it
+        {"figure": f, "ratios": {"headline": {"ratio": r}}} for f, r in (("prefill", 1.1), ("decode", 1.3))]}))
+    assert "| **this run's student** | 1.234× | 1.456× | 1.100× / 1.300× | – | 1.15× |" in write_report(run)[0].read_text()
     assert "(the default)" in report and "Text of another kind (wikipedia): teacher **20.00**" in report
     info.identity["teacher"] = "/models/Qwen3-0.6B"
     info.save(run / "student")

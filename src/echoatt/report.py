@@ -232,20 +232,29 @@ def curve_place(run: RunDir, info: SharingInfo, summary: RunSummary | None) -> S
         results = json.loads(scored.read_text())["results"]
         if "distilled" in results and "teacher" in results:
             own |= zero_shot_summary(results["distilled"], results["teacher"])
-    rows = ["| plan | prefill bound | decode bound | zero-shot gap, points (paired) | other text × teacher |",
-            "|---|---|---|---|---|"]
+    timed = run.results("bench")[0]
+    if timed.is_file():  # the run's own short timing (QUICK_SPEED), as each point's `measured_speed` was taken
+        own["measured_speed"] = {f["figure"]: f["ratios"]["headline"]["ratio"]
+                                 for f in json.loads(timed.read_text())["figures"]}
+    rows = ["| plan | prefill bound | decode bound | measured on CPU, prefill 1 × 512 / decode 8 × 256 | "
+            "zero-shot gap, points (paired) | other text × teacher |", "|---|---|---|---|---|---|"]
     for p in [*curve["points"], own]:
         gap = (f"{100 * p['zero_shot_gap']:+.1f} ± {100 * p['zero_shot_gap_stderr']:.1f}"
                + (f" ({p['gap_tasks']} tasks, this run's items)" if p is own else "")) if "zero_shot_gap" in p else "–"
         other = f"{p['other_ratio']:.2f}×" if "other_ratio" in p else "–"
+        speed = p.get("measured_speed", {})
+        measured = " / ".join(f"{speed[f]:.3f}×" if f in speed else "–" for f in ("prefill", "decode"))
         name = "**this run's student**" if p is own else p["label"] + (" (the default)" if p.get("default") else "")
-        rows.append(f"| {name} | {p['bounds']['prefill']:.3f}× | {p['bounds']['decode']:.3f}× | {gap} | {other} |")
+        rows.append(f"| {name} | {p['bounds']['prefill']:.3f}× | {p['bounds']['decode']:.3f}× | {measured} | {gap} "
+                    f"| {other} |")
     trade_place_plot(curve, own, run.root / "trade_place.png")
     text = [(f"The default teacher's measured trade curve ({curve['measured']}): each plan calibrated and distilled as "
              f"the default run does, scored on {curve['tasks']} zero-shot tasks × {curve['items']} items (gap to the "
              "teacher paired item by item, ± its stderr) and on Wikipedia perplexity. The default is the fastest plan "
-             f"with {curve['quality']}. This run's student sits at its own bounds; its figures are its own where "
-             "it scored them (a run's 30 items a task cannot separate the plans)."), "\n".join(rows)]
+             f"with {curve['quality']}. Measured speed is echoatt's own PyTorch model against the teacher on that "
+             "machine (SDPA, fp32, medians of 3 repeats: what `run` times at its end). This run's student sits at its "
+             "own bounds; its figures are its own where it scored and timed them (a run's 30 items a task cannot "
+             "separate the plans)."), "\n".join(rows)]
     return Section("Where this student sits on the trade curve", text, ["trade_place.png"])
 
 
