@@ -236,8 +236,9 @@ def curve_place(run: RunDir, info: SharingInfo, summary: RunSummary | None) -> S
     if timed.is_file():  # the run's own short timing (QUICK_SPEED), as each point's `measured_speed` was taken
         own["measured_speed"] = {f["figure"]: f["ratios"]["headline"]["ratio"]
                                  for f in json.loads(timed.read_text())["figures"]}
-    rows = ["| plan | prefill bound | decode bound | measured on CPU, prefill 1 × 512 / decode 8 × 256 | "
-            "zero-shot gap, points (paired) | other text × teacher |", "|---|---|---|---|---|---|"]
+    header = ("| plan | prefill bound | decode bound | measured on CPU, prefill 1 × 512 / decode 8 × 256 | "
+              "zero-shot gap, points (paired) | other text × teacher |")
+    rows = [header, "|---|---|---|---|---|---|"]
     for p in [*curve["points"], own]:
         gap = (f"{100 * p['zero_shot_gap']:+.1f} ± {100 * p['zero_shot_gap_stderr']:.1f}"
                + (f" ({p['gap_tasks']} tasks, this run's items)" if p is own else "")) if "zero_shot_gap" in p else "–"
