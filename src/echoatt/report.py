@@ -214,6 +214,7 @@ def sections(run: RunDir) -> list[Section]:
 
 
 MEASURED_CURVE = Path(__file__).with_name("measured_curve.json")  # the default teacher's curve, distilled and scored
+CURVE_SPEED = {"prefill": {"batch": 1, "tokens": 512}, "decode": {"batch": 8, "context": 256}}  # its points' timings
 
 
 def curve_place(run: RunDir, info: SharingInfo, summary: RunSummary | None) -> Section | None:
@@ -233,9 +234,11 @@ def curve_place(run: RunDir, info: SharingInfo, summary: RunSummary | None) -> S
         if "distilled" in results and "teacher" in results:
             own |= zero_shot_summary(results["distilled"], results["teacher"])
     timed = run.results("bench")[0]
-    if timed.is_file():  # the run's own short timing (QUICK_SPEED), as each point's `measured_speed` was taken
+    if timed.is_file():  # the run's own short timing (QUICK_SPEED), as each point's `measured_speed` was taken;
+        # a later full `bench` into the same folder times other settings too: only the curve's two are shown
         own["measured_speed"] = {f["figure"]: f["ratios"]["headline"]["ratio"]
-                                 for f in json.loads(timed.read_text())["figures"]}
+                                 for f in json.loads(timed.read_text())["figures"]
+                                 if f["figure"] in CURVE_SPEED and CURVE_SPEED[f["figure"]].items() <= f["setting"].items()}
     header = ("| plan | prefill bound | decode bound | measured on CPU, prefill 1 × 512 / decode 8 × 256 | "
               "zero-shot gap, points (paired) | other text × teacher |")
     rows = [header, "|---|---|---|---|---|---|"]
