@@ -29,6 +29,7 @@ from echoatt.plan import AT_MOST, PlanError, SharingPlan
 from echoatt.report import write_report
 from echoatt.rundir import (
     MODEL_LABELS,
+    QUICK_SPEED,
     RunDir,
     RunDirError,
     RunSummary,
@@ -534,9 +535,6 @@ def densest_bound(spec: StudentSpec, teacher_config, similarity: Similarity, met
         teacher_config, plan, spec.head_maps(teacher_config, plan, similarity) if m != "drop" else None, m,
         spec.lisa_rank or None, spec.lisa_hidden or None))[metric] for m, plan in plans]
     return min(bounds) if metric in AT_MOST else max(bounds)
-
-
-QUICK_SPEED = {"prefill": "512", "decode": "8x256", "train_len": 0, "repeats": 3}  # what `run` times: a short look
 
 
 def quick_speed(config: RunConfig | CompareConfig, student: Path) -> dict[str, dict]:

@@ -22,6 +22,10 @@ class PlanError(ValueError):
     """A sharing plan that cannot be built, saying why."""
 
 
+UNREACHABLE = ("the budget cannot be met even with every unprotected layer following or dropped: relax it (a "
+               "lower target, or budget=k=2,drop: at least blind k=2's speed, which every model reaches)")
+
+
 @dataclass(frozen=True)
 class SharingPlan:
     """Blocks of consecutive layer indices; `blocks[b][0]` leads, the others follow it. A mixed plan also removes
@@ -153,8 +157,7 @@ class SharingPlan:
             plan = cls.from_dropped(num_layers, set(ranked[:n]))
             if meets(plan):
                 return plan
-        raise PlanError("the budget cannot be met even with every unprotected layer following or dropped: relax it (a "
-                             "lower target, or budget=k=2,drop: at least blind k=2's speed, which every model reaches)")
+        raise PlanError(UNREACHABLE)
 
     @classmethod
     def from_budget(
@@ -187,8 +190,7 @@ class SharingPlan:
                 if best is None or rank < best[0]:
                     best = (rank, block, inside)
             if best is None:
-                raise PlanError("the budget cannot be met even with every unprotected layer following or dropped: relax it (a "
-                             "lower target, or budget=k=2,drop: at least blind k=2's speed, which every model reaches)")
+                raise PlanError(UNREACHABLE)
             chosen = sorted([b for b in chosen if b not in best[2]] + [best[1]])
             plan = cls._of(chosen, num_layers)
         return plan

@@ -17,6 +17,7 @@ import markdown
 from echoatt.plan import AT_MOST
 from echoatt.rundir import (
     OTHER_ROW,
+    QUICK_SPEED,
     RunDir,
     RunSummary,
     SharingInfo,
@@ -214,7 +215,8 @@ def sections(run: RunDir) -> list[Section]:
 
 
 MEASURED_CURVE = Path(__file__).with_name("measured_curve.json")  # the default teacher's curve, distilled and scored
-CURVE_SPEED = {"prefill": {"batch": 1, "tokens": 512}, "decode": {"batch": 8, "context": 256}}  # its points' timings
+CURVE_SPEED = {"prefill": {"batch": 1, "tokens": int(QUICK_SPEED["prefill"])},  # its points' timings: `run`'s own
+               "decode": dict(zip(("batch", "context"), map(int, QUICK_SPEED["decode"].split("x"))))}
 
 
 def curve_place(run: RunDir, info: SharingInfo, summary: RunSummary | None) -> Section | None:

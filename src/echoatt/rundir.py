@@ -91,6 +91,9 @@ def other_row(source: str) -> str:
     return f"{OTHER_ROW} ({Path(source).name})"
 
 
+QUICK_SPEED = {"prefill": "512", "decode": "8x256", "train_len": 0, "repeats": 3}  # what `run` times: a short look
+
+
 MODEL_LABELS = {"teacher": "teacher", "student": "student (before KD)", "distilled": "student (after KD)"}
 
 
