@@ -88,6 +88,19 @@ def attention_parameters(teacher, layer: int, parts: tuple[str, ...] | None = No
 QK_PARTS = ("q_proj", "k_proj", "q_norm", "k_norm")  # what a copy follower drops: Q, K and all that only they use
 
 
+def path_tolerance(reference: torch.Tensor, other: torch.Tensor, factor: float = 8.0) -> float:
+    """The absolute tolerance for comparing two paths to the same numbers (cached decoding vs one full forward, padded
+    vs alone, SDPA vs eager, PyTorch vs an engine): `factor` times the reference model's own largest discrepancy
+    between those two paths (`reference` and `other`, measured in the test, on this CPU), and never under 16 float
+    ulps of the largest value. Kernels order their sums differently from one CPU to another (an AMD EPYC's cached
+    Qwen3 decode differs from its full forward by 1.3e-5 where CI's differs by less than 1e-5), so a constant that
+    holds on one machine fails on another; a broken model (a wrong head, a wrong position) differs by orders of
+    magnitude more, which `test_modeling.py::test_path_tolerances_stay_far_below_a_broken_follower` checks."""
+    gap = (reference - other).abs().max().item()
+    ulps = 16 * torch.finfo(reference.dtype).eps * reference.abs().max().item()
+    return max(factor * gap, ulps)
+
+
 @pytest.fixture(params=list(FAMILIES))
 def teacher(request):
     """A tiny random teacher of each supported family."""

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_teacher
+from conftest import path_tolerance, tiny_teacher
 
 from echoatt.bench import CANDIDATES, markdown, run_bench
 from echoatt.config import BenchConfig
@@ -27,8 +27,11 @@ def test_bench_result_schema():
         for ratio in figure["ratios"].values():
             assert set(ratio) == {"ratio", "bound", "bound_flops", "bound_bytes", "regime", "achieved_over_bound"}
             assert ratio["bound"] > 1.0
-    assert result["figures"][1]["kv_cache_bytes_after_prompt"]["student_sdpa"] < \
-        result["figures"][1]["kv_cache_bytes_after_prompt"]["teacher_sdpa"]
+    decode = result["figures"][1]
+    assert decode["kv_cache_bytes_after_prompt"]["student"] < decode["kv_cache_bytes_after_prompt"]["teacher"]
+    assert decode["bandwidth_limit_ms"]["student"] < decode["bandwidth_limit_ms"]["teacher"]  # it reads fewer bytes
+    assert all(decode["over_bandwidth_limit"][c] > 1 for c in CANDIDATES)  # nothing beats the hardware
+    assert result["figures"][3]["kd_output_bytes_per_token_vocab_entry"] is not None and result["not_run"] == []
     kv = result["size"]["kv_cache_bytes_per_token"]
     assert kv["student"] / kv["teacher"] == pytest.approx(1 - 2 / (2 * 6))
     assert "| prefill |" in markdown(result)
@@ -98,3 +101,60 @@ def test_followers_of_one_map_share_the_gathered_probabilities():
     assert torch.equal(probs[2], probs[1][:, swap])
     probs = student(x, output_attentions=True).attentions  # with gradients, each follower gathers its own
     assert probs[2] is not probs[3] and torch.equal(probs[2], probs[3])
+
+
+def test_what_does_not_fit_is_reported_and_the_rest_measured(monkeypatch):
+    """Eager candidates that run out of memory are left out of their figure (said in the table), a figure whose
+    headline runs out is listed as not run, and the bench goes on: never a crash of the whole bench."""
+    from echoatt import bench
+
+    teacher = tiny_teacher().requires_grad_(False)
+    student = build_student(teacher, SharingPlan.from_k(6, 2)).requires_grad_(False)
+    with_impl = bench._with_impl
+
+    def eager_runs_out(model, impl):
+        if impl == "eager":
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 32.00 GiB")
+        return with_impl(model, impl)
+
+    monkeypatch.setattr(bench, "_with_impl", eager_runs_out)
+    real_train = bench.train_figure
+    monkeypatch.setattr(bench, "train_figure", lambda *a, **kw: real_train(*a, **kw) if not a[-1] else
+                        (_ for _ in ()).throw(RuntimeError("DefaultCPUAllocator: can't allocate memory")))
+    cfg = BenchConfig(prefill="16", decode="2x16", decode_steps=2, train_len=16, repeats=1, warmup=0)
+    result = json.loads(json.dumps(run_bench(teacher, student, cfg, torch.device("cpu"))))
+    assert [f["figure"] for f in result["figures"]] == ["prefill", "decode", "train_step"]
+    for figure in result["figures"]:
+        assert set(figure["timings_s"]) == {"teacher_sdpa", "student_sdpa"} and set(figure["ratios"]) == {"headline"}
+        assert figure["skipped"] == {"teacher_eager": "out of memory", "student_eager": "out of memory"}
+    assert result["not_run"] == [{"figure": "distill_step", "setting": {"batch": 1, "tokens": 16},
+                                  "reason": "out of memory"}]
+    table = markdown(result)
+    assert "(out of memory)" in table and "| distill_step | batch 1, tokens 16 | not run: out of memory |" in table
+    monkeypatch.setattr(bench, "_with_impl", lambda model, impl: (_ for _ in ()).throw(ValueError("a bug")))
+    with pytest.raises(ValueError, match="a bug"):  # anything else is still an error
+        run_bench(teacher, student, cfg, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_decode_from_a_static_cache_gives_the_dynamic_caches_logits(cache):
+    """The bench's decode steps from a prompt cache prefilled on SDPA: the static cache (CUDA graphs' kind) gives the
+    logits of the dynamic one, for teacher and student, on either backend."""
+    from echoatt.bench import prompt_cache
+    from echoatt.modeling import CACHE_KWARG
+
+    teacher = tiny_teacher()
+    student = build_student(teacher, SharingPlan(6, ((1, 2), (3, 4)), (5,)), [None, None, [1, 0, 3, 2], None,
+                                                                           [2, 2, 0, 1], None])
+    ids, steps = torch.randint(3, 128, (2, 10)), torch.randint(3, 128, (2, 3))
+    def decoded(model, impl: str, kind: str) -> torch.Tensor:
+        kv = prompt_cache(model, ids, 13, kind == "static")
+        model.config._attn_implementation = impl
+        with torch.no_grad():
+            return torch.stack([model(input_ids=steps[:, i : i + 1], use_cache=True, **{CACHE_KWARG: kv}).logits[:, -1]
+                                for i in range(3)])
+
+    for impl in ("sdpa", "eager"):  # two cache layouts: the teacher's own gap between them sets the tolerance
+        tolerance = path_tolerance(decoded(teacher, impl, cache), decoded(teacher, impl, "dynamic"))
+        torch.testing.assert_close(decoded(student, impl, cache), decoded(student, impl, "dynamic"), atol=tolerance,
+                                   rtol=0)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAMILIES, TEXT, tiny_teacher, trained_teacher
+from conftest import FAMILIES, TEXT, path_tolerance, tiny_teacher, trained_teacher
 from gguf_file import write_gguf
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -67,8 +67,9 @@ def test_an_unshared_student_is_its_teacher(teacher, impl):
                 out = model(x[:, t : t + 1], use_cache=True, **{CACHE_KWARG: cache})
                 cache, logits = output_cache(out), [*logits, out.logits[:, -1]]
             steps[name] = torch.stack(logits)
-        torch.testing.assert_close(steps["student"], steps["teacher"], atol=1e-5, rtol=0)
-        torch.testing.assert_close(steps["student"], teacher(x).logits[:, 8:].transpose(0, 1), atol=1e-5, rtol=0)
+        torch.testing.assert_close(steps["student"], steps["teacher"], atol=1e-5, rtol=0)  # like with like
+        full = teacher(x).logits[:, 8:].transpose(0, 1)  # cached vs one full forward: two paths, the teacher's own gap
+        torch.testing.assert_close(steps["student"], full, atol=path_tolerance(steps["teacher"], full), rtol=0)
 
 
 def test_a_sliding_window_student_refuses_contexts_past_the_window():

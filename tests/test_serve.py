@@ -27,7 +27,7 @@ from echoatt.student import build_student
 pytestmark = pytest.mark.serve
 ROOT = Path(__file__).resolve().parents[1]
 SERVE_PYTHON = Path(os.environ.get("ECHOATT_SERVE_PYTHON", ROOT / ".venv-serve" / "bin" / "python"))
-LOGPROB_TOLERANCE = 1e-3  # fp32 both sides; measured differences are ~1e-5
+ENGINE_FACTOR = 8  # a student's |vLLM - HF| log-probability may be this many times its teacher's, no more
 SHAPE = {"hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 4, "num_key_value_heads": 2,
          "head_dim": 32}  # vLLM's CPU attention takes head sizes of 32 and up
 STUDENTS = {  # name -> family, plan, method, head map of the follower (heads 0,1 share a KV head, as do 2,3)
@@ -67,17 +67,26 @@ def hf_reference(model, prompts: list[list[int]], max_tokens: int) -> dict:
     return {"tokens": tokens, "prompt_logprobs": logprobs}
 
 
-def assert_same(ours: dict, reference: dict) -> None:
+def logprob_gap(ours: dict, reference: dict) -> float:
+    """The largest |vLLM - HF| prompt log-probability."""
+    return max(abs(a - b) for x, y in zip(ours["prompt_logprobs"], reference["prompt_logprobs"])
+               for a, b in zip(x[1:], y[1:]))
+
+
+def assert_same(ours: dict, reference: dict, teacher_gap: float) -> None:
+    """Greedy tokens equal; prompt log-probabilities as close to HF's as `ENGINE_FACTOR` times the teacher's own gap
+    between the two engines (measured in the same run: kernels round differently from one CPU to another), never
+    under 16 float32 ulps of the largest log-probability."""
     assert ours["tokens"] == reference["tokens"]
-    worst = max(abs(a - b) for x, y in zip(ours["prompt_logprobs"], reference["prompt_logprobs"])
-                for a, b in zip(x[1:], y[1:]))
-    assert worst < LOGPROB_TOLERANCE, f"prompt log-probabilities differ by up to {worst:.2e}"
+    largest = max(abs(a) for x in reference["prompt_logprobs"] for a in x[1:])
+    tolerance = max(ENGINE_FACTOR * teacher_gap, 16 * torch.finfo(torch.float32).eps * largest)
+    worst = logprob_gap(ours, reference)
+    assert worst <= tolerance, f"prompt log-probabilities differ by up to {worst:.2e} ({tolerance:.2e} allowed)"
 
 
 def tiny_student(name: str):
     family, plan, method, maps = STUDENTS[name]
-    teacher = tiny_teacher(3, family, **SHAPE)
-    return build_student(teacher, plan, [maps.get(i) for i in range(6)], method)
+    return build_student(tiny_teacher(3, family, **SHAPE), plan, [maps.get(i) for i in range(6)], method)
 
 
 @pytest.fixture(scope="module")
@@ -88,26 +97,30 @@ def prompts() -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, prompts):
-    """Every tiny student, saved, scored by HF, then loaded and run by vLLM in one process."""
+    """Every tiny student and each family's teacher (vLLM's own model class: the yardstick), saved, scored by HF,
+    then loaded and run by vLLM in one process: name -> (vLLM's result, HF's); `teacher_gap` -> family -> gap."""
     folder = tmp_path_factory.mktemp("vllm")
+    models = {name: tiny_student(name) for name in STUDENTS}
+    models.update({f"teacher-{family}": tiny_teacher(3, family, **SHAPE) for family, *_ in STUDENTS.values()})
     references, jobs = {}, []
-    for name in STUDENTS:
-        student = tiny_student(name)
-        student.save_pretrained(folder / name)
-        references[name] = hf_reference(student, prompts, max_tokens=12)
+    for name, model in models.items():
+        model.save_pretrained(folder / name)
+        references[name] = hf_reference(model, prompts, max_tokens=12)
         jobs.append({"model": str(folder / name), "prompts": prompts, "max_tokens": 12})
     results = vllm_results(jobs, folder)
-    return {name: (results[str(folder / name)], references[name]) for name in STUDENTS}
+    served = {name: (results[str(folder / name)], references[name]) for name in models}
+    served["teacher_gap"] = {family: logprob_gap(*served[f"teacher-{family}"]) for family, *_ in STUDENTS.values()}
+    return served
 
 
 @pytest.mark.parametrize("name", list(STUDENTS))
 def test_vllm_runs_the_student_as_transformers_does(served, name):
     ours, reference = served[name]
     assert ours["echoatt_imported"]  # the plugin loaded it (entry point), nothing passed by hand
-    assert_same(ours, reference)
+    assert_same(ours, reference, served["teacher_gap"][STUDENTS[name][0]])
 
 
-def test_a_decilm_export_runs_in_vllm_without_echoatt(tmp_path, prompts):
+def test_a_decilm_export_runs_in_vllm_without_echoatt(tmp_path, prompts, served):
     student = tiny_student("mistral-drop")
     student.save_pretrained(tmp_path / "student")
     out = export_decilm(tmp_path / "student", tmp_path / "decilm")
@@ -115,7 +128,7 @@ def test_a_decilm_export_runs_in_vllm_without_echoatt(tmp_path, prompts):
     job = {"model": str(out), "prompts": prompts, "max_tokens": 12, "trust_remote_code": True}
     ours = vllm_results([job], tmp_path, plugins=False)[str(out)]
     assert not ours["echoatt_imported"]
-    assert_same(ours, reference)
+    assert_same(ours, reference, served["teacher_gap"]["mistral"])
 
 
 def test_vllm_refuses_a_lisa_student_by_name(tmp_path):
@@ -149,7 +162,10 @@ def default_student(tmp_path_factory):
     assert main(["analyze", "--out", str(out), "--num-sequences", "2", "--seq-len", "128"]) == 0
     assert main(["share", "--out", str(out), "--plan", "27-28,drop=5,drop=6,drop=7,drop=9,drop=25,drop=26",
                  "--calibrate", "2", "--seq-len", "128"]) == 0
-    return out / "student"
+    from echoatt.teacher import load_teacher
+
+    build_student(load_teacher("default").model, SharingPlan(30, ())).save_pretrained(out / "teacher-unshared")
+    return out / "student"  # beside it, the teacher itself as an unshared student: the yardstick for vLLM's numbers
 
 
 @pytest.mark.real
@@ -162,9 +178,12 @@ def test_vllm_runs_the_default_student_as_transformers_does(default_student, tmp
     texts = ["The capital of France is", "Once upon a time, in a small village by the sea, there lived",
              "def fibonacci(n):\n    "]
     prompts = [tokenizer(t)["input_ids"] for t in texts]
-    reference = hf_reference(model, prompts, max_tokens=16)
-    ours = vllm_results([{"model": str(default_student), "prompts": prompts, "max_tokens": 16}], tmp_path)
-    assert_same(ours[str(default_student)], reference)
+    unshared = AutoModelForCausalLM.from_pretrained(default_student.parent / "teacher-unshared", dtype=torch.float32)
+    results = vllm_results([{"model": str(path), "prompts": prompts, "max_tokens": 16}
+                            for path in (default_student, default_student.parent / "teacher-unshared")], tmp_path)
+    teacher_gap = logprob_gap(results[str(default_student.parent / "teacher-unshared")],
+                              hf_reference(unshared.eval(), prompts, max_tokens=16))
+    assert_same(results[str(default_student)], hf_reference(model, prompts, max_tokens=16), teacher_gap)
 
 
 @pytest.mark.real

@@ -10,6 +10,7 @@ bound (`echoatt.cost_model`):
 
 from __future__ import annotations
 
+import gc
 import json
 import platform
 import statistics
@@ -17,17 +18,24 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
+from typing import Self
 
 import torch
 
 from echoatt.config import BenchConfig
-from echoatt.cost_model import Bound, bound
-from echoatt.losses import KDLoss
+from echoatt.cost_model import Bound, bound, forward_cost
+from echoatt.losses import KDLoss, fused_output_kd, output_weight
 from echoatt.modeling import CACHE_KWARG, output_cache
 from echoatt.student import kv_cache_bytes_per_token, parameter_count
 
 CANDIDATES = ("teacher_sdpa", "teacher_eager", "student_sdpa", "student_eager")
 ARCHS = {  # `bench --arch NAME`: the shapes of the models users bring, as their config.json files give them
+    "smollm2-135m": {  # the default teacher: 30 layers, GQA 9/3, tied embeddings
+        "model_type": "llama", "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536,
+        "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "max_position_embeddings": 8192,
+        "rms_norm_eps": 1e-5, "tie_word_embeddings": True,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 100000.0},
+    },
     "tinyllama": {  # TinyLlama-1.1B (the papers' setting): 22 layers, GQA 32/4
         "model_type": "llama", "vocab_size": 32000, "hidden_size": 2048, "intermediate_size": 5632,
         "num_hidden_layers": 22, "num_attention_heads": 32, "num_key_value_heads": 4, "max_position_embeddings": 2048,
@@ -116,13 +124,15 @@ def measure(work: dict[str, Callable[[], None]], device: torch.device, repeats: 
     return {n: {"median": statistics.median(v), "min": min(v), "max": max(v), "values": v} for n, v in times.items()}
 
 
-def _figure(name: str, setting: dict, timings: dict, per: float, bounds: dict[str, Bound]) -> dict:
-    """One figure: timings, throughput (`per` units of work per call), both ratios beside their bounds."""
+RATIOS = {"headline": ("teacher_sdpa", "student_sdpa"), "eager_vs_eager": ("teacher_eager", "student_eager")}
+
+
+def _figure(name: str, setting: dict, timings: dict, per: float, bounds: dict[str, Bound],
+            skipped: dict[str, str] | None = None) -> dict:
+    """One figure: timings, throughput (`per` units of work per call), each ratio whose two candidates ran beside its
+    bound; `skipped`: the candidates that could not run, and why."""
     med = {n: t["median"] for n, t in timings.items()}
-    ratios = {
-        "headline": med["teacher_sdpa"] / med["student_sdpa"],
-        "eager_vs_eager": med["teacher_eager"] / med["student_eager"],
-    }
+    ratios = {k: med[t] / med[s] for k, (t, s) in RATIOS.items() if t in med and s in med}
     return {
         "figure": name,
         "setting": setting,
@@ -133,7 +143,36 @@ def _figure(name: str, setting: dict, timings: dict, per: float, bounds: dict[st
                 "regime": bounds[k].regime, "achieved_over_bound": v / bounds[k].value}
             for k, v in ratios.items()
         },
+        "skipped": skipped or {},
     }
+
+
+def out_of_memory(err: BaseException) -> bool:
+    """Whether an error is the device (or the host) running out of memory."""
+    text = str(err)
+    return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def fitting(work: dict[str, Callable[[], None]], device: torch.device) -> tuple[dict, dict[str, str]]:
+    """Each candidate run once, untimed: the ones that fit, and why each other one did not. Only the eager candidates
+    may be left out (they materialise B x H x T x T attention); the headline's running out of memory is raised."""
+    kept, skipped = {}, {}
+    for name, fn in work.items():
+        try:
+            fn()
+            kept[name] = fn
+        except RuntimeError as err:
+            if not out_of_memory(err) or name in RATIOS["headline"]:
+                raise
+            skipped[name] = "out of memory"
+        free_memory(device)
+    return kept, skipped
 
 
 def _bounds(teacher, student, dtype_bytes: int, **kw) -> dict[str, Bound]:
@@ -161,34 +200,145 @@ def prefill_figure(teacher, student, length: int, config: BenchConfig, device, d
         n: (lambda m=m, n=n: _with_impl(m, _impl(n))(input_ids=ids, use_cache=False, logits_to_keep=1))
         for n, m in _models(teacher, student).items()
     }
+    work, skipped = fitting(work, device)
     timings = measure(work, device, config.repeats, config.warmup)
     return _figure("prefill", {"batch": 1, "tokens": length}, timings, length,
-                   _bounds(teacher, student, dtype_bytes, B=1, T=length, P=0, logits=1))
+                   _bounds(teacher, student, dtype_bytes, B=1, T=length, P=0, logits=1), skipped)
+
+
+def prompt_cache(model, ids: torch.Tensor, max_length: int, static: bool):
+    """The KV cache of a prompt (B, T), prefilled on SDPA whatever backend decodes from it (the cache does not depend
+    on the kernel, and an eager prefill would materialise B x H x T x T attention); static: preallocated to
+    `max_length` tokens."""
+    from transformers import StaticCache
+
+    kw = {CACHE_KWARG: StaticCache(config=model.config, max_cache_len=max_length)} if static else {}
+    return output_cache(_with_impl(model, "sdpa")(input_ids=ids, use_cache=True, logits_to_keep=1, **kw))
+
+
+def memory_bandwidth(device: torch.device, nbytes: int | None = None) -> float:
+    """Bytes a second a plain copy moves (read and write), best of five: the memory bandwidth the device reaches."""
+    nbytes = nbytes or (2**30 if device.type == "cuda" else 2**28)
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = min(_timed(lambda: dst.copy_(src), device) for _ in range(5))
+    return 2 * nbytes / best
 
 
 @torch.no_grad()
-def decode_figure(teacher, student, batch: int, context: int, config: BenchConfig, device, dtype_bytes: int) -> dict:
-    """tokens/s of `decode_steps` single-token steps after a `context`-token prompt (prefill untimed)."""
+def decode_figure(teacher, student, batch: int, context: int, config: BenchConfig, device, dtype_bytes: int,
+                  bandwidth: float | None = None) -> dict:
+    """tokens/s of `decode_steps` single-token steps after a `context`-token prompt (prefill untimed), each model's
+    ms per step beside its bandwidth limit: the bytes one step must read (weights, KV cache) at `bandwidth`."""
     ids = torch.randint(0, teacher.config.vocab_size, (batch, context), device=device)
     step_ids = torch.randint(0, teacher.config.vocab_size, (batch, 1), device=device)
-    caches = {}
-    for name, model in _models(teacher, student).items():
-        caches[name] = output_cache(_with_impl(model, _impl(name))(input_ids=ids, use_cache=True, logits_to_keep=1))
+    static = config.decode_cache == "static"
+    caches = {name: prompt_cache(model, ids, context + config.decode_steps, static)
+              for name, model in (("teacher", teacher), ("student", student))}  # one per model, both backends
+    del ids
+    compiled = {}
+
+    def step_fn(model, impl: str):
+        if not config.compile:
+            return model
+        if (id(model), impl) not in compiled:  # a compiled graph per backend: the backend is read at trace time
+            mode = "reduce-overhead" if device.type == "cuda" else None
+            compiled[id(model), impl] = torch.compile(model, mode=mode, dynamic=False)
+        return compiled[id(model), impl]
 
     def steps(model, impl: str, cache) -> None:
-        _with_impl(model, impl)
+        forward = step_fn(_with_impl(model, impl), impl)
         for _ in range(config.decode_steps):
-            model(input_ids=step_ids, use_cache=True, **{CACHE_KWARG: cache})
-        cache.crop(-config.decode_steps)  # back to the prompt for the next repeat: a slice, no copy
+            forward(input_ids=step_ids, use_cache=True, **{CACHE_KWARG: cache})
+        cache.crop(-config.decode_steps)  # back to the prompt for the next repeat: no copy
 
-    work = {n: (lambda m=m, n=n: steps(m, _impl(n), caches[n])) for n, m in _models(teacher, student).items()}
+    models = _models(teacher, student)
+    if config.compile:  # a compiled graph per candidate takes long to build: the headline's two only
+        models = {n: m for n, m in models.items() if n in RATIOS["headline"]}
+    work = {n: (lambda m=m, n=n: steps(m, _impl(n), caches[n.split("_")[0]])) for n, m in models.items()}
+    work, skipped = fitting(work, device)
+    skipped.update({n: "not compiled" for n in CANDIDATES if n not in models})
     timings = measure(work, device, config.repeats, config.warmup)
-    cache_bytes = {n: sum(x.nbytes for layer in c.layers for x in (layer.keys, layer.values)) for n, c in caches.items()}
-    figure = _figure("decode", {"batch": batch, "context": context, "steps": config.decode_steps}, timings,
-                     batch * config.decode_steps,
-                     _bounds(teacher, student, dtype_bytes, B=batch, T=1, P=context + config.decode_steps // 2))
-    figure["kv_cache_bytes_after_prompt"] = cache_bytes
+    P = context + config.decode_steps // 2
+    figure = _figure("decode", {"batch": batch, "context": context, "steps": config.decode_steps,
+                                "cache": config.decode_cache, "compiled": config.compile}, timings,
+                     batch * config.decode_steps, _bounds(teacher, student, dtype_bytes, B=batch, T=1, P=P), skipped)
+    figure["kv_cache_bytes_after_prompt"] = {
+        name: sum(x[..., :context, :].nbytes for layer in c.layers for x in (layer.keys, layer.values))
+        for name, c in caches.items()}
+    figure["ms_per_step"] = {n: t["median"] / config.decode_steps * 1000 for n, t in timings.items()}
+    if bandwidth:
+        limit = {name: forward_cost(m.config, batch, 1, P, False, dtype_bytes).bytes / bandwidth * 1000
+                 for name, m in (("teacher", teacher), ("student", student))}
+        figure["bandwidth_limit_ms"] = limit
+        figure["over_bandwidth_limit"] = {n: ms / limit[n.split("_")[0]] for n, ms in figure["ms_per_step"].items()}
     return figure
+
+
+def peak_memory_bytes(device: torch.device) -> int | None:
+    """The process's peak memory so far: the CUDA allocator's counter on a GPU, else the resident high-water mark
+    (Linux); None where neither can be read."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    try:
+        return PeakMemory(device)._resident("VmHWM")
+    except (OSError, StopIteration):
+        return None
+
+
+class PeakMemory:
+    """Peak bytes in use above the start of a `with` block (`.bytes`): the CUDA caching allocator's own counter on a
+    GPU; on Linux CPUs the process's resident high-water mark, reset through /proc/self/clear_refs (large tensors are
+    mapped and unmapped whole, so it follows them); None where neither can be read."""
+
+    STATUS, CLEAR = Path("/proc/self/status"), Path("/proc/self/clear_refs")
+
+    def __init__(self, device: torch.device):
+        self.device, self.bytes = device, None
+
+    def _resident(self, field: str) -> int:
+        line = next(x for x in self.STATUS.read_text().splitlines() if x.startswith(field + ":"))
+        return int(line.split()[1]) * 1024
+
+    def __enter__(self) -> Self:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.start = torch.cuda.memory_allocated(self.device)
+        else:
+            try:
+                self.CLEAR.write_text("5")  # the high-water mark restarts at what is resident now
+                self.start = self._resident("VmRSS")
+            except OSError:
+                self.start = None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.bytes = torch.cuda.max_memory_allocated(self.device) - self.start
+        elif self.start is not None:
+            self.bytes = max(0, self._resident("VmHWM") - self.start)
+
+
+def kd_output_bytes_per_entry(student, teacher, tokens: int, device: torch.device) -> float | None:
+    """Peak bytes per (token x vocabulary) entry that distillation's output terms (`losses.fused_output_kd`, forward
+    and backward) add at `tokens` positions, on random final hidden states: the losses' own memory, which grows
+    with tokens x vocabulary (the full-logits path's ~12-21 bytes an entry OOMed a GPU at 4 x 1024 tokens)."""
+    weights = output_weight(student), output_weight(teacher)
+    if None in weights:
+        return None
+    weight = weights[0].detach().requires_grad_()  # the same storage, trained as in distillation
+    shape = (1, tokens + 1, weight.shape[1])
+    hidden = torch.randn(shape, device=device, dtype=weight.dtype, requires_grad=True)
+    t_hidden = torch.randn(shape[:2] + weights[1].shape[1:], device=device, dtype=weights[1].dtype)
+    labels = torch.randint(0, weight.shape[0], shape[:2], device=device)
+    with torch.enable_grad(), PeakMemory(device) as peak:
+        fused_output_kd(hidden, weight, t_hidden, weights[1], labels, temperature=2.0)[0].backward()
+    return None if peak.bytes is None else peak.bytes / (tokens * weight.shape[0])
 
 
 def saved_activation_bytes(step: Callable[[], torch.Tensor], *models: torch.nn.Module) -> int:
@@ -201,7 +351,9 @@ def saved_activation_bytes(step: Callable[[], torch.Tensor], *models: torch.nn.M
         storage = t.untyped_storage()
         if storage.data_ptr() not in weights:
             storages[storage.data_ptr()] = storage.nbytes()
-        return t
+        # Detached: a saved *output* (softmax's, SDPA's) packed as itself would hold its own grad_fn, a reference
+        # cycle through C++ that gc cannot free, and every graph measured would stay allocated.
+        return t.detach()
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = step()
@@ -231,15 +383,18 @@ def train_figure(teacher, student, config: BenchConfig, device, dtype_bytes: int
     models = _models(teacher, student)
     work = {n: (lambda m=m, n=n: step(m, _impl(n))) for n, m in models.items()}
     try:
+        work, skipped = fitting(work, device)
         timings = measure(work, device, config.repeats, config.warmup)
-        memory = {n: {"saved_activation_bytes": saved_activation_bytes(lambda m=m, n=n: loss(m, _impl(n)),
-                                                                       teacher, student)}
-                  for n, m in models.items()}
-        if device.type == "cuda":
-            for n, fn in work.items():
-                torch.cuda.reset_peak_memory_stats(device)
+        memory = {}
+        for n, fn in work.items():  # peak above the weights, one candidate at a time, from a clean allocator
+            with PeakMemory(device) as peak:
                 fn()
-                memory[n]["peak_cuda_bytes"] = torch.cuda.max_memory_allocated(device)
+            memory[n] = {"saved_activation_bytes": saved_activation_bytes(lambda m=models[n], n=n: loss(m, _impl(n)),
+                                                                          teacher, student),
+                         "peak_bytes": peak.bytes}
+            free_memory(device)
+        kd_entry = kd_output_bytes_per_entry(student, teacher, config.train_batch * config.train_len, device) \
+            if distill else None
     finally:
         for model in (teacher, student):
             model.zero_grad(set_to_none=True)
@@ -248,23 +403,38 @@ def train_figure(teacher, student, config: BenchConfig, device, dtype_bytes: int
     figure = _figure("distill_step" if distill else "train_step",
                      {"batch": config.train_batch, "tokens": config.train_len}, timings, tokens,
                      _bounds(teacher, student, dtype_bytes, B=config.train_batch, T=config.train_len, P=0, train=True,
-                             with_teacher=distill))
+                             with_teacher=distill), skipped)
     figure["memory"] = memory
+    if distill:
+        figure["kd_output_bytes_per_token_vocab_entry"] = kd_entry
     return figure
 
 
 def run_bench(teacher, student, config: BenchConfig, device: torch.device) -> dict:
-    """All figures for one teacher/student pair; returns the JSON-able result."""
+    """All figures for one teacher/student pair; returns the JSON-able result. A figure that does not fit in memory
+    is listed under `not_run` with its setting, and the others are still measured."""
     dtype = next(teacher.parameters()).dtype
     dtype_bytes = torch.finfo(dtype).bits // 8
-    figures = []
-    for length in config.prefill_lengths():
-        figures.append(prefill_figure(teacher, student, length, config, device, dtype_bytes))
-    for batch, context in config.decode_settings():
-        figures.append(decode_figure(teacher, student, batch, context, config, device, dtype_bytes))
+    bandwidth = memory_bandwidth(device) if config.decode_settings() else None
+    jobs = [("prefill", {"batch": 1, "tokens": n}, lambda n=n: prefill_figure(teacher, student, n, config, device,
+                                                                              dtype_bytes))
+            for n in config.prefill_lengths()]
+    jobs += [("decode", {"batch": b, "context": c}, lambda b=b, c=c: decode_figure(
+        teacher, student, b, c, config, device, dtype_bytes, bandwidth)) for b, c in config.decode_settings()]
     if config.train_len:
-        figures.append(train_figure(teacher, student, config, device, dtype_bytes, distill=False))
-        figures.append(train_figure(teacher, student, config, device, dtype_bytes, distill=True))
+        setting = {"batch": config.train_batch, "tokens": config.train_len}
+        jobs += [(name, setting, lambda d=distill: train_figure(teacher, student, config, device, dtype_bytes, d))
+                 for name, distill in (("train_step", False), ("distill_step", True))]
+    figures, not_run = [], []
+    for name, setting, job in jobs:
+        try:
+            figures.append(job())
+        except RuntimeError as err:
+            if not out_of_memory(err):
+                raise
+            not_run.append({"figure": name, "setting": setting, "reason": "out of memory"})
+            print(f"{name} {setting}: out of memory, not run")
+        free_memory(device)
     return {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()})",
         "threads": torch.get_num_threads(),
@@ -280,12 +450,25 @@ def run_bench(teacher, student, config: BenchConfig, device: torch.device) -> di
                 "student": kv_cache_bytes_per_token(student.config, dtype_bytes),
             },
         },
+        "memory_bandwidth_bytes_per_s": bandwidth,
         "figures": figures,
+        "not_run": not_run,
     }
 
 
+def _ratio_cells(ratio: dict | None) -> str:
+    if ratio is None:
+        return "— | — | —"
+    return f"{ratio['ratio']:.3f}× | {ratio['bound']:.3f}× | {ratio['achieved_over_bound']:.2f}"
+
+
+def _mib(n: float | None) -> str:
+    return "?" if n is None else f"{n / 2**20:.1f} MiB"
+
+
 def markdown(result: dict) -> str:
-    """The speed table: medians, both ratios and their bounds, achieved/bound."""
+    """The speed table: medians, both ratios and their bounds, achieved/bound; decode's ms per step beside the
+    bandwidth limit; memory of the training steps; what did not fit."""
     lines = [
         (f"Device: {result['device']}, {result['threads']} threads, {result['dtype']}, torch {result['torch']}. "
         "Medians of interleaved repeats; bound = analytic teacher cost / student cost (FLOPs for prefill and "
@@ -298,22 +481,33 @@ def markdown(result: dict) -> str:
     ]
     for f in result["figures"]:
         setting = ", ".join(f"{k} {v}" for k, v in f["setting"].items())
-        t = [f"{f['timings_s'][c]['median'] * 1000:.1f} ms" for c in CANDIDATES]
-        h, e = f["ratios"]["headline"], f["ratios"]["eager_vs_eager"]
-        lines.append(
-            f"| {f['figure']} | {setting} | " + " | ".join(t)
-            + f" | {h['ratio']:.3f}× | {h['bound']:.3f}× | {h['achieved_over_bound']:.2f} "
-            f"| {e['ratio']:.3f}× | {e['bound']:.3f}× | {e['achieved_over_bound']:.2f} |"
-        )
+        t = [f"{f['timings_s'][c]['median'] * 1000:.1f} ms" if c in f["timings_s"]
+             else f"({f.get('skipped', {}).get(c, 'not run')})" for c in CANDIDATES]
+        lines.append(f"| {f['figure']} | {setting} | " + " | ".join(t) + f" | {_ratio_cells(f['ratios']['headline'])} "
+                     f"| {_ratio_cells(f['ratios'].get('eager_vs_eager'))} |")
+    for f in result.get("not_run", []):
+        setting = ", ".join(f"{k} {v}" for k, v in f["setting"].items())
+        lines.append(f"| {f['figure']} | {setting} | not run: {f['reason']} |" + " |" * 9)
+    if result.get("memory_bandwidth_bytes_per_s"):
+        gbps = result["memory_bandwidth_bytes_per_s"] / 1e9
+        lines += ["", (f"Decode, ms per step (SDPA) beside the bandwidth limit (bytes one step reads — weights and KV "
+                       f"cache — at the measured copy bandwidth, {gbps:.0f} GB/s):")]
+        for f in result["figures"]:
+            if "bandwidth_limit_ms" in f:
+                ms, limit = f["ms_per_step"], f["bandwidth_limit_ms"]
+                lines.append(f"- {f['setting']['batch']} × {f['setting']['context']}: teacher "
+                             f"{ms['teacher_sdpa']:.2f} ms (limit {limit['teacher']:.2f} ms, "
+                             f"{f['over_bandwidth_limit']['teacher_sdpa']:.1f}× it), student {ms['student_sdpa']:.2f} ms "
+                             f"(limit {limit['student']:.2f} ms, {f['over_bandwidth_limit']['student_sdpa']:.1f}× it)")
     for f in result["figures"]:
         if "memory" in f:
             mem = f["memory"]
-            cells = ", ".join(
-                f"{c.replace('_', ' ')} {mem[c]['saved_activation_bytes'] / 2**20:.1f} MiB"
-                + (f" (peak {mem[c]['peak_cuda_bytes'] / 2**20:.0f} MiB)" if "peak_cuda_bytes" in mem[c] else "")
-                for c in CANDIDATES
-            )
-            lines += ["", f"{f['figure']}: activations kept for backward: {cells}."]
+            cells = ", ".join(f"{c.replace('_', ' ')} {_mib(mem[c]['saved_activation_bytes'])} kept for backward, "
+                              f"peak {_mib(mem[c].get('peak_bytes'))}" for c in CANDIDATES if c in mem)
+            lines += ["", f"{f['figure']} memory above the weights: {cells}."]
+            if f.get("kd_output_bytes_per_token_vocab_entry") is not None:
+                lines[-1] += (f" The distillation losses' own peak: {f['kd_output_bytes_per_token_vocab_entry']:.2f} "
+                              "bytes per (token × vocabulary) entry.")
     size = result["size"]
     p, kv = size["parameters"], size["kv_cache_bytes_per_token"]
     lines += [

@@ -183,13 +183,17 @@ class CompareConfig(ShareConfig, DistillConfig, EvalConfig):
 class BenchConfig(CommonConfig):
     student: str = opt("", "student folder to measure (default: OUT/student; --engine vllm or llama.cpp: "
                        "OUT/student-distilled where present)")
-    arch: str = opt("", "measure an architecture with random weights instead: a named shape (tinyllama, qwen3-0.6b, "
-                    "qwen2.5-0.5b, llama-3.2-1b, mistral-7b) or a config.json; its student follows --plan")
+    arch: str = opt("", "measure an architecture with random weights instead: a named shape (smollm2-135m, tinyllama, "
+                    "qwen3-0.6b, qwen2.5-0.5b, llama-3.2-1b, mistral-7b) or a config.json; its student follows --plan")
     plan: str = opt("k=2", "sharing plan for --arch (e.g. k=2,followers=9 for the papers' 9 of 22)")
     method: str = opt("copy", "followers for --arch: copy, lisa or drop")
     prefill: str = opt("128,512", "prefill lengths (tokens, batch 1)")
     decode: str = opt("1x128,1x512,8x512", "decode settings, BATCHxCONTEXT")
     decode_steps: int = opt(8, "single-token steps timed per decode call")
+    decode_cache: str = opt("dynamic", "decode's KV cache: dynamic (grows per step) or static (preallocated, what "
+                            "CUDA graphs need; generate(cache_implementation='static') works for students)")
+    compile: bool = opt(False, "torch.compile each decode step (on a GPU with mode reduce-overhead: CUDA graphs, "
+                        "needs --decode-cache static), so decode time is the model's, not Python's launches")
     train_len: int = opt(256, "tokens of the timed training and distillation steps (0: skip them)")
     train_batch: int = opt(1, "sequences in the timed training step")
     repeats: int = opt(5, "timed repeats per candidate")
@@ -203,6 +207,13 @@ class BenchConfig(CommonConfig):
     gguf_generate: int = opt(128, "--engine llama.cpp: tokens generated one at a time after the prompt (tg)")
     serve_cases: str = opt("throughput=64x512+128,prefill=64x512+1,decode=64x32+512,ttft=1x512+1",
                            "--engine vllm: cases as NAME=PROMPTSxLENGTH+NEW_TOKENS")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.decode_cache not in ("dynamic", "static"):
+            raise ValueError(f"--decode-cache must be dynamic or static (got {self.decode_cache!r})")
+        if self.compile and self.decode_cache != "static":
+            raise ValueError("--compile needs --decode-cache static (a compiled step replays fixed shapes)")
 
     def prefill_lengths(self) -> list[int]:
         return [int(x) for x in self.prefill.split(",") if x]

@@ -25,6 +25,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
+from echoatt.bench import peak_memory_bytes
 from echoatt.checkpoints import TrainingError, latest_step, load_checkpoint, resume_point, save_checkpoint
 from echoatt.config import DistillConfig
 from echoatt.corpus import generated_windows, spread, token_windows
@@ -270,9 +271,12 @@ def train(t: Training) -> None:
             t.optimizer.zero_grad(set_to_none=True)
             completed, updating = step + 1, False
             speed = tokens_per_step / (time.perf_counter() - started)
+            peak = peak_memory_bytes(t.accelerator.device)
             t.log({"step": step + 1, **{k: round(v, 6) for k, v in sums.items()}, "lr": t.scheduler.get_last_lr()[0],
-                   "grad_norm": None if grad_norm is None else float(grad_norm), "tokens_per_s": speed})
-            bar.set_postfix({k: f"{v:.3f}" for k, v in sums.items()} | {"tok/s": f"{speed:.0f}"})
+                   "grad_norm": None if grad_norm is None else float(grad_norm), "tokens_per_s": speed,
+                   "peak_memory_bytes": peak})
+            bar.set_postfix({k: f"{v:.3f}" for k, v in sums.items()} | {"tok/s": f"{speed:.0f}"}
+                            | ({} if peak is None else {"peak": f"{peak / 2**30:.1f}GiB"}))
             done = step + 1 == config.steps
             if (config.eval_every and (step + 1) % config.eval_every == 0) or done:
                 bar.write(f"step {step + 1}: validation perplexity {t.validate(step + 1)['val_ppl']:.2f}")

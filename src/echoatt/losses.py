@@ -83,6 +83,102 @@ def hidden_state_loss(
     return torch.stack(losses).mean()
 
 
+CHUNK_BYTES = {"cpu": 2**22}  # float32 logits of one chunk of positions, by device type (others: DEFAULT_CHUNK_BYTES)
+DEFAULT_CHUNK_BYTES = 2**27  # on an accelerator larger chunks keep the matmuls efficient; ~8 such buffers at the peak
+
+
+class _FusedOutputKD(torch.autograd.Function):
+    """w_hard x `hard_label_loss` + w_soft x `soft_label_loss`, computed from the final hidden states and the output
+    embeddings one chunk of positions at a time, each chunk's gradient formed in the forward (as Liger-Kernel's fused
+    linear cross-entropy and JSD do): no (tokens x vocabulary) tensor is ever whole, only a chunk's few float32 ones.
+    Logits are made in the weights' dtype and then made float32, as the models' own output layer and the pure
+    functions do. Returns the weighted loss (differentiable) and the two terms (for the log)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, teacher_hidden, teacher_weight, labels, w_hard, w_soft, temperature, rows):
+        # hidden (N, C), weight (V, C), teacher_hidden (N, Ct), teacher_weight (V, Ct), labels (N,): the next tokens
+        with torch.autocast(hidden.device.type, enabled=False):
+            valid = labels != IGNORE_INDEX  # (N,)
+            count = valid.sum().clamp_min(1)
+            grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+            grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+            hard, soft = hidden.new_zeros((), dtype=torch.float32), hidden.new_zeros((), dtype=torch.float32)
+            for i in range(0, hidden.size(0), rows):
+                h, keep = hidden[i : i + rows], valid[i : i + rows]
+                target = labels[i : i + rows].clamp_min(0)
+                logits = (h @ weight.T).float()  # (rows, V)
+                log_p = torch.log_softmax(logits, -1)
+                hard = hard + (-log_p.gather(1, target[:, None]).squeeze(1) * keep).sum()
+                grad = log_p.exp_().mul_(w_hard)  # d hard / d logits = softmax - onehot (before the mean)
+                grad[torch.arange(len(target), device=grad.device), target] -= w_hard
+                del log_p
+                if w_soft:
+                    log_q = torch.log_softmax(logits.div_(temperature), -1)  # the student's, tempered
+                    teacher = (teacher_hidden[i : i + rows] @ teacher_weight.T).float().div_(temperature)
+                    log_t = torch.log_softmax(teacher, -1)
+                    del teacher
+                    p_t = log_t.exp()
+                    soft = soft + ((p_t * (log_t - log_q)).sum(-1) * keep).sum()
+                    grad += log_q.exp_().sub_(p_t).mul_(w_soft * temperature)  # d T²KL / d logits = T (q - p)
+                    del log_q, log_t, p_t
+                del logits
+                grad *= (keep / count)[:, None]
+                if grad_hidden is not None:
+                    grad_hidden[i : i + rows] = grad.to(weight.dtype) @ weight
+                if grad_weight is not None:
+                    grad_weight.addmm_(grad.T, h.float())
+            hard, soft = hard / count, soft * temperature**2 / count
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        ctx.mark_non_differentiable(hard, soft)
+        return w_hard * hard + w_soft * soft, hard, soft
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        grad_hidden = None if grad_hidden is None else grad_hidden * grad_loss.to(grad_hidden.dtype)
+        grad_weight = None if grad_weight is None else (grad_weight * grad_loss).to(ctx.weight_dtype)
+        return grad_hidden, grad_weight, *[None] * 7
+
+
+def fused_output_kd(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    labels: torch.Tensor,
+    w_hard: float = 1.0,
+    w_soft: float = 1.0,
+    temperature: float = 1.0,
+    chunk_bytes: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(w_hard x hard + w_soft x soft, hard, soft) from final hidden states (B, T, C) and output embeddings (V, C) of
+    student and teacher: the numbers of `hard_label_loss(hidden @ weight.T, labels)` and `soft_label_loss(...)`, and
+    their gradients, holding about six float32 (chunk x vocabulary) tensors at a time instead of the whole batch's
+    logits, log-probabilities and probabilities (which peak near 21 bytes per token x vocabulary entry)."""
+    chunk_bytes = chunk_bytes or CHUNK_BYTES.get(hidden.device.type, DEFAULT_CHUNK_BYTES)
+    rows = max(8, chunk_bytes // (4 * weight.shape[0]))
+    flat = lambda x: x[:, :-1].reshape(-1, x.shape[-1])  # positions t predict labels t + 1
+    return _FusedOutputKD.apply(flat(hidden), weight, flat(teacher_hidden).detach(), teacher_weight.detach(),
+                                labels[:, 1:].reshape(-1), w_hard, w_soft, temperature, rows)
+
+
+def output_weight(model) -> torch.Tensor | None:
+    """The output embeddings (V, C) of a causal LM, unwrapped from DDP, where the fused loss can read them whole; None
+    where it cannot (FSDP shards them, and a module with an output bias or another head is not a plain linear)."""
+    model = getattr(model, "module", model)
+    head = model.get_output_embeddings()
+    weight = getattr(head, "weight", None)
+    if getattr(head, "bias", None) is not None or weight is None or type(weight) is not torch.nn.Parameter:
+        return None
+    if tuple(weight.shape) != (model.config.vocab_size, model.config.hidden_size):
+        return None
+    return weight
+
+
+NO_LOGITS = torch.empty(0, dtype=torch.long)  # `logits_to_keep`: no position's logits (the fused loss makes them)
+
+
 @dataclass(frozen=True)
 class KDLoss:
     """The distillation objective: w_hard x cross-entropy + w_soft x T² KL(teacher ‖ student) + w_hidden x hidden-state
@@ -95,20 +191,32 @@ class KDLoss:
     temperature: float = 2.0
     hidden_loss: str = "mse"
 
-    def __call__(self, student, teacher, ids: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Each term, unweighted, plus `loss` (the weighted sum) for one batch of windows (B, T)."""
-        want_hidden = self.w_hidden > 0
+    def __call__(self, student, teacher, ids: torch.Tensor, fused: bool = True) -> dict[str, torch.Tensor]:
+        """Each term, unweighted, plus `loss` (the weighted sum) for one batch of windows (B, T). With `fused` (and
+        output embeddings it can read whole: not under FSDP) the output terms come from `fused_output_kd`, so no
+        full-batch logits exist; otherwise from the models' logits and the pure functions above (the same numbers)."""
+        weights = (output_weight(student), output_weight(teacher)) if fused else (None, None)
+        fused = weights[0] is not None and weights[1] is not None
+        kw = {"input_ids": ids, "use_cache": False, "output_hidden_states": fused or self.w_hidden > 0}
+        if fused:
+            kw["logits_to_keep"] = NO_LOGITS.to(ids.device)
         with torch.no_grad():
-            t_out = teacher(input_ids=ids, output_hidden_states=want_hidden, use_cache=False)
-        s_out = student(input_ids=ids, output_hidden_states=want_hidden, use_cache=False)
-        terms = {"hard": hard_label_loss(s_out.logits, ids)}
-        if self.w_soft > 0:
-            terms["soft"] = soft_label_loss(s_out.logits, t_out.logits, ids, self.temperature)
-        if want_hidden:
+            t_out = teacher(**kw)
+        s_out = student(**kw)
+        if fused:
+            loss, hard, soft = fused_output_kd(s_out.hidden_states[-1], weights[0], t_out.hidden_states[-1],
+                                               weights[1], ids, self.w_hard, self.w_soft, self.temperature)
+            terms = {"hard": hard, **({"soft": soft} if self.w_soft > 0 else {})}
+        else:
+            terms = {"hard": hard_label_loss(s_out.logits, ids)}
+            if self.w_soft > 0:
+                terms["soft"] = soft_label_loss(s_out.logits, t_out.logits, ids, self.temperature)
+            loss = self.w_hard * terms["hard"] + self.w_soft * terms.get("soft", 0.0)
+        if self.w_hidden > 0:
             layers = slice(1, len(t_out.hidden_states) - 1)
             terms["hidden"] = hidden_state_loss(
                 list(s_out.hidden_states[layers]), list(t_out.hidden_states[layers]), kind=self.hidden_loss
             )
-        weights = {"hard": self.w_hard, "soft": self.w_soft, "hidden": self.w_hidden}
-        terms["loss"] = sum(weights[k] * v for k, v in terms.items())
+            loss = loss + self.w_hidden * terms["hidden"]
+        terms["loss"] = loss
         return terms

@@ -273,9 +273,13 @@ def grouped_values(probs: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     return out.view(b, h, tq, -1).transpose(1, 2)
 
 
-def masked_softmax(logits: torch.Tensor, attention_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """Softmax over keys of (B, H, Tq, Tk) logits under any mask transformers builds: None (causal, the new tokens
-    last), boolean (True = attend), additive float, or a 2-D (B, Tk) padding mask (flash attention)."""
+def masked_softmax(
+    logits: torch.Tensor, attention_mask: torch.Tensor | None, dtype: torch.dtype, top_left: bool = False
+) -> torch.Tensor:
+    """Softmax over keys of (B, H, Tq, Tk) logits under any mask transformers builds: boolean (True = attend), additive
+    float, a 2-D (B, Tk) padding mask (flash attention), or None: causal, aligned as the backend's own causal flag
+    aligns it — bottom-right (the new tokens last: flash) or, with `top_left`, top-left (SDPA's `is_causal`, which
+    transformers relies on for a static cache's prefill, whose keys past the prompt are empty slots)."""
     tq, tk = logits.shape[-2:]
     exact = torch.promote_types(logits.dtype, torch.float32)  # at least float32, as eager attention
     if attention_mask is not None and attention_mask.dim() == 4 and attention_mask.dtype != torch.bool:
@@ -283,7 +287,7 @@ def masked_softmax(logits: torch.Tensor, attention_mask: torch.Tensor | None, dt
     keep = None
     if attention_mask is None or attention_mask.dim() == 2:
         if tq > 1:
-            keep = torch.ones(tq, tk, dtype=torch.bool, device=logits.device).tril(tk - tq)
+            keep = torch.ones(tq, tk, dtype=torch.bool, device=logits.device).tril(0 if top_left else tk - tq)
         if attention_mask is not None:
             pad = attention_mask[:, None, None, :tk].bool()  # (B, 1, 1, Tk)
             keep = pad if keep is None else pad & keep
@@ -351,6 +355,8 @@ class AttentionBase(nn.Module):
         self.source = config.attention_source[layer_idx]
         self.is_leader = config.is_leader(layer_idx)
         self.hands_logits = self.is_leader and config.follower_type == "lisa"
+        readers = [i for i, source in enumerate(config.attention_source) if source == self.source and i != source]
+        self.last_reader = bool(readers) and layer_idx == readers[-1] and self.source != layer_idx
 
     def forward(
         self,
@@ -384,9 +390,17 @@ class AttentionBase(nn.Module):
             raise RuntimeError("shared attention needs the model's forward (it passes the leader's attention on)")
         return handoff
 
+    def _read_source(self, handoff: dict[int, Handoff]) -> Handoff:
+        """What this follower's source handed on. The last reader of a source takes it out of the dict in inference,
+        so a leader's (B, H, Tq, Tk) probabilities are freed as soon as no layer needs them (with gradients autograd
+        keeps them anyway, and a checkpointed follower recomputed in backward must find them again)."""
+        if self.last_reader and not torch.is_grad_enabled():
+            return handoff.pop(self.source)
+        return handoff[self.source]
+
     def _materialised(self, logits, attention_mask, value, handoff: dict | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Softmax of (B, H, Tq, Tk) logits, then P @ V; a leader hands P (and its logits, for LiSA) on."""
-        probs = masked_softmax(logits, attention_mask, value.dtype)
+        probs = masked_softmax(logits, attention_mask, value.dtype, self.config._attn_implementation == "sdpa")
         probs = nn.functional.dropout(probs, self.attention_dropout if self.training else 0.0, self.training)
         if self.is_leader:
             handoff[self.layer_idx] = Handoff(probs=probs, logits=logits if self.hands_logits else None, gathered={})
@@ -464,7 +478,7 @@ class CopyFollowerAttention(AttentionBase):
         return self._index_cache[device]
 
     def attend(self, hidden_states, position_embeddings, attention_mask, cache: Cache | None, kwargs: dict):
-        lead = self._handoff(kwargs)[self.source]
+        lead = self._read_source(self._handoff(kwargs))
         input_shape = hidden_states.shape[:-1]
         value = self.v_proj(hidden_states).view(*input_shape, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         no_keys = value.new_empty((*value.shape[:-1], 0))  # (B, Hkv, T, 0): counts tokens, stores nothing
@@ -506,7 +520,7 @@ class LisaFollowerAttention(AttentionBase):
         value = self.v_proj(hidden_states).view(*input_shape, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         query, key = self.lowrank(hidden_states, position_embeddings)  # (B, H, T, r), (B, Hkv, T, r)
         key, value = self._cache_update(cache, key, value, kwargs)
-        logits = self.align(handoff[self.source].logits) + grouped_scores(query, key, self.lowrank.rank**-0.5)
+        logits = self.align(self._read_source(handoff).logits) + grouped_scores(query, key, self.lowrank.rank**-0.5)
         attn_output, attn_weights = self._materialised(logits, attention_mask, value, handoff)
         return self._out(attn_output, input_shape), attn_weights
 

@@ -323,7 +323,8 @@ def bench(config: BenchConfig) -> dict:
         spec = StudentSpec(plan=config.plan, method=config.method, head_map="identity")
         spec.check(arch.num_hidden_layers)
         print(f"building the {config.arch} architecture with random weights")
-        teacher = AutoModelForCausalLM.from_config(arch).to(dtype)
+        with torch.device(device):  # random weights made on the device, in its dtype (a 7B shape in seconds)
+            teacher = AutoModelForCausalLM.from_config(arch, dtype=dtype)
         heads = list(reversed(range(arch.num_attention_heads)))  # a non-identity map, as a matched student has
         maps = [heads] * arch.num_hidden_layers if spec.mapped else None
         student, _ = spec.build(teacher, None, maps)

@@ -99,7 +99,8 @@ def build_student(
     baseline instead: the followers' attention sub-layers are removed entirely."""
     config = student_config(teacher.config, plan, head_map, method, lisa_rank, lisa_hidden)
     param = next(teacher.parameters())
-    student = EchoAttForCausalLM(config).to(device=param.device, dtype=param.dtype)
+    with torch.device(param.device):  # built where the teacher is (a 7B teacher on a GPU: not initialised on a CPU)
+        student = EchoAttForCausalLM(config).to(dtype=param.dtype)
     weights = teacher.state_dict()
     missing, _ = student.load_state_dict({k: v for k, v in weights.items() if k in student.state_dict()}, strict=False)
     new = [k for k in missing if not is_lisa_parameter(k)]
