@@ -142,7 +142,7 @@ def test_bench_refuses_an_architecture_that_is_not_llama(tmp_path, capsys):
     line = refused(["bench", "--arch", str(gpt2), "--out", str(out)], out, capsys)
     assert "unsupported architecture GPT2LMHeadModel" in line
     line = refused(["bench", "--arch", str(tmp_path / "missing.json"), "--out", str(out)], out, capsys)
-    assert "not one of tinyllama, qwen3-0.6b" in line and "nor a readable config.json" in line
+    assert "not one of smollm2-135m, tinyllama, qwen3-0.6b" in line and "nor a readable config.json" in line
 
 
 def test_a_run_folder_holds_one_student(teacher_dir, corpus_dir, tmp_path, capsys):
