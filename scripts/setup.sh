@@ -39,7 +39,7 @@ setup_serve() {
   [ -x .venv-serve/bin/python ] || "${PYTHON:-python3}" -m venv .venv-serve
   py=.venv-serve/bin/python
   stamp=.venv-serve/.requirements-serve.lock.sha256
-  if ! sha256sum --status -c "$stamp" 2>/dev/null || ! "$py" -c "import echoatt.serve" 2>/dev/null; then
+  if ! sha256sum --status -c "$stamp" 2>/dev/null || ! "$py" -c "import echoatt.engines.vllm_serve, importlib.metadata as m; assert any(e.value == \"echoatt.engines.vllm_serve:register\" for e in m.entry_points(group=\"vllm.general_plugins\"))" 2>/dev/null; then
     "$py" -m pip install -q --disable-pip-version-check torch==2.13.0
     # --no-deps: the lock is the whole set, without the torchvision/torchaudio/torchcodec builds that break `import vllm`
     "$py" -m pip install -q --disable-pip-version-check --no-deps -r requirements-serve.lock

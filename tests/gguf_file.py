@@ -10,8 +10,8 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from echoatt.gguf_export import add_hf_tokenizer, permute_qk
-from echoatt.modeling import head_dim_of
+from echoatt.configuration_echoatt import head_dim_of
+from echoatt.engines.gguf_export import add_hf_tokenizer, permute_qk
 
 
 def write_gguf(model, tokenizer, path: Path, name: str = "tiny") -> Path:

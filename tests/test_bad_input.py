@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import TOY, tiny_teacher
 
 from echoatt.cli import main
 from echoatt.plan import SharingPlan
@@ -74,7 +75,6 @@ def test_teachers_that_cannot_load(teacher_dir, corpus_dir, tmp_path, capsys):
 
 
 def test_tokenizer_larger_than_the_vocabulary(tokenizer, corpus_dir, tmp_path, capsys):
-    from conftest import tiny_teacher
 
     folder = tmp_path / "mismatched"
     tiny_teacher(vocab_size=100).save_pretrained(folder)
@@ -85,15 +85,45 @@ def test_tokenizer_larger_than_the_vocabulary(tokenizer, corpus_dir, tmp_path, c
 
 
 def test_a_teacher_without_tokenizer_serves_plans_that_need_no_text(tokenizer, corpus_dir, tmp_path, capsys):
-    from conftest import tiny_teacher
 
     folder = tmp_path / "weights-only"
     tiny_teacher(vocab_size=len(tokenizer)).save_pretrained(folder)
-    assert main(["share", *common(folder, corpus_dir, tmp_path / "a"), "--head-map", "identity"]) == 0
-    assert main(["share", *common(folder, corpus_dir, tmp_path / "b"), "--method", "drop"]) == 0
+    assert main(["share", *common(folder, corpus_dir, tmp_path / "a"), "--head-map", "identity", *TOY]) == 0
+    assert main(["share", *common(folder, corpus_dir, tmp_path / "b"), "--method", "drop", *TOY]) == 0
     out = tmp_path / "c"
     line = refused(["share", *common(folder, corpus_dir, out)], out, capsys)  # the matched map needs the analysis
     assert "the similarity analysis needs text, but the teacher" in line and "has no usable tokenizer" in line
+    assert "--head-map identity or --method drop" in line and line.endswith("--calibrate 0")  # what works instead
+
+
+def test_a_student_predicted_slower_than_its_teacher_is_refused_unless_asked(teacher_dir, corpus_dir, tmp_path,
+                                                                             capsys):
+    args = ["share", "--teacher", str(teacher_dir), "--corpus", str(corpus_dir), "--seq-len", "32", "--plan", "1-2",
+            "--head-map", "identity", "--calibrate", "0"]
+    line = refused([*args, "--out", str(tmp_path / "a")], tmp_path / "a", capsys)
+    assert "predicted slower than the teacher (decode 0." in line and "--allow-slower" in line
+    assert main([*args, "--out", str(tmp_path / "b"), "--allow-slower"]) == 0
+
+
+def test_bad_options_are_refused_before_the_teacher_loads(tmp_path, capsys, monkeypatch):
+    """Names that are not options' values stop the command at once, with the nearest known name, before any model
+    loads (the teacher here does not even exist) and before anything is written."""
+    import echoatt.teacher
+
+    monkeypatch.setattr(echoatt.teacher, "load_teacher", lambda *a, **k: pytest.fail("the teacher was loaded"))
+    out = tmp_path / "out"
+    for args, said in ((["run", "--head-map", "best"], "(got 'best')"),
+                       (["run", "--method", "lisaa"], "did you mean lisa"),
+                       (["run", "--plan", "buget=decode=1.2"], "did you mean budget"),
+                       (["run", "--tasks", "hellaswg"], "did you mean hellaswag"),
+                       (["eval", "--tasks", "piqa,arc_eazy"], "did you mean arc_easy"),
+                       (["compare", "--methods", "drop,matchd"], "did you mean matched"),
+                       (["bench", "--arch", "tinylama"], "did you mean tinyllama"),
+                       (["bench", "--engine", "llama.cpp", "--student", str(tmp_path / "nope")], "--student"),
+                       (["distill", "--trainable", "everything"], "--trainable must be one of"),
+                       (["export", str(tmp_path / "x.gguf"), "--format", "guff"], "did you mean gguf")):
+        line = refused([*args, "--out", str(out)] if args[0] != "export" else args, out, capsys)
+        assert said in line, (args, line)
 
 
 def test_corpus_that_is_not_the_declared_encoding(teacher_dir, tmp_path, capsys):
@@ -142,7 +172,7 @@ def test_bench_refuses_an_architecture_that_is_not_llama(tmp_path, capsys):
     line = refused(["bench", "--arch", str(gpt2), "--out", str(out)], out, capsys)
     assert "unsupported architecture GPT2LMHeadModel" in line
     line = refused(["bench", "--arch", str(tmp_path / "missing.json"), "--out", str(out)], out, capsys)
-    assert "not one of smollm2-135m, tinyllama, qwen3-0.6b" in line and "nor a readable config.json" in line
+    assert "not one of smollm2-135m, tinyllama, qwen3-0.6b" in line and "nor a config.json file" in line
 
 
 def test_a_run_folder_holds_one_student(teacher_dir, corpus_dir, tmp_path, capsys):
@@ -150,36 +180,36 @@ def test_a_run_folder_holds_one_student(teacher_dir, corpus_dir, tmp_path, capsy
     out = tmp_path / "out"
     args = common(teacher_dir, corpus_dir, out)
     train = ["--steps", "2", "--batch-size", "1", "--grad-accum", "1", "--eval-windows", "2", "--save-every", "1"]
-    assert main(["share", *args, "--plan", "1-2,3-4"]) == 0
+    assert main(["share", *args, *TOY, "--plan", "1-2,3-4"]) == 0
     assert main(["distill", *args, *train]) == 0
     checkpoint = json.loads((out / "checkpoints" / "step-000002" / "trainer.json").read_text())
     assert checkpoint["student"]["attention_source"] == [0, 1, 1, 3, 3, 5]
     # Same plan, another head map: the old checkpoints would be resumed silently under the new config.
-    line = refused(["share", *args, "--plan", "1-2,3-4", "--head-map", "identity"], out, capsys)
+    line = refused(["share", *args, *TOY, "--plan", "1-2,3-4", "--head-map", "identity"], out, capsys)
     assert "already holds another student" in line and "--overwrite" in line
-    line = refused(["share", *args, "--plan", "1-3"], out, capsys)
+    line = refused(["share", *args, *TOY, "--plan", "1-3"], out, capsys)
     assert "already holds another student" in line
     # Even where the folder's student is replaced behind echoatt's back, distill will not resume the other's training.
     shutil.rmtree(out / "student")
-    assert main(["share", *args, "--plan", "1-2,3-4", "--head-map", "identity"]) == 2  # the checkpoints still speak
+    assert main(["share", *args, *TOY, "--plan", "1-2,3-4", "--head-map", "identity"]) == 2  # the checkpoints still speak
+    from echoatt.commands.share import share
     from echoatt.config import ShareConfig
-    from echoatt.pipeline import share
 
     share(ShareConfig(teacher=str(teacher_dir), corpus=str(corpus_dir), seq_len=32, out=str(tmp_path / "other"),
-                      plan="1-2,3-4", head_map="identity"))
+                      plan="1-2,3-4", head_map="identity", allow_slower=True))
     shutil.copytree(tmp_path / "other" / "student", out / "student")
     line = refused(["distill", *args, *train, "--steps", "3"], out, capsys)
     assert "was trained from another student" in line
     # --overwrite clears the old student's training; the same student again keeps its own.
-    assert main(["share", *args, "--plan", "1-2,3-4", "--head-map", "identity", "--overwrite"]) == 0
+    assert main(["share", *args, *TOY, "--plan", "1-2,3-4", "--head-map", "identity", "--overwrite"]) == 0
     assert not (out / "checkpoints").exists() and not (out / "student-distilled").exists()
     assert main(["distill", *args, *train]) == 0
-    assert main(["share", *args, "--plan", "1-2,3-4", "--head-map", "identity"]) == 0
+    assert main(["share", *args, *TOY, "--plan", "1-2,3-4", "--head-map", "identity"]) == 0
     assert (out / "checkpoints" / "latest").is_file()
 
 
 def test_models_with_the_same_folder_name_are_told_apart(tmp_path):
-    from echoatt.pipeline import model_names
+    from echoatt.commands.evaluate import model_names
 
     a, b = tmp_path / "k2" / "student", tmp_path / "th" / "student"
     assert model_names([a, b]) == {"k2/student": a, "th/student": b}
@@ -191,7 +221,6 @@ def test_models_with_the_same_folder_name_are_told_apart(tmp_path):
 def test_a_mixed_students_record_names_its_followers_and_dropped_layers_apart():
     """A mixed copy student (a shared block and dropped attention) is a copy student with dropped layers, not `drop`:
     its identity and the refusal messages built from it say both."""
-    from conftest import tiny_teacher
 
     from echoatt.rundir import describe, student_identity
     from echoatt.student import build_student

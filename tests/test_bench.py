@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import path_tolerance, tiny_teacher
 
+from echoatt import planners
 from echoatt.bench import CANDIDATES, markdown, run_bench
 from echoatt.config import BenchConfig
 from echoatt.cost_model import bound, forward_cost
@@ -17,7 +18,7 @@ from echoatt.student import build_student
 
 def test_bench_result_schema():
     teacher = tiny_teacher().requires_grad_(False)
-    student = build_student(teacher, SharingPlan.from_k(6, 2)).requires_grad_(False)
+    student = build_student(teacher, planners.from_k(6, 2)).requires_grad_(False)
     cfg = BenchConfig(prefill="16", decode="2x16", decode_steps=2, train_len=16, repeats=1, warmup=0)
     result = json.loads(json.dumps(run_bench(teacher, student, cfg, torch.device("cpu"))))
     assert [f["figure"] for f in result["figures"]] == ["prefill", "decode", "train_step", "distill_step"]
@@ -42,7 +43,7 @@ def test_bench_result_schema():
 def test_cost_model_counts_what_followers_skip():
     teacher = tiny_teacher()
     c = teacher.config
-    student = build_student(teacher, SharingPlan.from_k(6, 2))
+    student = build_student(teacher, planners.from_k(6, 2))
     B, T = 1, 32
     t, s = forward_cost(c, B, T, 0, False, 4), forward_cost(student.config, B, T, 0, False, 4)
     qk = 2 * B * T * c.hidden_size * (c.num_attention_heads + c.num_key_value_heads) * c.head_dim
@@ -58,7 +59,7 @@ def test_cost_model_counts_what_followers_skip():
 def test_cost_model_follows_the_path_and_the_method():
     teacher = tiny_teacher()
     c = teacher.config
-    plan = SharingPlan.from_k(6, 2)
+    plan = planners.from_k(6, 2)
     copy = build_student(teacher, plan).config
     lisa = build_student(teacher, plan, method="lisa").config
     B, P, D, Hkv = 4, 64, c.head_dim, c.num_key_value_heads
@@ -109,7 +110,7 @@ def test_what_does_not_fit_is_reported_and_the_rest_measured(monkeypatch):
     from echoatt import bench
 
     teacher = tiny_teacher().requires_grad_(False)
-    student = build_student(teacher, SharingPlan.from_k(6, 2)).requires_grad_(False)
+    student = build_student(teacher, planners.from_k(6, 2)).requires_grad_(False)
     with_impl = bench._with_impl
 
     def eager_runs_out(model, impl):
@@ -141,7 +142,7 @@ def test_decode_from_a_static_cache_gives_the_dynamic_caches_logits(cache):
     """The bench's decode steps from a prompt cache prefilled on SDPA: the static cache (CUDA graphs' kind) gives the
     logits of the dynamic one, for teacher and student, on either backend."""
     from echoatt.bench import prompt_cache
-    from echoatt.modeling import CACHE_KWARG
+    from echoatt.modeling_echoatt import CACHE_KWARG
 
     teacher = tiny_teacher()
     student = build_student(teacher, SharingPlan(6, ((1, 2), (3, 4)), (5,)), [None, None, [1, 0, 3, 2], None,

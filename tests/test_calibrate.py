@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import FAMILIES, tiny_teacher
+from conftest import FAMILIES, TOY, tiny_teacher
 
 from echoatt.calibrate import calibrate_followers
 from echoatt.plan import SharingPlan
@@ -71,7 +71,8 @@ def test_share_calibrates_by_default_and_records_it(teacher_dir, corpus_dir, tmp
     from echoatt.cli import main
 
     monkeypatch.setenv("ECHOATT_CACHE", str(tmp_path / "cache"))
-    args = ["share", "--teacher", str(teacher_dir), "--corpus", str(corpus_dir), "--seq-len", "32", "--plan", "1-2"]
+    args = ["share", "--teacher", str(teacher_dir), "--corpus", str(corpus_dir), "--seq-len", "32", "--plan", "1-2",
+            *TOY]
     assert main([*args, "--out", str(tmp_path / "on")]) == 0
     assert main([*args, "--out", str(tmp_path / "off"), "--calibrate", "0"]) == 0
     on = json.loads((tmp_path / "on" / "student" / "sharing.json").read_text())["calibration"]

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from echoatt import planners
 from echoatt.config import DistillConfig
 from echoatt.distill import TrainingError, batch_indices, distill
 from echoatt.losses import KDLoss
-from echoatt.plan import SharingPlan
 from echoatt.rundir import RunDirError
 from echoatt.student import build_student, save_student
 from echoatt.teacher import load_teacher
@@ -26,7 +26,7 @@ def run_dir(tmp_path, teacher_dir, monkeypatch):
     """OUT with a k=2 student of the tiny teacher, as `echoatt share` leaves it."""
     monkeypatch.setenv("ECHOATT_CACHE", str(tmp_path / "cache"))
     teacher = load_teacher(str(teacher_dir))
-    student = build_student(teacher.model, SharingPlan.from_k(6, 2))
+    student = build_student(teacher.model, planners.from_k(6, 2))
     save_student(student, teacher.tokenizer, tmp_path / "run" / "student")
     return tmp_path / "run"
 
@@ -200,7 +200,7 @@ def test_tied_embeddings_checkpoint_quietly_and_stay_tied(tmp_path, tokenizer, c
     tiny_teacher(vocab_size=len(tokenizer), tie_word_embeddings=True).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     teacher = load_teacher(str(folder))
-    save_student(build_student(teacher.model, SharingPlan.from_k(6, 2)), teacher.tokenizer, tmp_path / "run" / "student")
+    save_student(build_student(teacher.model, planners.from_k(6, 2)), teacher.tokenizer, tmp_path / "run" / "student")
     heard: list[str] = []
     collect = logging.Handler()
     collect.emit = lambda record: heard.append(record.getMessage())

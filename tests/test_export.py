@@ -11,9 +11,9 @@ from safetensors.torch import load_file
 from transformers import AutoConfig
 
 from echoatt.cli import main
-from echoatt.modeling import EchoAttConfig
+from echoatt.configuration_echoatt import EchoAttConfig
+from echoatt.engines.vllm_serve import case_bounds, check_servable, parse_cases, serving_text
 from echoatt.plan import SharingPlan
-from echoatt.serve import case_bounds, check_servable, parse_cases, serving_text
 from echoatt.student import build_student
 
 

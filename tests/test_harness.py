@@ -8,6 +8,7 @@ import logging
 import pytest
 from conftest import FAMILIES
 
+from echoatt import planners
 from echoatt.harness import DEFAULT_TASKS, TASKS_DIR, local_task, markdown_table, zero_shot
 
 
@@ -36,10 +37,9 @@ def test_a_five_item_local_task_end_to_end(tokenizer, tmp_path, model_kind, fami
     )
     model = tiny_teacher(family=family, vocab_size=len(tokenizer))
     if model_kind == "lisa student":
-        from echoatt.plan import SharingPlan
         from echoatt.student import build_student
 
-        model = build_student(model, SharingPlan.from_k(6, 2), method="lisa")
+        model = build_student(model, planners.from_k(6, 2), method="lisa")
     results = zero_shot(model, tokenizer, ["five_items"], batch_size=2, include_path=tmp_path)
     assert results["five_items"]["samples"] == 5
     assert results["five_items"]["acc"] in {i / 5 for i in range(6)}
@@ -51,11 +51,10 @@ def test_a_five_item_local_task_end_to_end(tokenizer, tmp_path, model_kind, fami
 def test_shipped_tasks_read_the_offline_data(tokenizer):
     from conftest import tiny_teacher
 
-    from echoatt.plan import SharingPlan
     from echoatt.student import build_student
 
     teacher = tiny_teacher(vocab_size=len(tokenizer), max_position_embeddings=4096)
-    model = build_student(teacher, SharingPlan.from_k(6, 2))  # a student: a model type lm-eval does not know
+    model = build_student(teacher, planners.from_k(6, 2))  # a student: a model type lm-eval does not know
     heard: list[str] = []
     collect = logging.Handler()
     collect.emit = lambda record: heard.append(record.getMessage())

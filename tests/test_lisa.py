@@ -7,8 +7,9 @@ import torch
 from conftest import QK_PARTS, attention_parameters, path_tolerance
 from transformers import AutoModelForCausalLM
 
+from echoatt.configuration_echoatt import EchoAttConfig
 from echoatt.distill import set_trainable
-from echoatt.modeling import EchoAttConfig, Handoff, output_cache
+from echoatt.modeling_echoatt import Handoff, output_cache
 from echoatt.plan import SharingPlan
 from echoatt.student import build_student, kv_cache_bytes_per_token, parameter_report
 

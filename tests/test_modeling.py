@@ -11,8 +11,9 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from echoatt.bench import saved_activation_bytes
+from echoatt.configuration_echoatt import EchoAttConfig
 from echoatt.distill import set_checkpointing
-from echoatt.modeling import CACHE_KWARG, EchoAttConfig, Handoff, output_cache
+from echoatt.modeling_echoatt import CACHE_KWARG, Handoff, output_cache
 from echoatt.plan import SharingPlan
 from echoatt.student import build_student, kv_cache_bytes_per_token, parameter_report
 

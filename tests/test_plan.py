@@ -5,24 +5,26 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from echoatt.plan import PlanError, SharingPlan, similarity_loss
+from echoatt import planners
+from echoatt.plan import PlanError, SharingPlan
+from echoatt.planners import similarity_loss
 
 
 def test_k2_over_inner_layers_of_30():
-    plan = SharingPlan.from_k(30, 2)
+    plan = planners.from_k(30, 2)
     assert len(plan.followers) == 14
     assert plan.blocks[0] == (1, 2) and plan.blocks[-1] == (27, 28)
     assert 0 not in plan.followers and 29 not in plan.followers
 
 
 def test_k3_leaves_a_single_unshared():
-    plan = SharingPlan.from_k(30, 3)  # inner layers 1..28: nine blocks of 3 and layer 28 alone
+    plan = planners.from_k(30, 3)  # inner layers 1..28: nine blocks of 3 and layer 28 alone
     assert len(plan.blocks) == 9 and len(plan.followers) == 18
     assert 28 not in plan.followers + plan.leaders
 
 
 def test_k_with_first_and_last():
-    plan = SharingPlan.from_k(6, 2, share_first=True, share_last=True)
+    plan = planners.from_k(6, 2, share_first=True, share_last=True)
     assert plan.blocks == ((0, 1), (2, 3), (4, 5))
 
 
@@ -47,20 +49,20 @@ def test_invalid_plans(blocks, message):
 
 
 def test_parse():
-    assert SharingPlan.parse("k=2", 6).blocks == ((1, 2), (3, 4))
-    assert SharingPlan.parse("1-2,3-5", 6).blocks == ((1, 2), (3, 4, 5))
-    assert SharingPlan.parse("none", 6).blocks == ()
-    mixed = SharingPlan.parse("1-2,drop=4,drop=5", 6)
+    assert planners.parse("k=2", 6).blocks == ((1, 2), (3, 4))
+    assert planners.parse("1-2,3-5", 6).blocks == ((1, 2), (3, 4, 5))
+    assert planners.parse("none", 6).blocks == ()
+    mixed = planners.parse("1-2,drop=4,drop=5", 6)
     assert mixed.blocks == ((1, 2),) and mixed.dropped == (4, 5)
-    assert SharingPlan.parse(mixed.spec(), 6) == mixed and SharingPlan(6, ()).spec() == "none"
+    assert planners.parse(mixed.spec(), 6) == mixed and SharingPlan(6, ()).spec() == "none"
     with pytest.raises(PlanError, match="overlaps"):
-        SharingPlan.parse("1-2,drop=2", 6)
+        planners.parse("1-2,drop=2", 6)
     with pytest.raises(PlanError, match="cannot parse"):
-        SharingPlan.parse("every other", 6)
+        planners.parse("every other", 6)
     with pytest.raises(PlanError, match="analysis"):
-        SharingPlan.parse("threshold=0.9", 6)
+        planners.parse("threshold=0.9", 6)
     with pytest.raises(PlanError, match="at least 2"):
-        SharingPlan.parse("k=1", 6)
+        planners.parse("k=1", 6)
 
 
 def test_threshold_groups_followers_with_similar_leaders():
@@ -69,15 +71,15 @@ def test_threshold_groups_followers_with_similar_leaders():
     sim[2, 1] = sim[3, 1] = 0.95  # 2 and 3 resemble 1
     sim[3, 2] = 0.99
     sim[5, 4] = 0.99  # 5 is protected (last layer)
-    plan = SharingPlan.from_threshold(sim, 0.9)
+    plan = planners.from_threshold(sim, 0.9)
     assert plan.blocks == ((1, 2, 3),)
-    assert SharingPlan.from_threshold(sim, 0.9, max_block=2).blocks == ((1, 2),)
+    assert planners.from_threshold(sim, 0.9, max_block=2).blocks == ((1, 2),)
 
 
 def test_papers_nine_of_twenty_two():
-    plan = SharingPlan.parse("k=2,followers=9", 22)
+    plan = planners.parse("k=2,followers=9", 22)
     assert len(plan.followers) == 9 and plan.blocks[-1] == (17, 18)
-    assert len(SharingPlan.parse("k=3,followers=5", 22).followers) == 5
+    assert len(planners.parse("k=3,followers=5", 22).followers) == 5
 
 
 @pytest.mark.parametrize(
@@ -92,8 +94,8 @@ def test_papers_nine_of_twenty_two():
 )
 def test_parse_refuses_what_it_would_otherwise_misread(spec, message):
     with pytest.raises(PlanError, match=message):
-        SharingPlan.parse(spec, 6, head_matched=np.ones((6, 6)))
-    assert SharingPlan.parse("k=4", 6).blocks == ((1, 2, 3, 4),)  # the largest k that fits is fine
+        planners.parse(spec, 6, head_matched=np.ones((6, 6)))
+    assert planners.parse("k=4", 6).blocks == ((1, 2, 3, 4),)  # the largest k that fits is fine
 
 
 def test_budget_picks_the_most_alike_followers_that_reach_the_bounds():
@@ -104,20 +106,20 @@ def test_budget_picks_the_most_alike_followers_that_reach_the_bounds():
         hm[i, 2] = 0.95  # layers 3-5 attend like layer 2
     bounds = lambda plan: {"prefill": 1 + 0.01 * len(plan.followers), "decode": 1 + 0.02 * len(plan.followers),
                            "kv": 1 - 0.05 * len(plan.followers)}
-    plan = SharingPlan.parse("budget=k=2,max=4", 8, hm, bounds=bounds)
+    plan = planners.parse("budget=k=2,max=4", 8, hm, bounds=bounds)
     assert plan.blocks == ((2, 3, 4, 5),)  # 3 followers, as many as k=2's, and the ones alike
     loss = similarity_loss(hm)
     assert sum(map(loss, plan.blocks)) == pytest.approx(3 * 0.05)
-    assert sum(map(loss, SharingPlan.from_k(8, 2).blocks)) > 2.5
-    assert SharingPlan.parse("budget=k=2", 8, hm, bounds=bounds).blocks[0] == (2, 3, 4)  # blocks of at most 3
-    assert len(SharingPlan.parse("budget=decode=1.06", 8, hm, bounds=bounds).followers) == 3
-    assert len(SharingPlan.parse("budget=kv=0.9", 8, hm, bounds=bounds).followers) == 2
+    assert sum(map(loss, planners.from_k(8, 2).blocks)) > 2.5
+    assert planners.parse("budget=k=2", 8, hm, bounds=bounds).blocks[0] == (2, 3, 4)  # blocks of at most 3
+    assert len(planners.parse("budget=decode=1.06", 8, hm, bounds=bounds).followers) == 3
+    assert len(planners.parse("budget=kv=0.9", 8, hm, bounds=bounds).followers) == 2
     with pytest.raises(PlanError, match="cannot be met"):
-        SharingPlan.parse("budget=decode=2", 8, hm, bounds=bounds)
+        planners.parse("budget=decode=2", 8, hm, bounds=bounds)
     with pytest.raises(PlanError, match="unknown option 'speed'"):
-        SharingPlan.parse("budget=speed=2", 8, hm, bounds=bounds)
+        planners.parse("budget=speed=2", 8, hm, bounds=bounds)
     with pytest.raises(PlanError, match="names no target"):
-        SharingPlan.parse("budget=protect=2", 8, hm, bounds=bounds)
+        planners.parse("budget=protect=2", 8, hm, bounds=bounds)
 
 
 def test_budget_avoids_the_blocks_measured_to_cost_most():
@@ -125,11 +127,11 @@ def test_budget_avoids_the_blocks_measured_to_cost_most():
     are; larger blocks replace the pairs inside them when that costs less per follower."""
     hm = np.full((8, 8), 0.9)
     bounds = lambda plan: {"prefill": 1 + 0.01 * len(plan.followers), "decode": 1, "kv": 1}
-    candidates = SharingPlan.budget_candidates("budget=prefill=1.03", 8)
+    candidates = planners.budget_candidates("budget=prefill=1.03", 8)
     assert (1, 2) in candidates and (4, 5, 6) in candidates and (0, 1) not in candidates and (6, 7) not in candidates
     dear = {(1, 2): 5.0, (1, 2, 3): 10.0}  # layer 2 must not follow
     loss = lambda block: dear.get(block, 0.1 * (len(block) - 1))
-    plan = SharingPlan.parse("budget=prefill=1.03", 8, hm, bounds=bounds, block_loss=loss)
+    plan = planners.parse("budget=prefill=1.03", 8, hm, bounds=bounds, block_loss=loss)
     assert 2 not in plan.followers and len(plan.followers) == 3
     assert sum(map(loss, plan.blocks)) == pytest.approx(0.3)
 
@@ -142,7 +144,7 @@ def test_a_move_that_lowers_the_loss_ranks_first_by_how_much_it_lowers_it():
     loss = {a: 0.1, b: 0.1, c: 0.08, d: 0.05}.get
     reached = {(): 0, (a,): 1, (b,): 1, (c,): 0.5, (d,): 0.4, (a, b): 2, (c, b): 2.1, (d, b): 3}
     progress = lambda plan: reached[tuple(sorted(plan.blocks, key=lambda x: x not in (a, c, d)))]
-    plan = SharingPlan.from_budget(10, [a, b, c, d], loss, lambda plan: progress(plan) >= 2.1, progress)
+    plan = planners.from_budget(10, [a, b, c, d], loss, lambda plan: progress(plan) >= 2.1, progress)
     assert plan.blocks == (d, b) and sum(map(loss, plan.blocks)) == pytest.approx(0.15)
 
 
@@ -153,13 +155,13 @@ def test_progress_never_rewards_a_slower_plan():
     bounds = lambda plan: {"prefill": 1 - 0.1 * (slow in plan.blocks), "decode": 1 + 0.05 * len(plan.followers),
                            "kv": 1}
     loss = lambda block: 0.3 if block == slow else 0.2  # dearer: only a reward for slowing prefill would pick it
-    plan = SharingPlan.parse("budget=decode=1.05,prefill=0.9", 8, None, bounds=bounds, block_loss=loss)
+    plan = planners.parse("budget=decode=1.05,prefill=0.9", 8, None, bounds=bounds, block_loss=loss)
     assert slow not in plan.blocks and len(plan.followers) == 1  # one decode follower, never the slowing block
 
 
 def test_drop_budget_takes_its_own_ranking():
     bounds = lambda plan: {"prefill": 1 + 0.01 * len(plan.followers), "decode": 1, "kv": 1}
-    plan = SharingPlan.parse("budget=prefill=1.03", 8, None, bounds=bounds, ranking=[0, 5, 7, 2, 3, 6, 1, 4])
+    plan = planners.parse("budget=prefill=1.03", 8, None, bounds=bounds, ranking=[0, 5, 7, 2, 3, 6, 1, 4])
     assert plan.followers == [2, 3, 5] and plan.blocks == ((1, 2, 3), (4, 5))  # 0 and 7 are never shared
 
 
@@ -167,16 +169,16 @@ def test_a_mixed_budget_weighs_dropping_attention_against_sharing_it():
     """`drop` adds each layer alone as a candidate (its attention dropped); the greedy takes what buys the most
     speed per unit of measured loss, whichever kind it is."""
     bounds = lambda plan: {"prefill": 1 + 0.01 * len(plan.followers) + 0.03 * len(plan.dropped), "decode": 1, "kv": 1}
-    candidates = SharingPlan.budget_candidates("budget=prefill=1.06,drop", 8)
+    candidates = planners.budget_candidates("budget=prefill=1.06,drop", 8)
     assert (2,) in candidates and (1,) not in candidates and (7,) not in candidates  # as followers: 2..6
     cheap_drops = lambda block: 0.05 if len(block) == 1 else 0.1 * (len(block) - 1)
-    plan = SharingPlan.parse("budget=prefill=1.06,drop", 8, None, bounds=bounds, block_loss=cheap_drops)
+    plan = planners.parse("budget=prefill=1.06,drop", 8, None, bounds=bounds, block_loss=cheap_drops)
     assert plan.blocks == () and len(plan.dropped) == 2
     dear_drops = lambda block: 1.0 if len(block) == 1 else 0.1 * (len(block) - 1)
-    plan = SharingPlan.parse("budget=prefill=1.03,drop", 8, None, bounds=bounds, block_loss=dear_drops)
+    plan = planners.parse("budget=prefill=1.03,drop", 8, None, bounds=bounds, block_loss=dear_drops)
     assert plan.dropped == () and len(plan.followers) == 3
     assert "attention dropped at [2, 5]" in SharingPlan(8, ((3, 4),), (2, 5)).describe()
     with pytest.raises(PlanError, match="overlaps"):
         SharingPlan(8, ((2, 3),), (3,))
     with pytest.raises(PlanError, match="measured loss"):
-        SharingPlan.parse("budget=prefill=1.03,drop", 8, np.ones((8, 8)), bounds=bounds)
+        planners.parse("budget=prefill=1.03,drop", 8, np.ones((8, 8)), bounds=bounds)

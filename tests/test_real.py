@@ -8,6 +8,7 @@ import importlib.util
 import pytest
 import torch
 
+from echoatt import planners
 from echoatt.cli import main
 from echoatt.metrics import perplexity
 
@@ -28,7 +29,6 @@ def test_analyze_and_share_on_the_default_teacher(default_teacher, tmp_path, cap
 
     from echoatt.analysis import Similarity
     from echoatt.corpus import token_windows
-    from echoatt.plan import SharingPlan
     from echoatt.student import build_student, head_maps
 
     out = tmp_path / "run"
@@ -45,7 +45,7 @@ def test_analyze_and_share_on_the_default_teacher(default_teacher, tmp_path, cap
 
     _, val = token_windows(default_teacher.tokenizer, "default", 512)
     val = val[torch.linspace(0, len(val) - 1, 6).long()]
-    plan = SharingPlan.from_k(30, 2)
+    plan = planners.from_k(30, 2)
     teacher_ppl = perplexity(default_teacher.model, val)
     plain = perplexity(build_student(default_teacher.model, plan, head_maps(plan, sim, "identity")), val)
     matched = perplexity(student, val)
@@ -103,7 +103,7 @@ def test_the_default_teacher_as_qwen2_gives_the_same_student(default_teacher, tm
     x = train[:2]
     similarity = {}
     logits = {}
-    plan = SharingPlan.from_k(30, 2)
+    plan = planners.from_k(30, 2)
     for name, model in (("llama", default_teacher.model), ("qwen2", qwen)):
         similarity[name] = attention_similarity(model, x, progress=False)
         student = build_student(model, plan, head_maps(plan, similarity[name], "matched"))

@@ -7,14 +7,14 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_teacher
+from conftest import TOY, tiny_teacher
 from transformers import AutoConfig
 
-from echoatt import pipeline, sensitivity
+from echoatt import planners, sensitivity
 from echoatt.analysis import Similarity
 from echoatt.cli import main
+from echoatt.commands import share as share_command
 from echoatt.metrics import repeated_tokens, retrieval
-from echoatt.plan import SharingPlan
 from echoatt.sensitivity import BlockEffects, measure_block_effects
 from echoatt.student import StudentSpec, plan_bounds, student_config
 
@@ -60,7 +60,7 @@ def test_budget_share_measures_blocks_once(teacher_dir, corpus_dir, tmp_path, mo
     monkeypatch.setenv("ECHOATT_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "run"
     args = ["share", "--teacher", str(teacher_dir), "--corpus", str(corpus_dir), "--seq-len", "32", "--out", str(out),
-            "--plan", "budget=prefill=1.01", "--calibrate", "0"]
+            "--plan", "budget=prefill=1.01", "--calibrate", "0", *TOY]
     assert main(args) == 0
     effects = json.loads((out / "block_effects.json").read_text())
     assert set(effects["blocks"]) == {"1-2", "2-3", "3-4", "1-3", "2-4"}  # 6 layers: first and last kept
@@ -69,13 +69,13 @@ def test_budget_share_measures_blocks_once(teacher_dir, corpus_dir, tmp_path, mo
     config, similarity = AutoConfig.from_pretrained(teacher_dir), Similarity.load(out / "similarity.json")
 
     def per_progress(name: str) -> float:  # the planner's first choice: measured loss per share of the way to 1.01
-        plan = SharingPlan.parse(name, 6)
+        plan = planners.parse(name, 6)
         bounds = plan_bounds(config, student_config(config, plan, StudentSpec().head_maps(config, plan, similarity)))
         return sum(effects["blocks"][name].values()) / min((bounds["prefill"] - 1) / 0.01, 1.0)
 
     assert bounds_met(sharing, "prefill", 1.01) and len(sharing["plan"]) == 1  # one block is enough here
     assert f"{sharing['plan'][0][0]}-{sharing['plan'][0][-1]}" == min(effects["blocks"], key=per_progress)
-    monkeypatch.setattr(pipeline, "measure_block_effects", lambda *a, **k: pytest.fail("measured again"))
+    monkeypatch.setattr(share_command, "measure_block_effects", lambda *a, **k: pytest.fail("measured again"))
     assert main(args + ["--overwrite"]) == 0
     assert "measured loss of sharing each block" in capsys.readouterr().out
     assert sensitivity.BlockEffects.load(out / "block_effects.json").blocks.keys() == {
@@ -95,10 +95,10 @@ def test_block_effects_are_measured_again_when_what_they_depend_on_changes(teach
     monkeypatch.setenv("ECHOATT_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "run"
     base = ["--teacher", str(teacher_dir), "--corpus", str(corpus_dir), "--seq-len", "32", "--out", str(out)]
-    share = ["share", *base, "--plan", "budget=prefill=1.01", "--calibrate", "0", "--overwrite"]
+    share = ["share", *base, "--plan", "budget=prefill=1.01", "--calibrate", "0", "--overwrite", *TOY]
     measured = []
-    real = pipeline.measure_block_effects
-    monkeypatch.setattr(pipeline, "measure_block_effects", lambda *a, **k: measured.append(1) or real(*a, **k))
+    real = share_command.measure_block_effects
+    monkeypatch.setattr(share_command, "measure_block_effects", lambda *a, **k: measured.append(1) or real(*a, **k))
     assert main(["analyze", *base, "--num-sequences", "2"]) == 0 and main(share) == 0
     assert main(share) == 0 and len(measured) == 1  # nothing changed: reused
     assert main(["analyze", *base, "--num-sequences", "6"]) == 0 and main(share) == 0

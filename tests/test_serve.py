@@ -20,7 +20,7 @@ import pytest
 import torch
 from conftest import tiny_teacher, worker_results
 
-from echoatt.export import export_decilm
+from echoatt.engines.decilm_export import export_decilm
 from echoatt.plan import SharingPlan
 from echoatt.student import build_student
 

@@ -2,13 +2,23 @@
 
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from echoatt.modeling import EchoAttConfig, EchoAttForCausalLM
-from echoatt.versions import check_transformers
+from echoatt.configuration_echoatt import EchoAttConfig
+from echoatt.modeling_echoatt import EchoAttForCausalLM
+from echoatt.versions import VERSION, check_transformers
 
 check_transformers()
 
 AutoConfig.register(EchoAttConfig.model_type, EchoAttConfig)
 AutoModelForCausalLM.register(EchoAttConfig, EchoAttForCausalLM)
 
-__all__ = ["EchoAttConfig", "EchoAttForCausalLM"]
-__version__ = "0.1.0"
+__all__ = ["EchoAttConfig", "EchoAttForCausalLM", "compress"]
+__version__ = VERSION
+
+
+def __getattr__(name: str):
+    """`echoatt.compress` (the one-call API) is imported when first used, so `import echoatt` stays light."""
+    if name == "compress":
+        from echoatt.api import compress
+
+        return compress
+    raise AttributeError(f"module 'echoatt' has no attribute {name!r}")

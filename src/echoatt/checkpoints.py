@@ -7,7 +7,6 @@ atomically, so a kill mid-write never leaves a broken "latest". Each holds a loa
 
 from __future__ import annotations
 
-import errno
 import json
 import shutil
 from pathlib import Path
@@ -15,12 +14,9 @@ from pathlib import Path
 from accelerate import Accelerator
 from safetensors import SafetensorError
 
+from echoatt.common import TrainingError, disk_full, replaced_atomically
 from echoatt.noise import silence
-from echoatt.rundir import Checkpoint, RunDir, describe, replaced_atomically, same_student
-
-
-class TrainingError(RuntimeError):
-    """Training stopped on bad input or a failure; the message says what was kept."""
+from echoatt.rundir import Checkpoint, RunDir, describe, same_student
 
 
 def latest_step(run: RunDir) -> int:
@@ -55,11 +51,6 @@ def load_checkpoint(accelerator: Accelerator, checkpoint: Checkpoint) -> int:
     """Restore model, optimizer, scheduler and RNG state; return the step it was taken after."""
     accelerator.load_state(str(checkpoint.state))
     return checkpoint.read()["step"]
-
-
-def disk_full(err: BaseException) -> bool:
-    """Whether a write failed for want of disk space (an OSError, or safetensors' own error saying so)."""
-    return getattr(err, "errno", None) == errno.ENOSPC or "No space left on device" in str(err)
 
 
 def save_checkpoint(

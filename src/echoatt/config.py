@@ -6,15 +6,22 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
+from echoatt.common import check_choice, closest, first_line
 from echoatt.losses import KDLoss
 
 
 def opt(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
+
+
+def options(cls: type) -> list[dataclasses.Field]:
+    """The fields of a config that are options of its command: all but those the command sets itself
+    (`SET_BY_COMMAND`: e.g. `compare` gives each of its students its own method and head map)."""
+    return [f for f in dataclasses.fields(cls) if f.name not in getattr(cls, "SET_BY_COMMAND", ())]
 
 
 @dataclass
@@ -43,6 +50,12 @@ class AnalyzeConfig(CommonConfig):
     num_sequences: int = opt(16, "training windows the attention similarity is measured on")
     threshold: float = opt(0.8, "head-matched similarity a layer needs to its leader for the suggested plan")
 
+    def validate(self) -> None:
+        super().validate()
+        if self.num_sequences < 1 or not 0 < self.threshold <= 1:
+            raise ValueError(f"--num-sequences must be at least 1 and --threshold in (0, 1] (got {self.num_sequences}, "
+                             f"{self.threshold})")
+
 
 @dataclass
 class ShareConfig(CommonConfig):
@@ -51,7 +64,7 @@ class ShareConfig(CommonConfig):
                     "budget=k=N (at least blind k=N's predicted speed, with the "
                     "blocks measured to cost least; ',drop': dropping a layer's attention is a candidate too), "
                     "budget=decode=X[,prefill=Y][,kv=Z][,protect=N][,max=3][,drop|,drop-only: dropped attention alone, a plan "
-                    "llama.cpp and DeciLM engines run], k=N[,first][,last][,protect=N], "
+                    "llama.cpp and DeciLM engines run], k=N[,first][,last][,followers=N][,protect=N], "
                     "threshold=X[,max=N][,protect=N], blocks like 1-2,4-6 (drop=N: layer N's attention dropped), or none")
     method: str = opt("copy", "copy (EchoAtt: followers reuse the leader's attention), lisa (head alignment + low-rank "
                       "correction, each follower reading the layer before it) or drop (the baseline: no attention)")
@@ -64,12 +77,25 @@ class ShareConfig(CommonConfig):
     calibrate: int = opt(32, "training windows to refit each follower's o_proj on, against the teacher's attention "
                          "output (0: off; needs the teacher's tokenizer)")
     calibrate_ridge: float = opt(1e-2, "ridge of the refit, relative to the mean diagonal of Z^T Z")
+    allow_slower: bool = opt(False, "build a student the cost model predicts slower than the teacher (prefill or "
+                             "decode bound below 1: LiSA's followers, or a plan too small to pay for its leaders' "
+                             "handoff); refused otherwise")
+
+    def validate(self) -> None:
+        super().validate()
+        from echoatt.student import StudentSpec
+
+        StudentSpec(self.plan, self.method, self.head_map, self.lisa_rank, self.lisa_hidden).check()
+        if self.similarity and not Path(self.similarity).is_file():
+            raise FileNotFoundError(f"--similarity {self.similarity}: no such file (echoatt analyze writes one)")
+        if self.calibrate < 0:
+            raise ValueError(f"--calibrate is a number of windows, 0 for off (got {self.calibrate})")
 
 
 @dataclass
 class DistillConfig(CommonConfig):
     student: str = opt("", "student checkpoint folder to train (default: OUT/student, as `share` writes it)")
-    steps: int = opt(30, "optimizer steps (the default budget finishes in ~15 min on 2 CPU cores)")
+    steps: int = opt(30, "optimizer steps (the default run's 30 take about 8 minutes of its 20 on 2 CPU cores)")
     batch_size: int = opt(2, "windows per micro-batch per process")
     grad_accum: int = opt(2, "micro-batches per optimizer step")
     lr: float = opt(3e-4, "peak learning rate (AdamW)")
@@ -105,6 +131,12 @@ class DistillConfig(CommonConfig):
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
         if not 0 <= self.generated <= 1:
             raise ValueError(f"--generated is a share of the training windows, from 0 to 1 (got {self.generated})")
+        check_choice("--trainable", self.trainable, ("auto", "all", "shared", "lisa"))
+        check_choice("--hidden-loss", self.hidden_loss, ("mse", "cosine"))
+        check_choice("--bf16", self.bf16, ("auto", "yes", "no"))
+        if self.student and not (Path(self.student) / "config.json").is_file():
+            raise FileNotFoundError(f"--student {self.student}: not a model folder (no config.json); echoatt share "
+                                    "writes one to OUT/student")
 
 
 @dataclass
@@ -122,6 +154,14 @@ class EvalConfig(CommonConfig):
     def validate(self) -> None:
         super().validate()
         from echoatt.corpus import NAMED_CORPORA, OTHER_TEXT
+        from echoatt.harness import check_task_names
+
+        check_task_names([t for t in self.tasks.split(",") if t])
+        if self.limit < 0:
+            raise ValueError(f"--limit is items per task, 0 for all (got {self.limit})")
+        for path in filter(None, self.models.split(",")):
+            if not (Path(path) / "config.json").is_file():
+                raise FileNotFoundError(f"--models: {path} is not a model folder (no config.json)")
 
         names = self.other_text.split(",")
         if self.other_text not in ("", OTHER_TEXT) and not all(n in NAMED_CORPORA for n in names) \
@@ -134,6 +174,7 @@ class EvalConfig(CommonConfig):
 class RunConfig(AnalyzeConfig, ShareConfig, DistillConfig, EvalConfig):
     """The main job: analyze -> share -> distill -> evaluate teacher, student before and after KD."""
 
+    SET_BY_COMMAND: ClassVar[tuple[str, ...]] = ("student", "models", "similarity")  # the run's own, in OUT
     limit: int = opt(30, "zero-shot items per task in the main job (0: all; the default keeps it CPU-sized)")
     speed: bool = opt(True, "time teacher vs distilled student at the end: prefill 1 x 512 and decode 8 x 256 context, "
                       "3 repeats (about a minute on 2 CPU cores), beside the analytic bounds")
@@ -144,6 +185,7 @@ class CompareConfig(ShareConfig, DistillConfig, EvalConfig):
     """Attention drop, plain copy, head-matched copy and LiSA at the same layers, each distilled with the same
     budget."""
 
+    SET_BY_COMMAND: ClassVar[tuple[str, ...]] = ("method", "head_map", "models", "student")  # each student's own
     methods: str = opt("drop,identity,matched,lisa", "which students: drop, identity (plain copy), matched, grouped, lisa, "
                        "mixed (with --equal-bound: shared blocks and dropped attention, as the default plan), drop-only "
                        "(with --equal-bound: dropped attention chosen by measured loss, a plan llama.cpp can run)")
@@ -173,6 +215,10 @@ class CompareConfig(ShareConfig, DistillConfig, EvalConfig):
 
     def validate(self) -> None:
         super().validate()
+        from echoatt.student import VARIANTS
+
+        for name in filter(None, self.methods.split(",")):
+            check_choice("--methods: each", name, tuple(VARIANTS))
         if self.equal_bound:
             self.bound_targets()
         if self.distill_points not in ("first", "all", "none"):
@@ -210,8 +256,25 @@ class BenchConfig(CommonConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.decode_cache not in ("dynamic", "static"):
-            raise ValueError(f"--decode-cache must be dynamic or static (got {self.decode_cache!r})")
+        from echoatt.student import StudentSpec
+
+        check_choice("--engine", self.engine, ("torch", "vllm", "llama.cpp"))
+        check_choice("--decode-cache", self.decode_cache, ("dynamic", "static"))
+        check_choice("--dtype", self.dtype, ("auto", "float32", "bfloat16"))
+        if self.arch:
+            from echoatt.archs import ARCHS
+
+            if self.arch not in ARCHS and not Path(self.arch).is_file():
+                raise ValueError(f"--arch {self.arch}: not one of {', '.join(ARCHS)} nor a config.json file"
+                                 f"{closest(self.arch, ARCHS)}")
+            StudentSpec(self.plan, self.method, "identity").check()
+        if self.student and not (Path(self.student) / "config.json").is_file():
+            raise FileNotFoundError(f"--student {self.student}: not a model folder (no config.json)")
+        try:
+            self.prefill_lengths(), self.decode_settings()
+        except ValueError:
+            raise ValueError(f"--prefill takes lengths like 128,512 and --decode BATCHxCONTEXT settings like 1x128,8x512 "
+                             f"(got {self.prefill!r}, {self.decode!r})") from None
         if self.compile and self.decode_cache != "static":
             raise ValueError("--compile needs --decode-cache static (a compiled step replays fixed shapes)")
 
@@ -224,7 +287,7 @@ class BenchConfig(CommonConfig):
 
 @dataclass
 class ExportConfig:
-    out: str = field(default="", metadata={"help": "folder to write the exported model to", "positional": True})
+    out: str = field(default="", metadata={"help": "where to write: a folder (--format decilm) or a .gguf file (--format gguf)", "positional": True})
     student: str = opt("runs/echoatt/student-distilled", "student checkpoint folder to export")
     format: str = opt("decilm", "decilm: a Nemotron-NAS / DeciLM folder that vLLM, SGLang, TensorRT-LLM load without "
                       "echoatt; gguf: one GGUF file (llama.cpp's deci architecture). Both take students whose layers "
@@ -233,20 +296,52 @@ class ExportConfig:
     tokenizer: str = opt("auto", "gguf: the tokenizer's source: auto (the teacher's own GGUF where the student's "
                          "teacher was one, else the student's tokenizer.json), a .gguf file, or hf")
 
+    def validate(self) -> None:
+        check_choice("--format", self.format, ("decilm", "gguf"))
+        check_choice("--type", self.type, ("f32", "f16", "q8_0"))
+        if not self.out:
+            raise ValueError("name the output: echoatt export OUT (a folder for decilm, a .gguf file for gguf)")
+        if not (Path(self.student) / "config.json").is_file():
+            raise FileNotFoundError(f"--student {self.student}: not a student checkpoint (no config.json): run "
+                                    "`echoatt run` or `echoatt share` first, or pass --student")
+
 
 @dataclass
 class ReportConfig:
     run: str = field(default="runs/echoatt", metadata={"help": "the run folder (OUT)", "positional": True})
 
+    def validate(self) -> None:
+        if not Path(self.run).is_dir():
+            raise FileNotFoundError(f"{self.run}: no such run folder (echoatt run writes one)")
+
 
 def load_yaml(cls: type, path: str | Path) -> dict[str, Any]:
-    """The options a YAML file sets for config class `cls`; unknown names are refused."""
-    loaded = yaml.safe_load(Path(path).read_text()) or {}
-    unknown = set(loaded) - {f.name for f in dataclasses.fields(cls)}
+    """The options a YAML file (a recipe) sets for config class `cls`. One recipe serves every command: options of
+    other commands (`steps` read by `share`) are left to them, names no command knows are refused."""
+    try:
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise ValueError(f"--config {path}: cannot read it as YAML ({first_line(err)})") from err
+    if not isinstance(loaded, dict):
+        raise ValueError(f"--config {path}: a recipe is a mapping of option: value")  # noqa: TRY004 (bad input: exit 2)
+    anywhere = {f.name for c in (RunConfig, CompareConfig, BenchConfig, ExportConfig) for f in dataclasses.fields(c)}
+    unknown = sorted(set(loaded) - anywhere)
     if unknown:
-        raise ValueError(f"{path}: unknown options {sorted(unknown)}")
-    return loaded
+        raise ValueError(f"{path}: unknown options {unknown}{closest(unknown[0], anywhere)}")
+    mine = {f.name for f in options(cls)}
+    return {k: v for k, v in loaded.items() if k in mine}
 
 
 def save_config(config: Any, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
+
+
+def record(config: CommonConfig, name: str) -> Path:
+    """The output folder, with the resolved config saved beside the run as `<name>.yaml`. Called once a command's
+    inputs have proved usable, so a command refused on bad input leaves nothing behind."""
+    from echoatt.rundir import RunDir
+
+    run = RunDir(Path(config.out))
+    run.root.mkdir(parents=True, exist_ok=True)
+    save_config(config, run.config_file(name))
+    return run.root

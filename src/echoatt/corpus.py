@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from echoatt.rundir import cache_dir, replaced_atomically
+from echoatt.common import cache_dir, replaced_atomically
 
 if TYPE_CHECKING:
     from echoatt.teacher import Teacher

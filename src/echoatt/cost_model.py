@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from echoatt.modeling import family_fields, head_dim_of, role_of
+from echoatt.configuration_echoatt import family_fields, head_dim_of, role_of
 
 SOFTMAX_FLOPS = 5  # per score: scale, mask add, max, exp, normalise
 ROPE_FLOPS = 3  # per element: x*cos + rotate(x)*sin

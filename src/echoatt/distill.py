@@ -26,13 +26,14 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
 from echoatt.bench import peak_memory_bytes
-from echoatt.checkpoints import TrainingError, latest_step, load_checkpoint, resume_point, save_checkpoint
-from echoatt.config import DistillConfig
+from echoatt.checkpoints import latest_step, load_checkpoint, resume_point, save_checkpoint
+from echoatt.common import TrainingError
+from echoatt.config import DistillConfig, record
+from echoatt.configuration_echoatt import is_lisa_parameter, role_of
 from echoatt.corpus import generated_windows, spread, token_windows
 from echoatt.losses import KDLoss
 from echoatt.metrics import nll_sum
-from echoatt.modeling import is_lisa_parameter, role_of
-from echoatt.rundir import SHARING_FILE, RunDir, device_of, identity_of, record, setup
+from echoatt.rundir import SHARING_FILE, RunDir, device_of, identity_of, setup
 from echoatt.teacher import Teacher, load_teacher
 
 TRAINABLE = ("auto", "shared", "lisa", "all")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from echoatt.common import closest
 from echoatt.noise import silence
 from echoatt.rundir import headline_metric, zero_shot_summary
 
@@ -41,13 +42,31 @@ def task_manager(include_path: str | None = None):
     return TaskManager(include_path=[str(TASKS_DIR)] + ([include_path] if include_path else []))
 
 
+def check_task_names(tasks: list[str]) -> None:
+    """Refuse at once a name one or two letters off a task of the offline suite (`hellaswg`), before lm-eval's slow
+    task index is read; names further from the suite may be lm-eval's own tasks (`check_tasks` decides)."""
+    import difflib
+
+    for task in tasks:
+        if (TASKS_DIR / f"{task}.yaml").is_file():
+            continue
+        near = [t for t in DEFAULT_TASKS if abs(len(t) - len(task)) <= 1
+                and difflib.SequenceMatcher(None, t, task).ratio() >= 0.85]
+        if near:
+            raise ValueError(f"unknown zero-shot task {task!r} (did you mean {near[0]}?): the offline suite is "
+                             f"{','.join(DEFAULT_TASKS)}")
+
+
 def check_tasks(tasks: list[str], include_path: str | None = None) -> None:
-    """Refuse unknown task names before any model is scored."""
+    """Refuse unknown task names before any model is scored, naming the nearest known ones."""
+    check_task_names(tasks)
+    if all(local_task(t) != t for t in tasks):  # the offline suite only: no need for lm-eval's index
+        return
     known = set(task_manager(include_path).all_tasks)
     unknown = [t for t in tasks if local_task(t) not in known]
     if unknown:
-        raise ValueError(f"unknown zero-shot tasks {unknown}: the offline suite is {','.join(DEFAULT_TASKS)}; any "
-                         "other name must be an lm-eval task")
+        raise ValueError(f"unknown zero-shot tasks {unknown}{closest(unknown[0], [*DEFAULT_TASKS, *known])}: the "
+                         f"offline suite is {','.join(DEFAULT_TASKS)}; any other name must be an lm-eval task")
 
 
 def zero_shot(
@@ -114,13 +133,13 @@ def cached_zero_shot(
     another prompt."""
     import lm_eval
 
-    from echoatt import __version__
+    from echoatt.common import cache_dir, replaced_atomically
     from echoatt.corpus import fingerprint
-    from echoatt.rundir import cache_dir, replaced_atomically
+    from echoatt.versions import VERSION
 
     folder = cache_dir() / "scores"
     weight = next(model.parameters())  # scores on another device or dtype are other scores
-    key = (stamp, limit, batch_size, lm_eval.__version__, __version__, weight.device.type, weight.dtype,
+    key = (stamp, limit, batch_size, lm_eval.__version__, VERSION, weight.device.type, weight.dtype,
            "items")  # entries with per-item outcomes
     files = {t: folder / f"{fingerprint(*key, task_definition(t))}.json" for t in tasks}
     results = {t: json.loads(f.read_text()) for t, f in files.items() if f.is_file()}

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import markdown
 
+from echoatt.common import is_model_folder
+from echoatt.engines.vllm_serve import serving_text
 from echoatt.plan import AT_MOST
 from echoatt.rundir import (
     OTHER_ROW,
@@ -22,11 +24,9 @@ from echoatt.rundir import (
     RunSummary,
     SharingInfo,
     TradeCurve,
-    is_model_folder,
     read_student_config,
     zero_shot_summary,
 )
-from echoatt.serve import serving_text
 
 
 @dataclass

@@ -8,16 +8,14 @@ another student and `share` never puts a new student beside an old one's trainin
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
 import shutil
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from echoatt.common import first_line, is_model_folder
 from echoatt.plan import AT_MOST
 
 if TYPE_CHECKING:  # this module needs no torch to be imported: `report` reads run folders without it
@@ -26,26 +24,6 @@ if TYPE_CHECKING:  # this module needs no torch to be imported: `report` reads r
 # Config fields that say how a student runs, not what it is: they may change without making it another student.
 RUNTIME_FIELDS = ("transformers_version", "_name_or_path", "dtype", "torch_dtype", "reuse_path", "reuse_crossover",
                   "use_cache", "architectures", "auto_map")
-
-
-def cache_dir() -> Path:
-    """Where converted teachers and tokenised data live (`ECHOATT_CACHE`, else ~/.cache/echoatt)."""
-    return Path(os.environ.get("ECHOATT_CACHE", Path.home() / ".cache" / "echoatt"))
-
-
-def first_line(err: BaseException) -> str:
-    """An exception as one line, for error messages: its type and the first line of its message."""
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0] if text else ''}".strip()
-
-
-@contextlib.contextmanager
-def replaced_atomically(path: Path) -> Iterator[Path]:
-    """A temporary path beside `path` (one per process) that replaces `path` once written: a reader, or another
-    process writing the same file, never sees it half-written."""
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    yield tmp
-    tmp.replace(path)
 
 
 def threads_of(config: CommonConfig) -> int:
@@ -62,17 +40,6 @@ def setup(config: CommonConfig) -> None:
 
     torch.manual_seed(config.seed)
     torch.set_num_threads(threads_of(config))
-
-
-def record(config: CommonConfig, name: str) -> Path:
-    """The output folder, with the resolved config saved beside the run as `<name>.yaml`. Called once a command's
-    inputs have proved usable, so a command refused on bad input leaves nothing behind."""
-    from echoatt.config import save_config
-
-    run = RunDir(Path(config.out))
-    run.root.mkdir(parents=True, exist_ok=True)
-    save_config(config, run.config_file(name))
-    return run.root
 
 
 def device_of(config: CommonConfig) -> str:
@@ -208,7 +175,7 @@ class TradeCurve:
     def distilled(self, label: str, target: float, bounds: dict[str, float], scores: dict[str, dict],
                   reference: dict[str, dict], speed: dict | None = None) -> None:
         """The distilled student's point, from `evaluate`'s scores: perplexity, probe, zero-shot mean and its gap to
-        the `reference` (the teacher's scores); and its short measured speed (`pipeline.quick_speed`) where timed."""
+        the `reference` (the teacher's scores); and its short measured speed (`commands.bench.quick_speed`) where timed."""
         point = {"target": target, "bounds": bounds, "perplexity": scores["held-out text"]["perplexity"],
                  "measured": speed or {}}
         point["retrieval"] = next((v["acc"] for k, v in scores.items() if k.startswith("retrieval")), None)
@@ -240,11 +207,6 @@ class TradeCurve:
         data = json.loads(path.read_text())
         data["trained"] = {k: v if isinstance(v, list) else [v] for k, v in data.get("trained", {}).items()}  # 1 each before
         return cls(**data)
-
-
-def is_model_folder(path: Path) -> bool:
-    """A folder that `from_pretrained` may load (its config.json is there)."""
-    return (path / "config.json").is_file()
 
 
 class RunDirError(ValueError):

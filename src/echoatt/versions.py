@@ -8,6 +8,8 @@ from importlib import metadata
 from packaging.requirements import Requirement
 from packaging.version import Version
 
+VERSION = "0.1.0"  # echoatt's own (pyproject.toml reads it from here)
+
 
 def declared_range(package: str) -> str | None:
     """The version range echoatt's metadata declares for `package` (e.g. '<5.25,>=5.10.4'), None if not declared or

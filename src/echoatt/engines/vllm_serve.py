@@ -1,4 +1,4 @@
-"""Serving a student: the vLLM plugin entry point, and where and how a student can be served.
+"""vLLM: the plugin entry point, what a student must be to run there, how to serve it, and `bench --engine vllm`.
 
 `register` is the `vllm.general_plugins` entry point (pyproject.toml): vLLM calls it in every process it starts, and it
 registers echoatt's config with transformers and `EchoAttForCausalLM` with vLLM's model registry, lazily by name, so
@@ -8,13 +8,10 @@ registers echoatt's config with transformers and `EchoAttForCausalLM` with vLLM'
 from __future__ import annotations
 
 import copy
-import importlib.util
-import json
 import os
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
+
+from echoatt.engines.environments import SERVE_ENV, run_worker
 
 ARCHITECTURE = "EchoAttForCausalLM"
 
@@ -23,10 +20,10 @@ def register() -> None:
     """vLLM's plugin hook: echoatt's config class for transformers, its vLLM model class by module path."""
     from vllm import ModelRegistry
 
-    import echoatt  # noqa: F401  (registers the echoatt_llama config with AutoConfig)
+    import echoatt.configuration_echoatt  # noqa: F401  (the package registers the student's config with AutoConfig)
 
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
-        ModelRegistry.register_model(ARCHITECTURE, "echoatt.vllm_model:EchoAttForCausalLM")
+        ModelRegistry.register_model(ARCHITECTURE, "echoatt.engines.vllm_model:EchoAttForCausalLM")
 
 
 def check_servable(config, max_model_len: int, tensor_parallel: int, pipeline_parallel: int) -> None:
@@ -47,48 +44,6 @@ def check_servable(config, max_model_len: int, tensor_parallel: int, pipeline_pa
         raise ValueError(f"--max-model-len {max_model_len} passes the teacher's sliding window "
                          f"({config.context_window}); echoatt students refuse contexts past it: pass "
                          f"--max-model-len {config.context_window} or less")
-
-
-# --- where vLLM runs, and `echoatt bench --engine vllm` --------------------------------------------------------------
-
-SERVE_ENV = ".venv-serve"  # made by `bash scripts/setup.sh --serve`
-ENGINES = {  # engine -> (its environment, the module it imports, the variable naming another Python, how to get it)
-    "vllm": (SERVE_ENV, "vllm", "ECHOATT_SERVE_PYTHON",
-             "`bash scripts/setup.sh --serve` (CPU: makes .venv-serve) or `pip install \"echoatt[serve]\"` (GPU)"),
-    "llama.cpp": (".venv-llamacpp", "llama_cpp", "ECHOATT_LLAMACPP_PYTHON",
-                  "`bash scripts/setup.sh --llamacpp` (makes .venv-llamacpp, building llama.cpp once)"),
-}
-
-
-def engine_python(engine: str = "vllm") -> Path:
-    """The Python that has `engine`: its variable ($ECHOATT_SERVE_PYTHON, $ECHOATT_LLAMACPP_PYTHON), this one where the
-    engine imports, else its environment in the working folder or in echoatt's checkout."""
-    folder, module, variable, how = ENGINES[engine]
-    if os.environ.get(variable):
-        return Path(os.environ[variable])
-    if importlib.util.find_spec(module) is not None:
-        return Path(sys.executable)
-    for root in (Path.cwd(), Path(__file__).resolve().parents[2]):
-        candidate = root / folder / "bin" / "python"
-        if candidate.is_file():
-            return candidate
-    raise FileNotFoundError(f"{engine} is not installed here and there is no {folder}: run {how}, or set {variable}")
-
-
-def run_worker(engine: str, script: str, request: dict, env: dict | None = None) -> dict:
-    """Run echoatt's `script` (a file beside this one, which imports only the engine and the standard library: the
-    engine's environment need not hold echoatt) with REQUEST.json in the engine's Python; its `RESULT {json}` line."""
-    python = engine_python(engine)
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "request.json"
-        path.write_text(json.dumps(request))
-        print(f"timing teacher and student in {engine} ({python})")
-        done = subprocess.run([str(python), str(Path(__file__).with_name(script)), str(path)], env={**os.environ, **(env or {})},
-                              capture_output=True, text=True, check=False)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    if done.returncode or not lines:
-        raise RuntimeError(f"{engine} bench failed:\n{(done.stdout + done.stderr)[-4000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
 
 
 def serve_command(student: Path, config) -> str:
@@ -154,13 +109,13 @@ def case_bounds(teacher_config, student_config, case: dict[str, int], dtype_byte
 
 
 def bench_vllm(config, teacher: Path, student: Path) -> dict:
-    """Time teacher and student in vLLM (`echoatt.vllm_bench`, in the serve environment), with bounds beside."""
+    """Time teacher and student in vLLM (`vllm_worker.py`, in the serve environment), with bounds beside."""
     from transformers import AutoConfig
 
     cases = parse_cases(config.serve_cases)
     request = {"models": {"teacher": str(teacher), "student": str(student)}, "cases": cases, "dtype": config.dtype,
                "eager": True, "repeats": config.repeats, "memory_fraction": 0.3}
-    measured = run_worker("vllm", "vllm_bench.py", request,
+    measured = run_worker("vllm", "vllm_worker.py", request,
                           {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")})
     teacher_config, student_config = AutoConfig.from_pretrained(teacher), AutoConfig.from_pretrained(student)
     dtype = measured["dtype"]  # "auto" resolved by the worker: float32 on CPUs, bfloat16 on accelerators
@@ -191,54 +146,4 @@ def vllm_markdown(result: dict) -> str:
                      f"| {f['timings_s']['teacher']['median']:.2f} s | {f['timings_s']['student']['median']:.2f} s "
                      f"| {f['ratio']:.3f}× | {b['prefill']:.3f}× | {decode} "
                      f"| {f['tokens_per_s']['student']:.0f} |")
-    return "\n".join(lines)
-
-
-# --- `echoatt bench --engine llama.cpp` --------------------------------------------------------------------------------
-
-GGUF_BYTES = {"f32": 4, "f16": 2, "q8_0": 1}  # bytes per weight the decode bound counts (q8_0: 34 bytes per 32)
-
-
-def bench_llamacpp(config, teacher: Path, student: Path, folder: Path) -> dict:
-    """Teacher and student exported to GGUF at each of `config.gguf_types`, timed in llama.cpp (pp and tg), with the
-    bounds beside: prompt processing by FLOPs, generation by bytes at the mean context."""
-    from transformers import AutoConfig
-
-    from echoatt.cost_model import bound
-    from echoatt.gguf_export import export_gguf
-    from echoatt.teacher import gguf_of
-
-    tokenizer = gguf_of(teacher)
-    teacher_config, student_config = AutoConfig.from_pretrained(teacher), AutoConfig.from_pretrained(student)
-    p, g = config.gguf_prompt, config.gguf_generate
-    figures = []
-    for kind in filter(None, config.gguf_types.split(",")):
-        files = {name: folder / f"{name}-{kind}.gguf" for name in ("teacher", "student")}
-        for name, source in (("teacher", teacher), ("student", student)):
-            print(f"exporting the {name} to {files[name]}")
-            export_gguf(source, files[name], kind, tokenizer)
-        measured = run_worker("llama.cpp", "llamacpp_bench.py",
-                              {"models": {k: str(v) for k, v in files.items()}, "prompt": p, "generate": g,
-                               "repeats": config.repeats, "threads": config.threads})
-        flags = {"teacher_eager": False, "student_eager": False, "dtype_bytes": GGUF_BYTES[kind]}
-        bounds = {"pp": bound(teacher_config, student_config, B=1, T=p, P=0, logits=1, **flags).value,
-                  "tg": bound(teacher_config, student_config, B=1, T=1, P=p + g // 2, **flags).value}
-        for fig, tokens in (("pp", p), ("tg", g)):
-            t, s = (measured["timings_s"][name][fig] for name in ("teacher", "student"))
-            figures.append({"type": kind, "figure": f"{fig}{tokens}", "timings_s": {"teacher": t, "student": s},
-                            "tokens_per_s": {"teacher": tokens / t["median"], "student": tokens / s["median"]},
-                            "ratio": t["median"] / s["median"], "bound": bounds[fig]})
-    return {"engine": "llama.cpp", "llama_cpp_python": measured["llama_cpp_python"], "threads": measured["threads"],
-            "repeats": config.repeats, "figures": figures}
-
-
-def llamacpp_markdown(result: dict) -> str:
-    """The llama.cpp speed table: tokens/s of teacher and student per type and figure, ratio beside its bound."""
-    lines = [(f"llama.cpp (llama-cpp-python {result['llama_cpp_python']}), {result['threads']} threads; medians of "
-              f"{result['repeats']} interleaved repeats after a warm-up. pp: prompt processing in one batch (bound by "
-              "FLOPs); tg: generation one token at a time after it (bound by bytes)."), "",
-             "| type | figure | teacher tokens/s | student tokens/s | ratio | bound |", "|---|---|---|---|---|---|"]
-    for f in result["figures"]:
-        lines.append(f"| {f['type']} | {f['figure']} | {f['tokens_per_s']['teacher']:.1f} "
-                     f"| {f['tokens_per_s']['student']:.1f} | {f['ratio']:.3f}× | {f['bound']:.3f}× |")
     return "\n".join(lines)

@@ -1,6 +1,4 @@
-"""`echoatt export`: a student in a format engines that take no plugins load.
-
-`decilm`: a student whose layers are only ordinary or dropped is exactly a Nemotron-NAS / DeciLM model (`block_configs`
+"""DeciLM / Nemotron-NAS: `echoatt export --format decilm` — a student whose layers are only ordinary or dropped is exactly a Nemotron-NAS / DeciLM model (`block_configs`
 with `attention.no_op`), which vLLM (`nemotron_nas.py`), SGLang, TensorRT-LLM and llama.cpp (`deci`) load. The keys
 are the ones vLLM's `DeciLMDecoderLayer` reads: `attention.no_op`, `attention.n_heads_in_group` (query heads per KV
 head), `ffn.ffn_mult` (intermediate size = `int(2 * ffn_mult * hidden / 3)` rounded up to a multiple of 256) or
@@ -16,48 +14,12 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-from echoatt.config import ExportConfig
-from echoatt.modeling import EchoAttConfig, llama_fields
+from echoatt.configuration_echoatt import EchoAttConfig, llama_fields
 from echoatt.plan import PlanError
+from echoatt.rundir import SHARING_FILE
 
-FORMATS = ("decilm", "gguf")
 CONFIG_SOURCE = Path(__file__).with_name("configuration_decilm.py")
 WEIGHT_FILES = ("*.safetensors", "*.safetensors.index.json")
-
-
-def export(config: ExportConfig) -> Path:
-    """Write the student `config.student` in `config.format` to `config.out`."""
-    if config.format not in FORMATS:
-        raise ValueError(f"--format must be one of {', '.join(FORMATS)} (got {config.format!r})")
-    if not config.out:
-        raise ValueError("name the output: echoatt export OUT (a folder for decilm, a .gguf file for gguf)")
-    student = Path(config.student)
-    if not (student / "config.json").is_file():
-        raise FileNotFoundError(f"{student} is not a student checkpoint (no config.json): run `echoatt run` or "
-                                "`echoatt share` first, or pass --student")
-    if config.format == "gguf":
-        return export_to_gguf(config, student)
-    out = export_decilm(student, Path(config.out))
-    print(f"wrote {out} (DeciLM / Nemotron-NAS); serve it without echoatt: vllm serve {out} --trust-remote-code")
-    return out
-
-
-def export_to_gguf(config: ExportConfig, student: Path) -> Path:
-    from echoatt.gguf_export import export_gguf
-    from echoatt.rundir import saved_identity
-    from echoatt.teacher import gguf_of
-
-    out = Path(config.out)
-    out = out if out.suffix == ".gguf" else out / f"{student.name}-{config.type}.gguf"
-    if config.tokenizer == "auto":
-        teacher = (saved_identity(student) or {}).get("teacher")
-        source = gguf_of(teacher) if teacher else None
-    else:
-        source = None if config.tokenizer == "hf" else Path(config.tokenizer)
-    export_gguf(student, out, config.type, source)
-    print(f"wrote {out} ({config.type}; tokenizer from {source or 'the student'}); run it in llama.cpp, e.g. "
-          f"llama-cli -m {out}")
-    return out
 
 
 def block_configs(config: EchoAttConfig) -> list[dict]:
@@ -112,7 +74,7 @@ def export_decilm(student: Path, out: Path) -> Path:
             index = json.loads(path.read_text())
             index["weight_map"] = {k: v for k, v in index["weight_map"].items() if k not in unused}
             (out / path.name).write_text(json.dumps(index, indent=2))
-        elif path.is_file() and path.suffix != ".py" and path.name not in ("config.json", "sharing.json"):
+        elif path.is_file() and path.suffix != ".py" and path.name not in ("config.json", SHARING_FILE):
             shutil.copy2(path, out / path.name)
     (out / "config.json").write_text(json.dumps(fields, indent=2))
     shutil.copy2(CONFIG_SOURCE, out / CONFIG_SOURCE.name)

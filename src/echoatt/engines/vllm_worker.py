@@ -1,5 +1,5 @@
 """Teacher and student timed in vLLM, interleaved: the worker `echoatt bench --engine vllm` runs in the serve
-environment (`python .../echoatt/vllm_bench.py REQUEST.json`; it prints one `RESULT {json}` line). It imports only vLLM
+environment (`python .../echoatt/engines/vllm_worker.py REQUEST.json`; it prints one `RESULT {json}` line). It imports only vLLM
 and the standard library.
 
 Both models are loaded side by side (two engines, one busy at a time); each case is a batch of random-token prompts

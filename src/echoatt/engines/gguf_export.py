@@ -23,7 +23,7 @@ import gguf
 import numpy as np
 from safetensors.numpy import load_file
 
-from echoatt.modeling import EchoAttConfig
+from echoatt.configuration_echoatt import EchoAttConfig
 from echoatt.plan import PlanError
 
 TYPES = {  # --type -> (file type, tensor type for 2-D weights)

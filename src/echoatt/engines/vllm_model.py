@@ -1,7 +1,7 @@
-"""echoatt students in vLLM: the model class the plugin (`echoatt.serve.register`) registers for `EchoAttForCausalLM`.
+"""echoatt students in vLLM: the model class the plugin (`echoatt.engines.vllm_serve.register`) registers for `EchoAttForCausalLM`.
 
 Imports vLLM, so only the serve environment (`scripts/setup.sh --serve`, or `pip install "echoatt[serve]"`) imports
-it; vLLM loads it lazily by name. It mirrors `echoatt.modeling` with vLLM's own layers — paged `Attention`, fused
+it; vLLM loads it lazily by name. It mirrors `echoatt.modeling_echoatt` with vLLM's own layers — paged `Attention`, fused
 QKV and gate/up projections, fused residual RMSNorm, rotary embeddings from `get_rope` — so the student is served,
 batched, sampled and cached as any model vLLM knows. Per role (`EchoAttConfig.role`):
 - ordinary / leader: LLaMA's attention (Qwen2's q/k/v bias, Qwen3's q/k norms where the family has them). A leader
@@ -44,8 +44,8 @@ from vllm.model_executor.models.utils import (
 )
 from vllm.sequence import IntermediateTensors
 
-from echoatt.modeling import EchoAttConfig
-from echoatt.serve import check_servable
+from echoatt.configuration_echoatt import EchoAttConfig
+from echoatt.engines.vllm_serve import check_servable
 
 STACKED = (  # checkpoint name part -> (vLLM parameter name part, shard)
     (".q_proj", ".qkv_proj", "q"),

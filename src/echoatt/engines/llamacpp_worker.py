@@ -1,5 +1,5 @@
 """Teacher and student GGUF files timed in llama.cpp, interleaved: the worker `echoatt bench --engine llama.cpp` runs in
-the llama.cpp environment (`python .../echoatt/llamacpp_bench.py REQUEST.json`; it prints one `RESULT {json}` line). It
+the llama.cpp environment (`python .../echoatt/engines/llamacpp_worker.py REQUEST.json`; it prints one `RESULT {json}` line). It
 imports only llama-cpp-python and the standard library, so that environment needs no echoatt.
 
 The two figures of llama.cpp's own `llama-bench`: prompt processing (`pp`: one batch of N prompt tokens from an empty

@@ -1,0 +1,108 @@
+"""Time teacher and student (`echoatt bench`): echoatt's own PyTorch model, or each run by an engine."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from echoatt.common import is_model_folder
+from echoatt.config import (
+    BenchConfig,
+    CompareConfig,
+    RunConfig,
+    record,
+)
+from echoatt.rundir import QUICK_SPEED, RunDir, device_of, read_student_config, setup
+from echoatt.student import (
+    StudentSpec,
+)
+from echoatt.teacher import Teacher, load_teacher, resolve_source
+
+
+def bench(config: BenchConfig, loaded: Teacher | None = None) -> dict:
+    """Speed and size, teacher vs student, in one process: a trained pair from OUT (`loaded`: the teacher, already
+    loaded), or an architecture (--arch)."""
+    from transformers import AutoModelForCausalLM
+
+    from echoatt.archs import ARCHS, arch_config
+    from echoatt.bench import run_bench, save
+
+    config.validate()
+    if config.engine in ("vllm", "llama.cpp"):
+        return bench_in_engine(config)
+    if config.engine != "torch":
+        raise ValueError(f"--engine must be torch, vllm or llama.cpp (got {config.engine!r})")
+    setup(config)
+    device = torch.device(device_of(config))
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(config.dtype)
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if config.arch:
+        arch = arch_config(config.arch)
+        spec = StudentSpec(plan=config.plan, method=config.method, head_map="identity")
+        spec.check(arch.num_hidden_layers)
+        print(f"building the {config.arch} architecture with random weights")
+        with torch.device(device):  # random weights made on the device, in its dtype (a 7B shape in seconds)
+            teacher = AutoModelForCausalLM.from_config(arch, dtype=dtype)
+        heads = list(reversed(range(arch.num_attention_heads)))  # a non-identity map, as a matched student has
+        maps = [heads] * arch.num_hidden_layers if spec.mapped else None
+        student, _ = spec.build(teacher, None, maps)
+        name = f"bench-{config.arch if config.arch in ARCHS else Path(config.arch).stem}"
+        name += "" if config.method == "copy" else f"-{config.method}"
+    else:
+        path = Path(config.student) if config.student else RunDir(Path(config.out)).student
+        read_student_config(path)
+        teacher = (loaded or load_teacher(config.teacher)).model
+        student = AutoModelForCausalLM.from_pretrained(path)
+        name = "bench"
+    run = RunDir(record(config, "bench"))
+    for model in (teacher, student):
+        model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    roles = [student.config.role(i) for i in range(student.config.num_hidden_layers)]
+    print(f"plan: of {len(roles)} layers, {sum(r in ('copy', 'lisa') for r in roles)} follow "
+          f"({student.config.follower_type}) and {roles.count('dropped')} have no attention; "
+          f"{device}, {dtype}, {torch.get_num_threads()} threads")
+    result = run_bench(teacher, student, config, device)
+    print(save(result, run.results(name)))
+    return result
+
+
+def bench_in_engine(config: BenchConfig) -> dict:
+    """`bench --engine vllm|llama.cpp`: this run's teacher and student, each run by the engine, timed side by side."""
+    from echoatt.engines import llamacpp_bench, vllm_serve
+    from echoatt.engines.environments import engine_python
+
+    if config.arch:
+        raise ValueError(f"--engine {config.engine} times a teacher and its student checkpoint; --arch is for "
+                         "--engine torch")
+    if config.engine == "vllm":
+        vllm_serve.parse_cases(config.serve_cases)
+    engine_python(config.engine)  # refuse before any work where the engine is nowhere
+    run = RunDir(Path(config.out))
+    student = Path(config.student) if config.student else (  # a --student given is used as it is (validated)
+        run.distilled if is_model_folder(run.distilled) else run.student)
+    read_student_config(student)
+    teacher = Path(resolve_source(config.teacher))
+    run = RunDir(record(config, "bench"))
+    if config.engine == "vllm":
+        result, name = vllm_serve.bench_vllm(config, teacher, student), "bench-vllm"
+        table = vllm_serve.vllm_markdown(result)
+    else:
+        result, name = llamacpp_bench.bench_llamacpp(config, teacher, student, run.root / "gguf"), "bench-llamacpp"
+        table = llamacpp_bench.llamacpp_markdown(result)
+    json_path, md_path = run.results(name)
+    json_path.write_text(json.dumps(result, indent=2))
+    md_path.write_text(table + "\n")
+    print(table)
+    return result
+
+
+def quick_speed(config: RunConfig | CompareConfig, student: Path, teacher: Teacher | None = None) -> dict[str, dict]:
+    """A short measured speed of `student` against the teacher (`bench` at QUICK_SPEED, written beside it in
+    config.out): {figure: {"setting", "ratio", "bound"}}, the ratio on SDPA with its analytic bound."""
+    print("timing teacher vs distilled student (`echoatt bench` for the full set)")
+    result = bench(BenchConfig(**{k: getattr(config, k) for k in ("teacher", "out", "device", "seed", "threads")},
+                               student=str(student), **QUICK_SPEED), teacher)
+    return {f["figure"]: {"setting": f["setting"], "ratio": f["ratios"]["headline"]["ratio"],
+                          "bound": f["ratios"]["headline"]["bound"]} for f in result["figures"]}

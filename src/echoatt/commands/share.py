@@ -1,0 +1,201 @@
+"""Build the student for a plan (`echoatt share`): the run folder claimed, the plan measured and resolved,
+the student calibrated and saved."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from echoatt import planners
+from echoatt.analysis import Similarity
+from echoatt.calibrate import calibrate_followers
+from echoatt.checkpoints import checkpoint_identities
+from echoatt.commands.analyze import analyze_with_defaults
+from echoatt.config import (
+    ShareConfig,
+    record,
+)
+from echoatt.configuration_echoatt import family_fields
+from echoatt.corpus import spread, token_windows
+from echoatt.modeling_echoatt import EchoAttForCausalLM
+from echoatt.plan import PlanError, SharingPlan
+from echoatt.rundir import (
+    RunDir,
+    RunDirError,
+    SharingInfo,
+    describe,
+    device_of,
+    identity_of,
+    same_student,
+    setup,
+    student_identity,
+)
+from echoatt.sensitivity import BlockEffects, measure_block_effects
+from echoatt.student import (
+    StudentSpec,
+    kv_cache_bytes_per_token,
+    parameter_report,
+    plan_bounds,
+    save_student,
+)
+from echoatt.teacher import Teacher, load_teacher
+
+
+def find_similarity(config: ShareConfig) -> Similarity | None:
+    path = Path(config.similarity) if config.similarity else RunDir(Path(config.out)).similarity
+    if config.similarity and not path.is_file():
+        raise FileNotFoundError(f"no similarity file at {path}")
+    return Similarity.load(path) if path.is_file() else None
+
+
+def claim_run_folder(run: RunDir, identity: dict, overwrite: bool) -> None:
+    """Refuse to put a student into a folder that holds another one, or another one's checkpoints; with
+    `overwrite`, clear them first. The same student again (a re-run) is welcome: its checkpoints stay."""
+    held = []
+    if run.student.exists():
+        try:
+            held.append(identity_of(run.student))
+        except RunDirError:
+            held.append(None)  # a damaged student is another student
+    held += checkpoint_identities(run)
+    others = [h for h in held if not same_student(h, identity)]
+    if not others:
+        return
+    if not overwrite:
+        what = describe(others[0]) if others[0] else "an unreadable or unlabelled student"
+        raise RunDirError(f"{run.root} already holds another student ({what}) or its checkpoints; use another --out, "
+                          "or --overwrite to clear them")
+    print(f"--overwrite: clearing the previous student and its training in {run.root}")
+    run.clear_student()
+
+
+def spec_of(config: ShareConfig) -> StudentSpec:
+    return StudentSpec(**{f.name: getattr(config, f.name) for f in dataclasses.fields(StudentSpec)})
+
+
+def share(
+    config: ShareConfig, teacher: Teacher | None = None, similarity: Similarity | None = None
+) -> EchoAttForCausalLM:
+    """Build the student for `config.plan`, save it to OUT/student, and print the parameter savings."""
+    config.validate()
+    setup(config)
+    run = RunDir(Path(config.out))
+    teacher = teacher or load_teacher(config.teacher, device=device_of(config), context=config.seq_len)
+    spec = spec_of(config)
+    spec.check(teacher.model.config.num_hidden_layers)
+    similarity = similarity or find_similarity(config)
+    if similarity is None and teacher.tokenizer is None and spec.without_text() != spec:
+        print(f"the teacher has no tokenizer: nothing to measure a budget plan with, so plan {spec.without_text().plan}")
+        spec = spec.without_text()
+    if similarity is None and spec.needs_analysis:
+        print("no similarity analysis found: measuring it first (echoatt analyze)")
+        similarity = analyze_with_defaults(config, teacher)
+    effects = block_effects(config, teacher, spec, similarity, run)
+    student, plan = spec.build(teacher.model, similarity, block_loss=effects.loss if effects else None)
+    check_faster(plan_bounds(teacher.model.config, student.config), plan, config.allow_slower)
+    calibration, windows = calibration_settings(config, teacher, student)
+    identity = student_identity(student.config, teacher.name, calibration)
+    claim_run_folder(run, identity, config.overwrite)
+    record(config, "share")
+    if calibration:
+        report = calibrate_followers(student, teacher.model, windows, config.calibrate_ridge)
+        print(report.summary())
+        calibration = calibration | report.means()
+    info = SharingInfo(
+        identity=identity,
+        plan=[list(b) for b in plan.blocks],
+        dropped=list(plan.dropped),
+        method=spec.method,
+        head_map=spec.head_map if spec.mapped else None,
+        lisa=({"rank": student.config.lisa_rank, "hidden": student.config.lisa_hidden}
+              if spec.method == "lisa" else None),
+        parameters=parameter_report(teacher.model, student),
+        kv_cache_bytes_per_token_bf16={"teacher": kv_cache_bytes_per_token(teacher.model.config),
+                                       "student": kv_cache_bytes_per_token(student.config)},
+        calibration=calibration,
+        bounds=plan_bounds(teacher.model.config, student.config),
+        family={"architectures": teacher.model.config.architectures, **family_fields(student.config)},
+    )
+    path = save_student(student, teacher.tokenizer, run.student, info)
+    print_student(info, student.config)
+    print(f"wrote the student to {path}")
+    return student
+
+
+def check_faster(bounds: dict[str, float], plan: SharingPlan, allowed: bool) -> None:
+    """Refuse, before anything is written, a student the cost model predicts slower than its teacher (unless asked
+    for): a prefill or decode bound below 1."""
+    slower = {k: v for k, v in bounds.items() if k in ("prefill", "decode") and v < 1}
+    if slower and not allowed:
+        said = ", ".join(f"{k} {v:.3f}x" for k, v in slower.items())
+        raise PlanError(f"plan {plan.describe()} is predicted slower than the teacher ({said}): choose a plan that "
+                        "saves more (e.g. budget=k=2,drop, or --method drop), or pass --allow-slower to build it")
+
+
+EFFECT_TEXT_WINDOWS, EFFECT_PROBE = 1, (2, 128)  # what each candidate block is scored on: cheap, paired with the teacher
+
+
+def block_effects(config: ShareConfig, teacher: Teacher, spec: StudentSpec, similarity: Similarity | None,
+                  run: RunDir) -> BlockEffects | None:
+    """For a budget plan, the measured loss of each candidate block (`sensitivity.py`), kept in the run folder
+    beside the analysis and reused while teacher, method, head map and text stay the same; None for other plans or
+    a teacher without tokenizer (the similarity then predicts the loss)."""
+    if (not spec.plan.strip().startswith("budget=") or teacher.tokenizer is None
+            or spec.drop_ranking(similarity) is not None):  # attention drop ranks by its own criterion
+        return None
+    candidates = planners.budget_candidates(spec.plan.strip(), teacher.model.config.num_hidden_layers)
+    settings = block_effect_settings(config, teacher, spec, similarity)
+    effects = BlockEffects.load(run.block_effects) or BlockEffects({}, {}, settings)
+    known = effects.known(settings)
+    missing = [b for b in candidates if b not in known]
+    if missing:  # measure what is not known yet under these settings
+        train, _ = token_windows(teacher.tokenizer, config.corpus, config.seq_len, config.encoding)
+        probe = teacher.retrieval_probe(*EFFECT_PROBE, seed=config.seed)
+        fresh = measure_block_effects(teacher.model, spec, similarity, missing, spread(train, EFFECT_TEXT_WINDOWS),
+                                      probe, settings)
+        effects = BlockEffects(fresh.teacher, known | fresh.blocks, settings)
+        run.root.mkdir(parents=True, exist_ok=True)
+        effects.save(run.block_effects)
+    print(effects.summary())
+    return effects
+
+
+def block_effect_settings(config: ShareConfig, teacher: Teacher, spec: StudentSpec,
+                          similarity: Similarity | None) -> dict:
+    """What measured block effects depend on, the key they are kept under: the teacher's weights (its stamp), the
+    method and head maps (the analysis they come from, by content), and the text (corpus, encoding, windows, seed)."""
+    maps = similarity.fingerprint() if similarity is not None and spec.mapped and spec.head_map != "identity" else None
+    return {"teacher": teacher.stamp(), "method": spec.method, "head_map": spec.head_map, "analysis": maps,
+            "corpus": config.corpus, "encoding": config.encoding, "seq_len": config.seq_len, "seed": config.seed,
+            "text_windows": EFFECT_TEXT_WINDOWS, "probe": list(EFFECT_PROBE)}
+
+
+def calibration_settings(config: ShareConfig, teacher: Teacher, student) -> tuple[dict | None, torch.Tensor | None]:
+    """What the refit of the followers will use (settings, and the training windows, read now so that a corpus that
+    cannot be used is refused before the run folder is touched); None where there is nothing to refit or no text."""
+    if not config.calibrate or not any(student.config.role(i) in ("copy", "lisa") for i in student.config.followers()):
+        return None, None
+    if teacher.tokenizer is None:
+        print(f"the teacher has no tokenizer ({teacher.tokenizer_error}): the followers are not calibrated")
+        return None, None
+    train, _ = token_windows(teacher.tokenizer, config.corpus, config.seq_len, config.encoding)
+    settings = {"windows": config.calibrate, "ridge": config.calibrate_ridge, "corpus": config.corpus,
+                "seq_len": config.seq_len}
+    return settings, spread(train, config.calibrate)
+
+
+def print_student(info: SharingInfo, config) -> None:
+    how = {"copy": f"head map: {info.head_map}", "drop": "attention dropped",
+           "lisa": f"LiSA, rank {config.lisa_rank}, align hidden {config.lisa_hidden}, "
+                   f"starting from head map: {info.head_map}"}[info.method]
+    params, kv = info.parameters, info.kv_cache_bytes_per_token_bf16
+    plan = SharingPlan(config.num_hidden_layers, tuple(tuple(b) for b in info.plan), tuple(info.dropped))
+    print(f"plan: {plan.describe()} ({how})")
+    print(f"parameters: teacher {params['teacher']:,}  student {params['student']:,}  "
+          f"removed {params['removed']:,} ({params['removed_percent']:.2f}%)")
+    print(f"KV cache per token (bf16): teacher {kv['teacher']:,} B  student {kv['student']:,} B")
+    b = info.bounds
+    print(f"predicted bounds (bf16, teacher time / student time): prefill 1x512 {b['prefill']:.3f}x, "
+          f"decode 16 x 1024 context {b['decode']:.3f}x")
