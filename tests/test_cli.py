@@ -294,3 +294,21 @@ def test_a_kv_curve_says_at_most():
     curve.add("attention drop", {"target": 0.7, "followers": 2, "bounds": {"prefill": 1.1, "decode": 1.2, "kv": 0.66},
                                  "perplexity": 2.0, "retrieval": 0.5})
     assert curve.lines()[0].startswith("attention drop at kv <= 0.7:")
+
+
+def test_help_and_version_load_no_model_code():
+    """`echoatt COMMAND --help` and `--version` answer from the configs alone: transformers' model code (seconds to
+    import) is loaded only when a command runs, which then registers the student's Auto classes."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.argv = ['echoatt', 'share', '--help']\nfrom echoatt.cli import main\ntry:\n    main()\n"
+            "except SystemExit:\n    pass\nprint('MODEL CODE', 'transformers.modeling_utils' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "--allow-slower" in done.stdout and "the student (plan, method, calibration):" in done.stdout
+    assert "MODEL CODE False" in done.stdout
+    version = subprocess.run([sys.executable, "-m", "echoatt.cli", "--version"], capture_output=True, text=True,
+                             check=True)
+    from echoatt.versions import VERSION
+
+    assert version.stdout.strip() == f"echoatt {VERSION}"

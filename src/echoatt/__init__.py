@@ -1,24 +1,33 @@
-"""echoatt: share attention across the layers of a Llama, Mistral or Qwen model, then distil it back to quality."""
+"""echoatt: share attention across the layers of a Llama, Mistral or Qwen model, then distil it back to quality.
 
-from transformers import AutoConfig, AutoModelForCausalLM
+`import echoatt` registers the student with transformers' Auto classes. The names below are imported when first used,
+so the command line answers `--help` without loading model code (it registers when a command runs)."""
 
-from echoatt.configuration_echoatt import EchoAttConfig
-from echoatt.modeling_echoatt import EchoAttForCausalLM
-from echoatt.versions import VERSION, check_transformers
+import sys
+from pathlib import Path
 
-check_transformers()
-
-AutoConfig.register(EchoAttConfig.model_type, EchoAttConfig)
-AutoModelForCausalLM.register(EchoAttConfig, EchoAttForCausalLM)
+from echoatt.versions import VERSION
 
 __all__ = ["EchoAttConfig", "EchoAttForCausalLM", "compress"]
 __version__ = VERSION
+LAZY = {"EchoAttConfig": "echoatt.configuration_echoatt", "EchoAttForCausalLM": "echoatt.modeling_echoatt",
+        "compress": "echoatt.api"}
 
 
 def __getattr__(name: str):
-    """`echoatt.compress` (the one-call API) is imported when first used, so `import echoatt` stays light."""
-    if name == "compress":
-        from echoatt.api import compress
+    if name in LAZY:
+        import importlib
 
-        return compress
+        return getattr(importlib.import_module(LAZY[name]), name)
     raise AttributeError(f"module 'echoatt' has no attribute {name!r}")
+
+
+def _command_line() -> bool:
+    """Whether this process is the `echoatt` command (its script, or `python -m echoatt.cli`)."""
+    return bool(sys.argv) and (Path(sys.argv[0]).name == "echoatt" or sys.argv[0] == "-m")
+
+
+if not _command_line():
+    from echoatt.registration import register
+
+    register()

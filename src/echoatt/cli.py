@@ -27,6 +27,7 @@ from echoatt.config import (
     load_yaml,
     options,
 )
+from echoatt.registration import register
 
 COMMANDS = {  # name -> (config class, "module:function" run with it, help)
     "run": (RunConfig, "echoatt.commands.run:run",
@@ -131,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = from_args(cls, args)
         config.validate()  # every option that needs no teacher, before anything is loaded or written
+        register()  # the student's Auto classes (`import echoatt` does this outside the command line)
         command_function(args.command)(config)
     except INPUT_ERRORS as err:
         print(f"echoatt {args.command}: error: {err}", file=sys.stderr)

@@ -20,7 +20,9 @@ def register() -> None:
     """vLLM's plugin hook: echoatt's config class for transformers, its vLLM model class by module path."""
     from vllm import ModelRegistry
 
-    import echoatt.configuration_echoatt  # noqa: F401  (the package registers the student's config with AutoConfig)
+    from echoatt.registration import register as register_student
+
+    register_student()  # the student's config, for transformers inside vLLM
 
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
         ModelRegistry.register_model(ARCHITECTURE, "echoatt.engines.vllm_model:EchoAttForCausalLM")
