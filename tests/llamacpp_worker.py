@@ -2,11 +2,20 @@
 llama.cpp (llama-cpp-python, CPU), score token-id prompts and greedy-generate; print one JSON line per model.
 
 `python tests/llamacpp_worker.py JOBS.json` with JOBS a list of {"model", "prompts", "max_tokens"}: for each prompt
-the logits of every position (`all_logits`) or of the last (default), and the greedy continuation."""
+the logits of every position (`all_logits`) or of the last (default), and the greedy continuation; or of
+{"model", "texts"}: each text's tokens."""
 
 import json
 import sys
 from pathlib import Path
+
+
+def tokenized(job: dict) -> dict:
+    """Each text as llama.cpp tokenizes it (special tokens parsed, BOS/EOS as the file says to add them)."""
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=job["model"], vocab_only=True, verbose=False)
+    return {"model": job["model"], "tokens": [llm.tokenize(t.encode(), add_bos=True, special=True) for t in job["texts"]]}
 
 
 def run(job: dict) -> dict:
@@ -33,4 +42,4 @@ def run(job: dict) -> dict:
 
 if __name__ == "__main__":
     for job in json.loads(Path(sys.argv[1]).read_text()):
-        print("RESULT " + json.dumps(run(job)), flush=True)
+        print("RESULT " + json.dumps(tokenized(job) if "texts" in job else run(job)), flush=True)

@@ -33,6 +33,8 @@ def test_a_drop_student_exports_as_decilm_blocks(tmp_path, capsys):
     assert [b["attention"]["no_op"] for b in config["block_configs"]] == [False, False, False, True, True, False]
     assert [b["attention"]["n_heads_in_group"] for b in config["block_configs"]] == [2, 2, 2, None, None, 2]
     assert config["qkv_bias"] is True and config["attention_bias"] is False  # Qwen2: q/k/v bias, none on o
+    teacher_theta = AutoConfig.from_pretrained(student).rope_parameters["rope_theta"]
+    assert config["rope_theta"] == teacher_theta  # engines that read no rope_parameters (SGLang) would take 10000
     weights = load_file(tmp_path / "out" / "model.safetensors")
     assert "model.layers.3.input_layernorm.weight" not in weights  # a no-op attention layer has no input norm
     assert "model.layers.2.input_layernorm.weight" in weights and "model.layers.3.mlp.up_proj.weight" in weights

@@ -13,11 +13,11 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_teacher, worker_results
+from conftest import TEXT, tiny_teacher, worker_results
 
 from echoatt import planners
 from echoatt.cli import main
-from echoatt.plan import SharingPlan
+from echoatt.plan import PlanError, SharingPlan
 from echoatt.student import build_student
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -209,3 +209,99 @@ def test_bench_times_teacher_and_student_ggufs_in_llamacpp(tmp_path, tokenizer, 
     assert all(f["bound"] > 1 and f["ratio"] > 0 for f in result["figures"])
     heads = gguf.GGUFReader(str(tmp_path / "run" / "gguf" / "student-f16.gguf")).fields["deci.attention.head_count"]
     assert heads.contents() == [4, 4, 0, 4, 0, 4]
+
+
+# --- text to tokens in llama.cpp, for tokenizers written from HF files -------------------------------------------------
+
+TEXTS = [
+    "It's a truth universally acknowledged; don't, we'll, I'd, you're, they've.",  # contractions
+    "In 1813, 12345 / 3.14159 = 3930.1 and 007",  # numbers
+    "def square(x):\n    return x ** 2  # comment\n",  # code
+    "a  b   c\t\td\n\n\ne    ",  # whitespace runs
+    "Привет мир, 你好世界, مرحبا بالعالم",  # non-Latin
+    "emoji 🙂👍🏽🚀 done",  # emoji
+    "<|im_start|>user\nhello<|im_end|>",  # special tokens in the text
+]
+SPLITS = {  # each family's pre-tokenizer as its tokenizer.json has it
+    "smollm": None,  # Digits(individual) + ByteLevel(use_regex=True)
+    "qwen2": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+    "llama-bpe": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+}
+
+
+def family_tokenizer(style: str):
+    """A byte-level BPE trained in the test with a family's own pre-tokenizer, special and added tokens, and (Llama 3)
+    a BOS added by its post-processor."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    if SPLITS[style] is None:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                     pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(SPLITS[style]), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=special,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([TEXT * 2, *TEXTS * 3], trainer)
+    tok.add_tokens(["echoatt"])  # an added token that is not special
+    bos = None
+    if style == "llama-bpe":
+        tok.add_special_tokens(["<|begin_of_text|>"])
+        bos = "<|begin_of_text|>"
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, tok.token_to_id(bos))])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos or "<|endoftext|>", eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>")
+
+
+@pytest.mark.llamacpp
+def test_llamacpp_tokenizes_text_as_transformers_does(tmp_path):
+    """A GGUF written from HF tokenizer files (SmolLM-, Qwen- and Llama-3-style pre-tokenizers, special and added
+    tokens, a BOS the tokenizer adds) tokenizes contractions, numbers, code, whitespace runs, non-Latin text, emoji
+    and special tokens in llama.cpp exactly as transformers does."""
+    need_llamacpp()
+    jobs, expected = [], {}
+    for style in SPLITS:
+        tokenizer = family_tokenizer(style)
+        folder = drop_student(tmp_path / style, tokenizer)
+        path = tmp_path / f"{style}.gguf"
+        assert main(["export", str(path), "--format", "gguf", "--type", "f32", "--student", str(folder),
+                     "--tokenizer", "hf"]) == 0
+        assert gguf.GGUFReader(str(path)).fields["tokenizer.ggml.pre"].contents() == style
+        jobs.append({"model": str(path), "texts": TEXTS})
+        expected[str(path)] = [tokenizer(t)["input_ids"] for t in TEXTS]
+    results = llamacpp_results(jobs, tmp_path)
+    for path, tokens in expected.items():
+        for text, ours, theirs in zip(TEXTS, results[path]["tokens"], tokens, strict=True):
+            assert ours == theirs, f"{Path(path).stem}: {text!r}: llama.cpp {ours} vs transformers {theirs}"
+
+
+def test_a_pre_tokenizer_llamacpp_would_misread_is_refused():
+    from echoatt.engines.gguf_export import pre_tokenizer_name
+
+    split = {"type": "Split", "pattern": {"Regex": r"\w+|\W"}, "behavior": "Isolated", "invert": False}
+    unknown = {"type": "Sequence", "pretokenizers": [split, {"type": "ByteLevel", "use_regex": False}]}
+    with pytest.raises(PlanError, match="not one echoatt maps to llama.cpp's"):
+        pre_tokenizer_name(unknown)
+    assert pre_tokenizer_name({"type": "ByteLevel", "use_regex": True}) == "gpt-2"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_precision_checkpoint_exports(tmp_path, tokenizer, dtype):
+    """bf16 and fp16 students (as most hub teachers are) export, read tensor by tensor."""
+    student = drop_student(tmp_path, tokenizer)
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(student).to(dtype).save_pretrained(tmp_path / "half")
+    tokenizer.save_pretrained(tmp_path / "half")
+    assert main(["export", str(tmp_path / "half.gguf"), "--format", "gguf", "--type", "f16", "--student",
+                 str(tmp_path / "half")]) == 0
+    tensors = {t.name: t for t in gguf.GGUFReader(str(tmp_path / "half.gguf")).tensors}
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path / "half").model.embed_tokens.weight.detach().float()
+    np.testing.assert_array_equal(np.asarray(tensors["token_embd.weight"].data, dtype=np.float32),
+                                  reference.to(torch.float16).float().numpy())

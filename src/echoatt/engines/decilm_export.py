@@ -51,6 +51,7 @@ def decilm_config(config: EchoAttConfig) -> dict:
     out_bias = config.attention_bias if config.attention_out_bias is None else config.attention_out_bias
     if config.context_window is not None:  # the teacher's sliding window bounds the context served
         fields["max_position_embeddings"] = min(fields["max_position_embeddings"], config.context_window)
+    fields["rope_theta"] = config.rope_parameters["rope_theta"]  # engines that read no rope_parameters (SGLang)
     fields.update(attention_bias=out_bias, qkv_bias=config.attention_bias, block_configs=block_configs(config),
                   model_type="nemotron-nas", architectures=["DeciLMForCausalLM"],
                   auto_map={"AutoConfig": "configuration_decilm.DeciLMConfig"})

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import gguf
 import numpy as np
-from safetensors.numpy import load_file
 
 from echoatt.configuration_echoatt import EchoAttConfig
 from echoatt.plan import PlanError
@@ -57,20 +56,54 @@ def check_expressible(config: EchoAttConfig) -> None:
         raise PlanError(f"RoPE scaling {rope!r} is not exported to GGUF yet (default RoPE only)")
 
 
+# The pre-tokenizers of tokenizer.json that llama.cpp has under a name of its own (`tokenizer.ggml.pre`): a byte-level
+# BPE splits text by a regex first, and llama.cpp must split it by the same one, or its tokens differ from
+# transformers' (its "default" is none of these). Keyed by the split regex of a `Split` + `ByteLevel(use_regex=False)`
+# sequence; GPT-2's own regex (`ByteLevel(use_regex=True)`) is "gpt-2", or "smollm" after `Digits(individual)`.
+PRE_TOKENIZERS = {
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+":
+        "llama-bpe",  # Llama 3
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+":
+        "qwen2",  # Qwen2, Qwen2.5, Qwen3
+}
+
+
+def pre_tokenizer_name(pre: dict | None) -> str:
+    """llama.cpp's name for a tokenizer.json pre-tokenizer, or a refusal naming what it is."""
+    steps = (pre or {}).get("pretokenizers", [pre] if pre else [])
+    kinds = [step.get("type") for step in steps]
+    byte_level = next((step for step in steps if step.get("type") == "ByteLevel"), None)
+    if kinds == ["ByteLevel"] and byte_level.get("use_regex", True):
+        return "gpt-2"
+    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and byte_level.get("use_regex", True):
+        return "smollm"  # digits one by one, then GPT-2's regex (SmolLM, StarCoder)
+    if kinds == ["Split", "ByteLevel"] and not byte_level.get("use_regex", True):
+        name = PRE_TOKENIZERS.get(steps[0].get("pattern", {}).get("Regex"))
+        if name:
+            return name
+    raise PlanError(f"the tokenizer's pre-tokenizer ({' + '.join(map(str, kinds)) or 'none'}) is not one echoatt maps "
+                    "to llama.cpp's (GPT-2, SmolLM, Llama 3, Qwen2), and llama.cpp would split text otherwise: export "
+                    "with --tokenizer FILE.gguf, a GGUF file of the same tokenizer")
+
+
 def add_hf_tokenizer(writer: gguf.GGUFWriter, tokenizer) -> None:
-    """A byte-level BPE vocabulary (tokenizer.json) as llama.cpp stores one: tokens by id, their types, the merges."""
+    """A byte-level BPE vocabulary (tokenizer.json) as llama.cpp's converter stores one: tokens by id, their types
+    (special added tokens CONTROL, other added tokens USER_DEFINED), the merges, the pre-tokenizer by llama.cpp's name,
+    the special ids, and whether a BOS or EOS is added (as the tokenizer itself does it)."""
     data = json.loads(tokenizer.backend_tokenizer.to_str())
     if data["model"]["type"] != "BPE" or "ByteLevel" not in json.dumps(data.get("pre_tokenizer")):
         raise PlanError("the student's tokenizer is not a byte-level BPE (GPT-2 style); GGUF export copies such "
-                        "vocabularies or a teacher GGUF's (--teacher FILE.gguf)")
+                        "vocabularies or a teacher GGUF's (--tokenizer FILE.gguf)")
+    pre = pre_tokenizer_name(data.get("pre_tokenizer"))
     vocab = {**data["model"]["vocab"], **{t["content"]: t["id"] for t in data["added_tokens"]}}
     tokens, types = [""] * len(vocab), [gguf.TokenType.NORMAL] * len(vocab)
-    special = {t["id"] for t in data["added_tokens"]}
+    added = {t["id"]: t["special"] for t in data["added_tokens"]}
     for token, i in vocab.items():
         tokens[i] = token
-        types[i] = gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL
+        if i in added:
+            types[i] = gguf.TokenType.CONTROL if added[i] else gguf.TokenType.USER_DEFINED
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
+    writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in data["model"]["merges"]])
@@ -78,6 +111,9 @@ def add_hf_tokenizer(writer: gguf.GGUFWriter, tokenizer) -> None:
                         ("pad", tokenizer.pad_token_id)):
         if value is not None:
             getattr(writer, f"add_{name}_token_id")(value)
+    plain, marked = tokenizer("a", add_special_tokens=False)["input_ids"], tokenizer("a")["input_ids"]
+    writer.add_add_bos_token(len(marked) > len(plain) and marked[0] == tokenizer.bos_token_id)
+    writer.add_add_eos_token(len(marked) > len(plain) and marked[-1] == tokenizer.eos_token_id)
 
 
 def copy_gguf_tokenizer(writer: gguf.GGUFWriter, source: Path) -> None:
@@ -109,20 +145,28 @@ def add_parameters(writer: gguf.GGUFWriter, config: EchoAttConfig, file_type) ->
     writer.add_file_type(file_type)
 
 
+def checkpoint_tensors(folder: Path):
+    """(name, read) for every tensor of a folder's safetensors files, read lazily as a torch tensor in its own dtype
+    (numpy has no bfloat16, so a bf16 checkpoint cannot be read as numpy)."""
+    from safetensors import safe_open
+
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(path, "pt") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                yield key, lambda f=f, key=key: f.get_tensor(key)
+
+
 def tensors(student: Path, config: EchoAttConfig, qtype) -> dict[str, np.ndarray]:
     """The student's weights under llama.cpp's names, q/k permuted, 2-D weights in `qtype` (norms stay f32)."""
-    weights = {}
-    for path in sorted(student.glob("*.safetensors")):
-        weights.update(load_file(path))
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.DECI, config.num_hidden_layers)
     unused = {f"model.layers.{i}.input_layernorm.weight" for i in range(config.num_hidden_layers)
               if config.role(i) == "dropped"}
     out = {}
-    for key, data in weights.items():
+    for key, read in checkpoint_tensors(student):
         if key in unused or (key == "lm_head.weight" and config.tie_word_embeddings):
             continue
         base, suffix = key.rsplit(".", 1)
-        data = data.astype(np.float32)
+        data = read().float().numpy()  # one tensor at a time in float32, whatever the checkpoint's dtype (bf16 too)
         if base.endswith(("q_proj", "k_proj")):
             data = permute_qk(data, config.num_attention_heads if base.endswith("q_proj")
                               else config.num_key_value_heads)
