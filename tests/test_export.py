@@ -90,9 +90,31 @@ def test_vllm_refuses_what_it_cannot_run_exactly():
         check_servable(EchoAttConfig(num_hidden_layers=4, attention_source=[0, 1, 1, 3], follower_type="lisa"),
                        2048, 1, 1)
     windowed = EchoAttConfig(num_hidden_layers=4, attention_source=[0, 1, -1, 3], context_window=512)
-    check_servable(windowed, 512, 4, 2)  # drop-only: any parallelism
+    check_servable(windowed, 512, 4, 1)  # drop-only: any tensor parallelism
+    with pytest.raises(ValueError, match="pipeline-parallel-size 1"):  # echoatt's vLLM model has no pipeline stages
+        check_servable(windowed, 512, 1, 2)
     with pytest.raises(ValueError, match="--max-model-len 512 or less"):
         check_servable(windowed, 1024, 1, 1)
+
+
+def test_vllm_tensor_parallelism_sees_each_devices_heads():
+    """An identity head map stored as a list is the identity on each device (not an H-long map against H / tp heads),
+    and more devices than KV heads, which vLLM meets by replicating the leaders' KV heads, is refused for copy
+    followers (their own V projection would be split instead)."""
+    from echoatt.engines.vllm_serve import local_head_map
+
+    listed = EchoAttConfig(num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                           attention_source=[0, 1, 1, 3], head_map=[None, None, [0, 1, 2, 3], None])
+    check_servable(listed, 2048, 2, 1)  # the identity, as a list: served on two devices
+    assert local_head_map([0, 1, 2, 3], 4, 2) is None and local_head_map(None, 4, 2) is None
+    assert local_head_map([1, 0, 3, 2], 4, 1) == [1, 0, 3, 2]
+    with pytest.raises(ValueError, match="cannot be split"):
+        local_head_map([1, 0, 3, 2], 4, 2)
+    with pytest.raises(ValueError, match="--tensor-parallel-size 2 or less"):
+        check_servable(listed, 2048, 4, 1)
+    dropped = EchoAttConfig(num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                            attention_source=[0, 1, -1, 3])
+    check_servable(dropped, 2048, 4, 1)  # no follower: vLLM's own replication of KV heads is exact
 
 
 def test_serve_cases_parse_and_refuse(capsys):

@@ -45,7 +45,7 @@ from vllm.model_executor.models.utils import (
 from vllm.sequence import IntermediateTensors
 
 from echoatt.configuration_echoatt import EchoAttConfig
-from echoatt.engines.vllm_serve import check_servable
+from echoatt.engines.vllm_serve import check_servable, local_head_map
 
 STACKED = (  # checkpoint name part -> (vLLM parameter name part, shard)
     (".q_proj", ".qkv_proj", "q"),
@@ -109,7 +109,8 @@ class CopyFollowerAttention(nn.Module):
         self.num_heads = config.num_attention_heads // tp
         self.num_kv_heads = max(1, config.num_key_value_heads // tp)
         groups = self.num_heads // self.num_kv_heads
-        head_map = list(config.head_map[self.layer] or range(self.num_heads))
+        head_map = local_head_map(config.head_map[self.layer], config.num_attention_heads, tp) or list(
+            range(self.num_heads))  # this device's heads: an identity map stored as a list is this device's identity
         key_map, value_map = [g // groups for g in head_map], [h // groups for h in range(self.num_heads)]
         # Head h reads source head head_map[h], so keys of KV head key_map[h] and its own values of value_map[h]. Where
         # the two agree for every head, GQA holds as it is; otherwise keys and values are laid out per query head.

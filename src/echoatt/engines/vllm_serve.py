@@ -35,17 +35,33 @@ def check_servable(config, max_model_len: int, tensor_parallel: int, pipeline_pa
     if "lisa" in roles:
         raise ValueError("this student has LiSA followers, which need the leader's attention logits; vLLM's attention "
                          "kernels do not expose them. Serve a copy or drop student (echoatt share --method copy|drop)")
-    crossing = [i for i, r in enumerate(roles) if r == "copy" and config.head_map[i] not in (None, list(range(
-        config.num_attention_heads)))]
+    copies = [i for i, r in enumerate(roles) if r == "copy"]
+    crossing = [i for i in copies if local_head_map(config.head_map[i], config.num_attention_heads, 1) is not None]
     if crossing and tensor_parallel > 1:
         raise ValueError(f"layers {crossing} read other leader heads (head_map); tensor parallelism would split a "
                          "head from its source: serve with --tensor-parallel-size 1")
-    if "copy" in roles and pipeline_parallel > 1:
-        raise ValueError("copy followers read their leader within one forward; serve with --pipeline-parallel-size 1")
+    if copies and tensor_parallel > config.num_key_value_heads:
+        raise ValueError(f"--tensor-parallel-size {tensor_parallel} is more than the {config.num_key_value_heads} KV "
+                         "heads: vLLM then replicates the leaders' KV heads, which a follower's own V projection "
+                         f"cannot follow; serve with --tensor-parallel-size {config.num_key_value_heads} or less")
+    if pipeline_parallel > 1:
+        raise ValueError("echoatt's vLLM model does not implement pipeline parallelism: serve with "
+                         "--pipeline-parallel-size 1 (and --tensor-parallel-size for more devices)")
     if config.context_window is not None and max_model_len > config.context_window:
         raise ValueError(f"--max-model-len {max_model_len} passes the teacher's sliding window "
                          f"({config.context_window}); echoatt students refuse contexts past it: pass "
                          f"--max-model-len {config.context_window} or less")
+
+
+def local_head_map(head_map: list[int] | None, heads: int, tensor_parallel: int) -> list[int] | None:
+    """The head map a follower applies on one device: None for the identity (stored as None or as the list
+    0..H-1, which under tensor parallelism is the identity of each device's H / tp heads), else the map itself (one
+    device: `check_servable` refuses a non-identity map across devices)."""
+    if head_map is None or list(head_map) == list(range(heads)):
+        return None
+    if tensor_parallel > 1:
+        raise ValueError("a non-identity head map cannot be split across devices (check_servable refuses it)")
+    return list(head_map)
 
 
 def serve_command(student: Path, config) -> str:
