@@ -206,7 +206,11 @@ def test_bench_times_teacher_and_student_ggufs_in_llamacpp(tmp_path, tokenizer, 
     result = json.loads((tmp_path / "run" / "bench-llamacpp.json").read_text())
     assert [(f["type"], f["figure"]) for f in result["figures"]] == [
         ("f32", "pp32"), ("f32", "tg8"), ("f16", "pp32"), ("f16", "tg8")]
-    assert all(f["bound"] > 1 and f["ratio"] > 0 for f in result["figures"])
+    for f in result["figures"]:  # each ratio is the two medians' (a timing mixed up between models would show)
+        t, s = (f["timings_s"][name]["median"] for name in ("teacher", "student"))
+        assert f["bound"] > 1 and t > 0 and s > 0 and f["ratio"] == pytest.approx(t / s)
+        tokens = int(f["figure"][2:])
+        assert f["tokens_per_s"]["student"] == pytest.approx(tokens / s)
     heads = gguf.GGUFReader(str(tmp_path / "run" / "gguf" / "student-f16.gguf")).fields["deci.attention.head_count"]
     assert heads.contents() == [4, 4, 0, 4, 0, 4]
 

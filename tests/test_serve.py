@@ -120,6 +120,25 @@ def test_vllm_runs_the_student_as_transformers_does(served, name):
     assert_same(ours, reference, served["teacher_gap"][STUDENTS[name][0]])
 
 
+@pytest.mark.parametrize("eager", [True, False], ids=["eager", "compiled"])
+def test_vllm_serves_from_its_prefix_cache_and_in_chunks_as_transformers_does(tmp_path, eager):
+    """As `vllm serve` runs: prefix caching on (the second request for a prompt hits the cache, counted: the cache
+    keeps whole blocks, 128 tokens on CPUs, so the prompts are longer), prompts prefilled in chunks of 64 tokens
+    (shorter than them), and the compiled model (vLLM's default off `--enforce-eager`): greedy tokens equal
+    `generate()`'s for a copy student whose followers read across KV groups and for a mixed one."""
+    torch.manual_seed(2)
+    prompts = [torch.randint(3, 128, (n,)).tolist() for n in (150, 137)]
+    jobs, references = [], {}
+    for name in ("llama-copy", "qwen2-mixed") if eager else ("llama-copy",):  # compiling takes a minute a model
+        student = tiny_student(name)
+        student.save_pretrained(tmp_path / name)
+        references[str(tmp_path / name)] = hf_reference(student, prompts, max_tokens=8)["tokens"]
+        jobs.append({"model": str(tmp_path / name), "prompts": prompts, "max_tokens": 8, "chunk": 64, "eager": eager})
+    for path, ours in vllm_results(jobs, tmp_path).items():
+        assert ours["tokens"] == [references[path]] * 2, path
+        assert all(c > 0 for c in ours["cached"][1]), ours["cached"]  # the second round read the prefix cache
+
+
 def test_a_decilm_export_runs_in_vllm_without_echoatt(tmp_path, prompts, served):
     student = tiny_student("mistral-drop")
     student.save_pretrained(tmp_path / "student")
@@ -249,5 +268,7 @@ def test_bench_times_teacher_and_student_in_vllm_beside_the_bounds(tmp_path, mon
     result = json.loads((tmp_path / "run" / "bench-vllm.json").read_text())
     assert [f["figure"] for f in result["figures"]] == ["prefill", "decode"]
     decode = result["figures"][1]
-    assert decode["ratio"] > 0 and decode["bounds"]["decode"] > 1 and decode["bounds"]["prefill"] > 1
+    t, s = (decode["timings_s"][name]["median"] for name in ("teacher", "student"))
+    assert t > 0 and s > 0 and decode["ratio"] == pytest.approx(t / s)  # the two medians', not some other pair
+    assert decode["bounds"]["decode"] > 1 and decode["bounds"]["prefill"] > 1
     assert "bound decode" in (tmp_path / "run" / "bench-vllm.md").read_text()
