@@ -4,7 +4,7 @@ and compare its next-token distributions with the teacher's on a window of text 
 
 Similar attention maps on prose do not say which layers retrieve from context (a copied map that is alike on average
 can lose the heads that do); the probe does, and the text catches the rest. A block's loss is the sum of the two mean
-KL(teacher ‖ student) per token (on the probe, over its repeated half), so a budget plan (`SharingPlan.from_budget`)
+KL(teacher ‖ student) per token (on the probe, over its repeated half), so a budget plan (`planners.from_budget`)
 avoids the blocks that cost either. KL rather than the change in loss on the next token: it sees every change of the
 distribution (what distillation will have to undo), is never negative, and is far less noisy on one window. Blocks are
 measured uncalibrated and one at a time: a ranking, not a forecast of the whole plan.
