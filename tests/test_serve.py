@@ -30,6 +30,9 @@ SERVE_PYTHON = Path(os.environ.get("ECHOATT_SERVE_PYTHON", ROOT / ".venv-serve" 
 ENGINE_FACTOR = 8  # a student's |vLLM - HF| log-probability may be this many times its teacher's, no more
 SHAPE = {"hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 4, "num_key_value_heads": 2,
          "head_dim": 32}  # vLLM's CPU attention takes head sizes of 32 and up
+# The teachers vLLM runs by its own model classes, the yardstick of every student's gap (an engine start each, so two:
+# the plainest family and the one with the most of its own, q/k norms and an explicit head_dim).
+REFERENCE_FAMILIES = ("llama", "qwen3")
 STUDENTS = {  # name -> family, plan, method, head map of the follower (heads 0,1 share a KV head, as do 2,3)
     "llama-copy": ("llama", SharingPlan(6, ((1, 2, 3),)), "copy", {2: None, 3: [2, 3, 0, 1]}),  # aligned and crossing
     "llama3-copy-grouped": ("llama3", SharingPlan(6, ((2, 3),)), "copy", {3: [1, 0, 3, 3]}),
@@ -97,11 +100,12 @@ def prompts() -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, prompts):
-    """Every tiny student and each family's teacher (vLLM's own model class: the yardstick), saved, scored by HF,
-    then loaded and run by vLLM in one process: name -> (vLLM's result, HF's); `teacher_gap` -> family -> gap."""
+    """Every tiny student and the reference teachers (vLLM's own model classes: the yardstick), saved, scored by HF,
+    then loaded and run by vLLM in one process: name -> (vLLM's result, HF's); `teacher_gap` -> family -> the
+    largest gap of the reference teachers."""
     folder = tmp_path_factory.mktemp("vllm")
     models = {name: tiny_student(name) for name in STUDENTS}
-    models.update({f"teacher-{family}": tiny_teacher(3, family, **SHAPE) for family, *_ in STUDENTS.values()})
+    models.update({f"teacher-{family}": tiny_teacher(3, family, **SHAPE) for family in REFERENCE_FAMILIES})
     references, jobs = {}, []
     for name, model in models.items():
         model.save_pretrained(folder / name)
@@ -109,7 +113,8 @@ def served(tmp_path_factory, prompts):
         jobs.append({"model": str(folder / name), "prompts": prompts, "max_tokens": 12})
     results = vllm_results(jobs, folder)
     served = {name: (results[str(folder / name)], references[name]) for name in models}
-    served["teacher_gap"] = {family: logprob_gap(*served[f"teacher-{family}"]) for family, *_ in STUDENTS.values()}
+    gap = max(logprob_gap(*served[f"teacher-{family}"]) for family in REFERENCE_FAMILIES)
+    served["teacher_gap"] = dict.fromkeys([family for family, *_ in STUDENTS.values()], gap)
     return served
 
 
@@ -120,20 +125,20 @@ def test_vllm_runs_the_student_as_transformers_does(served, name):
     assert_same(ours, reference, served["teacher_gap"][STUDENTS[name][0]])
 
 
-@pytest.mark.parametrize("eager", [True, False], ids=["eager", "compiled"])
-def test_vllm_serves_from_its_prefix_cache_and_in_chunks_as_transformers_does(tmp_path, eager):
+def test_vllm_serves_from_its_prefix_cache_and_in_chunks_as_transformers_does(tmp_path):
     """As `vllm serve` runs: prefix caching on (the second request for a prompt hits the cache, counted: the cache
     keeps whole blocks, 128 tokens on CPUs, so the prompts are longer), prompts prefilled in chunks of 64 tokens
     (shorter than them), and the compiled model (vLLM's default off `--enforce-eager`): greedy tokens equal
-    `generate()`'s for a copy student whose followers read across KV groups and for a mixed one."""
+    `generate()`'s for a mixed student (a follower reading across KV groups, a dropped layer; compiling takes a
+    minute a model)."""
     torch.manual_seed(2)
     prompts = [torch.randint(3, 128, (n,)).tolist() for n in (150, 137)]
     jobs, references = [], {}
-    for name in ("llama-copy", "qwen2-mixed") if eager else ("llama-copy",):  # compiling takes a minute a model
+    for name in ("qwen2-mixed",):
         student = tiny_student(name)
         student.save_pretrained(tmp_path / name)
         references[str(tmp_path / name)] = hf_reference(student, prompts, max_tokens=8)["tokens"]
-        jobs.append({"model": str(tmp_path / name), "prompts": prompts, "max_tokens": 8, "chunk": 64, "eager": eager})
+        jobs.append({"model": str(tmp_path / name), "prompts": prompts, "max_tokens": 8, "chunk": 64, "eager": False})
     for path, ours in vllm_results(jobs, tmp_path).items():
         assert ours["tokens"] == [references[path]] * 2, path
         assert all(c > 0 for c in ours["cached"][1]), ours["cached"]  # the second round read the prefix cache
