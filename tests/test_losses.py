@@ -142,7 +142,7 @@ def test_the_fused_objective_keeps_its_memory_budget_per_token_and_vocabulary_en
         with PeakMemory(torch.device("cpu")) as peak:
             h = hidden.clone().requires_grad_()
             if fused:
-                loss = fused_output_kd(h, weight, t_hidden, t_weight, labels, 0.1, 1.0, 2.0)[0]
+                loss = fused_output_kd(h, weight, t_hidden, t_weight, labels, 0.1, 1.0, 2.0, chunk_bytes=2**22)[0]
             else:
                 logits, t_logits = h @ weight.T, t_hidden @ t_weight.T
                 loss = 0.1 * hard_label_loss(logits, labels) + soft_label_loss(logits, t_logits, labels, 2.0)
