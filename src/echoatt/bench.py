@@ -239,10 +239,10 @@ class PeakMemory:
         return int(line.split()[1]) * 1024
 
     def __enter__(self) -> Self:
-        gc.collect()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-            torch.cuda.empty_cache()
+        free_memory(self.device)  # from a clean allocator
+        if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
             self.start = torch.cuda.memory_allocated(self.device)
         else:
