@@ -12,7 +12,8 @@ from transformers import AutoConfig
 
 from echoatt.cli import main
 from echoatt.configuration_echoatt import EchoAttConfig
-from echoatt.engines.vllm_serve import case_bounds, check_servable, parse_cases, serving_text
+from echoatt.cost_model import forward_cost
+from echoatt.engines.vllm_serve import case_bounds, check_servable, kv_bytes_per_token, parse_cases, serving_text
 from echoatt.plan import SharingPlan
 from echoatt.student import build_student
 
@@ -134,3 +135,25 @@ def test_vllm_bounds_split_prefill_and_decode():
     prefill = case_bounds(teacher, student, {"prompts": 8, "prompt_len": 64, "new_tokens": 1}, 4)
     assert set(mixed) == {"prefill", "decode"} and set(prefill) == {"prefill"}
     assert mixed["prefill"] == prefill["prefill"] > 1 and mixed["decode"] > 1
+
+
+def test_vllm_bounds_count_the_keys_a_follower_caches_again():
+    """In vLLM a copy follower caches the leader's keys again: decode moves as many KV bytes as an ordinary layer,
+    H / Hkv times as many where the head map crosses KV groups (heads 0,1 share a KV head, as do 2,3)."""
+    teacher = tiny_teacher(0, "llama")
+    c = teacher.config
+    B, P, w = 4, 64, 4
+    kv_layer = 2 * c.num_key_value_heads * c.head_dim * w  # K and V of one layer, one token
+
+    def decode(maps) -> tuple[float, int]:
+        student = build_student(teacher, SharingPlan(6, ((2, 3),)), maps).config
+        return forward_cost(student, B, 1, P, False, w, engine="vllm").bytes, kv_bytes_per_token(student, w)
+
+    teacher_bytes = forward_cost(c, B, 1, P, False, w, engine="vllm").bytes
+    (aligned, aligned_kv), (crossing, crossing_kv) = decode(None), decode([None] * 3 + [[2, 3, 0, 1]] + [None] * 2)
+    q_k = c.hidden_size * (c.num_attention_heads + c.num_key_value_heads) * c.head_dim * w  # weights not read
+    assert teacher_bytes - aligned == pytest.approx(q_k)  # the same KV bytes as the teacher's layer
+    groups = c.num_attention_heads // c.num_key_value_heads
+    assert crossing - aligned == pytest.approx((groups - 1) * B * (1 + P + 1) * kv_layer)  # written once, P+1 read
+    assert aligned_kv == kv_bytes_per_token(c, w) == 6 * kv_layer and crossing_kv == 5 * kv_layer + groups * kv_layer
+    assert kv_bytes_per_token(build_student(teacher, SharingPlan(6, ((2, 3),)), None, "drop").config, w) == 5 * kv_layer

@@ -19,8 +19,10 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import tiny_teacher, worker_results
+from transformers import AutoConfig
 
 from echoatt.engines.decilm_export import export_decilm
+from echoatt.engines.vllm_serve import kv_bytes_per_token
 from echoatt.plan import SharingPlan
 from echoatt.student import build_student
 
@@ -42,8 +44,15 @@ STUDENTS = {  # name -> family, plan, method, head map of the follower (heads 0,
 }
 
 
+# Split over two devices (vLLM's CPU build runs tensor parallelism as two workers, a core each): a mixed student whose
+# follower stores its identity head map as a list, which must split as each device's identity.
+TENSOR_PARALLEL = ("llama", SharingPlan(6, ((1, 2, 3),), dropped=(4,)), "copy", {2: [0, 1, 2, 3]})
+TWO_DEVICES = len(os.sched_getaffinity(0)) >= 2
+
+
 def serve_env_env(plugins: bool = True) -> dict:
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}  # the worker's KV-bytes probe travels pickled
     if not plugins:
         env["VLLM_PLUGINS"] = ""  # an allow-list naming no plugin: vLLM loads none, so echoatt stays out
     return env
@@ -88,7 +97,7 @@ def assert_same(ours: dict, reference: dict, teacher_gap: float) -> None:
 
 
 def tiny_student(name: str):
-    family, plan, method, maps = STUDENTS[name]
+    family, plan, method, maps = TENSOR_PARALLEL if name == "llama-mixed-tp2" else STUDENTS[name]
     return build_student(tiny_teacher(3, family, **SHAPE), plan, [maps.get(i) for i in range(6)], method)
 
 
@@ -104,17 +113,19 @@ def served(tmp_path_factory, prompts):
     then loaded and run by vLLM in one process: name -> (vLLM's result, HF's); `teacher_gap` -> family -> the
     largest gap of the reference teachers."""
     folder = tmp_path_factory.mktemp("vllm")
-    models = {name: tiny_student(name) for name in STUDENTS}
+    models = {name: tiny_student(name) for name in [*STUDENTS, *["llama-mixed-tp2"] * TWO_DEVICES]}
     models.update({f"teacher-{family}": tiny_teacher(3, family, **SHAPE) for family in REFERENCE_FAMILIES})
     references, jobs = {}, []
     for name, model in models.items():
         model.save_pretrained(folder / name)
         references[name] = hf_reference(model, prompts, max_tokens=12)
-        jobs.append({"model": str(folder / name), "prompts": prompts, "max_tokens": 12})
+        jobs.append({"model": str(folder / name), "prompts": prompts, "max_tokens": 12,
+                     "tensor_parallel": 2 if name.endswith("-tp2") else 1})
     results = vllm_results(jobs, folder)
     served = {name: (results[str(folder / name)], references[name]) for name in models}
     gap = max(logprob_gap(*served[f"teacher-{family}"]) for family in REFERENCE_FAMILIES)
     served["teacher_gap"] = dict.fromkeys([family for family, *_ in STUDENTS.values()], gap)
+    served["folder"] = folder
     return served
 
 
@@ -123,6 +134,22 @@ def test_vllm_runs_the_student_as_transformers_does(served, name):
     ours, reference = served[name]
     assert ours["echoatt_imported"]  # the plugin loaded it (entry point), nothing passed by hand
     assert_same(ours, reference, served["teacher_gap"][STUDENTS[name][0]])
+
+
+@pytest.mark.skipif(not TWO_DEVICES, reason="tensor parallelism on CPU takes a core per worker; this machine has one")
+def test_vllm_runs_a_student_split_over_two_devices_as_transformers_does(served):
+    """Tensor parallelism 2: each worker holds half the heads, a follower's V projection split as the leader's QKV."""
+    ours, reference = served["llama-mixed-tp2"]
+    assert_same(ours, reference, served["teacher_gap"]["llama"])
+
+
+@pytest.mark.parametrize("name", [*STUDENTS, *["llama-mixed-tp2"] * TWO_DEVICES,
+                                  *(f"teacher-{family}" for family in REFERENCE_FAMILIES)])
+def test_vllm_allocates_the_kv_cache_echoatt_counts(served, name):
+    """What the vLLM bounds and the README count: a follower caches K and V again, per query head where its map
+    crosses KV groups (llama-copy, qwen2/3-mixed), a dropped layer nothing; split over devices, the same in all."""
+    config = AutoConfig.from_pretrained(served["folder"] / name)
+    assert served[name][0]["kv_cache_bytes_per_token"] == kv_bytes_per_token(config, 4)
 
 
 def test_vllm_serves_from_its_prefix_cache_and_in_chunks_as_transformers_does(tmp_path):
@@ -277,3 +304,5 @@ def test_bench_times_teacher_and_student_in_vllm_beside_the_bounds(tmp_path, mon
     assert t > 0 and s > 0 and decode["ratio"] == pytest.approx(t / s)  # the two medians', not some other pair
     assert decode["bounds"]["decode"] > 1 and decode["bounds"]["prefill"] > 1
     assert "bound decode" in (tmp_path / "run" / "bench-vllm.md").read_text()
+    kv = result["kv_cache_bytes_per_token"]  # read from the engines: layer 4 dropped, follower 3 caches K and V
+    assert kv["allocated"] == kv["expected"] and kv["allocated"]["student"] == kv["allocated"]["teacher"] * 5 // 6

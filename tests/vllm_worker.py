@@ -1,7 +1,9 @@
 """Run in the serve environment (.venv-serve) by tests/test_serve.py: load each checkpoint of a job file in vLLM
-(fp32, eager), greedy-generate from token-id prompts and score the prompts; print one JSON line per model.
+(fp32, eager), greedy-generate from token-id prompts and score the prompts, read the KV-cache bytes a token takes;
+print one JSON line per model.
 
-`python tests/vllm_worker.py JOBS.json` with JOBS a list of {"model", "prompts", "max_tokens", "trust_remote_code"}."""
+`python tests/vllm_worker.py JOBS.json` with JOBS a list of {"model", "prompts", "max_tokens", "trust_remote_code",
+"tensor_parallel"}."""
 
 import json
 import os
@@ -29,9 +31,19 @@ def served_twice(job: dict) -> dict:
 def run(job: dict) -> dict:
     from vllm import LLM, SamplingParams, TokensPrompt
 
+    tp = job.get("tensor_parallel", 1)
+    if tp > 1:  # vLLM's CPU workers each bind their own cores: split this process's cores between them
+        cores = sorted(os.sched_getaffinity(0))
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(
+            ",".join(map(str, cores[i::tp])) for i in range(tp))
     llm = LLM(model=job["model"], dtype="float32", max_model_len=256, enforce_eager=True, skip_tokenizer_init=True,
               trust_remote_code=job.get("trust_remote_code", False), seed=0, max_num_seqs=len(job["prompts"]),
-              gpu_memory_utilization=0.25)
+              gpu_memory_utilization=0.25, tensor_parallel_size=tp)
+    os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)
+    imported = "echoatt" in sys.modules  # the plugin's doing: nothing below imported it yet
+    from echoatt.engines.vllm_worker import allocated_kv_bytes_per_token
+
+    kv = sum(llm.collective_rpc(allocated_kv_bytes_per_token))
     prompts = [TokensPrompt(prompt_token_ids=p) for p in job["prompts"]]
     greedy = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=job["max_tokens"], ignore_eos=True,
                                                   detokenize=False))
@@ -39,7 +51,7 @@ def run(job: dict) -> dict:
     logprobs = [[None if d is None else d[t].logprob for t, d in zip(p, out.prompt_logprobs)]
                 for p, out in zip(job["prompts"], scored)]
     llm.llm_engine.engine_core.shutdown()  # its processes end here, not at exit (see below)
-    return {"model": job["model"], "echoatt_imported": "echoatt" in sys.modules,
+    return {"model": job["model"], "echoatt_imported": imported, "kv_cache_bytes_per_token": kv,
             "tokens": [list(o.outputs[0].token_ids) for o in greedy], "prompt_logprobs": logprobs}
 
 

@@ -172,6 +172,13 @@ class EchoAttConfig(LlamaConfig):
         path = self.reuse_path
         return eager or path == "probs" or (path == "auto" and new_tokens <= self.reuse_crossover)
 
+    def crosses_groups(self, layer: int) -> bool:
+        """Some head of `layer` reads a leader head outside its own KV group (GQA): its keys and values no longer share
+        one layout, so an engine with one K/V cache per layer (vLLM) caches them per query head there."""
+        heads = self.head_map[layer]
+        groups = self.num_attention_heads // self.num_key_value_heads
+        return heads is not None and any(g // groups != h // groups for h, g in enumerate(heads))
+
     def cached_key_dims(self, layer: int) -> int:
         """Key features per KV head that `layer` keeps in the cache."""
         return {"dropped": 0, "copy": 0, "lisa": self.lisa_rank}.get(self.role(layer), self.head_dim)

@@ -23,6 +23,10 @@ Each student layer is costed by its role, on the path the model takes (`EchoAttC
   H -> hidden -> H MLP at every score), softmax, materialised logits and probabilities; its own V and O.
 - dropped layer (the baseline): nothing.
 
+In vLLM (`engine="vllm"`) a copy follower takes the leader's post-RoPE Q and K into its own attention layer: it saves
+the Q and K projections and RoPE, nothing else — vLLM keeps one K/V cache per attention layer, so the follower writes
+and reads the leader's keys again, and per query head (H / Hkv times the bytes) where its head map crosses KV groups.
+
 bound = teacher cost / student cost. Prefill and training are compute-bound, so their bound uses FLOPs; decode is
 memory-bound, so its bound uses bytes. Both are printed.
 """
@@ -73,6 +77,7 @@ def attention_parts(config, B: int, T: int, P: int, eager: bool, dtype_bytes: in
 
 
 SAVED = {
+    "vllm": ("q_proj", "k_proj", "rope_qk"),
     "fused": ("q_proj", "k_proj", "rope_qk", "k_write"),
     "eager": ("q_proj", "k_proj", "rope_qk", "k_write", "k_read", "scores", "softmax"),
 }
@@ -92,17 +97,23 @@ def lisa_parts(config, B: int, T: int, P: int, dtype_bytes: int) -> dict[str, Co
     }  # own logits written (read again by the softmax, counted in "softmax")
 
 
-def attention_cost(config, layer: int, B: int, T: int, P: int, eager: bool, dtype_bytes: int) -> Cost:
-    """One layer's attention sub-layer, by its role in `config` on the path the model takes there."""
+def attention_cost(config, layer: int, B: int, T: int, P: int, eager: bool, dtype_bytes: int,
+                   engine: str = "torch") -> Cost:
+    """One layer's attention sub-layer, by its role in `config` on the path the model takes there (`engine`: torch,
+    echoatt's own model, or vllm)."""
     role = role_of(config, layer)
     if role == "dropped":
         return Cost()
     lisa = getattr(config, "follower_type", "copy") == "lisa"
-    materialised = eager or (role != "ordinary" and (lisa or config.reuse_probs(T, eager)))
+    materialised = engine == "torch" and (eager or (role != "ordinary" and (lisa or config.reuse_probs(T, eager))))
     parts = attention_parts(config, B, T, P, materialised, dtype_bytes)
     whole = sum(parts.values(), Cost())
     if role in ("ordinary", "leader"):
         return whole
+    if engine == "vllm":  # a copy follower (vLLM refuses LiSA)
+        per_head = config.num_attention_heads / config.num_key_value_heads if config.crosses_groups(layer) else 1
+        cache = sum((parts[k] for k in ("k_write", "v_write", "k_read", "v_read")), Cost()) * (per_head - 1)
+        return whole + cache + sum((parts[k] for k in SAVED["vllm"]), Cost()) * -1
     if role == "lisa":
         kept = ("v_proj", "v_write", "v_read", "softmax", "pv", "o_proj")
         return sum((parts[k] for k in kept), Cost()) + sum(lisa_parts(config, B, T, P, dtype_bytes).values(), Cost())
@@ -124,13 +135,14 @@ def gather_cost(config, layer: int, B: int, T: int, P: int) -> Cost:
     return Cost(0, 2 * B * H * T * (P + T) * 4)
 
 
-def forward_cost(config, B: int, T: int, P: int, eager: bool, dtype_bytes: int, logits: int | None = None) -> Cost:
+def forward_cost(config, B: int, T: int, P: int, eager: bool, dtype_bytes: int, logits: int | None = None,
+                 engine: str = "torch") -> Cost:
     """One forward call of a LLaMA or an echoatt student. `logits`: positions the LM head scores (default T)."""
     C, I, V = config.hidden_size, config.intermediate_size, config.vocab_size
     mlp = Cost(3 * 2 * B * T * C * I, 3 * C * I * dtype_bytes)
     total = Cost()
     for layer in range(config.num_hidden_layers):
-        total = total + attention_cost(config, layer, B, T, P, eager, dtype_bytes) + mlp
+        total = total + attention_cost(config, layer, B, T, P, eager, dtype_bytes, engine) + mlp
     n = T if logits is None else logits
     head = Cost(2 * B * n * C * V, C * V * dtype_bytes + B * n * V * 4)
     return total + head + Cost(0, B * T * C * dtype_bytes)  # embedding rows read
@@ -148,13 +160,14 @@ class Bound:
 
 
 def bound(teacher_config, student_config, B: int, T: int, P: int, teacher_eager: bool, student_eager: bool,
-          dtype_bytes: int, logits: int | None = None, train: bool = False, with_teacher: bool = False) -> Bound:
-    """Best possible teacher-time / student-time for one setting.
+          dtype_bytes: int, logits: int | None = None, train: bool = False, with_teacher: bool = False,
+          engine: str = "torch") -> Bound:
+    """Best possible teacher-time / student-time for one setting, in `engine` (torch or vllm).
 
     `train`: forward + backward (~3x forward FLOPs, bytes alike). `with_teacher`: the distillation step, where a
     teacher forward is paid on both sides."""
-    t = forward_cost(teacher_config, B, T, P, teacher_eager, dtype_bytes, logits)
-    s = forward_cost(student_config, B, T, P, student_eager, dtype_bytes, logits)
+    t = forward_cost(teacher_config, B, T, P, teacher_eager, dtype_bytes, logits, engine)
+    s = forward_cost(student_config, B, T, P, student_eager, dtype_bytes, logits, engine)
     if train:
         t_total, s_total = t * 3, s * 3
         if with_teacher:

@@ -114,7 +114,7 @@ class CopyFollowerAttention(nn.Module):
         key_map, value_map = [g // groups for g in head_map], [h // groups for h in range(self.num_heads)]
         # Head h reads source head head_map[h], so keys of KV head key_map[h] and its own values of value_map[h]. Where
         # the two agree for every head, GQA holds as it is; otherwise keys and values are laid out per query head.
-        self.aligned = key_map == value_map
+        self.aligned = not config.crosses_groups(self.layer)
         self.register_buffer("head_index", torch.tensor(head_map), persistent=False)
         self.register_buffer("key_index", torch.tensor(key_map), persistent=False)
         self.register_buffer("value_index", torch.tensor(value_map), persistent=False)

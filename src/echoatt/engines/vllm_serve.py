@@ -7,7 +7,6 @@ registers echoatt's config with transformers and `EchoAttForCausalLM` with vLLM'
 
 from __future__ import annotations
 
-import copy
 import os
 from pathlib import Path
 
@@ -113,17 +112,31 @@ def parse_cases(spec: str) -> dict[str, dict[str, int]]:
 def case_bounds(teacher_config, student_config, case: dict[str, int], dtype_bytes: int) -> dict[str, float]:
     """The analytic bounds of one case in vLLM: its prefill (FLOPs, N x P tokens) and, where it generates more than
     the first token, its decode (bytes, N sequences at the mean context). The measured ratio of a mixed case lies
-    between the two. vLLM's followers always take the fused path (their own kernel call on the leader's Q and K)."""
+    between the two. Followers as vLLM runs them (`cost_model`, engine vllm): their own kernel call on the leader's Q
+    and K, with K and V cached again."""
     from echoatt.cost_model import bound
 
-    fused = copy.deepcopy(student_config)
-    fused.reuse_path = "qk"
     n, p, g = case["prompts"], case["prompt_len"], case["new_tokens"]
-    flags = {"teacher_eager": False, "student_eager": False, "dtype_bytes": dtype_bytes}
-    bounds = {"prefill": bound(teacher_config, fused, B=n, T=p, P=0, logits=1, **flags).value}
+    flags = {"teacher_eager": False, "student_eager": False, "dtype_bytes": dtype_bytes, "engine": "vllm"}
+    bounds = {"prefill": bound(teacher_config, student_config, B=n, T=p, P=0, logits=1, **flags).value}
     if g > 1:
-        bounds["decode"] = bound(teacher_config, fused, B=n, T=1, P=p + g // 2, **flags).value
+        bounds["decode"] = bound(teacher_config, student_config, B=n, T=1, P=p + g // 2, **flags).value
     return bounds
+
+
+def kv_bytes_per_token(config, dtype_bytes: int) -> int:
+    """KV-cache bytes a token costs in vLLM: K and V of every attention layer, followers included (one cache per
+    layer), per query head where a follower's head map crosses KV groups; dropped layers nothing. Checked against
+    what the engine allocates (`vllm_worker.kv_bytes_per_token`) in the tests and by `bench --engine vllm`."""
+    from echoatt.configuration_echoatt import head_dim_of, role_of
+
+    def heads(layer: int) -> int:
+        role = role_of(config, layer)
+        if role == "dropped":
+            return 0
+        return config.num_attention_heads if role == "copy" and config.crosses_groups(layer) else config.num_key_value_heads
+
+    return sum(2 * heads(i) * head_dim_of(config) * dtype_bytes for i in range(config.num_hidden_layers))
 
 
 def bench_vllm(config, teacher: Path, student: Path) -> dict:
@@ -146,8 +159,11 @@ def bench_vllm(config, teacher: Path, student: Path) -> dict:
                         "tokens_per_s": {k: case["prompts"] * (case["prompt_len"] + case["new_tokens"]) / v["median"]
                                          for k, v in (("teacher", t), ("student", s))},  # prompt + generated
                         "bounds": case_bounds(teacher_config, student_config, case, dtype_bytes)})
+    kv = {"allocated": measured["kv_cache_bytes_per_token"],
+          "expected": {"teacher": kv_bytes_per_token(teacher_config, dtype_bytes),
+                       "student": kv_bytes_per_token(student_config, dtype_bytes)}}
     return {"engine": "vllm", "vllm": measured["vllm"], "dtype": dtype, "eager": True, "repeats": config.repeats,
-            "device": measured["device"], "figures": figures}
+            "device": measured["device"], "figures": figures, "kv_cache_bytes_per_token": kv}
 
 
 def vllm_markdown(result: dict) -> str:
@@ -164,4 +180,8 @@ def vllm_markdown(result: dict) -> str:
                      f"| {f['timings_s']['teacher']['median']:.2f} s | {f['timings_s']['student']['median']:.2f} s "
                      f"| {f['ratio']:.3f}× | {b['prefill']:.3f}× | {decode} "
                      f"| {f['tokens_per_s']['student']:.0f} |")
+    kv, expected = result["kv_cache_bytes_per_token"]["allocated"], result["kv_cache_bytes_per_token"]["expected"]
+    lines += ["", (f"KV cache vLLM allocates per token: teacher {kv['teacher']:,} bytes, student {kv['student']:,} "
+                   f"({kv['student'] / kv['teacher']:.3f}×); " + ("the bounds count these bytes." if kv == expected
+                   else f"the bounds count {expected['teacher']:,} and {expected['student']:,}: they are off."))]
     return "\n".join(lines)

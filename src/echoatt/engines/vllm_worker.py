@@ -17,7 +17,14 @@ import sys
 import time
 
 
-def timed_cases(request: dict, dtype: str) -> dict:
+def allocated_kv_bytes_per_token(worker) -> int:
+    """Run by each vLLM worker (`LLM.collective_rpc`): the KV-cache bytes a token takes in its attention layers, as
+    the engine allocates them (each layer's page bytes over its block size). The callable travels to the engine's
+    process pickled, which vLLM allows only with VLLM_ALLOW_INSECURE_SERIALIZATION (set below: its own processes)."""
+    return sum(spec.page_size_bytes // spec.block_size for spec in worker.get_kv_cache_spec().values())
+
+
+def timed_cases(request: dict, dtype: str) -> tuple[dict, dict]:
     import random
 
     from vllm import LLM, SamplingParams, TokensPrompt
@@ -44,9 +51,10 @@ def timed_cases(request: dict, dtype: str) -> dict:
                     times[name].append(time.perf_counter() - start)
         results[case] = {name: {"median": statistics.median(t), "min": min(t), "max": max(t)}
                          for name, t in times.items()}
+    kv = {name: sum(llm.collective_rpc(allocated_kv_bytes_per_token)) for name, llm in llms.items()}  # all workers
     for llm in llms.values():
         llm.llm_engine.engine_core.shutdown()  # its processes end here, not at exit (see below)
-    return results
+    return results, kv
 
 
 if __name__ == "__main__":
@@ -55,6 +63,7 @@ if __name__ == "__main__":
     import vllm
 
     request = json.loads(Path(sys.argv[1]).read_text())
+    os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # for `allocated_kv_bytes_per_token`, before engines start
 
     from vllm.platforms import current_platform
 
@@ -63,6 +72,7 @@ if __name__ == "__main__":
     dtype = request["dtype"]
     if dtype == "auto":  # fp32 where the CPU kernels are exact and fast enough, bf16 on accelerators
         dtype = "float32" if current_platform.is_cpu() else "bfloat16"
-    print("RESULT " + json.dumps({"vllm": vllm.__version__, "device": device, "dtype": dtype,
-                                  "timings_s": timed_cases(request, dtype)}), flush=True)
+    timings, kv = timed_cases(request, dtype)
+    print("RESULT " + json.dumps({"vllm": vllm.__version__, "device": device, "dtype": dtype, "timings_s": timings,
+                                  "kv_cache_bytes_per_token": kv}), flush=True)
     os._exit(0)  # vLLM's threads sometimes abort the interpreter's shutdown (SIGABRT); the engines are shut down
