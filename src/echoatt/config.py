@@ -111,9 +111,13 @@ class DistillConfig(CommonConfig):
     hidden_loss: str = opt(KDLoss.hidden_loss, "hidden-state distance: mse (scale-normalised per layer) or cosine")
     generated: float = opt(0.0, "share of the training windows the teacher writes itself, sampled from the bare BOS "
                            "(data-free distillation: text beyond the corpus' kind; cached; 0: corpus only)")
-    trainable: str = opt("auto", "what trains: shared (follower layers and the layer after each), lisa (only LiSA's "
+    trainable: str = opt("auto", "what trains: changed (the layers whose attention changed), shared (those and the layer after each), lisa (only LiSA's "
                          "alignment and low-rank parameters), all, or auto (lisa for a LiSA student, else all: "
                          "measured to recover more perplexity in the same steps, README 'Faster by default')")
+    local_steps: int = opt(0, "steps of local repair before distillation: each changed layer (and the one after "
+                           "each) trained alone to give the teacher layer's output from its input (0: none)")
+    local_lr: float = opt(1e-3, "peak learning rate of the local repair")
+    local_next: bool = opt(True, "the local repair also trains the layer after each changed one")
     gradient_checkpointing: bool = opt(False, "recompute activations in backward to save memory")
     bf16: str = opt("auto", "bf16 autocast: auto (on GPU), yes, no")
     eval_every: int = opt(10, "validation perplexity every N steps (0: only at the end)")
@@ -129,9 +133,11 @@ class DistillConfig(CommonConfig):
         for name in ("steps", "batch_size", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
+        if self.local_steps < 0:
+            raise ValueError(f"--local-steps must be 0 (no local repair) or more (got {self.local_steps})")
         if not 0 <= self.generated <= 1:
             raise ValueError(f"--generated is a share of the training windows, from 0 to 1 (got {self.generated})")
-        check_choice("--trainable", self.trainable, ("auto", "all", "shared", "lisa"))
+        check_choice("--trainable", self.trainable, ("auto", "all", "changed", "shared", "lisa"))
         check_choice("--hidden-loss", self.hidden_loss, ("mse", "cosine"))
         check_choice("--bf16", self.bf16, ("auto", "yes", "no"))
         if self.student and not (Path(self.student) / "config.json").is_file():

@@ -3,7 +3,9 @@
 Shaped like torchtune's KD recipe — `setup` (load, validate, prepare, resume), `train_step`, `train` (the loop, its
 guards and checkpoints), `finish` (save) — on `accelerate`, so the same code runs on one CPU, one GPU, or many under
 `accelerate launch` / `torchrun` (DDP or FSDP; configs in `configs/accelerate/`). The objective is `losses.KDLoss`;
-checkpoints are `checkpoints.py`'s.
+checkpoints are `checkpoints.py`'s. With `--local-steps`, a local-repair stage (`repair.LocalLoss`: each changed layer
+trained alone on the teacher's stream) runs first through the same loop, with its own checkpoints, log and output
+(`student-repaired`, which the global distillation starts from).
 
 Reproducible and resumable: the data order is a pure function of (seed, step) — step s, micro-batch m, process r
 reads fixed positions of a per-epoch permutation — and model, optimizer, scheduler and RNG states are checkpointed, so
@@ -17,7 +19,7 @@ import json
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -33,17 +35,18 @@ from echoatt.configuration_echoatt import is_lisa_parameter, role_of
 from echoatt.corpus import generated_windows, spread, token_windows
 from echoatt.losses import KDLoss
 from echoatt.metrics import nll_sum
+from echoatt.repair import LocalLoss
 from echoatt.rundir import SHARING_FILE, RunDir, device_of, identity_of, setup
 from echoatt.teacher import Teacher, load_teacher
 
-TRAINABLE = ("auto", "shared", "lisa", "all")
+TRAINABLE = ("auto", "changed", "shared", "lisa", "all")
 
 
 def set_trainable(student: torch.nn.Module, mode: str) -> list[str]:
     """Freeze all but what `mode` trains; return the trainable parameter names.
 
-    `shared`: the follower layers (whose attention changed) and the layer right after each (which first sees the
-    changed residual stream). `lisa`: only LiSA's head-alignment and low-rank parameters (the paper's setting).
+    `changed`: the layers whose attention changed (followers, dropped attention). `shared`: those and the layer
+    right after each (which first sees the changed residual stream). `lisa`: only LiSA's head-alignment and low-rank parameters (the paper's setting).
     `all`: every parameter. `auto`: `lisa` for a student with LiSA followers (the paper's setting), else `all` (on
     the default teacher it recovered more perplexity than `shared` in the same 30 steps, at the same zero-shot gap; a
     LiSA plan that came out as dropped layers only trains like any other)."""
@@ -59,7 +62,9 @@ def set_trainable(student: torch.nn.Module, mode: str) -> list[str]:
         parts = name.split(".")
         in_layer = len(parts) > 3 and parts[1] == "layers" and int(parts[2]) in layers
         lisa_part = is_lisa_parameter(name)
-        param.requires_grad_(mode == "all" or (mode == "shared" and in_layer) or (mode == "lisa" and lisa_part))
+        in_changed = in_layer and int(parts[2]) in followers
+        param.requires_grad_(mode == "all" or (mode == "shared" and in_layer) or (mode == "changed" and in_changed)
+                             or (mode == "lisa" and lisa_part))
         if param.requires_grad:
             names.append(name)
     if not names:
@@ -130,7 +135,7 @@ class Training:
     student: torch.nn.Module
     teacher: torch.nn.Module
     tokenizer: PreTrainedTokenizerBase
-    loss: KDLoss
+    loss: KDLoss | LocalLoss
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     train_windows: torch.Tensor
@@ -161,11 +166,15 @@ class Training:
         return entry
 
 
-def load_inputs(config: DistillConfig, teacher: Teacher | None, accelerator: Accelerator) -> dict:
+def load_inputs(config: DistillConfig, teacher: Teacher | None, accelerator: Accelerator,
+                repair: bool = False) -> dict:
     """Student, teacher and text, each checked before any training: a missing or damaged student, a checkpoint of
-    another student, a window longer than the model takes or a corpus too short for one step are refused here."""
-    run = RunDir(Path(config.out))
+    another student, a window longer than the model takes or a corpus too short for one step are refused here. The
+    student: `--student` or OUT/student; the repaired one where a repair stage ran before this distillation."""
+    run = RunDir(Path(config.out), repair=repair)
     student_dir = Path(config.student) if config.student else run.student
+    if config.local_steps and not repair:
+        student_dir = RunDir(run.root, repair=True).distilled
     identity = identity_of(student_dir)
     resume_from = resume_point(run, config.resume, identity)
     teacher = teacher or load_teacher(config.teacher, context=config.seq_len)
@@ -191,15 +200,24 @@ def load_inputs(config: DistillConfig, teacher: Teacher | None, accelerator: Acc
             "val_windows": spread(val, config.eval_windows)}
 
 
-def setup_training(config: DistillConfig, teacher: Teacher | None = None) -> Training:
-    """Validate and load every input, then prepare model, optimizer and scheduler and resume where asked."""
+def repair_config(config: DistillConfig) -> DistillConfig:
+    """The local-repair stage's settings: its own steps and learning rate, the changed layers (and the one after each)
+    trained, other windows than the distillation's first ones (seed + 1), validation at its end."""
+    return replace(config, steps=config.local_steps, lr=config.local_lr, eval_every=0, seed=config.seed + 1,
+                   trainable="shared" if config.local_next else "changed",
+                   warmup_steps=min(config.warmup_steps, max(1, config.local_steps // 5)))
+
+
+def setup_training(config: DistillConfig, teacher: Teacher | None = None, repair: bool = False) -> Training:
+    """Validate and load every input, then prepare model, optimizer and scheduler and resume where asked. `repair`:
+    the local-repair stage (`config` as `repair_config` makes it)."""
     config.validate()
     setup(config)
     device = device_of(config)
     bf16 = config.bf16 == "yes" or (config.bf16 == "auto" and device.startswith("cuda"))
     accelerator = Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=device == "cpu")
-    inputs = load_inputs(config, teacher, accelerator)
-    record(config, "distill")
+    inputs = load_inputs(config, teacher, accelerator, repair)
+    record(config, "repair" if repair else "distill")
     student = inputs.pop("student")
     set_trainable(student, config.trainable)
     if config.gradient_checkpointing:
@@ -211,7 +229,8 @@ def setup_training(config: DistillConfig, teacher: Teacher | None = None) -> Tra
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
     student, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
     resume_from = inputs.pop("resume_from")
-    training = Training(config=config, accelerator=accelerator, student=student, loss=config.kd_loss(),
+    loss = LocalLoss(config.local_next) if repair else config.kd_loss()
+    training = Training(config=config, accelerator=accelerator, student=student, loss=loss,
                         teacher=inputs.pop("teacher").model.to(accelerator.device).eval().requires_grad_(False),
                         optimizer=optimizer, scheduler=scheduler, **inputs,
                         trained={"trained": n_train, "total": n_all, "percent": 100 * n_train / n_all})
@@ -257,7 +276,8 @@ def train(t: Training) -> None:
     if t.start == 0 and not t.history:
         t.validate(0)
     tokens_per_step = config.batch_size * config.grad_accum * t.accelerator.num_processes * config.seq_len
-    bar = tqdm(range(t.start, config.steps), initial=t.start, total=config.steps, desc="distill",
+    bar = tqdm(range(t.start, config.steps), initial=t.start, total=config.steps,
+               desc="repair" if t.run.repair else "distill",
                disable=not t.accelerator.is_local_main_process)
     completed, updating = t.start, False
     try:
@@ -305,14 +325,20 @@ def finish(t: Training) -> dict:
             shutil.copy(t.student_dir / SHARING_FILE, final / SHARING_FILE)
         t.run.distill_summary.write_text(json.dumps(
             {"config": asdict(t.config), "parameters": t.trained, "validation": t.history}, indent=2))
-        print(f"wrote the distilled student to {final}")
+        print(f"wrote the {'repaired' if t.run.repair else 'distilled'} student to {final}")
     t.accelerator.wait_for_everyone()
     return {"validation": t.history, "student": final, "parameters": t.trained, "model": model}
 
 
 def distill(config: DistillConfig, teacher: Teacher | None = None) -> dict:
-    """Train the student in OUT (or `config.student`) against the teacher; return the validation history, the
-    distilled student's folder and in-memory model, and the trained parameter counts."""
+    """Train the student in OUT (or `config.student`) against the teacher — first the local repair where
+    `--local-steps` asks for it —; return the validation history, the distilled student's folder and in-memory model,
+    and the trained parameter counts."""
+    if config.local_steps:
+        teacher = teacher or load_teacher(config.teacher, context=config.seq_len)
+        repair = setup_training(repair_config(config), teacher, repair=True)
+        train(repair)
+        finish(repair)
     training = setup_training(config, teacher)
     train(training)
     return finish(training)

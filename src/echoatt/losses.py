@@ -83,6 +83,14 @@ def hidden_state_loss(
     return torch.stack(losses).mean()
 
 
+def layer_output_loss(student_out: torch.Tensor, teacher_in: torch.Tensor, teacher_out: torch.Tensor) -> torch.Tensor:
+    """‖s − t‖² / ‖t − x‖²: a layer's squared output error (B, T, C) against the teacher layer's, relative to the
+    teacher layer's own change of the residual stream from its input x. Given the same input, that is the relative
+    error of the layer's residual update; 1 is what skipping the layer would cost, so layers weigh alike."""
+    s, t, x = _exact(student_out), _exact(teacher_out), _exact(teacher_in)
+    return (s - t).pow(2).sum() / (t - x).pow(2).sum().clamp_min(1e-12)
+
+
 # float32 logits of one chunk of positions, by device type (others: DEFAULT_CHUNK_BYTES). Smaller chunks re-read the
 # output embeddings more often: on 2 CPU cores at SmolLM2's 49k vocabulary, 4 MiB chunks made a step 2x slower than
 # whole logits, 32 MiB ones faster than them.

@@ -244,9 +244,11 @@ class Checkpoint:
 
 @dataclass(frozen=True)
 class RunDir:
-    """Every path of a run folder, named once."""
+    """Every path of a run folder, named once. `repair`: the local-repair stage's own checkpoints, log, summary and
+    student (`student-repaired`), which the global distillation then starts from."""
 
     root: Path
+    repair: bool = False
 
     def checkpoint(self, step: int, partial: bool = False) -> Checkpoint:
         return Checkpoint(self.checkpoints / (f"step-{step:06d}" + (".partial" if partial else "")))
@@ -288,19 +290,19 @@ class RunDir:
 
     @property
     def distilled(self) -> Path:
-        return self.root / "student-distilled"
+        return self.root / ("student-repaired" if self.repair else "student-distilled")
 
     @property
     def checkpoints(self) -> Path:
-        return self.root / "checkpoints"
+        return self.root / ("checkpoints-repair" if self.repair else "checkpoints")
 
     @property
     def log(self) -> Path:
-        return self.root / "log.jsonl"
+        return self.root / ("repair_log.jsonl" if self.repair else "log.jsonl")
 
     @property
     def distill_summary(self) -> Path:
-        return self.root / "distill_summary.json"
+        return self.root / ("repair_summary.json" if self.repair else "distill_summary.json")
 
     @property
     def similarity(self) -> Path:
@@ -331,8 +333,10 @@ class RunDir:
 
     def student_outputs(self) -> list[Path]:
         """What belongs to the student in this folder (cleared by `share --overwrite`); the teacher's analysis stays."""
+        repair = RunDir(self.root, repair=True)
         return [self.student, self.distilled, self.checkpoints, self.log, self.distill_summary, self.summary,
-                *self.results("eval"), *self.report, self.curves, self.config_file("distill")]
+                *self.results("eval"), *self.report, self.curves, self.config_file("distill"), repair.distilled,
+                repair.checkpoints, repair.log, repair.distill_summary, self.config_file("repair")]
 
     def clear_student(self) -> None:
         for path in self.student_outputs():
