@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -97,3 +98,6 @@ def test_repair_runs_before_distillation_and_lowers_the_local_loss(tmp_path, tea
     assert distill_log[0] == {"step": 0, "val_ppl": pytest.approx(repaired_ppl)}  # distillation starts from it
     assert (run / "checkpoints-repair").is_dir() and (run / "repair.yaml").is_file()
     assert result["student"] == run / "student-distilled"
+    distill(replace(config, steps=3), teacher)  # run again, longer: the repair resumes from its last checkpoint, done
+    assert len([line for line in (run / "repair_log.jsonl").read_text().splitlines() if '"loss"' in line]) == 8
+    assert [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()][-1] == 3

@@ -108,3 +108,35 @@ def test_block_effects_are_measured_again_when_what_they_depend_on_changes(teach
     os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # the teacher rewritten in place
     assert main(share) == 0 and len(measured) == 3
     assert main([*share, "--encoding", "latin-1"]) == 0 and len(measured) == 4
+
+
+def test_blocks_measured_after_a_local_repair_are_kept_apart(teacher_dir, corpus_dir, tmp_path,
+                                                                           monkeypatch):
+    """`--repair-blocks N`: each candidate is repaired N steps before its KL is measured, and those effects are kept
+    under their own settings (the unrepaired ones are measured again). Whether repair ranks blocks better is a
+    question for a real teacher (docs/trade-curve.md), not for a random one."""
+    monkeypatch.setenv("ECHOATT_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    base = ["--teacher", str(teacher_dir), "--corpus", str(corpus_dir), "--seq-len", "32", "--out", str(out)]
+    share = ["share", *base, "--plan", "budget=prefill=1.01", "--calibrate", "0", "--overwrite", *TOY]
+    repaired = []
+    real = share_command.repair_briefly
+    monkeypatch.setattr(share_command, "repair_briefly", lambda *a, **k: repaired.append(a[3]) or real(*a, **k))
+    assert main([*share, "--repair-blocks", "6"]) == 0
+    after = BlockEffects.load(out / "block_effects.json")
+    assert after.settings["repair_steps"] == 6 and repaired == [6] * len(after.blocks)
+    assert main(share) == 0
+    before = BlockEffects.load(out / "block_effects.json")
+    assert "repair_steps" not in before.settings and before.blocks.keys() == after.blocks.keys()
+    assert all(after.loss(b) != before.loss(b) for b in after.blocks)  # each measured on its repaired student
+
+
+def test_a_brief_repair_trains_only_the_changed_layers_and_the_next():
+    from echoatt.repair import repair_briefly
+
+    teacher = tiny_teacher()
+    student, _ = StudentSpec(plan="2-3", method="drop").build(teacher, None)  # layer 3's attention dropped
+    before = {n: p.clone() for n, p in student.named_parameters()}
+    repair_briefly(student, teacher, torch.randint(3, 128, (4, 24)), steps=2)
+    moved = {int(n.split(".")[2]) for n, p in student.named_parameters() if not torch.equal(p, before[n])}
+    assert moved == {3, 4} and not any(p.requires_grad for p in student.parameters())

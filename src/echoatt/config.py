@@ -77,6 +77,9 @@ class ShareConfig(CommonConfig):
     calibrate: int = opt(32, "training windows to refit each follower's o_proj on, against the teacher's attention "
                          "output (0: off; needs the teacher's tokenizer)")
     calibrate_ridge: float = opt(1e-2, "ridge of the refit, relative to the mean diagonal of Z^T Z")
+    repair_blocks: int = opt(0, "budget plans: steps of local repair (2 windows a step) each candidate block gets "
+                             "before its loss is measured, so blocks are ranked by what they cost once repaired "
+                             "(0: as built)")
     allow_slower: bool = opt(False, "build a student the cost model predicts slower than the teacher (prefill or "
                              "decode bound below 1: LiSA's followers, or a plan too small to pay for its leaders' "
                              "handoff); refused otherwise")

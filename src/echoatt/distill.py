@@ -35,7 +35,7 @@ from echoatt.configuration_echoatt import is_lisa_parameter, role_of
 from echoatt.corpus import generated_windows, spread, token_windows
 from echoatt.losses import KDLoss
 from echoatt.metrics import nll_sum
-from echoatt.repair import LocalLoss
+from echoatt.repair import LocalLoss, repaired_layers
 from echoatt.rundir import SHARING_FILE, RunDir, device_of, identity_of, setup
 from echoatt.teacher import Teacher, load_teacher
 
@@ -55,8 +55,7 @@ def set_trainable(student: torch.nn.Module, mode: str) -> list[str]:
     config = student.config
     if mode == "auto":
         mode = "lisa" if any(role_of(config, i) == "lisa" for i in range(config.num_hidden_layers)) else "all"
-    followers = {i for i in range(config.num_hidden_layers) if role_of(config, i) in ("copy", "lisa", "dropped")}
-    layers = followers | {f + 1 for f in followers if f + 1 < config.num_hidden_layers}
+    followers, layers = set(repaired_layers(config, False)), set(repaired_layers(config, True))
     names = []
     for name, param in student.named_parameters():
         parts = name.split(".")
@@ -296,7 +295,8 @@ def train(t: Training) -> None:
             t.log({"step": step + 1, **{k: round(v, 6) for k, v in sums.items()}, "lr": t.scheduler.get_last_lr()[0],
                    "grad_norm": None if grad_norm is None else float(grad_norm), "tokens_per_s": speed,
                    "peak_memory_bytes": peak})
-            bar.set_postfix({k: f"{v:.3f}" for k, v in sums.items()} | {"tok/s": f"{speed:.0f}"}
+            shown = {k: f"{v:.3f}" for k, v in sums.items() if not k.startswith("layer_")}  # per layer: the log's
+            bar.set_postfix(shown | {"tok/s": f"{speed:.0f}"}
                             | ({} if peak is None else {"peak": f"{peak / 2**30:.1f}GiB"}))
             done = step + 1 == config.steps
             if (config.eval_every and (step + 1) % config.eval_every == 0) or done:

@@ -107,3 +107,23 @@ class LocalLoss:
         per_layer = {i: layer_output_loss(s_out[i], t_in[i], t_out[i]) for i in scored}
         loss = torch.stack(list(per_layer.values())).mean()
         return {"loss": loss, **{f"layer_{i}": v.detach() for i, v in per_layer.items()}}
+
+
+def repair_briefly(student, teacher, windows: torch.Tensor, steps: int, lr: float = 1e-3, batch_size: int = 2) -> None:
+    """`steps` of local repair of `student` in place, in memory, on `windows` (N, T) taken in turn: how the budget
+    planner costs a candidate block once repaired (`sensitivity.measure_block_effects`), as Puzzle scores its
+    candidates after their local distillation."""
+    layers = repaired_layers(student.config, next_too=True)
+    params = [p for i in layers for p in student.model.layers[i].parameters()]
+    student.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95))
+    loss = LocalLoss(next_too=True)
+    with torch.enable_grad():
+        for step in range(steps):
+            rows = torch.arange(step * batch_size, (step + 1) * batch_size) % len(windows)
+            loss(student, teacher, windows[rows])["loss"].backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    student.requires_grad_(False)

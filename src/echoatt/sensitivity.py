@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,11 +84,12 @@ def _kl(model: torch.nn.Module, text: torch.Tensor, probe: torch.Tensor, referen
 @torch.no_grad()
 def measure_block_effects(
     teacher: torch.nn.Module, spec, similarity, candidates: list[tuple[int, ...]], text: torch.Tensor,
-    probe: torch.Tensor, settings: dict, progress: bool = True,
+    probe: torch.Tensor, settings: dict, progress: bool = True, repair: Callable | None = None,
 ) -> BlockEffects:
     """Each candidate block shared alone by `spec` (a `student.StudentSpec`: method, head map) — a candidate of one
     layer: that layer's attention dropped — compared with the teacher on `text` (N, T) windows and the `probe`
-    (M, 2P)."""
+    (M, 2P). `repair(student)`, where given, repairs each candidate before it is measured (the planner then ranks
+    blocks by what they cost once repaired)."""
     reference = {"text": _logits(teacher, text), "retrieval": _logits(teacher, probe)}
     base = {"text": hard_label_loss(reference["text"], text).item(),  # the teacher's own NLL, for scale
             "retrieval": hard_label_loss(reference["retrieval"], _repeated_half(probe)).item()}
@@ -96,6 +98,8 @@ def measure_block_effects(
         alone = (dataclasses.replace(spec, plan=f"{block[0]}-{block[-1]}") if len(block) > 1  # shared...
                  else dataclasses.replace(spec, method="drop", plan=f"{block[0] - 1}-{block[0]}"))  # ...or dropped
         student, _ = alone.build(teacher, similarity)
+        if repair is not None:
+            repair(student)
         blocks[tuple(block)] = _kl(student, text, probe, reference)
         del student
     return BlockEffects(base, blocks, settings)

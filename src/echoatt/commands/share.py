@@ -21,6 +21,7 @@ from echoatt.configuration_echoatt import family_fields
 from echoatt.corpus import spread, token_windows
 from echoatt.modeling_echoatt import EchoAttForCausalLM
 from echoatt.plan import PlanError, SharingPlan
+from echoatt.repair import repair_briefly
 from echoatt.rundir import (
     RunDir,
     RunDirError,
@@ -153,8 +154,12 @@ def block_effects(config: ShareConfig, teacher: Teacher, spec: StudentSpec, simi
     if missing:  # measure what is not known yet under these settings
         train, _ = token_windows(teacher.tokenizer, config.corpus, config.seq_len, config.encoding)
         probe = teacher.retrieval_probe(*EFFECT_PROBE, seed=config.seed)
+        repair = None
+        if config.repair_blocks:  # on other windows than the one each block is then scored on
+            windows = spread(train[EFFECT_TEXT_WINDOWS:], 2 * config.repair_blocks)
+            repair = lambda student: repair_briefly(student, teacher.model, windows, config.repair_blocks)
         fresh = measure_block_effects(teacher.model, spec, similarity, missing, spread(train, EFFECT_TEXT_WINDOWS),
-                                      probe, settings)
+                                      probe, settings, repair=repair)
         effects = BlockEffects(fresh.teacher, known | fresh.blocks, settings)
         run.root.mkdir(parents=True, exist_ok=True)
         effects.save(run.block_effects)
@@ -167,9 +172,10 @@ def block_effect_settings(config: ShareConfig, teacher: Teacher, spec: StudentSp
     """What measured block effects depend on, the key they are kept under: the teacher's weights (its stamp), the
     method and head maps (the analysis they come from, by content), and the text (corpus, encoding, windows, seed)."""
     maps = similarity.fingerprint() if similarity is not None and spec.mapped and spec.head_map != "identity" else None
-    return {"teacher": teacher.stamp(), "method": spec.method, "head_map": spec.head_map, "analysis": maps,
-            "corpus": config.corpus, "encoding": config.encoding, "seq_len": config.seq_len, "seed": config.seed,
-            "text_windows": EFFECT_TEXT_WINDOWS, "probe": list(EFFECT_PROBE)}
+    settings = {"teacher": teacher.stamp(), "method": spec.method, "head_map": spec.head_map, "analysis": maps,
+                "corpus": config.corpus, "encoding": config.encoding, "seq_len": config.seq_len, "seed": config.seed,
+                "text_windows": EFFECT_TEXT_WINDOWS, "probe": list(EFFECT_PROBE)}
+    return settings | ({"repair_steps": config.repair_blocks} if config.repair_blocks else {})
 
 
 def calibration_settings(config: ShareConfig, teacher: Teacher, student) -> tuple[dict | None, torch.Tensor | None]:
