@@ -86,16 +86,20 @@ def bounds_met(sharing: dict, metric: str, target: float) -> bool:
     return sharing["bounds"][metric] >= target - 1e-9
 
 
+def budget_share(teacher_dir, corpus_dir, tmp_path, monkeypatch) -> tuple[list[str], list[str]]:
+    """The options every command of these tests shares (OUT: tmp_path/run), and a budget `share` of the tiny teacher."""
+    monkeypatch.setenv("ECHOATT_CACHE", str(tmp_path / "cache"))
+    base = ["--teacher", str(teacher_dir), "--corpus", str(corpus_dir), "--seq-len", "32", "--out", str(tmp_path / "run")]
+    return base, ["share", *base, "--plan", "budget=prefill=1.01", "--calibrate", "0", "--overwrite", *TOY]
+
+
 def test_block_effects_are_measured_again_when_what_they_depend_on_changes(teacher_dir, corpus_dir, tmp_path,
                                                                            monkeypatch):
     """Re-analysed with more text (other head maps), or the teacher's weights rewritten at the same path, or the
     corpus read in another encoding: the block losses kept in the run folder no longer apply."""
     import os
 
-    monkeypatch.setenv("ECHOATT_CACHE", str(tmp_path / "cache"))
-    out = tmp_path / "run"
-    base = ["--teacher", str(teacher_dir), "--corpus", str(corpus_dir), "--seq-len", "32", "--out", str(out)]
-    share = ["share", *base, "--plan", "budget=prefill=1.01", "--calibrate", "0", "--overwrite", *TOY]
+    base, share = budget_share(teacher_dir, corpus_dir, tmp_path, monkeypatch)
     measured = []
     real = share_command.measure_block_effects
     monkeypatch.setattr(share_command, "measure_block_effects", lambda *a, **k: measured.append(1) or real(*a, **k))
@@ -110,15 +114,12 @@ def test_block_effects_are_measured_again_when_what_they_depend_on_changes(teach
     assert main([*share, "--encoding", "latin-1"]) == 0 and len(measured) == 4
 
 
-def test_blocks_measured_after_a_local_repair_are_kept_apart(teacher_dir, corpus_dir, tmp_path,
-                                                                           monkeypatch):
+def test_blocks_measured_after_a_local_repair_are_kept_apart(teacher_dir, corpus_dir, tmp_path, monkeypatch):
     """`--repair-blocks N`: each candidate is repaired N steps before its KL is measured, and those effects are kept
     under their own settings (the unrepaired ones are measured again). Whether repair ranks blocks better is a
     question for a real teacher (docs/trade-curve.md), not for a random one."""
-    monkeypatch.setenv("ECHOATT_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "run"
-    base = ["--teacher", str(teacher_dir), "--corpus", str(corpus_dir), "--seq-len", "32", "--out", str(out)]
-    share = ["share", *base, "--plan", "budget=prefill=1.01", "--calibrate", "0", "--overwrite", *TOY]
+    _, share = budget_share(teacher_dir, corpus_dir, tmp_path, monkeypatch)
     repaired = []
     real = share_command.repair_briefly
     monkeypatch.setattr(share_command, "repair_briefly", lambda *a, **k: repaired.append(a[3]) or real(*a, **k))
