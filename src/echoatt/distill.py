@@ -46,8 +46,8 @@ def set_trainable(student: torch.nn.Module, mode: str) -> list[str]:
     """Freeze all but what `mode` trains; return the trainable parameter names.
 
     `changed`: the layers whose attention changed (followers, dropped attention). `shared`: those and the layer
-    right after each (which first sees the changed residual stream). `lisa`: only LiSA's head-alignment and low-rank parameters (the paper's setting).
-    `all`: every parameter. `auto`: `lisa` for a student with LiSA followers (the paper's setting), else `all` (on
+    right after each (which first sees the changed residual stream). `lisa`: only LiSA's head-alignment and low-rank
+    parameters (the paper's setting). `all`: every parameter. `auto`: `lisa` for a student with LiSA followers (the paper's setting), else `all` (on
     the default teacher it recovered more perplexity than `shared` in the same 30 steps, at the same zero-shot gap; a
     LiSA plan that came out as dropped layers only trains like any other)."""
     if mode not in TRAINABLE:
@@ -55,13 +55,13 @@ def set_trainable(student: torch.nn.Module, mode: str) -> list[str]:
     config = student.config
     if mode == "auto":
         mode = "lisa" if any(role_of(config, i) == "lisa" for i in range(config.num_hidden_layers)) else "all"
-    followers, layers = set(repaired_layers(config, False)), set(repaired_layers(config, True))
+    changed, layers = set(repaired_layers(config, False)), set(repaired_layers(config, True))
     names = []
     for name, param in student.named_parameters():
         parts = name.split(".")
         in_layer = len(parts) > 3 and parts[1] == "layers" and int(parts[2]) in layers
         lisa_part = is_lisa_parameter(name)
-        in_changed = in_layer and int(parts[2]) in followers
+        in_changed = in_layer and int(parts[2]) in changed
         param.requires_grad_(mode == "all" or (mode == "shared" and in_layer) or (mode == "changed" and in_changed)
                              or (mode == "lisa" and lisa_part))
         if param.requires_grad:
