@@ -47,9 +47,9 @@ def set_trainable(student: torch.nn.Module, mode: str) -> list[str]:
 
     `changed`: the layers whose attention changed (followers, dropped attention). `shared`: those and the layer
     right after each (which first sees the changed residual stream). `lisa`: only LiSA's head-alignment and low-rank
-    parameters (the paper's setting). `all`: every parameter. `auto`: `lisa` for a student with LiSA followers (the paper's setting), else `all` (on
-    the default teacher it recovered more perplexity than `shared` in the same 30 steps, at the same zero-shot gap; a
-    LiSA plan that came out as dropped layers only trains like any other)."""
+    parameters (the paper's setting). `all`: every parameter. `auto`: `lisa` for a student with LiSA followers (the
+    paper's setting), else `all` (on the default teacher it recovered more perplexity than `shared` in the same 30
+    steps, at the same zero-shot gap; a LiSA plan that came out as dropped layers only trains like any other)."""
     if mode not in TRAINABLE:
         raise ValueError(f"trainable must be one of {TRAINABLE} (got {mode!r})")
     config = student.config

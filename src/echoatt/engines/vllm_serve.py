@@ -127,7 +127,7 @@ def case_bounds(teacher_config, student_config, case: dict[str, int], dtype_byte
 def kv_bytes_per_token(config, dtype_bytes: int) -> int:
     """KV-cache bytes a token costs in vLLM: K and V of every attention layer, followers included (one cache per
     layer), per query head where a follower's head map crosses KV groups; dropped layers nothing. Checked against
-    what the engine allocates (`vllm_worker.kv_bytes_per_token`) in the tests and by `bench --engine vllm`."""
+    what the engine allocates (`vllm_worker.allocated_kv_bytes_per_token`) in the tests and by `bench --engine vllm`."""
     from echoatt.configuration_echoatt import head_dim_of, role_of
 
     def heads(layer: int) -> int:
