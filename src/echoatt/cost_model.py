@@ -111,7 +111,7 @@ def attention_cost(config, layer: int, B: int, T: int, P: int, eager: bool, dtyp
     if role in ("ordinary", "leader"):
         return whole
     if engine == "vllm":  # a copy follower (vLLM refuses LiSA)
-        per_head = config.num_attention_heads / config.num_key_value_heads if config.crosses_groups(layer) else 1
+        per_head = vllm_cached_heads(config, layer) / config.num_key_value_heads
         cache = sum((parts[k] for k in ("k_write", "v_write", "k_read", "v_read")), Cost()) * (per_head - 1)
         return whole + cache + sum((parts[k] for k in SAVED["vllm"]), Cost()) * -1
     if role == "lisa":
@@ -119,6 +119,16 @@ def attention_cost(config, layer: int, B: int, T: int, P: int, eager: bool, dtyp
         return sum((parts[k] for k in kept), Cost()) + sum(lisa_parts(config, B, T, P, dtype_bytes).values(), Cost())
     follower = whole + sum((parts[k] for k in SAVED["eager" if materialised else "fused"]), Cost()) * -1
     return follower + (gather_cost(config, layer, B, T, P) if materialised else Cost())
+
+
+def vllm_cached_heads(config, layer: int) -> int:
+    """KV heads vLLM caches for `layer`: none where attention is dropped, every query head's for a copy follower whose
+    head map crosses KV groups (keys gathered, values repeated), else the KV heads (followers too: one cache a layer)."""
+    role = role_of(config, layer)
+    if role == "dropped":
+        return 0
+    crossing = role == "copy" and config.crosses_groups(layer)
+    return config.num_attention_heads if crossing else config.num_key_value_heads
 
 
 def gather_cost(config, layer: int, B: int, T: int, P: int) -> Cost:

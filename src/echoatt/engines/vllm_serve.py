@@ -128,15 +128,11 @@ def kv_bytes_per_token(config, dtype_bytes: int) -> int:
     """KV-cache bytes a token costs in vLLM: K and V of every attention layer, followers included (one cache per
     layer), per query head where a follower's head map crosses KV groups; dropped layers nothing. Checked against
     what the engine allocates (`vllm_worker.allocated_kv_bytes_per_token`) in the tests and by `bench --engine vllm`."""
-    from echoatt.configuration_echoatt import head_dim_of, role_of
+    from echoatt.configuration_echoatt import head_dim_of
+    from echoatt.cost_model import vllm_cached_heads
 
-    def heads(layer: int) -> int:
-        role = role_of(config, layer)
-        if role == "dropped":
-            return 0
-        return config.num_attention_heads if role == "copy" and config.crosses_groups(layer) else config.num_key_value_heads
-
-    return sum(2 * heads(i) * head_dim_of(config) * dtype_bytes for i in range(config.num_hidden_layers))
+    per_head = 2 * head_dim_of(config) * dtype_bytes  # K and V
+    return sum(per_head * vllm_cached_heads(config, i) for i in range(config.num_hidden_layers))
 
 
 def bench_vllm(config, teacher: Path, student: Path) -> dict:
