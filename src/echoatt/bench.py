@@ -11,7 +11,7 @@ bound (`echoatt.cost_model`):
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
+import functools
 import gc
 import json
 import platform
@@ -92,8 +92,14 @@ def out_of_memory(err: BaseException) -> bool:
     return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text
 
 
-_LIBC_NAME = ctypes.util.find_library("c")
-_LIBC = ctypes.CDLL(_LIBC_NAME) if _LIBC_NAME else None  # glibc on Linux; elsewhere malloc_trim may be missing
+@functools.cache
+def _malloc_trim():
+    """glibc's `malloc_trim` from the running process' own symbols (no library search at import), or None where
+    the C library has none (macOS, musl) or the process exposes no symbols (Windows)."""
+    try:
+        return getattr(ctypes.CDLL(None), "malloc_trim", None)
+    except (OSError, TypeError):
+        return None
 
 
 def free_memory(device: torch.device) -> None:
@@ -103,8 +109,8 @@ def free_memory(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    elif _LIBC is not None and hasattr(_LIBC, "malloc_trim"):
-        _LIBC.malloc_trim(0)
+    elif (trim := _malloc_trim()) is not None:
+        trim(0)
 
 
 def fitting(work: dict[str, Callable[[], None]], device: torch.device) -> tuple[dict, dict[str, str]]:
