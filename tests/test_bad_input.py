@@ -231,3 +231,16 @@ def test_a_mixed_students_record_names_its_followers_and_dropped_layers_apart():
     assert "copy followers [2]" in describe(identity) and "attention dropped at [4]" in describe(identity)
     dropped_only = student_identity(build_student(tiny_teacher(), SharingPlan(6, ((1, 2),)), method="drop").config, "t")
     assert dropped_only["follower_type"] is None and dropped_only["dropped"] == [2]
+
+
+@pytest.mark.parametrize(("device", "message"), [("cuda", "CPU-only build"), ("cuda:1", "CPU-only build"),
+                                                 ("gpu", "must be cpu, cuda, cuda:N or auto")])
+def test_a_device_torch_cannot_use_is_one_line(tmp_path, capsys, device, message):
+    """`--device cuda` where torch is a CPU build (or sees no GPU) stops before any model loads, saying what to
+    install, instead of a CUDA traceback from deep inside the first model move."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    line = refused(["analyze", "--device", device, "--out", str(tmp_path / "out")], tmp_path / "out", capsys)
+    assert message in line

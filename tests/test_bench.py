@@ -159,3 +159,62 @@ def test_decode_from_a_static_cache_gives_the_dynamic_caches_logits(cache):
         tolerance = path_tolerance(decoded(teacher, impl, cache), decoded(teacher, impl, "dynamic"))
         torch.testing.assert_close(decoded(student, impl, cache), decoded(student, impl, "dynamic"), atol=tolerance,
                                    rtol=0)
+
+
+def test_static_decode_repeats_rewind_the_prompt_cache():
+    """Each decode repeat rewinds the prompt's cache (`bench.rewind`): a static cache, which has no `crop` before
+    transformers 5.24 (CI runs this test on the oldest transformers declared too), decodes the same logits after a
+    rewind, and `bench --decode-cache static` runs its repeats."""
+    from echoatt.bench import decode_figure, prompt_cache, rewind
+    from echoatt.modeling_echoatt import CACHE_KWARG
+
+    teacher = tiny_teacher().requires_grad_(False)
+    student = build_student(teacher, SharingPlan(6, ((1, 2),), (4,))).requires_grad_(False)
+    ids, step = torch.randint(3, 128, (2, 10)), torch.randint(3, 128, (2, 2))
+    for model in (teacher, student):
+        kv = prompt_cache(model, ids, 12, static=True)
+        with torch.no_grad():
+            first = model(input_ids=step, use_cache=True, **{CACHE_KWARG: kv}).logits
+            rewind(kv, 2)
+            assert int(kv.get_seq_length()) == 10
+            again = model(input_ids=step, use_cache=True, **{CACHE_KWARG: kv}).logits
+        torch.testing.assert_close(again, first, atol=0, rtol=0)
+    cfg = BenchConfig(prefill="", decode="2x8", decode_steps=2, train_len=0, repeats=2, warmup=1,
+                      decode_cache="static")
+    figure = decode_figure(teacher, student, 2, 8, cfg, torch.device("cpu"), 4)
+    assert figure["setting"]["cache"] == "static" and len(figure["timings_s"]["student_sdpa"]["values"]) == 2
+
+
+def test_bench_leaves_the_callers_teacher_as_it_was(tmp_path):
+    """`bench` with a loaded teacher (as `run`, `compare` and `echoatt.compress` pass theirs) times it in another
+    dtype without casting it: the caller's model keeps its dtype, weights, attention backend, mode and trainable
+    flags (a bf16 cast would follow the teacher into every later point of a trade curve)."""
+    from echoatt.commands.bench import bench
+    from echoatt.teacher import Teacher
+
+    teacher = tiny_teacher()
+    loaded = Teacher.of(teacher)
+    teacher.config._attn_implementation = "sdpa"
+    teacher.train()
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    build_student(teacher, SharingPlan(6, ((1, 2),), (4,))).save_pretrained(tmp_path / "student")
+    cfg = BenchConfig(out=str(tmp_path / "out"), student=str(tmp_path / "student"), prefill="8", decode="1x8",
+                      decode_steps=2, train_len=8, repeats=1, warmup=0, dtype="bfloat16", device="cpu")
+    result = bench(cfg, loaded)
+    assert result["dtype"] == "bfloat16"
+    assert all(v.dtype == torch.float32 for v in teacher.state_dict().values())
+    for name, value in teacher.state_dict().items():
+        torch.testing.assert_close(value, before[name], atol=0, rtol=0)
+    assert teacher.config._attn_implementation == "sdpa" and all(p.requires_grad for p in teacher.parameters())
+    assert teacher.training
+
+
+def test_the_runs_own_speed_check_times_compiled_static_decode_on_cuda():
+    """`run`'s short timing on a GPU decodes from a static cache with compiled steps (eager steps from a dynamic cache
+    time launches and the cache's per-step copies there); on a CPU it is the curve's setting."""
+    from echoatt.rundir import QUICK_SPEED, quick_speed_settings
+
+    assert quick_speed_settings("cpu") == QUICK_SPEED
+    cuda = quick_speed_settings("cuda:1")
+    assert cuda["decode_cache"] == "static" and cuda["compile"] and cuda["decode"] == QUICK_SPEED["decode"]
+    BenchConfig(**cuda, device="cpu").validate()

@@ -215,3 +215,36 @@ def test_tied_embeddings_checkpoint_quietly_and_stay_tied(tmp_path, tokenizer, c
     for path in (result["student"], tmp_path / "run" / "checkpoints" / "step-000002" / "student"):
         model = AutoModelForCausalLM.from_pretrained(path)
         assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+
+
+def test_logged_peak_memory_is_each_steps_own(run_dir, teacher_dir, corpus_dir):
+    """The log's `peak_memory_bytes` (what a user sizes the batch by) is the step's peak, not the process's history:
+    a large allocation freed before distillation (as `run`'s analysis and calibration are) does not show in it."""
+    from echoatt.bench import PeakMemory
+
+    rss = PeakMemory(torch.device("cpu"))._resident("VmRSS")
+    big = torch.ones(2**30)  # 4 GiB, touched, then handed back
+    del big
+    distill(config(run_dir, teacher_dir, corpus_dir, steps=2, eval_every=0, save_every=0))
+    peaks = [e["peak_memory_bytes"] for e in log_of(run_dir) if "loss" in e]
+    assert peaks and all(p is not None and p < rss + 2**31 for p in peaks), (rss, peaks)
+
+
+def test_distillation_runs_on_the_gpu_device_names(monkeypatch):
+    """`--device cuda:N` makes GPU N the current device before the Accelerator is made (accelerate puts a single
+    process on the current device: distillation would otherwise run on GPU 0 while `run`'s other steps use N);
+    under a multi-process launch an index is refused."""
+    from echoatt import distill as distill_module
+    from echoatt.distill import make_accelerator
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(("set_device", str(device))))
+    monkeypatch.setattr(torch, "set_float32_matmul_precision", lambda p: calls.append(("precision", p)))
+    monkeypatch.setattr(distill_module, "Accelerator", lambda **kw: calls.append(("Accelerator", kw)))
+    make_accelerator(DistillConfig(device="cuda:1"))
+    assert calls == [("set_device", "cuda:1"), ("precision", "high"),
+                     ("Accelerator", {"mixed_precision": "bf16", "cpu": False})]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="each process takes its own GPU"):
+        make_accelerator(DistillConfig(device="cuda:1"))

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -29,3 +31,18 @@ def test_the_gpu_check_runs_every_job_in_quick_mode(tmp_path):
     assert compiled["setting"]["compiled"] and compiled["setting"]["cache"] == "static"
     distill = next(f for f in summary["jobs"]["tinyllama-copy"]["result"]["figures"] if f["figure"] == "distill_step")
     assert distill["kd_output_bytes_per_token_vocab_entry"] > 0
+    # each job's figures in a file of its own, written as it ended; the lent machine returns eight files from OUT's top
+    for name, *_ in JOBS:
+        assert json.loads((tmp_path / "check" / f"{name}.json").read_text())["result"] == summary["jobs"][name]["result"]
+    top = [p.name for p in (tmp_path / "check").iterdir() if p.is_file() and p.name != "tiny.json"]
+    assert len(top) <= 8, top
+
+
+def test_the_gpu_check_refuses_an_unknown_job(tmp_path, capsys):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from gpu_check import main
+
+    with pytest.raises(SystemExit) as stop:
+        main([str(tmp_path / "check"), "--quick", "--only", "tinylama-copy"])
+    assert stop.value.code == 2
+    assert "no job named tinylama-copy" in capsys.readouterr().err

@@ -99,6 +99,34 @@ def test_fused_output_kd_equals_the_pure_losses_and_their_gradients(dtype):
                                    rtol=1e-4 if dtype == torch.float32 else 1e-2)
 
 
+def test_fused_output_kd_under_autocast_computes_at_autocasts_precision():
+    """Under bf16 autocast (distillation on a GPU) the fused loss's output matmuls run in bf16, as the model's own
+    output layer would there — not in float32 with autocast switched off (half a 1B step's time) — while the loss and
+    the weights' gradient stay float32: the numbers of the pure losses on autocast's logits, not on float32 ones."""
+    from echoatt.losses import fused_output_kd
+
+    gen = torch.Generator().manual_seed(1)
+    hidden = torch.randn(2, 9, 32, generator=gen).requires_grad_()
+    weight = (torch.randn(64, 32, generator=gen) / 2).requires_grad_()
+    t_hidden, t_weight = torch.randn(2, 9, 32, generator=gen), torch.randn(64, 32, generator=gen)
+    labels = torch.randint(0, 64, (2, 9), generator=gen)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = fused_output_kd(hidden, weight, t_hidden, t_weight, labels, 0.3, 0.7, 2.0, chunk_bytes=1)[0]
+        fused.backward()
+        got = hidden.grad.clone(), weight.grad.clone()
+        hidden.grad = weight.grad = None
+        logits, t_logits = (hidden @ weight.T).float(), (t_hidden @ t_weight.T).float()  # bf16 matmuls
+        (0.3 * hard_label_loss(logits, labels) + 0.7 * soft_label_loss(logits, t_logits, labels, 2.0)).backward()
+    exact = (hidden.detach() @ weight.detach().T, t_hidden @ t_weight.T)  # float32 logits
+    ref_exact = 0.3 * hard_label_loss(exact[0], labels) + 0.7 * soft_label_loss(*exact, labels, 2.0)
+    ref = 0.3 * hard_label_loss(logits.detach(), labels) + 0.7 * soft_label_loss(logits.detach(), t_logits, labels, 2.0)
+    assert fused.dtype == torch.float32 and fused.item() == pytest.approx(ref.item(), rel=1e-5)
+    assert abs(fused.item() - ref_exact.item()) > 1e-4 * abs(ref_exact.item())  # bf16 products differ from float32
+    for mine, expected in zip(got, (hidden.grad, weight.grad)):
+        assert mine.dtype == torch.float32
+        torch.testing.assert_close(mine, expected, atol=2e-3, rtol=2e-2)
+
+
 def test_kd_loss_fused_and_from_logits_agree_on_a_model(teacher):
     """The objective on real models: the fused path (no logits) and the logits path give the same terms and the same
     gradients, tied embeddings and all."""

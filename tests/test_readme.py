@@ -11,7 +11,8 @@ from echoatt.config import DistillConfig, RunConfig, ShareConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
-OTHER_TOOLS = {"--serve", "--llamacpp", "--config_file", "--trust-remote-code"}  # setup.sh, accelerate, vLLM
+OTHER_TOOLS = {"--serve", "--llamacpp", "--cuda", "--config_file", "--num_processes", "--trust-remote-code"}  # setup.sh,
+# accelerate, vLLM
 
 
 def test_the_readme_is_a_page_not_a_log():
@@ -27,6 +28,22 @@ def test_every_command_and_flag_it_names_exists():
     assert named - flags - OTHER_TOOLS == set()
     commands = set(re.findall(r"(?:`|bin/)echoatt ([a-z]+)", README))
     assert {"run", "share", "distill", "export"} <= commands <= set(COMMANDS), commands - set(COMMANDS)
+
+
+def test_its_setup_flags_exist():
+    setup = (ROOT / "scripts" / "setup.sh").read_text()
+    for flag in ("--serve", "--llamacpp", "--cuda"):
+        assert flag in README and (f'"{flag}"' in setup or f"{flag})" in setup), flag
+
+
+def test_accelerate_commands_name_their_process_count():
+    """The accelerate configs set no process count (a fixed 8 put two ranks on one GPU of a smaller machine, which
+    NCCL refuses): every `accelerate launch` the docs and recipes show passes `--num_processes`."""
+    for config in (ROOT / "configs" / "accelerate").glob("*.yaml"):
+        assert not re.search(r"^num_processes:", config.read_text(), re.MULTILINE), config
+    texts = [README, *(p.read_text() for p in [*(ROOT / "docs").glob("*.md"), *(ROOT / "configs").rglob("*.yaml")])]
+    launches = [line for text in texts for line in text.replace("\\\n", " ").splitlines() if "accelerate launch" in line]
+    assert launches and all("--num_processes" in line for line in launches), launches
 
 
 def test_the_defaults_it_states_are_the_defaults():

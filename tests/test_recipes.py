@@ -32,8 +32,27 @@ def test_every_recipe_is_read_by_every_command(recipe):
         values = load_yaml(cls, recipe)
         taken |= set(values)
         if cls.__name__ in ("RunConfig", "ShareConfig", "DistillConfig", "EvalConfig", "AnalyzeConfig"):
-            cls(**values).validate()
+            cls(**{**values, "device": "cpu"} if "device" in values else values).validate()  # this CPU's check
     assert taken == named  # every option in it is some command's
+
+
+def test_the_gpu_recipes_plan_fits_the_models_it_names():
+    """configs/gpu-1b.yaml's budget, priced by the cost model on the 1–2B shapes it names: attention and KV are a
+    smaller share of their decode bytes than of SmolLM2's, so a budget set for SmolLM2 (decode 1.25: 12 of
+    Llama-3.2-1B's 16 layers' attention dropped) would gut them; this one drops at most about a third."""
+    from echoatt import planners
+    from echoatt.archs import arch_config
+    from echoatt.plan import SharingPlan
+    from echoatt.student import plan_bounds, student_config
+
+    plan = yaml.safe_load((ROOT / "configs" / "gpu-1b.yaml").read_text())["plan"]
+    target = float(planners.budget_options(plan)["decode"])
+    for name in ("llama-3.2-1b", "tinyllama"):
+        config = arch_config(name)
+        n = config.num_hidden_layers
+        needed = next(k for k in range(n) if plan_bounds(config, student_config(
+            config, SharingPlan(n, (), tuple(range(1, 1 + k)))))["decode"] >= target)
+        assert 0 < needed <= -(-n // 3), (name, needed)
 
 
 def test_a_misspelt_recipe_option_is_refused_with_the_nearest(tmp_path):

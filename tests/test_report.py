@@ -64,12 +64,16 @@ def test_the_report_places_a_default_teachers_student_on_the_measured_curve(tmp_
     report = write_report(run)[0].read_text()
     assert "## Where this student sits on the trade curve" in report and (run / "trade_place.png").is_file()
     assert "| **this run's student** | 1.234× | 1.456× | – / – | – | 1.15× |" in report
-    (run / "bench.json").write_text(json.dumps({"figures": [  # the run's own timing, and a setting the curve has not
+    figures = [  # the run's own timing, and a setting the curve has not
         {"figure": f, "setting": setting, "ratios": {"headline": {"ratio": r}}}
         for f, setting, r in (("prefill", {"batch": 1, "tokens": 512}, 1.1), ("prefill", {"batch": 1, "tokens": 128}, 1.5),
                               ("decode", {"batch": 8, "context": 256, "steps": 8}, 1.3),
-                              ("decode", {"batch": 8, "context": 512, "steps": 8}, 1.6))]}))
+                              ("decode", {"batch": 8, "context": 512, "steps": 8}, 1.6))]
+    (run / "bench.json").write_text(json.dumps({"device": "CPU (x86_64)", "figures": figures}))
     assert "| **this run's student** | 1.234× | 1.456× | 1.100× / 1.300× | – | 1.15× |" in write_report(run)[0].read_text()
+    (run / "bench.json").write_text(json.dumps({"device": "NVIDIA H100 80GB HBM3", "figures": figures}))
+    assert "| **this run's student** | 1.234× | 1.456× | – / – | – | 1.15× |" in write_report(run)[0].read_text()  # a
+    # GPU's ratios are not put beside the curve's CPU-measured ones
     assert "(the default)" in report and "Text of another kind (wikipedia): teacher **20.00**" in report
     info.identity["teacher"] = "/models/Qwen3-0.6B"
     info.save(run / "student")

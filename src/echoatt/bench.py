@@ -10,6 +10,8 @@ bound (`echoatt.cost_model`):
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import ctypes
 import functools
 import gc
@@ -17,7 +19,7 @@ import json
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Self
@@ -49,6 +51,36 @@ def _timed(fn: Callable[[], None], device: torch.device) -> float:
 def _with_impl(model, impl: str):
     model.config._attn_implementation = impl
     return model
+
+
+@contextlib.contextmanager
+def benchmarked(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> Iterator[torch.nn.Module]:
+    """`model` as the bench runs it — on `device` in `dtype`, in eval mode, frozen — without changing the caller's:
+    where it is elsewhere or in another dtype, a converted copy (each tensor converted once, tied weights kept tied;
+    never a full copy in the old dtype); its attention backend, mode and trainable flags restored afterwards (the
+    bench switches backends by the config). A teacher shared by `run`, `compare` or `echoatt.compress` stays as it
+    was: a bf16 cast would otherwise follow it into every later step, and a cast back would lose its precision."""
+    tensors = [*model.parameters(), *model.buffers()]
+    if all(t.device == device and (t.dtype == dtype or not t.is_floating_point()) for t in tensors):
+        flags = [p.requires_grad for p in model.parameters()]
+        impl, training = model.config._attn_implementation, model.training
+        try:
+            yield model.eval().requires_grad_(False)
+        finally:
+            model.config._attn_implementation = impl
+            model.train(training)
+            for p, flag in zip(model.parameters(), flags, strict=True):
+                p.requires_grad_(flag)
+        return
+
+    def converted(t: torch.Tensor) -> torch.Tensor:
+        new = t.detach().to(device=device, dtype=dtype if t.is_floating_point() else None, copy=True)
+        return torch.nn.Parameter(new, requires_grad=False) if isinstance(t, torch.nn.Parameter) else new
+
+    memo = {id(t): converted(t) for t in tensors}  # deepcopy takes these instead of copying the originals
+    clone = copy.deepcopy(model, memo)
+    del memo
+    yield clone.eval()
 
 
 def measure(work: dict[str, Callable[[], None]], device: torch.device, repeats: int, warmup: int) -> dict:
@@ -170,6 +202,20 @@ def prompt_cache(model, ids: torch.Tensor, max_length: int, static: bool):
     return output_cache(_with_impl(model, "sdpa")(input_ids=ids, use_cache=True, logits_to_keep=1, **kw))
 
 
+def rewind(cache, tokens: int) -> None:
+    """Forget the last `tokens` tokens of a KV cache, in place: `crop` where a layer has it (dynamic layers; static
+    ones from transformers 5.24), else a static layer's token counter stepped back (before 5.24 `StaticLayer` has no
+    `crop`; the next `update` overwrites the stale slots, and the counter keeps the static address CUDA graphs
+    captured)."""
+    for layer in cache.layers:
+        if hasattr(layer, "crop"):
+            layer.crop(-tokens)
+        elif hasattr(layer, "cumulative_length"):
+            layer.cumulative_length.sub_(tokens)
+        else:
+            raise TypeError(f"cannot rewind a {type(layer).__name__} (no crop, no token counter)")
+
+
 def memory_bandwidth(device: torch.device, nbytes: int | None = None) -> float:
     """Bytes a second a plain copy moves (read and write), best of five: the memory bandwidth the device reaches."""
     nbytes = nbytes or (2**30 if device.type == "cuda" else 2**28)
@@ -205,7 +251,7 @@ def decode_figure(teacher, student, batch: int, context: int, config: BenchConfi
         forward = step_fn(_with_impl(model, impl), impl)
         for _ in range(config.decode_steps):
             forward(input_ids=step_ids, use_cache=True, **{CACHE_KWARG: cache})
-        cache.crop(-config.decode_steps)  # back to the prompt for the next repeat: no copy
+        rewind(cache, config.decode_steps)  # back to the prompt for the next repeat: no copy
 
     models = _models(teacher, student)
     if config.compile:  # a compiled graph per candidate takes long to build: the headline's two only
@@ -230,9 +276,20 @@ def decode_figure(teacher, student, batch: int, context: int, config: BenchConfi
     return figure
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Restart `peak_memory_bytes` from what is in use now (the CUDA allocator's peak counter, or the resident
+    high-water mark through /proc/self/clear_refs on Linux), so a peak read later is that work's, not the process's
+    whole history (a `run`'s analysis, calibration and local repair before its distillation)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    with contextlib.suppress(OSError):
+        PeakMemory.CLEAR.write_text("5")
+
+
 def peak_memory_bytes(device: torch.device) -> int | None:
-    """The process's peak memory so far: the CUDA allocator's counter on a GPU, else the resident high-water mark
-    (Linux); None where neither can be read."""
+    """The process's peak memory since the last `reset_peak_memory`: the CUDA allocator's counter on a GPU, else the
+    resident high-water mark (Linux); None where neither can be read."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     try:

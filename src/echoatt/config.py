@@ -24,6 +24,26 @@ def options(cls: type) -> list[dataclasses.Field]:
     return [f for f in dataclasses.fields(cls) if f.name not in getattr(cls, "SET_BY_COMMAND", ())]
 
 
+def check_device(device: str) -> None:
+    """Refuse, in one line and before any model loads, a device this machine's torch cannot use: a CUDA device on a
+    CPU-only build of torch (the README's GPU setup installs a CUDA one) or on a machine without one, or a GPU index
+    past the last."""
+    if device in ("auto", "cpu"):
+        return
+    kind, _, index = device.partition(":")
+    if kind != "cuda" or (index and not index.isdigit()) or device.endswith(":"):
+        raise ValueError(f"--device must be cpu, cuda, cuda:N or auto (got {device!r})")
+    import torch
+
+    if not torch.cuda.is_available():
+        why = ("a CPU-only build (bash scripts/setup.sh --cuda installs a CUDA one)" if torch.version.cuda is None
+               else f"built for CUDA {torch.version.cuda}, but it sees no GPU")
+        raise ValueError(f"--device {device}: this torch ({torch.__version__}) is {why}; or use --device cpu")
+    if index and int(index) >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                         f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+
+
 @dataclass
 class CommonConfig:
     teacher: str = opt("default", "teacher: HF model directory or hub id, a .gguf file, or 'default' (SmolLM2-135M)")
@@ -39,6 +59,7 @@ class CommonConfig:
 
     def validate(self) -> None:
         """Refuse settings that would run and give a wrong or empty answer (called before any long work)."""
+        check_device(self.device)
         for name in ("seq_len", "eval_windows"):
             if getattr(self, name) < (2 if name == "seq_len" else 1):
                 raise ValueError(f"--{name.replace('_', '-')} must be at least {2 if name == 'seq_len' else 1} "

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -27,7 +28,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
-from echoatt.bench import peak_memory_bytes
+from echoatt.bench import free_memory, peak_memory_bytes, reset_peak_memory
 from echoatt.checkpoints import latest_step, load_checkpoint, resume_point, save_checkpoint
 from echoatt.common import TrainingError
 from echoatt.config import DistillConfig, record
@@ -165,6 +166,22 @@ class Training:
         return entry
 
 
+def make_accelerator(config: DistillConfig) -> Accelerator:
+    """The run's `Accelerator`, on the device `--device` names. Accelerate places a single process on the current
+    CUDA device, so `cuda:N` becomes the current device first (else distillation would run on GPU 0 while the rest of
+    `run` uses N); under `accelerate launch` / `torchrun` each process takes its own GPU, and an index is refused."""
+    device = torch.device(device_of(config))
+    if device.type == "cuda" and device.index is not None:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ValueError(f"--device {device}: under accelerate launch or torchrun each process takes its own GPU; "
+                             "use --device cuda (or auto)")
+        torch.cuda.set_device(device)
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 for float32 matmuls (all of them without bf16 autocast)
+    bf16 = config.bf16 == "yes" or (config.bf16 == "auto" and device.type == "cuda")
+    return Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=device.type == "cpu")
+
+
 def load_inputs(config: DistillConfig, teacher: Teacher | None, accelerator: Accelerator,
                 repair: bool = False) -> dict:
     """Student, teacher and text, each checked before any training: a missing or damaged student, a checkpoint of
@@ -212,9 +229,7 @@ def setup_training(config: DistillConfig, teacher: Teacher | None = None, repair
     the local-repair stage (`config` as `repair_config` makes it)."""
     config.validate()
     setup(config)
-    device = device_of(config)
-    bf16 = config.bf16 == "yes" or (config.bf16 == "auto" and device.startswith("cuda"))
-    accelerator = Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=device == "cpu")
+    accelerator = make_accelerator(config)
     inputs = load_inputs(config, teacher, accelerator, repair)
     record(config, "repair" if repair else "distill")
     student = inputs.pop("student")
@@ -229,8 +244,11 @@ def setup_training(config: DistillConfig, teacher: Teacher | None = None, repair
     student, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
     resume_from = inputs.pop("resume_from")
     loss = LocalLoss(config.local_next) if repair else config.kd_loss()
+    frozen = inputs.pop("teacher").model
+    if teacher is None and accelerator.mixed_precision == "bf16":  # loaded here, so ours to cast: under bf16 autocast
+        frozen.to(dtype=torch.bfloat16)  # its matmuls are bf16 anyway; each process (FSDP too) holds half the bytes
     training = Training(config=config, accelerator=accelerator, student=student, loss=loss,
-                        teacher=inputs.pop("teacher").model.to(accelerator.device).eval().requires_grad_(False),
+                        teacher=frozen.to(accelerator.device).eval().requires_grad_(False),
                         optimizer=optimizer, scheduler=scheduler, **inputs,
                         trained={"trained": n_train, "total": n_all, "percent": 100 * n_train / n_all})
     if resume_from is not None:
@@ -282,6 +300,7 @@ def train(t: Training) -> None:
     try:
         for step in bar:
             started = time.perf_counter()
+            reset_peak_memory(t.accelerator.device)  # the log's peak is this step's: what sizes a batch
             sums = train_step(t, step)
             clip = config.max_grad_norm > 0
             grad_norm = t.accelerator.clip_grad_norm_(t.params, config.max_grad_norm) if clip else None
@@ -339,6 +358,10 @@ def distill(config: DistillConfig, teacher: Teacher | None = None) -> dict:
         repair = setup_training(repair_config(config), teacher, repair=True)
         train(repair)
         finish(repair)
+        repair.accelerator.free_memory()  # its optimizer state and prepared model go before the distillation's
+        device = repair.accelerator.device
+        del repair
+        free_memory(device)
     training = setup_training(config, teacher)
     train(training)
     return finish(training)

@@ -102,22 +102,26 @@ class _FusedOutputKD(torch.autograd.Function):
     """w_hard x `hard_label_loss` + w_soft x `soft_label_loss`, computed from the final hidden states and the output
     embeddings one chunk of positions at a time, each chunk's gradient formed in the forward (as Liger-Kernel's fused
     linear cross-entropy and JSD do): no (tokens x vocabulary) tensor is ever whole, only a chunk's few float32 ones.
-    Logits are made in the weights' dtype and then made float32, as the models' own output layer and the pure
-    functions do. Returns the weighted loss (differentiable) and the two terms (for the log)."""
+    Logits are made in the weights' dtype — or, under autocast, in autocast's (`compute`: bf16 inputs, float32
+    accumulation, as the models' own output layer runs there) — and then made float32, as the pure functions do;
+    softmax, KL and the gradient's sum over chunks stay float32. Returns the weighted loss (differentiable) and the
+    two terms (for the log)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, teacher_hidden, teacher_weight, labels, w_hard, w_soft, temperature, rows):
+    def forward(ctx, hidden, weight, teacher_hidden, teacher_weight, labels, w_hard, w_soft, temperature, rows,
+                compute):
         # hidden (N, C), weight (V, C), teacher_hidden (N, Ct), teacher_weight (V, Ct), labels (N,): the next tokens
         with torch.autocast(hidden.device.type, enabled=False):
+            w, t_w = weight.to(compute or weight.dtype), teacher_weight.to(compute or teacher_weight.dtype)  # (V, C)
             valid = labels != IGNORE_INDEX  # (N,)
             count = valid.sum().clamp_min(1)
             grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
             grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
             hard, soft = hidden.new_zeros((), dtype=torch.float32), hidden.new_zeros((), dtype=torch.float32)
             for i in range(0, hidden.size(0), rows):
-                h, keep = hidden[i : i + rows], valid[i : i + rows]
+                h, keep = hidden[i : i + rows].to(w.dtype), valid[i : i + rows]
                 target = labels[i : i + rows].clamp_min(0)
-                logits = (h @ weight.T).float()  # (rows, V)
+                logits = (h @ w.T).float()  # (rows, V)
                 log_p = torch.log_softmax(logits, -1)
                 hard = hard + (-log_p.gather(1, target[:, None]).squeeze(1) * keep).sum()
                 grad = log_p.exp_().mul_(w_hard)  # d hard / d logits = softmax - onehot (before the mean)
@@ -125,7 +129,7 @@ class _FusedOutputKD(torch.autograd.Function):
                 del log_p
                 if w_soft:
                     log_q = torch.log_softmax(logits.div_(temperature), -1)  # the student's, tempered
-                    teacher = (teacher_hidden[i : i + rows] @ teacher_weight.T).float().div_(temperature)
+                    teacher = (teacher_hidden[i : i + rows].to(t_w.dtype) @ t_w.T).float().div_(temperature)
                     log_t = torch.log_softmax(teacher, -1)
                     del teacher
                     p_t = log_t.exp()
@@ -135,9 +139,11 @@ class _FusedOutputKD(torch.autograd.Function):
                 del logits
                 grad *= (keep / count)[:, None]
                 if grad_hidden is not None:
-                    grad_hidden[i : i + rows] = grad.to(weight.dtype) @ weight
-                if grad_weight is not None:
+                    grad_hidden[i : i + rows] = grad.to(w.dtype) @ w
+                if grad_weight is not None and compute is None:
                     grad_weight.addmm_(grad.T, h.float())
+                elif grad_weight is not None:  # the chunk's product at autocast's precision, summed in float32
+                    grad_weight.add_(grad.T.to(compute) @ h)
             hard, soft = hard / count, soft * temperature**2 / count
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
@@ -149,7 +155,7 @@ class _FusedOutputKD(torch.autograd.Function):
         grad_hidden, grad_weight = ctx.saved_tensors
         grad_hidden = None if grad_hidden is None else grad_hidden * grad_loss.to(grad_hidden.dtype)
         grad_weight = None if grad_weight is None else (grad_weight * grad_loss).to(ctx.weight_dtype)
-        return grad_hidden, grad_weight, *[None] * 7
+        return grad_hidden, grad_weight, *[None] * 8
 
 
 def fused_output_kd(
@@ -166,12 +172,15 @@ def fused_output_kd(
     """(w_hard x hard + w_soft x soft, hard, soft) from final hidden states (B, T, C) and output embeddings (V, C) of
     student and teacher: the numbers of `hard_label_loss(hidden @ weight.T, labels)` and `soft_label_loss(...)`, and
     their gradients, holding about six float32 (chunk x vocabulary) tensors at a time instead of the whole batch's
-    logits, log-probabilities and probabilities (which peak near 21 bytes per token x vocabulary entry)."""
+    logits, log-probabilities and probabilities (which peak near 21 bytes per token x vocabulary entry). Under autocast
+    the output matmuls run in its dtype, as the models' own layers do."""
+    device = hidden.device.type
+    compute = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
     chunk_bytes = chunk_bytes or CHUNK_BYTES.get(hidden.device.type, DEFAULT_CHUNK_BYTES)
     rows = max(8, chunk_bytes // (4 * weight.shape[0]))
     flat = lambda x: x[:, :-1].reshape(-1, x.shape[-1])  # positions t predict labels t + 1
     return _FusedOutputKD.apply(flat(hidden), weight, flat(teacher_hidden).detach(), teacher_weight.detach(),
-                                labels[:, 1:].reshape(-1), w_hard, w_soft, temperature, rows)
+                                labels[:, 1:].reshape(-1), w_hard, w_soft, temperature, rows, compute)
 
 
 def output_weight(model) -> torch.Tensor | None:

@@ -236,10 +236,11 @@ def curve_place(run: RunDir, info: SharingInfo, summary: RunSummary | None) -> S
         if "distilled" in results and "teacher" in results:
             own |= zero_shot_summary(results["distilled"], results["teacher"])
     timed = run.results("bench")[0]
-    if timed.is_file():  # the run's own short timing (QUICK_SPEED), as each point's `measured_speed` was taken;
-        # a later full `bench` into the same folder times other settings too: only the curve's two are shown
-        own["measured_speed"] = {f["figure"]: f["ratios"]["headline"]["ratio"]
-                                 for f in json.loads(timed.read_text())["figures"]
+    bench = json.loads(timed.read_text()) if timed.is_file() else {}
+    if bench.get("device", "").startswith("CPU"):  # the run's own short timing (QUICK_SPEED), as each point's
+        # `measured_speed` was taken (on a CPU; a GPU's is another machine's ratio); a later full `bench` into the
+        # same folder times other settings too: only the curve's two are shown
+        own["measured_speed"] = {f["figure"]: f["ratios"]["headline"]["ratio"] for f in bench["figures"]
                                  if f["figure"] in CURVE_SPEED and CURVE_SPEED[f["figure"]].items() <= f["setting"].items()}
     header = ("| plan | prefill bound | decode bound | measured on CPU, prefill 1 × 512 / decode 8 × 256 | "
               "zero-shot gap, points (paired) | other text × teacher |")

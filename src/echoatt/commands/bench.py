@@ -14,7 +14,7 @@ from echoatt.config import (
     RunConfig,
     record,
 )
-from echoatt.rundir import QUICK_SPEED, RunDir, device_of, read_student_config, setup
+from echoatt.rundir import RunDir, device_of, quick_speed_settings, read_student_config, setup
 from echoatt.student import (
     StudentSpec,
 )
@@ -27,7 +27,7 @@ def bench(config: BenchConfig, loaded: Teacher | None = None) -> dict:
     from transformers import AutoModelForCausalLM
 
     from echoatt.archs import ARCHS, arch_config
-    from echoatt.bench import run_bench, save
+    from echoatt.bench import benchmarked, run_bench, save
 
     config.validate()
     if config.engine in ("vllm", "llama.cpp"):
@@ -57,13 +57,14 @@ def bench(config: BenchConfig, loaded: Teacher | None = None) -> dict:
         student = AutoModelForCausalLM.from_pretrained(path)
         name = "bench"
     run = RunDir(record(config, "bench"))
-    for model in (teacher, student):
-        model.to(device=device, dtype=dtype).eval().requires_grad_(False)
     roles = [student.config.role(i) for i in range(student.config.num_hidden_layers)]
     print(f"plan: of {len(roles)} layers, {sum(r in ('copy', 'lisa') for r in roles)} follow "
           f"({student.config.follower_type}) and {roles.count('dropped')} have no attention; "
           f"{device}, {dtype}, {torch.get_num_threads()} threads")
-    result = run_bench(teacher, student, config, device)
+    # A loaded teacher is the caller's (run, compare, echoatt.compress): timed as a converted copy, never cast itself
+    with benchmarked(teacher, device, dtype) as timed_teacher:
+        student.to(device=device, dtype=dtype).eval().requires_grad_(False)  # loaded here: ours to convert
+        result = run_bench(timed_teacher, student, config, device)
     print(save(result, run.results(name)))
     return result
 
@@ -99,10 +100,10 @@ def bench_in_engine(config: BenchConfig) -> dict:
 
 
 def quick_speed(config: RunConfig | CompareConfig, student: Path, teacher: Teacher | None = None) -> dict[str, dict]:
-    """A short measured speed of `student` against the teacher (`bench` at QUICK_SPEED, written beside it in
+    """A short measured speed of `student` against the teacher (`bench` at `quick_speed_settings`, written beside it in
     config.out): {figure: {"setting", "ratio", "bound"}}, the ratio on SDPA with its analytic bound."""
     print("timing teacher vs distilled student (`echoatt bench` for the full set)")
     result = bench(BenchConfig(**{k: getattr(config, k) for k in ("teacher", "out", "device", "seed", "threads")},
-                               student=str(student), **QUICK_SPEED), teacher)
+                               student=str(student), **quick_speed_settings(device_of(config))), teacher)
     return {f["figure"]: {"setting": f["setting"], "ratio": f["ratios"]["headline"]["ratio"],
                           "bound": f["ratios"]["headline"]["bound"]} for f in result["figures"]}
