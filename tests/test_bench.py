@@ -218,3 +218,24 @@ def test_the_runs_own_speed_check_times_compiled_static_decode_on_cuda():
     cuda = quick_speed_settings("cuda:1")
     assert cuda["decode_cache"] == "static" and cuda["compile"] and cuda["decode"] == QUICK_SPEED["decode"]
     BenchConfig(**cuda, device="cpu").validate()
+
+
+def test_the_cost_model_prices_linear_attention_and_each_ffn_width():
+    """A linear attention costs one C x C matmul and its weights, nothing cached; each FFN costs its own width (none
+    at 0): the bounds the budget planner chooses by."""
+    from echoatt.cost_model import attention_cost
+    from echoatt.student import student_config
+
+    teacher = tiny_teacher()
+    C, I, B, T = teacher.config.hidden_size, teacher.config.intermediate_size, 2, 16
+    cost = lambda config: forward_cost(config, B, T, 0, False, 2)
+    base = cost(teacher.config)
+    linear = student_config(teacher.config, SharingPlan.read("linear=2", 6))
+    assert attention_cost(linear, 2, B, T, 0, False, 2).flops == 2 * B * T * C * C
+    assert base.flops - cost(linear).flops == pytest.approx(
+        attention_cost(teacher.config, 2, B, T, 0, False, 2).flops - 2 * B * T * C * C)
+    narrow = student_config(teacher.config, SharingPlan.read("ffn=3:32,ffn=4:0", 6))
+    assert base.flops - cost(narrow).flops == pytest.approx(3 * 2 * B * T * C * ((I - 32) + I))
+    assert base.bytes - cost(narrow).bytes == pytest.approx(3 * C * ((I - 32) + I) * 2)
+    decode = bound(teacher.config, linear, B=4, T=1, P=64, teacher_eager=False, student_eager=False, dtype_bytes=2)
+    assert decode.bytes > 1  # no K/V read at layer 2

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import FAMILIES, TOY, tiny_teacher
 
-from echoatt.calibrate import calibrate_followers
+from echoatt.calibrate import calibrate_followers, fit_replacements
 from echoatt.plan import SharingPlan
 from echoatt.student import build_student
 
@@ -86,3 +86,37 @@ def test_share_calibrates_by_default_and_records_it(teacher_dir, corpus_dir, tmp
     # Another calibration is another student: the folder refuses it (and would never resume its checkpoints).
     assert main([*args, "--out", str(tmp_path / "on"), "--calibrate", "0"]) == 2
     assert main([*args, "--out", str(tmp_path / "on")]) == 0  # the same one again is welcome
+
+
+def test_replacements_are_the_least_squares_fits_and_touch_nothing_else():
+    """`fit_replacements` on a linear attention, a narrowed FFN and an FFN-free layer: the linear map is the ridge
+    solution from the teacher's normed input to its attention output there; the narrowed FFN keeps the channels that
+    contribute most on the text (a channel made silent is never kept) and its down projection is refitted to the full
+    FFN's output; nothing else moves, and the FFN-free layer has nothing to fit."""
+    teacher = tiny_teacher()
+    with torch.no_grad():
+        teacher.model.layers[3].mlp.up_proj.weight[:16].zero_()  # 16 silent channels: never among the kept
+    student = build_student(teacher, SharingPlan.read("linear=2,ffn=3:32,ffn=4:0", 6))
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    text = windows()
+    report = fit_replacements(student, teacher, text, ridge=1e-9, progress=False)
+    assert set(report.after) == {2, 3} and report.before[2] == pytest.approx(1.0)
+    assert report.after[2] < 0.9 and report.after[3] < report.before[3]
+    seen = {}
+    attn = teacher.model.layers[2].self_attn
+    hooks = [attn.register_forward_pre_hook(lambda m, a, kw: seen.__setitem__("x", kw["hidden_states"]), with_kwargs=True),
+             attn.register_forward_hook(lambda m, a, out: seen.__setitem__("y", out[0]))]
+    with torch.no_grad():
+        teacher(text)
+    for h in hooks:
+        h.remove()
+    x, y = (seen[k].reshape(-1, seen[k].shape[-1]).double() for k in ("x", "y"))
+    expected = torch.linalg.lstsq(x, y).solution.T  # (C, C): y ≈ x @ W.T
+    torch.testing.assert_close(student.model.layers[2].self_attn.linear_attn.weight.double(), expected, atol=1e-4,
+                               rtol=1e-3)
+    kept = student.model.layers[3].mlp.up_proj.weight
+    assert kept.shape == (32, 64) and not (kept == 0).all(dim=1).any()  # no silent channel kept
+    fitted = {"model.layers.2.self_attn.linear_attn.weight"} | {
+        f"model.layers.3.mlp.{p}_proj.weight" for p in ("gate", "up", "down")}
+    for name, value in student.state_dict().items():
+        assert (not torch.equal(value, before[name])) == (name in fitted), name

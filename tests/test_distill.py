@@ -220,7 +220,7 @@ def test_tied_embeddings_checkpoint_quietly_and_stay_tied(tmp_path, tokenizer, c
 def test_logged_peak_memory_is_each_steps_own(run_dir, teacher_dir, corpus_dir):
     """The log's `peak_memory_bytes` (what a user sizes the batch by) is the step's peak, not the process's history:
     a large allocation freed before distillation (as `run`'s analysis and calibration are) does not show in it."""
-    from echoatt.bench import PeakMemory
+    from echoatt.memory import PeakMemory
 
     rss = PeakMemory(torch.device("cpu"))._resident("VmRSS")
     big = torch.ones(2**30)  # 4 GiB, touched, then handed back

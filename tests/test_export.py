@@ -55,10 +55,24 @@ def test_ffn_mult_gives_the_teachers_intermediate_size_back(tmp_path):
     assert mult == 4.0 and -(-int(2 * mult * 576 / 3) // 256) * 256 == 1536  # vLLM's rounding
 
 
-@pytest.mark.parametrize(("family", "method", "said"), [("llama", "copy", "reuse another layer's attention"),
-                                                        ("qwen3", "drop", "normalises q and k")])
-def test_export_refuses_what_decilm_cannot_be(tmp_path, capsys, family, method, said):
-    student = saved_student(tmp_path, family, method=method)
+def test_ffn_widths_export_as_decilm_blocks(tmp_path):
+    """A narrowed FFN is its width (or the ffn_mult that rounds back to it); an FFN-free layer is `ffn.no_op`, without
+    its MLP and post-attention norm weights (vLLM's DeciLM layer has neither then)."""
+    student = saved_student(tmp_path, plan=SharingPlan.read("drop=3,ffn=1:64,ffn=2:0", 6))
+    main(["export", str(tmp_path / "out"), "--student", str(student)])
+    blocks = json.loads((tmp_path / "out" / "config.json").read_text())["block_configs"]
+    assert [b["ffn"].get("intermediate_size") for b in blocks] == [128, 64, None, 128, 128, 128]
+    assert [b["ffn"]["no_op"] for b in blocks] == [False, False, True, False, False, False]
+    weights = load_file(tmp_path / "out" / "model.safetensors")
+    assert not any(k.startswith(("model.layers.2.mlp", "model.layers.2.post_attention")) for k in weights)
+    assert weights["model.layers.1.mlp.down_proj.weight"].shape == (64, 64)
+
+
+@pytest.mark.parametrize(("family", "method", "said", "plan"), [
+    ("llama", "copy", "reuse another layer's attention", None), ("qwen3", "drop", "normalises q and k", None),
+    ("llama", "copy", "linear map, which vLLM's DeciLM model does not read", "linear=2")])
+def test_export_refuses_what_decilm_cannot_be(tmp_path, capsys, family, method, said, plan):
+    student = saved_student(tmp_path, family, plan=plan and SharingPlan.read(plan, 6), method=method)
     assert main(["export", str(tmp_path / "out"), "--student", str(student)]) == 2
     assert said in capsys.readouterr().err
     assert not (tmp_path / "out" / "config.json").exists()
@@ -90,6 +104,8 @@ def test_vllm_refuses_what_it_cannot_run_exactly():
     with pytest.raises(ValueError, match="LiSA followers"):
         check_servable(EchoAttConfig(num_hidden_layers=4, attention_source=[0, 1, 1, 3], follower_type="lisa"),
                        2048, 1, 1)
+    with pytest.raises(ValueError, match="FFN widths \\[102\\].*tensor-parallel-size 4"):
+        check_servable(EchoAttConfig(num_hidden_layers=4, intermediate_sizes=[128, 102, 0, 128]), 2048, 4, 1)
     windowed = EchoAttConfig(num_hidden_layers=4, attention_source=[0, 1, -1, 3], context_window=512)
     check_servable(windowed, 512, 4, 1)  # drop-only: any tensor parallelism
     with pytest.raises(ValueError, match="pipeline-parallel-size 1"):  # echoatt's vLLM model has no pipeline stages

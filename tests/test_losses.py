@@ -156,8 +156,8 @@ def test_the_fused_objective_keeps_its_memory_budget_per_token_and_vocabulary_en
     bytes per (token x vocabulary) entry (1.2 measured here; the fixed part is the weight gradient and one chunk);
     the same terms from whole logits add over eight (25 here), which shows the measurement
     sees what it measures. Peaks are the process's resident high-water mark (Linux), reset before each."""
-    from echoatt.bench import PeakMemory
     from echoatt.losses import fused_output_kd
+    from echoatt.memory import PeakMemory
 
     tokens, vocab, width = 2048, 32000, 64
     gen = torch.Generator().manual_seed(0)

@@ -344,3 +344,38 @@ def test_a_mixed_student_shares_and_drops_and_generates_with_a_cache(teacher, im
     x = ids(batch=1, length=6)
     kw = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": 0, "eos_token_id": None}
     assert torch.equal(student.generate(x, use_cache=True, **kw), student.generate(x, use_cache=False, **kw))
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_a_student_of_every_kind_of_change_reloads_and_generates_with_either_cache(teacher, impl, tmp_path):
+    """Beyond attention (Puzzle's choices): linear attention, a narrowed FFN and an FFN-free layer beside a follower and
+    a dropped layer — the roles and widths the plan says, nothing cached where attention is gone, and generation with
+    a dynamic and a static cache equals cache-free generation after a save and reload."""
+    plan = SharingPlan.read("1-2,drop=3,linear=4,ffn=2:64,ffn=5:0", 6)
+    student = build_student(teacher, plan)
+    torch.nn.init.normal_(student.model.layers[4].self_attn.linear_attn.weight, std=0.05)
+    assert [student.config.role(i) for i in range(6)] == ["ordinary", "leader", "copy", "dropped", "linear",
+                                                          "ordinary"]
+    assert [student.config.ffn_width(i) for i in range(6)] == [128, 128, 64, 128, 128, 0]
+    assert student.model.layers[2].mlp.down_proj.weight.shape == (64, 64) and not list(
+        student.model.layers[5].mlp.parameters())
+    layer = kv_cache_bytes_per_token(teacher.config) // 6  # K and V of one layer
+    assert kv_cache_bytes_per_token(student.config) == 3 * layer + layer // 2  # 0, 1, 5 whole; the follower's V
+    student.save_pretrained(tmp_path)
+    student = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation=impl).eval()
+    x = ids(batch=1, length=6)
+    kw = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": 0, "eos_token_id": None}
+    free = student.generate(x, use_cache=False, **kw)
+    assert torch.equal(student.generate(x, use_cache=True, **kw), free)
+    assert torch.equal(student.generate(x, cache_implementation="static", **kw), free)
+
+
+def test_a_full_width_ffn_and_an_empty_plan_are_the_teacher(teacher):
+    """A plan naming an FFN at the teacher's own width changes nothing; narrowing keeps the teacher's channels."""
+    x = ids()
+    same = build_student(teacher, SharingPlan.read(f"ffn=3:{teacher.config.intermediate_size}", 6))
+    with torch.no_grad():
+        torch.testing.assert_close(same(x).logits, teacher(x).logits, atol=0, rtol=0)
+    narrow = build_student(teacher, SharingPlan.read("ffn=3:16", 6))
+    kept = narrow.model.layers[3].mlp.gate_proj.weight
+    assert all(any(torch.equal(row, t) for t in teacher.model.layers[3].mlp.gate_proj.weight) for row in kept)

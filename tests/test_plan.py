@@ -55,6 +55,13 @@ def test_parse():
     mixed = planners.parse("1-2,drop=4,drop=5", 6)
     assert mixed.blocks == ((1, 2),) and mixed.dropped == (4, 5)
     assert planners.parse(mixed.spec(), 6) == mixed and SharingPlan(6, ()).spec() == "none"
+    wide = planners.parse("1-2,drop=3,linear=4,ffn=5:32,ffn=2:0", 6)  # every kind of change: spec reads back
+    assert (wide.linear, wide.ffn, wide.spec()) == ((4,), ((2, 0), (5, 32)), "1-2,drop=3,linear=4,ffn=2:0,ffn=5:32")
+    assert planners.parse(wide.spec(), 6) == wide and wide.ffn_width(5, 128) == 32 and wide.ffn_width(1, 128) == 128
+    for bad, message in (("1-2,linear=2", "overlaps"), ("drop=3,linear=3", "both drop"),
+                         ("ffn=2:8,ffn=2:16", "distinct layers"), ("ffn=2", "cannot parse"), ("ffn=2:-1", "0 \\(no FFN")):
+        with pytest.raises(PlanError, match=message):
+            planners.parse(bad, 6)
     with pytest.raises(PlanError, match="overlaps"):
         planners.parse("1-2,drop=2", 6)
     with pytest.raises(PlanError, match="cannot parse"):
@@ -182,3 +189,36 @@ def test_a_mixed_budget_weighs_dropping_attention_against_sharing_it():
         SharingPlan(8, ((2, 3),), (3,))
     with pytest.raises(PlanError, match="measured loss"):
         planners.parse("budget=prefill=1.03,drop", 8, np.ones((8, 8)), bounds=bounds)
+
+
+def test_a_budget_weighs_linear_attention_and_ffn_widths_beside_drops():
+    """`,linear` and `,ffn` add each layer's linear attention and its FFN at `ffn_widths` as candidates; the greedy
+    takes the cheapest speed whatever its kind, a narrower FFN replacing the wider one of its layer and a drop the
+    linear attention of its layer, never two changes of one kind to one layer."""
+    candidates = planners.budget_candidates("budget=decode=1.2,drop,linear,ffn", 8, intermediate=256)
+    assert ("linear", 2) in candidates and ("linear", 1) not in candidates and ("linear", 7) not in candidates
+    assert {c for c in candidates if c[0] == "ffn" and c[1] == 1} == {("ffn", 1, w) for w in (192, 128, 64, 0)}
+    assert planners.ffn_widths(1536) == [1152, 768, 384, 0] and planners.ffn_widths(100) == [64, 0]
+
+    def bounds(plan):  # a drop saves 0.05, a linear attention 0.04, an FFN 0.08 x the share of it removed
+        ffn = sum(0.08 * (256 - w) / 256 for _, w in plan.ffn)
+        return {"decode": 1 + 0.05 * len(plan.dropped) + 0.04 * len(plan.linear) + ffn, "prefill": 1, "kv": 1}
+
+    def loss(c):  # halving an FFN buys speed cheapest; linear attention costs a tenth of a drop
+        if c[0] == "ffn":
+            return {192: 0.01, 128: 0.015, 64: 0.2, 0: 1.0}[c[2]]
+        return 0.02 if c[0] == "linear" else (0.2 if len(c) == 1 else 5.0)
+
+    plan = planners.parse("budget=decode=1.2,drop,linear,ffn", 8, None, bounds=bounds, block_loss=loss,
+                          intermediate=256)
+    assert plan == SharingPlan(8, (), ffn=tuple((i, 128) for i in range(1, 6)))  # five FFNs halved: 1.2 reached
+    dear_ffn = lambda c: 1.0 if c[0] == "ffn" else loss(c)
+    plan = planners.parse("budget=decode=1.2,drop,linear,ffn", 8, None, bounds=bounds, block_loss=dear_ffn,
+                          intermediate=256)
+    assert plan.ffn == () and len(plan.linear) == 5 and bounds(plan)["decode"] >= 1.2  # then linear attention
+    twice = lambda c: 0.0 if c == ("linear", 2) else (0.001 if c == (2,) else dear_ffn(c))
+    plan = planners.parse("budget=decode=1.2,drop,linear,ffn", 8, None, bounds=bounds, block_loss=twice,
+                          intermediate=256)
+    assert 2 in plan.dropped and 2 not in plan.linear  # the drop replaced layer 2's linear attention
+    with pytest.raises(PlanError, match="measured loss"):
+        planners.parse("budget=decode=1.2,ffn", 8, np.ones((8, 8)), bounds=bounds, intermediate=256)

@@ -8,6 +8,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 
@@ -78,3 +80,13 @@ def test_the_report_places_a_default_teachers_student_on_the_measured_curve(tmp_
     info.identity["teacher"] = "/models/Qwen3-0.6B"
     info.save(run / "student")
     assert "trade curve" not in write_report(run)[0].read_text()
+
+
+def test_the_runs_own_zero_shot_mark_carries_its_error_bar():
+    """The run's own zero-shot gap on the curve plot is drawn with ± 2 paired stderr of its own items (the default run
+    scores 30 items a task: about ± 2 points), as the curve's points are, so it never looks better by noise."""
+    from echoatt.report import own_mark
+
+    own = {"zero_shot_gap": 0.004, "zero_shot_gap_stderr": 0.011, "other_ratio": 1.1}
+    assert own_mark(own, "zero_shot_gap", 100) == (pytest.approx(0.4), [pytest.approx(2.2)])
+    assert own_mark(own, "other_ratio", 1) == (1.1, None)

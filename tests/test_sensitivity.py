@@ -37,13 +37,42 @@ def test_block_effects_are_the_kl_from_the_teacher_of_each_block_alone(tmp_path)
     dropped, _ = StudentSpec(plan="2-3", method="drop").build(teacher, None)  # a candidate of one layer: dropped
     d_s = torch.log_softmax(dropped(input_ids=text).logits[:, :-1].double(), -1)
     assert effects.blocks[(3,)]["text"] == pytest.approx((p_t.exp() * (p_t - d_s)).sum(-1).mean().item(), rel=1e-4)
-    assert "drop 3" in effects.summary()
+    assert "drop=3" in effects.summary()
     assert effects.loss((1, 2)) == pytest.approx(sum(effects.blocks[(1, 2)].values()))
     effects.save(tmp_path / "e.json")
     back = BlockEffects.load(tmp_path / "e.json")
     assert back.blocks == effects.blocks and back.known({"a": 1}) == effects.blocks
     assert back.known({"a": 2}) == {}
     assert "cheapest" in effects.summary()
+
+
+def test_replacement_candidates_are_measured_fitted_from_their_layer_up(tmp_path):
+    """A linear attention or a narrowed FFN is measured as `share` will build it — fitted in closed form on other text
+    — and run from its own layer up on the teacher's hidden states there: the same KL as the whole fitted student's."""
+    from echoatt.calibrate import apply_fits, replacement_stats
+    from echoatt.plan import SharingPlan
+    from echoatt.student import build_student
+
+    teacher = tiny_teacher()
+    text = torch.randint(3, 128, (2, 24), generator=torch.Generator().manual_seed(0))
+    other = torch.randint(3, 128, (8, 24), generator=torch.Generator().manual_seed(1))
+    probe = repeated_tokens(2, 8, 128, exclude=[0, 1, 2])
+    stats = replacement_stats(teacher, other, [3], {2: 64}, progress=False)
+    fits = lambda student: apply_fits(student, teacher, stats)
+    spec = StudentSpec(plan="k=2", head_map="identity")
+    effects = measure_block_effects(teacher, spec, None, [("linear", 3), ("ffn", 2, 64)], text, probe, {},
+                                    progress=False, fits=fits)
+    p_t = torch.log_softmax(teacher(input_ids=text).logits[:, :-1].double(), -1)
+    for candidate, plan in ((("linear", 3), "linear=3"), (("ffn", 2, 64), "ffn=2:64")):
+        student = build_student(teacher, SharingPlan.read(plan, 6))
+        fits(student)
+        p_s = torch.log_softmax(student(input_ids=text).logits[:, :-1].double(), -1)
+        assert effects.blocks[candidate]["text"] == pytest.approx((p_t.exp() * (p_t - p_s)).sum(-1).mean().item(),
+                                                                  rel=1e-4)
+        assert effects.blocks[candidate]["text"] > 0
+    effects.save(tmp_path / "e.json")
+    assert BlockEffects.load(tmp_path / "e.json").blocks == effects.blocks  # saved as linear=3, ffn=2:64
+    assert "ffn=2:64" in (tmp_path / "e.json").read_text()
 
 
 def test_retrieval_scores_the_repeated_half_only():

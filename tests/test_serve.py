@@ -38,9 +38,11 @@ REFERENCE_FAMILIES = ("llama", "qwen3")
 STUDENTS = {  # name -> family, plan, method, head map of the follower (heads 0,1 share a KV head, as do 2,3)
     "llama-copy": ("llama", SharingPlan(6, ((1, 2, 3),)), "copy", {2: None, 3: [2, 3, 0, 1]}),  # aligned and crossing
     "llama3-copy-grouped": ("llama3", SharingPlan(6, ((2, 3),)), "copy", {3: [1, 0, 3, 3]}),
-    "mistral-drop": ("mistral", SharingPlan(6, ((2, 3, 4),)), "drop", {}),
+    "mistral-drop": ("mistral", SharingPlan(6, ((2, 3, 4),), ffn=((1, 64), (3, 0))), "drop", {}),  # FFNs narrowed, none
     "qwen2-mixed": ("qwen2", SharingPlan(6, ((3, 4),), dropped=(2,)), "copy", {4: [3, 3, 1, 0]}),
     "qwen3-mixed": ("qwen3", SharingPlan(6, ((1, 2),), dropped=(4,)), "copy", {2: [2, 3, 0, 1]}),
+    # every kind of change at once: a follower, dropped and linear attention, a narrowed FFN and a layer without one
+    "llama-wide": ("llama", SharingPlan(6, ((1, 2),), dropped=(3,), linear=(4,), ffn=((2, 64), (5, 0))), "copy", {}),
 }
 
 
@@ -98,7 +100,11 @@ def assert_same(ours: dict, reference: dict, teacher_gap: float) -> None:
 
 def tiny_student(name: str):
     family, plan, method, maps = TENSOR_PARALLEL if name == "llama-mixed-tp2" else STUDENTS[name]
-    return build_student(tiny_teacher(3, family, **SHAPE), plan, [maps.get(i) for i in range(6)], method)
+    student = build_student(tiny_teacher(3, family, **SHAPE), plan, [maps.get(i) for i in range(6)], method)
+    torch.manual_seed(4)
+    for i in plan.linear:  # a fitted map is not zero: any map must run as transformers runs it
+        torch.nn.init.normal_(student.model.layers[i].self_attn.linear_attn.weight, std=0.05)
+    return student
 
 
 @pytest.fixture(scope="module")

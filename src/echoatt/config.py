@@ -85,8 +85,10 @@ class ShareConfig(CommonConfig):
                     "budget=k=N (at least blind k=N's predicted speed, with the "
                     "blocks measured to cost least; ',drop': dropping a layer's attention is a candidate too), "
                     "budget=decode=X[,prefill=Y][,kv=Z][,protect=N][,max=3][,drop|,drop-only: dropped attention alone, a plan "
-                    "llama.cpp and DeciLM engines run], k=N[,first][,last][,followers=N][,protect=N], "
-                    "threshold=X[,max=N][,protect=N], blocks like 1-2,4-6 (drop=N: layer N's attention dropped), or none")
+                    "llama.cpp and DeciLM engines run][,linear: attention replaced by a fitted linear map][,ffn: FFNs "
+                    "narrowed to 3/4, 1/2, 1/4 or none], k=N[,first][,last][,followers=N][,protect=N], "
+                    "threshold=X[,max=N][,protect=N], blocks like 1-2,4-6 (drop=N: layer N's attention dropped; "
+                    "linear=N: replaced by a linear map; ffn=N:W: layer N's FFN at W channels, 0: none), or none")
     method: str = opt("copy", "copy (EchoAtt: followers reuse the leader's attention), lisa (head alignment + low-rank "
                       "correction, each follower reading the layer before it) or drop (the baseline: no attention)")
     head_map: str = opt("matched", "follower head -> leader head: matched (most similar head), grouped (most similar "
@@ -96,7 +98,8 @@ class ShareConfig(CommonConfig):
     similarity: str = opt("", "similarity.json from `echoatt analyze` (default: OUT/similarity.json, else analyse)")
     overwrite: bool = opt(False, "where OUT holds another student or its checkpoints, clear them (else refuse)")
     calibrate: int = opt(32, "training windows to refit each follower's o_proj on, against the teacher's attention "
-                         "output (0: off; needs the teacher's tokenizer)")
+                         "output, and to fit linear attention and narrowed FFNs on (0: off; needs the teacher's "
+                         "tokenizer)")
     calibrate_ridge: float = opt(1e-2, "ridge of the refit, relative to the mean diagonal of Z^T Z")
     repair_blocks: int = opt(0, "budget plans: steps of local repair (2 windows a step) each candidate block gets "
                              "before its loss is measured, so blocks are ranked by what they cost once repaired "

@@ -20,6 +20,7 @@ from huggingface_hub.dataclasses import strict
 from transformers import LlamaConfig
 
 DROPPED = -1  # attention_source value of a layer whose attention sub-layer is removed
+LINEAR = -2  # attention_source value of a layer whose attention is one fitted (C x C) matrix on its normed input
 
 
 FOLLOWER_TYPES = ("copy", "lisa")
@@ -67,6 +68,11 @@ def role_of(config, layer: int) -> str:
     return config.role(layer) if isinstance(config, EchoAttConfig) else "ordinary"
 
 
+def ffn_width_of(config, layer: int) -> int:
+    """A layer's FFN width under any config: `EchoAttConfig.ffn_width`, the intermediate size for a teacher's."""
+    return config.ffn_width(layer) if isinstance(config, EchoAttConfig) else config.intermediate_size
+
+
 def is_lisa_parameter(name: str) -> bool:
     """Whether a parameter name belongs to LiSA's added parts (`HeadAlign`, `LowRankQK`), which no teacher has."""
     return ".align." in name or ".lowrank." in name
@@ -83,8 +89,8 @@ class EchoAttConfig(LlamaConfig):
 
     attention_source (`list[int]`, *optional*):
         For each layer, the layer whose attention it uses: itself for ordinary layers and leaders, an earlier layer
-        for followers, -1 for a layer whose attention is dropped. `None` means no sharing (the student is the
-        teacher).
+        for followers, -1 for a layer whose attention is dropped, -2 for one whose attention is a linear map of its
+        normed input (`linear_attn`). `None` means no sharing (the student is the teacher).
     head_map (`list[list[int]]`, *optional*):
         For each layer, the source head that each of its heads reads (copy followers), or starts aligned to (LiSA
         followers). `None` or a missing entry means the identity map (the paper's plain copy).
@@ -93,6 +99,8 @@ class EchoAttConfig(LlamaConfig):
     lisa_hidden (`int`, *optional*): hidden width of LiSA's head-alignment network; default the head count.
     reuse_path (`str`): `auto`, `probs` or `qk`: how leaders hand attention to copy followers on fused backends.
     reuse_crossover (`int`): `auto` takes the `probs` path for calls with at most this many new tokens.
+    intermediate_sizes (`list[int]`, *optional*): per layer, the FFN's width (its kept intermediate channels; 0: no
+        FFN). `None` means every layer keeps the teacher's `intermediate_size`.
     """
 
     model_type = "echoatt_llama"
@@ -108,6 +116,7 @@ class EchoAttConfig(LlamaConfig):
     attention_out_bias: bool | None = None
     qk_norm: bool = False
     context_window: int | None = None
+    intermediate_sizes: list[int] | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -128,12 +137,16 @@ class EchoAttConfig(LlamaConfig):
             raise ValueError(f"lisa_rank must be even and in [2, {self.head_dim}] (RoPE rotates pairs)")
         if len(self.attention_source) != n or len(self.head_map) != n:
             raise ValueError(f"attention_source and head_map need one entry per layer ({n})")
+        widths = self.intermediate_sizes
+        if widths is not None and (len(widths) != n or not all(0 <= w <= self.intermediate_size for w in widths)):
+            raise ValueError(f"intermediate_sizes needs one width per layer ({n}), each in [0, "
+                             f"{self.intermediate_size}]")
         for layer, source in enumerate(self.attention_source):
-            if source == DROPPED:
+            if source in (DROPPED, LINEAR):
                 if layer == 0:
                     raise ValueError("layer 0 keeps its attention: the KV cache counts tokens there")
             elif source != layer and self.follower_type == "lisa":
-                if source != layer - 1 or self.attention_source[source] == DROPPED:
+                if source != layer - 1 or self.attention_source[source] in (DROPPED, LINEAR):
                     raise ValueError(f"LiSA layer {layer} must follow the layer before it, which keeps attention")
             elif source != layer and not (0 <= source < layer and self.attention_source[source] == source):
                 raise ValueError(f"layer {layer} follows layer {source}, which is not an earlier leader")
@@ -149,11 +162,14 @@ class EchoAttConfig(LlamaConfig):
         return converted
 
     def role(self, layer: int) -> str:
-        """What `layer`'s attention is: `ordinary`, `leader` (others read it), `copy` or `lisa` (a follower), or
-        `dropped`. The model's attention class, the cost model, KV accounting and what trains all ask this."""
+        """What `layer`'s attention is: `ordinary`, `leader` (others read it), `copy` or `lisa` (a follower),
+        `dropped`, or `linear` (a fitted map). The model's attention class, the cost model, KV accounting and what
+        trains all ask this."""
         source = self.attention_source[layer]
         if source == DROPPED:
             return "dropped"
+        if source == LINEAR:
+            return "linear"
         if source != layer:
             return self.follower_type
         return "leader" if self.is_leader(layer) else "ordinary"
@@ -163,8 +179,17 @@ class EchoAttConfig(LlamaConfig):
         return any(s == layer and i != layer for i, s in enumerate(self.attention_source))
 
     def followers(self) -> list[int]:
-        """Layers whose attention differs from the teacher's: followers (copy, LiSA), and dropped layers."""
-        return [i for i in range(self.num_hidden_layers) if self.role(i) in ("copy", "lisa", "dropped")]
+        """Layers whose attention differs from the teacher's: followers (copy, LiSA), dropped and linear layers."""
+        return [i for i in range(self.num_hidden_layers) if self.role(i) in ("copy", "lisa", "dropped", "linear")]
+
+    def ffn_width(self, layer: int) -> int:
+        """`layer`'s FFN width: its kept intermediate channels (0: no FFN)."""
+        return self.intermediate_size if self.intermediate_sizes is None else self.intermediate_sizes[layer]
+
+    def changed(self) -> list[int]:
+        """Layers that differ from the teacher's in any way: attention (`followers`) or a narrowed or dropped FFN."""
+        narrowed = {i for i in range(self.num_hidden_layers) if self.ffn_width(i) != self.intermediate_size}
+        return sorted(set(self.followers()) | narrowed)
 
     def reuse_probs(self, new_tokens: int, eager: bool) -> bool:
         """Whether a leader hands over probabilities (reuse path) rather than Q and K (fused path) for a call with
@@ -181,11 +206,11 @@ class EchoAttConfig(LlamaConfig):
 
     def cached_key_dims(self, layer: int) -> int:
         """Key features per KV head that `layer` keeps in the cache."""
-        return {"dropped": 0, "copy": 0, "lisa": self.lisa_rank}.get(self.role(layer), self.head_dim)
+        return {"dropped": 0, "linear": 0, "copy": 0, "lisa": self.lisa_rank}.get(self.role(layer), self.head_dim)
 
     def cached_value_dims(self, layer: int) -> int:
         """Value features per KV head that `layer` keeps in the cache."""
-        return 0 if self.role(layer) == "dropped" else self.head_dim
+        return 0 if self.role(layer) in ("dropped", "linear") else self.head_dim
 
 
 EchoAttConfig.register_for_auto_class()

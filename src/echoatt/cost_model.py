@@ -22,6 +22,9 @@ Each student layer is costed by its role, on the path the model takes (`EchoAttC
 - LiSA follower: rank-r Q/K projections, RoPE and cache for r dims, a rank-r QK^T, the head alignment (H x H mix and
   H -> hidden -> H MLP at every score), softmax, materialised logits and probabilities; its own V and O.
 - dropped layer (the baseline): nothing.
+- linear attention: one (C x C) matmul on the normed input, its weights read; no KV cache, no scores.
+
+Each layer's FFN costs its own width (`EchoAttConfig.ffn_width`: narrowed or dropped FFNs cost less or nothing).
 
 In vLLM (`engine="vllm"`) a copy follower takes the leader's post-RoPE Q and K into its own attention layer: it saves
 the Q and K projections and RoPE, nothing else — vLLM keeps one K/V cache per attention layer, so the follower writes
@@ -35,7 +38,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from echoatt.configuration_echoatt import family_fields, head_dim_of, role_of
+from echoatt.configuration_echoatt import family_fields, ffn_width_of, head_dim_of, role_of
 
 SOFTMAX_FLOPS = 5  # per score: scale, mask add, max, exp, normalise
 ROPE_FLOPS = 3  # per element: x*cos + rotate(x)*sin
@@ -104,6 +107,9 @@ def attention_cost(config, layer: int, B: int, T: int, P: int, eager: bool, dtyp
     role = role_of(config, layer)
     if role == "dropped":
         return Cost()
+    if role == "linear":
+        C = config.hidden_size
+        return Cost(2 * B * T * C * C, C * C * dtype_bytes)
     lisa = getattr(config, "follower_type", "copy") == "lisa"
     materialised = engine == "torch" and (eager or (role != "ordinary" and (lisa or config.reuse_probs(T, eager))))
     parts = attention_parts(config, B, T, P, materialised, dtype_bytes)
@@ -125,7 +131,7 @@ def vllm_cached_heads(config, layer: int) -> int:
     """KV heads vLLM caches for `layer`: none where attention is dropped, every query head's for a copy follower whose
     head map crosses KV groups (keys gathered, values repeated), else the KV heads (followers too: one cache a layer)."""
     role = role_of(config, layer)
-    if role == "dropped":
+    if role in ("dropped", "linear"):
         return 0
     crossing = role == "copy" and config.crosses_groups(layer)
     return config.num_attention_heads if crossing else config.num_key_value_heads
@@ -148,10 +154,11 @@ def gather_cost(config, layer: int, B: int, T: int, P: int) -> Cost:
 def forward_cost(config, B: int, T: int, P: int, eager: bool, dtype_bytes: int, logits: int | None = None,
                  engine: str = "torch") -> Cost:
     """One forward call of a LLaMA or an echoatt student. `logits`: positions the LM head scores (default T)."""
-    C, I, V = config.hidden_size, config.intermediate_size, config.vocab_size
-    mlp = Cost(3 * 2 * B * T * C * I, 3 * C * I * dtype_bytes)
+    C, V = config.hidden_size, config.vocab_size
     total = Cost()
     for layer in range(config.num_hidden_layers):
+        width = ffn_width_of(config, layer)
+        mlp = Cost(3 * 2 * B * T * C * width, 3 * C * width * dtype_bytes)
         total = total + attention_cost(config, layer, B, T, P, eager, dtype_bytes, engine) + mlp
     n = T if logits is None else logits
     head = Cost(2 * B * n * C * V, C * V * dtype_bytes + B * n * V * 4)

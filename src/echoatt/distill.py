@@ -28,13 +28,13 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
-from echoatt.bench import free_memory, peak_memory_bytes, reset_peak_memory
 from echoatt.checkpoints import latest_step, load_checkpoint, resume_point, save_checkpoint
 from echoatt.common import TrainingError
 from echoatt.config import DistillConfig, record
 from echoatt.configuration_echoatt import is_lisa_parameter, role_of
 from echoatt.corpus import generated_windows, spread, token_windows
 from echoatt.losses import KDLoss
+from echoatt.memory import free_memory, peak_memory_bytes, reset_peak_memory
 from echoatt.metrics import nll_sum
 from echoatt.repair import LocalLoss, repaired_layers
 from echoatt.rundir import SHARING_FILE, RunDir, device_of, identity_of, setup

@@ -28,10 +28,13 @@ Followers keep only V in the KV cache (LiSA followers also their rank-r keys): a
 (B, Hkv, T, 0) tensor, zero bytes that still count tokens.
 
 The baseline a user would pick instead, *attention drop*, is the same model with `attention_source[i] = -1`: layer i
-has no attention sub-layer at all (no Q/K/V/O weights, nothing cached), only its MLP.
+has no attention sub-layer at all (no Q/K/V/O weights, nothing cached), only its MLP; with -2 its attention is one
+fitted (C x C) matrix of its normed input (`linear_attn`: Puzzle's "linear attention"), nothing cached either. Each
+layer's FFN has the width `intermediate_sizes[i]` says: the teacher's, its most important channels, or none.
 
 Each layer's attention is one small class for its role (`EchoAttConfig.role`): `EchoAttAttention` (ordinary layers and
-leaders), `CopyFollowerAttention`, `LisaFollowerAttention`, `DroppedAttention`; weight names are LLaMA's.
+leaders), `CopyFollowerAttention`, `LisaFollowerAttention`, `DroppedAttention`, `LinearAttention`; weight names are
+LLaMA's (and DeciLM's `self_attn.linear_attn` for the linear map).
 
 The config and the teacher's family are `configuration_echoatt.py`'s.
 """
@@ -45,6 +48,7 @@ from typing import ClassVar, NamedTuple
 import torch
 from torch import nn
 from transformers import initialization as init
+from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -74,14 +78,6 @@ def output_cache(outputs) -> Cache | None:
     return cache if cache is not None else outputs.past_key_values
 
 
-
-
-
-
-
-
-
-
 def project_qk(attn: nn.Module, hidden_states: torch.Tensor, position_embeddings) -> tuple[torch.Tensor, torch.Tensor]:
     """Post-RoPE queries (B, H, T, D) and keys (B, Hkv, T, D) of any family's attention module, the student's or a
     teacher's own: Q and K projections, Qwen3's per-head RMSNorm where the module has one, then RoPE."""
@@ -90,12 +86,6 @@ def project_qk(attn: nn.Module, hidden_states: torch.Tensor, position_embeddings
     if getattr(attn, "q_norm", None) is not None:
         query, key = attn.q_norm(query), attn.k_norm(key)
     return apply_rotary_pos_emb(query.transpose(1, 2), key.transpose(1, 2), *position_embeddings)
-
-
-
-
-
-
 
 
 class Handoff(NamedTuple):
@@ -384,7 +374,22 @@ class DroppedAttention(AttentionBase):
         kwargs.pop(HANDOFF_KEY, None)
         empty = hidden_states.new_empty((hidden_states.shape[0], self.num_kv_heads, hidden_states.shape[1], 0))
         self._cache_update(cache, empty, empty, kwargs)  # zero bytes, so the cache still has every layer
-        return torch.zeros_like(hidden_states), None
+        return self.output(hidden_states), None
+
+    def output(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(hidden_states)
+
+
+class LinearAttention(DroppedAttention):
+    """Attention replaced by one (C x C) matrix of the normed input, no bias (llama.cpp's has none), fitted by ridge
+    (`calibrate.py`; zero until then: a dropped layer); nothing cached, no other token read."""
+
+    def __init__(self, config: EchoAttConfig, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self.linear_attn = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+
+    def output(self, hidden_states: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, T, C)
+        return self.linear_attn(hidden_states)
 
 
 ATTENTION_BY_ROLE = {
@@ -393,18 +398,37 @@ ATTENTION_BY_ROLE = {
     "copy": CopyFollowerAttention,
     "lisa": LisaFollowerAttention,
     "dropped": DroppedAttention,
+    "linear": LinearAttention,
 }
 
 
+class NarrowMLP(nn.Module):
+    """LLaMA's gated FFN at `width` channels (the teacher's most important); at width 0 none, a zero output."""
+
+    def __init__(self, config: EchoAttConfig, width: int):
+        super().__init__()
+        self.intermediate_size = width
+        if width:
+            bias = getattr(config, "mlp_bias", False)
+            self.gate_proj, self.up_proj = (nn.Linear(config.hidden_size, width, bias=bias) for _ in range(2))
+            self.down_proj = nn.Linear(width, config.hidden_size, bias=bias)
+            self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, T, C)
+        if not self.intermediate_size:
+            return torch.zeros_like(x)
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
 class EchoAttDecoderLayer(LlamaDecoderLayer):
-    """`LlamaDecoderLayer` with the attention class of its role; its inherited forward passes the handoff on in
-    kwargs."""
+    """`LlamaDecoderLayer` with its role's attention and its plan's FFN width; its forward passes the handoff on."""
 
     def __init__(self, config: EchoAttConfig, layer_idx: int):
         GradientCheckpointingLayer.__init__(self)  # LlamaDecoderLayer.__init__ would build a full LlamaAttention
         self.hidden_size = config.hidden_size
         self.self_attn = ATTENTION_BY_ROLE[config.role(layer_idx)](config=config, layer_idx=layer_idx)
-        self.mlp = LlamaMLP(config)
+        width = config.ffn_width(layer_idx)
+        self.mlp = LlamaMLP(config) if width == config.intermediate_size else NarrowMLP(config, width)
         self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 

@@ -1,6 +1,7 @@
-"""Which layers share attention: blocks of consecutive layers, the first (leader) computing, the rest following, and
-layers whose attention is dropped — the plan as a value, with its text form (`spec`, `read`). The planners that choose
-one are `planners.py`."""
+"""What the student changes, layer by layer: blocks of consecutive layers sharing attention (the first, the leader,
+computing; the rest following), layers whose attention is dropped or replaced by a fitted linear map, and FFNs made
+narrower or dropped — the plan as a value, with its text form (`spec`, `read`). The planners that choose one are
+`planners.py`."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ from echoatt.common import closest
 PLAN_WORDS = {  # what each kind of plan string takes after its first part
     "k": ("first", "last", "followers", "protect"),
     "threshold": ("max", "protect"),
-    "budget": ("k", "prefill", "decode", "kv", "protect", "max", "drop", "drop-only"),
+    "budget": ("k", "prefill", "decode", "kv", "protect", "max", "drop", "drop-only", "linear", "ffn"),
 }
+CHANGE_WORDS = ("drop", "linear", "ffn")  # an explicit plan's per-layer changes besides blocks
 # Budget targets: bounds to reach (at least) or ratios to stay under (at most), as `student.plan_bounds` gives them.
 AT_LEAST, AT_MOST = ("prefill", "decode"), ("kv",)
 
@@ -28,22 +30,38 @@ UNREACHABLE = ("the budget cannot be met even with every unprotected layer follo
 @dataclass(frozen=True)
 class SharingPlan:
     """Blocks of consecutive layer indices; `blocks[b][0]` leads, the others follow it. A mixed plan also removes
-    the attention of some other layers outright (`dropped`).
+    the attention of some other layers outright (`dropped`) or replaces it by a linear map of the layer's normed input
+    (`linear`), and narrows or drops some layers' FFNs (`ffn`) — Puzzle's per-layer choices (arXiv 2411.19146).
 
     Attributes:
         num_layers: layers in the model the plan is for.
         blocks: each block's layers, ascending and consecutive, at least two per block.
         dropped: layers, in no block, whose attention sub-layer the student leaves out.
+        linear: layers, in no block and not dropped, whose attention is one fitted (C x C) matrix instead.
+        ffn: (layer, intermediate width) pairs, ascending by layer: that layer's FFN keeps `width` channels (0: none).
     """
 
     num_layers: int
     blocks: tuple[tuple[int, ...], ...]
     dropped: tuple[int, ...] = ()
+    linear: tuple[int, ...] = ()
+    ffn: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self) -> None:
-        seen: set[int] = set(self.dropped)
-        if any(not 0 <= i < self.num_layers for i in self.dropped) or len(seen) != len(self.dropped):
-            raise PlanError(f"dropped layers {list(self.dropped)} must be distinct layers of the model")
+        for name in ("dropped", "linear"):
+            layers = getattr(self, name)
+            if any(not 0 <= i < self.num_layers for i in layers) or len(set(layers)) != len(layers):
+                raise PlanError(f"{name} layers {list(layers)} must be distinct layers of the model")
+        if set(self.dropped) & set(self.linear):
+            raise PlanError(f"layers {sorted(set(self.dropped) & set(self.linear))} cannot both drop their attention "
+                            "and replace it by a linear map")
+        seen: set[int] = set(self.dropped) | set(self.linear)
+        ffn_layers = [layer for layer, _ in self.ffn]
+        if len(set(ffn_layers)) != len(ffn_layers) or any(not 0 <= i < self.num_layers for i in ffn_layers):
+            raise PlanError(f"ffn entries {self.ffn_spec()} must name distinct layers of the model, one width each")
+        if any(width < 0 for _, width in self.ffn):
+            raise PlanError(f"ffn widths {self.ffn_spec()} must be 0 (no FFN) or more channels")
+        object.__setattr__(self, "ffn", tuple(sorted(self.ffn)))  # one order, so equal plans compare equal
         for block in self.blocks:
             if len(block) < 2:
                 raise PlanError(f"block {list(block)} has one layer: a block needs a leader and at least one follower")
@@ -74,36 +92,56 @@ class SharingPlan:
     def describe(self) -> str:
         blocks = " ".join(f"[{b[0]}<-{','.join(map(str, b[1:]))}]" for b in self.blocks) or "(no sharing)"
         dropped = f"; attention dropped at {list(self.dropped)}" if self.dropped else ""
-        return f"{len(self.followers)}/{self.num_layers} layers follow: {blocks}{dropped}"
+        linear = f"; attention linear at {list(self.linear)}" if self.linear else ""
+        ffn = f"; FFN {self.ffn_spec()}" if self.ffn else ""
+        return f"{len(self.followers)}/{self.num_layers} layers follow: {blocks}{dropped}{linear}{ffn}"
+
+    def ffn_spec(self) -> str:
+        """The FFN changes as `ffn=L:W` entries (W = 0: dropped)."""
+        return ",".join(f"ffn={layer}:{width}" for layer, width in self.ffn)
+
+    def ffn_width(self, layer: int, full: int) -> int:
+        """Layer `layer`'s FFN width under this plan (`full`: the teacher's)."""
+        return dict(self.ffn).get(layer, full)
 
 
     @classmethod
     def read(cls, spec: str, num_layers: int) -> SharingPlan:
         """The plan `spec()` writes, read back: explicit blocks `1-2,4-6`, layers whose attention is dropped
-        `drop=7`, or `none`."""
+        `drop=7` or replaced by a linear map `linear=12`, FFN widths `ffn=5:768` (`ffn=20:0`: no FFN), or `none`."""
         spec = spec.strip()
         if spec in ("none", ""):
             return cls(num_layers, ())
         parts = [p.strip() for p in spec.split(",")]
-        blocks, dropped = [], []
+        blocks, dropped, linear, ffn = [], [], [], []
         for part in parts:
             try:
                 if part.startswith("drop="):
                     dropped.append(int(part.removeprefix("drop=")))
                     continue
+                if part.startswith("linear="):
+                    linear.append(int(part.removeprefix("linear=")))
+                    continue
+                if part.startswith("ffn="):
+                    layer, width = part.removeprefix("ffn=").split(":")
+                    ffn.append((int(layer), int(width)))
+                    continue
                 a, b = (int(x) for x in part.split("-"))
             except ValueError as err:
-                near = closest(part.split("=")[0], [*PLAN_WORDS, "none", "drop"])
+                near = closest(part.split("=")[0], [*PLAN_WORDS, "none", *CHANGE_WORDS])
                 raise PlanError(f"cannot parse {part!r} in plan {spec!r}{near}: use k=N, threshold=X, budget=..., none, "
-                                "or blocks like 1-2,4-6 (with drop=N for a layer whose attention is dropped)") from err
+                                "or blocks like 1-2,4-6 (with drop=N for a layer whose attention is dropped, linear=N "
+                                "for one replaced by a linear map, ffn=N:W for an FFN of W channels, 0: none)") from err
             if b < a:
                 raise PlanError(f"block {part!r} must run from a lower to a higher layer (like {b}-{a})")
             blocks.append(tuple(range(a, b + 1)))
-        return cls(num_layers, tuple(blocks), tuple(dropped))
+        return cls(num_layers, tuple(blocks), tuple(dropped), tuple(linear), tuple(sorted(ffn)))
 
     def spec(self) -> str:
-        """The plan as an explicit plan string that `parse` reads back to this plan: `27-28,drop=6,drop=25`."""
-        parts = [f"{b[0]}-{b[-1]}" for b in self.blocks] + [f"drop={i}" for i in self.dropped]
-        return ",".join(parts) or "none"
+        """The plan as an explicit plan string that `parse` reads back to this plan:
+        `27-28,drop=6,drop=25,linear=12,ffn=5:768`."""
+        parts = ([f"{b[0]}-{b[-1]}" for b in self.blocks] + [f"drop={i}" for i in self.dropped]
+                 + [f"linear={i}" for i in self.linear])
+        return ",".join(parts + ([self.ffn_spec()] if self.ffn else [])) or "none"
 
 

@@ -92,25 +92,49 @@ def from_ranking(num_layers: int, ranked: list[int], meets: Callable[[SharingPla
     raise PlanError(UNREACHABLE)
 
 
+Candidate = tuple  # a block (its layers), a drop (one layer), ("linear", L) or ("ffn", L, width)
+
+
+def attention_layers(candidate: Candidate) -> set[int]:
+    """The layers whose attention a candidate changes (none for an FFN change)."""
+    if candidate[0] == "ffn":
+        return set()
+    return {candidate[1]} if candidate[0] == "linear" else set(candidate)
+
+
+def replaces(candidate: Candidate, chosen: Candidate) -> bool:
+    """Whether taking `candidate` may replace an overlapping `chosen` one: a larger block the blocks inside it, a
+    narrower FFN a wider one of its layer, a dropped attention a linear one (both save the cache; the drop more)."""
+    if candidate[0] == "ffn":
+        return chosen[0] == "ffn" and chosen[1] == candidate[1] and chosen[2] > candidate[2]
+    if candidate[0] == "linear" or chosen[0] in ("ffn", "linear"):
+        return len(candidate) == 1 and chosen[0] == "linear"
+    return len(candidate) > 1 and len(chosen) > 1 and set(chosen) <= set(candidate)
+
+
 def from_budget(
     num_layers: int,
-    candidates: list[tuple[int, ...]],
-    block_loss: Callable[[tuple[int, ...]], float],
+    candidates: list[Candidate],
+    block_loss: Callable[[Candidate], float],
     meets: Callable[[SharingPlan], bool],
     progress: Callable[[SharingPlan], float],
 ) -> SharingPlan:
-    """The blocks that meet a budget with the least predicted loss, greedily: from no sharing, take the candidate
-    — a block, a larger block replacing chosen ones inside it, or (a candidate of one layer) that layer's attention
-    dropped — that buys the most `progress` towards the targets per unit of loss, until `meets(plan)`. A move that
-    lowers the loss (a larger block measured cheaper than the ones it replaces) and makes progress ranks before
-    any other, the largest improvement first: per unit of progress, a smaller gain would look better."""
-    chosen: list[tuple[int, ...]] = []
+    """The changes that meet a budget with the least predicted loss, greedily: from no change, take the candidate
+    — a block, a larger block replacing chosen ones inside it, (a candidate of one layer) that layer's attention
+    dropped, its attention replaced by a linear map, or its FFN narrowed (a narrower one replacing a wider) — that buys
+    the most `progress` towards the targets per unit of loss, until `meets(plan)`. A move that lowers the loss (a
+    larger block measured cheaper than the ones it replaces) and makes progress ranks before any other, the largest
+    improvement first: per unit of progress, a smaller gain would look better."""
+    chosen: list[Candidate] = []
     plan = SharingPlan(num_layers, ())
     while not meets(plan):
         best, now = None, progress(plan)
         for block in candidates:
-            inside = [b for b in chosen if set(b) & set(block)]
-            if inside and (len(block) == 1 or any(len(b) == 1 or not set(b) <= set(block) for b in inside)):
+            if block in chosen:
+                continue
+            inside = [b for b in chosen if attention_layers(b) & attention_layers(block)
+                      or (block[0] == "ffn" and b[0] == "ffn" and b[1] == block[1])]
+            if inside and not all(replaces(block, b) for b in inside):
                 continue
             option = _of([b for b in chosen if b not in inside] + [block], num_layers)
             gain = progress(option) - now
@@ -122,15 +146,29 @@ def from_budget(
                 best = (rank, block, inside)
         if best is None:
             raise PlanError(UNREACHABLE)
-        chosen = sorted([b for b in chosen if b not in best[2]] + [best[1]])
+        chosen = sorted([b for b in chosen if b not in best[2]] + [best[1]], key=str)
         plan = _of(chosen, num_layers)
     return plan
 
 
-def _of(chosen: list[tuple[int, ...]], num_layers: int) -> SharingPlan:
-    """A plan from chosen candidates: blocks, and single layers (dropped attention)."""
-    return SharingPlan(num_layers, tuple(sorted(b for b in chosen if len(b) > 1)),
-               tuple(sorted(b[0] for b in chosen if len(b) == 1)))
+def _of(chosen: list[Candidate], num_layers: int) -> SharingPlan:
+    """A plan from chosen candidates: blocks, single layers (dropped attention), linear attention and FFN widths."""
+    layers = [c for c in chosen if c[0] not in ("linear", "ffn")]
+    return SharingPlan(num_layers, tuple(sorted(b for b in layers if len(b) > 1)),
+                       tuple(sorted(b[0] for b in layers if len(b) == 1)),
+                       tuple(sorted(c[1] for c in chosen if c[0] == "linear")),
+                       tuple(sorted((c[1], c[2]) for c in chosen if c[0] == "ffn")))
+
+
+SYNTAX_WIDTH = 1024  # an FFN width a plan's syntax is checked with before the teacher's is known
+FFN_FRACTIONS = (0.75, 0.5, 0.25, 0.0)  # `budget=...,ffn`: the widths each FFN may take, of the teacher's
+
+
+def ffn_widths(intermediate: int, multiple: int = 64) -> list[int]:
+    """The FFN widths a budget plan weighs: `FFN_FRACTIONS` of the teacher's, rounded to `multiple` channels (kernels,
+    tensor-parallel splits and q8_0's 32-value blocks take such widths), 0 (no FFN) last."""
+    widths = [max(multiple, round(intermediate * f / multiple) * multiple) if f else 0 for f in FFN_FRACTIONS]
+    return list(dict.fromkeys(w for w in widths if w < intermediate))
 
 
 def parse(
@@ -140,17 +178,18 @@ def parse(
     adjacent: bool = False,
     bounds: Callable[[SharingPlan], dict[str, float]] | None = None,
     check_only: bool = False,
-    block_loss: Callable[[tuple[int, ...]], float] | None = None,
+    block_loss: Callable[[Candidate], float] | None = None,
     ranking: list[int] | None = None,
+    intermediate: int | None = None,
 ) -> SharingPlan:
     """Parse a plan string: `k=2`, `k=3,first,last`, `k=2,followers=9`, `k=2,protect=4`,
     `threshold=0.9[,max=3][,protect=4]`, `budget=k=2` (at least plan k=2's prefill and decode bounds) or
-    `budget=decode=1.2[,prefill=1.08][,kv=0.7][,protect=N][,max=3][,drop]`, `none`, or blocks `1-2,4-6` with
-    dropped attention `drop=N`. `adjacent`:
+    `budget=decode=1.2[,prefill=1.08][,kv=0.7][,protect=N][,max=3][,drop][,linear][,ffn]`, `none`, or blocks
+    `1-2,4-6` with dropped attention `drop=N`, linear attention `linear=N` and FFN widths `ffn=N:W`. `adjacent`:
     threshold and budget plans compare each layer with the one before it (LiSA) rather than with its block's
     leader. `bounds` costs a plan for a budget, `block_loss` (measured) predicts what a block costs in quality
     (default: from the similarity), or `ranking` orders the layers to take (attention drop's criterion);
-    `check_only` checks the syntax without searching."""
+    `check_only` checks the syntax without searching; `intermediate` (the teacher's FFN width) prices FFN candidates."""
     spec = spec.strip()
     parts = [p.strip() for p in spec.split(",")]
     opts = dict(p.split("=", 1) for p in parts if "=" in p)
@@ -163,7 +202,8 @@ def parse(
     try:
         protect = int(opts.get("protect", 1))
         if kind == "budget":
-            return _budget(spec, num_layers, head_matched, adjacent, bounds, check_only, block_loss, ranking)
+            return _budget(spec, num_layers, head_matched, adjacent, bounds, check_only, block_loss, ranking,
+                           intermediate)
         if kind == "k":
             k = int(opts["k"])
             first, last = "first" in parts[1:], "last" in parts[1:]
@@ -203,23 +243,31 @@ def budget_options(spec: str) -> dict[str, str]:
     return MappingProxyType(opts)  # cached: read-only
 
 
-def budget_candidates(spec: str, num_layers: int) -> list[tuple[int, ...]]:
-    """The blocks a `budget=` plan chooses among: 2 to `max` (default 3) consecutive layers, none of the first
-    `protect` (default 1) nor the last layer; with `drop`, also each follower-able layer alone (its attention
-    dropped); with `drop-only`, only those (a plan that every engine can run: no layer reads another's attention)."""
+def budget_candidates(spec: str, num_layers: int, intermediate: int | None = None) -> list[Candidate]:
+    """The changes a `budget=` plan chooses among: blocks of 2 to `max` (default 3) consecutive layers, none of the
+    first `protect` (default 1) nor the last layer; with `drop`, also each follower-able layer alone (its attention
+    dropped); with `drop-only`, only those and no blocks (a plan that every engine can run: no layer reads another's
+    attention); with `linear`, each such layer's attention replaced by a fitted linear map; with `ffn`, each
+    unprotected layer's FFN at the `ffn_widths` of the teacher's `intermediate` size."""
     opts = budget_options(spec)
     max_block, protect = int(opts.get("max", 3)), int(opts.get("protect", 1))
     layers = range(protect, num_layers - 1)
     blocks = [tuple(range(a, a + n)) for n in range(2, max_block + 1) for a in layers if a + n - 1 in layers]
     singles = [(i,) for i in layers[1:]]
-    if "drop-only" in opts:
-        return singles
-    return blocks + (singles if "drop" in opts else [])
+    out = [] if "drop-only" in opts else blocks
+    out += singles if "drop" in opts else []
+    out += [("linear", i) for i in layers[1:]] if "linear" in opts else []
+    if "ffn" in opts:
+        if intermediate is None:
+            raise PlanError(f"plan {spec!r} weighs FFN widths, which needs the teacher's intermediate size")
+        out += [("ffn", i, w) for i in layers for w in ffn_widths(intermediate)]
+    return out
 
 
-def _budget(spec, num_layers, head_matched, adjacent, bounds, check_only, block_loss, ranking) -> SharingPlan:
+def _budget(spec, num_layers, head_matched, adjacent, bounds, check_only, block_loss, ranking,
+            intermediate) -> SharingPlan:
     opts = budget_options(spec)
-    candidates = budget_candidates(spec, num_layers)
+    candidates = budget_candidates(spec, num_layers, intermediate or (SYNTAX_WIDTH if check_only else None))
     if check_only:
         return SharingPlan(num_layers, ())
     if bounds is None or (head_matched is None and block_loss is None and ranking is None):
@@ -246,9 +294,9 @@ def _budget(spec, num_layers, head_matched, adjacent, bounds, check_only, block_
     if ranking is not None:  # attention drop, in its own order
         shareable = {i for block in candidates for i in block[1:]}
         return from_ranking(num_layers, [i for i in ranking if i in shareable], meets)
-    if "drop" in opts and block_loss is None:
-        raise PlanError(f"plan {spec!r} weighs dropping attention against sharing it, which needs the measured "
-                        "loss of each (a teacher with a tokenizer)")
+    if set(opts) & {"drop", "linear", "ffn"} and block_loss is None:
+        raise PlanError(f"plan {spec!r} weighs dropping or replacing attention, or narrowing FFNs, against sharing "
+                        "attention, which needs the measured loss of each (a teacher with a tokenizer)")
     loss = block_loss or similarity_loss(head_matched, adjacent)
     return from_budget(num_layers, candidates, loss, meets, progress)
 

@@ -2,7 +2,7 @@
 layer's input (blockwise local distillation, as Puzzle, arXiv 2411.19146), before the global distillation stitches the
 layers together.
 
-A changed layer is a dropped-attention layer or a follower (copy or LiSA); with `next_too` the layer after each is
+A changed layer is a dropped- or linear-attention layer, a follower (copy or LiSA) or a narrowed FFN's; with `next_too` the layer after each is
 repaired too, fed the repaired layer's output, so it learns to take what the changed layer now gives. What trains is
 what those layers keep (a dropped layer: its MLP and norms; a follower: V, O, MLP, norms and LiSA's parts); leaders and
 every other layer stay frozen.
@@ -31,8 +31,9 @@ from echoatt.losses import NO_LOGITS, layer_output_loss
 
 
 def changed_layers(config) -> list[int]:
-    """Layers whose attention differs from the teacher's (followers and dropped attention)."""
-    return config.followers()
+    """Layers that differ from the teacher's: their attention (followers, dropped or linear attention) or their FFN
+    (narrowed or dropped)."""
+    return config.changed()
 
 
 def repaired_layers(config, next_too: bool) -> list[int]:
@@ -96,7 +97,7 @@ class LocalLoss:
         config = model.config
         changed = changed_layers(config)
         scored = repaired_layers(config, self.next_too)
-        leaders = {config.attention_source[i] for i in changed if config.role(i) != "dropped"}
+        leaders = {config.attention_source[i] for i in changed if config.role(i) in ("copy", "lisa")}
         keep = sorted(set(scored) | leaders)
         fed = set(changed) | leaders | {i for i in keep if i - 1 not in changed}  # the rest follow a changed layer
         with torch.no_grad():

@@ -265,6 +265,15 @@ def curve_place(run: RunDir, info: SharingInfo, summary: RunSummary | None) -> S
     return Section("Where this student sits on the trade curve", text, ["trade_place.png"])
 
 
+def own_mark(own: dict, key: str, scale: float) -> tuple[float, list[float] | None]:
+    """This run's point on the curve plot and its error bar: for the zero-shot gap, ± 2 paired stderr of the run's own
+    items (at the run's 30 items a task about ± 2 points: a star without it would look better than the curve by
+    noise); none for the perplexity ratio (its windows are many)."""
+    if key != "zero_shot_gap":
+        return scale * own[key], None
+    return scale * own[key], [2 * scale * own.get("zero_shot_gap_stderr", float("nan"))]
+
+
 def trade_place_plot(curve: dict, own: dict, png: Path) -> None:
     """Zero-shot gap and other-text perplexity ratio against the decode bound: the measured plans, and this run."""
     import matplotlib
@@ -282,8 +291,9 @@ def trade_place_plot(curve: dict, own: dict, png: Path) -> None:
             ax.errorbar([p["bounds"]["decode"] for p in ps], [scale * p[key] for p in ps], yerr=err, marker="o",
                         capsize=3, label=method)
         if key in own:
-            ax.plot([own["bounds"]["decode"]], [scale * own[key]], marker="*", markersize=16, color="black",
-                    linestyle="", label="this run")
+            y, err = own_mark(own, key, scale)
+            ax.errorbar([own["bounds"]["decode"]], [y], yerr=err, marker="*", markersize=16, color="black",
+                        linestyle="", capsize=4, label="this run")
         ax.axvline(own["bounds"]["decode"], color="black", linestyle=":", linewidth=1)
         ax.axhline(limit, color="red", linestyle="--", linewidth=1, label="the default's quality limit")
         ax.set_xlabel("predicted decode bound (teacher time / student time)")
@@ -298,6 +308,10 @@ def student_text(info: SharingInfo) -> list[str]:
     blocks = ", ".join(f"{b[0]}←{','.join(map(str, b[1:]))}" for b in info.plan) or "none"
     if info.dropped:
         blocks += f"; attention dropped at layers {', '.join(map(str, info.dropped))}"
+    if info.linear:
+        blocks += f"; attention a linear map at layers {', '.join(map(str, info.linear))}"
+    if info.ffn:
+        blocks += "; FFN widths " + ", ".join(f"{layer}: {width or 'none'}" for layer, width in info.ffn)
     bounds = ("" if not info.bounds else
               f" The cost model's bound on speed (teacher time / student time, bf16): prefill 1 × 512 "
               f"**{info.bounds['prefill']:.3f}×**, decode 16 × 1024 context **{info.bounds['decode']:.3f}×**.")

@@ -87,6 +87,8 @@ class SharingInfo:
     calibration: dict | None = None  # windows, ridge, error before/after (calibrate.CalibrationReport), or None
     bounds: dict | None = None  # the cost model's promise (`student.plan_bounds`): prefill, decode, kv
     dropped: list[int] = field(default_factory=list)  # a mixed plan's layers whose attention is left out
+    linear: list[int] = field(default_factory=list)  # layers whose attention is a fitted linear map
+    ffn: list[list[int]] = field(default_factory=list)  # [layer, width] of each narrowed or dropped FFN
     family: dict = field(default_factory=dict)  # the teacher's architecture and family fields (`family_fields`)
 
     def save(self, student_dir: Path) -> None:
@@ -415,8 +417,9 @@ def same_student(a: dict | None, b: dict | None) -> bool:
 
 
 def sharing_roles(source: list[int]) -> tuple[list[int], list[int]]:
-    """From an `attention_source` list: the layers that follow another, and those whose attention is dropped (-1)."""
-    return [i for i, s in enumerate(source) if s not in (i, -1)], [i for i, s in enumerate(source) if s == -1]
+    """From an `attention_source` list: the layers that follow another, and those whose attention is dropped (-1)
+    (a linear map, -2, is neither)."""
+    return [i for i, s in enumerate(source) if s not in (i, -1, -2)], [i for i, s in enumerate(source) if s == -1]
 
 
 def describe(identity: dict) -> str:
@@ -424,7 +427,8 @@ def describe(identity: dict) -> str:
     maps = identity.get("head_map") or []
     heads = "mapped heads" if any(m is not None and m != list(range(len(m))) for m in maps) else "same-index heads"
     calibrated = "calibrated" if identity.get("calibration") else "not calibrated"
+    linear = [i for i, s in enumerate(identity["attention_source"]) if s == -2]
     parts = ([f"{identity.get('follower_type')} followers {followers}, {heads}"] if followers else []) + (
-        [f"attention dropped at {dropped}"] if dropped else [])
+        [f"attention dropped at {dropped}"] if dropped else []) + ([f"linear attention at {linear}"] if linear else [])
     return (f"teacher {identity['teacher']}, {', '.join(parts) or 'no sharing'}, {calibrated}, "
             f"config {identity['config_hash']}")

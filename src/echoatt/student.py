@@ -14,7 +14,7 @@ from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 from echoatt import planners
 from echoatt.analysis import Similarity
 from echoatt.common import closest
-from echoatt.configuration_echoatt import DROPPED, EchoAttConfig, head_dim_of, is_lisa_parameter
+from echoatt.configuration_echoatt import DROPPED, LINEAR, EchoAttConfig, head_dim_of, is_lisa_parameter
 from echoatt.cost_model import bound
 from echoatt.modeling_echoatt import EchoAttForCausalLM
 from echoatt.plan import PlanError, SharingPlan
@@ -68,6 +68,13 @@ def student_config(
         source = [i - 1 if i in plan.followers else i for i in range(plan.num_layers)]
         extra = {"follower_type": "lisa", "lisa_rank": lisa_rank, "lisa_hidden": lisa_hidden}
     source = [DROPPED if i in plan.dropped else s for i, s in enumerate(source)]  # a mixed plan's dropped layers
+    source = [LINEAR if i in plan.linear else s for i, s in enumerate(source)]
+    full = teacher_config.intermediate_size
+    if any(width > full for _, width in plan.ffn):
+        raise PlanError(f"plan {plan.ffn_spec()} widens an FFN past the teacher's {full} channels: widths run from 0 "
+                        f"(no FFN) to {full}")
+    if plan.ffn:
+        extra["intermediate_sizes"] = [plan.ffn_width(i, full) for i in range(plan.num_layers)]
     try:
         config = EchoAttConfig.from_teacher(teacher_config, attention_source=source, head_map=head_map, **extra)
     except ValueError as err:
@@ -95,18 +102,36 @@ def build_student(
     method: str = "copy",
     lisa_rank: int | None = None,
     lisa_hidden: int | None = None,
+    share: bool = False,
 ) -> EchoAttForCausalLM:
     """The student: the teacher's weights, minus followers' q_proj/k_proj, with attention shared per `plan`.
 
     `method="lisa"`: each follower reads the layer before it through LiSA's head alignment and low-rank correction
     (`head_map` from `head_maps(..., chain=True)`); it starts as the head-matched copy. `method="drop"` builds the
-    baseline instead: the followers' attention sub-layers are removed entirely."""
+    baseline instead: the followers' attention sub-layers are removed entirely. A plan's linear attention starts at
+    zero and a narrowed FFN keeps the channels its weights rank first (`weight_ranked_channels`): both are fitted on
+    text by `calibrate.fit_replacements`.
+
+    `share` (to measure a candidate, never to train one): the student holds the teacher's own tensors rather than
+    copies (and its rotary embedding), built without initialising anything — for plans whose every weight comes from
+    the teacher (not LiSA's)."""
     config = student_config(teacher.config, plan, head_map, method, lisa_rank, lisa_hidden)
     param = next(teacher.parameters())
-    with torch.device(param.device):  # built where the teacher is (a 7B teacher on a GPU: not initialised on a CPU)
+    share = share and method != "lisa"
+    with torch.device("meta" if share else param.device):  # where the teacher is (a 7B one on a GPU: not on a CPU)
         student = EchoAttForCausalLM(config).to(dtype=param.dtype)
     weights = teacher.state_dict()
-    missing, _ = student.load_state_dict({k: v for k, v in weights.items() if k in student.state_dict()}, strict=False)
+    own = student.state_dict()
+    kept = {k: v for k, v in weights.items() if k in own and own[k].shape == v.shape}
+    for layer, width in plan.ffn:
+        if 0 < width < config.intermediate_size:
+            mlp = teacher.model.layers[layer].mlp
+            kept |= narrowed_mlp_weights(mlp, weight_ranked_channels(mlp, width), f"model.layers.{layer}.mlp")
+    kept |= {f"model.layers.{i}.self_attn.linear_attn.weight": torch.zeros_like(own[f"model.layers.{i}.self_attn."
+             "linear_attn.weight"], device=param.device) for i in plan.linear}  # dropped until fitted
+    missing, _ = student.load_state_dict(kept, strict=False, assign=share)
+    if share:
+        student.model.rotary_emb = teacher.model.rotary_emb  # its buffers are not in the state dict
     new = [k for k in missing if not is_lisa_parameter(k)]
     if new:
         raise PlanError(f"the teacher lacks weights the student needs: {new[:3]}")
@@ -115,6 +140,28 @@ def build_student(
             own_keys = weights[f"model.layers.{layer}.self_attn.k_proj.weight"]
             init_lowrank_keys(student.model.layers[layer].self_attn.lowrank, own_keys, config.head_dim)
     return student.eval()
+
+
+@torch.no_grad()
+def weight_ranked_channels(mlp: torch.nn.Module, width: int) -> torch.Tensor:
+    """The `width` intermediate channels of a gated FFN whose weights are largest (‖gate_j‖·‖up_j‖·‖down_j‖), in
+    ascending order: a data-free stand-in for the activation ranking calibration uses (`calibrate.py`)."""
+    score = (mlp.gate_proj.weight.float().norm(dim=1) * mlp.up_proj.weight.float().norm(dim=1)
+             * mlp.down_proj.weight.float().norm(dim=0))  # (I,)
+    return score.topk(width).indices.sort().values
+
+
+def narrowed_mlp_weights(mlp: torch.nn.Module, channels: torch.Tensor, prefix: str) -> dict[str, torch.Tensor]:
+    """A gated FFN's weights (and biases) at the intermediate `channels` (W,), under the student's names."""
+    out = {}
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        linear = getattr(mlp, name)
+        dim = 1 if name == "down_proj" else 0
+        out[f"{prefix}.{name}.weight"] = linear.weight.index_select(dim, channels.to(linear.weight.device))
+        if linear.bias is not None:
+            out[f"{prefix}.{name}.bias"] = (linear.bias if name == "down_proj"
+                                            else linear.bias.index_select(0, channels.to(linear.bias.device)))
+    return out
 
 
 @torch.no_grad()
@@ -184,8 +231,8 @@ class StudentSpec:
             return plan_bounds(teacher_config, config)
 
         return planners.parse(self.plan, teacher_config.num_hidden_layers, matched,
-                                 adjacent=self.method == "lisa", bounds=bounds, block_loss=block_loss,
-                                 ranking=self.drop_ranking(similarity))
+                              adjacent=self.method == "lisa", bounds=bounds, block_loss=block_loss,
+                              ranking=self.drop_ranking(similarity), intermediate=teacher_config.intermediate_size)
 
     def drop_ranking(self, similarity: Similarity | None) -> list[int] | None:
         """For attention drop with a measured LLM-Drop criterion: the layers, most redundant attention first."""
@@ -195,17 +242,19 @@ class StudentSpec:
 
     def build(
         self, teacher: LlamaForCausalLM, similarity: Similarity | None, maps: list[list[int] | None] | None = None,
-        block_loss=None,
+        block_loss=None, share: bool = False,
     ) -> tuple[EchoAttForCausalLM, SharingPlan]:
         """The student and its plan; `maps` (one per layer, read at the followers) overrides the analysis's head maps
-        (e.g. for random weights, which have no analysis); `block_loss` as `sharing_plan` takes it."""
+        (e.g. for random weights, which have no analysis); `block_loss` as `sharing_plan` takes it; `share` as
+        `build_student` takes it."""
         config = teacher.config
         plan = self.sharing_plan(config, similarity, block_loss)
         if maps is not None:
             maps = [m if i in plan.followers else None for i, m in enumerate(maps)]
         else:
             maps = self.head_maps(config, plan, similarity)
-        student = build_student(teacher, plan, maps, self.method, self.lisa_rank or None, self.lisa_hidden or None)
+        student = build_student(teacher, plan, maps, self.method, self.lisa_rank or None, self.lisa_hidden or None,
+                                share)
         return student, plan
 
 
@@ -227,6 +276,10 @@ VARIANTS = {
     "lisa": Variant("LiSA", "lisa", "matched"),
     "mixed": Variant("shared and dropped (mixed)", "copy", "matched", ",drop"),
     "drop-only": Variant("dropped by measured loss (llama.cpp-servable)", "copy", "matched", ",drop-only"),
+    "wide": Variant("shared, dropped or linear attention and narrowed FFNs (the wider space)", "copy", "matched",
+                    ",drop,linear,ffn"),
+    "wide-only": Variant("dropped or linear attention and narrowed FFNs (llama.cpp-servable)", "copy", "matched",
+                         ",drop-only,linear,ffn"),
 }
 
 
@@ -242,7 +295,7 @@ def parameter_report(teacher: torch.nn.Module, student: torch.nn.Module) -> dict
 
 def kv_cache_bytes_per_token(config, dtype_bytes: int = 2) -> int:
     """KV-cache bytes one token costs: keys and values for ordinary layers, values only for copy followers (plus
-    rank-r keys for LiSA followers), nothing for dropped attention."""
+    rank-r keys for LiSA followers), nothing for dropped or linear attention."""
     layers = range(config.num_hidden_layers)
     if not isinstance(config, EchoAttConfig):
         return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim_of(config) * dtype_bytes

@@ -58,8 +58,10 @@ def bench(config: BenchConfig, loaded: Teacher | None = None) -> dict:
         name = "bench"
     run = RunDir(record(config, "bench"))
     roles = [student.config.role(i) for i in range(student.config.num_hidden_layers)]
+    narrowed = sum(student.config.ffn_width(i) != student.config.intermediate_size for i in range(len(roles)))
     print(f"plan: of {len(roles)} layers, {sum(r in ('copy', 'lisa') for r in roles)} follow "
-          f"({student.config.follower_type}) and {roles.count('dropped')} have no attention; "
+          f"({student.config.follower_type}), {roles.count('dropped')} have no attention, {roles.count('linear')} a "
+          f"linear one, {narrowed} a narrowed or no FFN; "
           f"{device}, {dtype}, {torch.get_num_threads()} threads")
     # A loaded teacher is the caller's (run, compare, echoatt.compress): timed as a converted copy, never cast itself
     with benchmarked(teacher, device, dtype) as timed_teacher:

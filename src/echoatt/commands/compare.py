@@ -10,11 +10,17 @@ import torch
 
 from echoatt import planners
 from echoatt.analysis import Similarity
-from echoatt.calibrate import calibrate_followers
 from echoatt.commands.analyze import analyze_with_defaults
 from echoatt.commands.bench import quick_speed
 from echoatt.commands.evaluate import EVAL_PROBE, evaluate, perplexity_texts
-from echoatt.commands.share import block_effects, calibration_settings, find_similarity, share, spec_of
+from echoatt.commands.share import (
+    block_effects,
+    calibrate_student,
+    calibration_settings,
+    find_similarity,
+    share,
+    spec_of,
+)
 from echoatt.config import (
     CompareConfig,
     record,
@@ -77,7 +83,8 @@ def compare(config: CompareConfig) -> dict:
         info, known = SharingInfo.load(Path(sub.out) / "student"), {}
         if config.equal_bound:  # the curve scored this very student (same plan, same calibration) before training
             point = next(p for p in curve.points[VARIANTS[name].label] if p["target"] == target)
-            if (info.plan, info.dropped) == (point["plan"], point["dropped"]):
+            if (info.plan, info.dropped, info.linear, info.ffn) == (point["plan"], point["dropped"],
+                                                                    point.get("linear", []), point.get("ffn", [])):
                 known = {"student": untrained[VARIANTS[name].label][target]}
         scored = evaluate(dataclasses.replace(sub, models=""), teacher, known)
         results.setdefault("teacher", scored["teacher"])
@@ -159,12 +166,13 @@ def trade_curve(subs: dict[str, CompareConfig], teacher: Teacher, similarity: Si
                 continue
             calibration, windows = calibration_settings(point, teacher, student)
             if calibration:
-                calibrate_followers(student, teacher.model, windows, point.calibrate_ridge, progress=False)
+                calibrate_student(student, teacher.model, windows, point.calibrate_ridge, progress=False)
             scores = zero_shot(student, tokenizer, tasks, limit, config.eval_batch_size) if tasks else {}
             untrained.setdefault(label, {})[value] = scores
             curve.add(label, {
                 "target": value, "plan": [list(b) for b in plan.blocks], "dropped": list(plan.dropped),
-                "followers": len(plan.followers) + len(plan.dropped),
+                "linear": list(plan.linear), "ffn": [list(f) for f in plan.ffn], "spec": plan.spec(),
+                "followers": len(plan.followers) + len(plan.dropped) + len(plan.linear),
                 "bounds": plan_bounds(teacher.model.config, student.config),
                 **curve_perplexities(student, texts), "retrieval": retrieval(student, probe)["accuracy"],
                 **zero_shot_summary(scores, scored)})

@@ -10,7 +10,13 @@ import torch
 
 from echoatt import planners
 from echoatt.analysis import Similarity
-from echoatt.calibrate import calibrate_followers
+from echoatt.calibrate import (
+    apply_fits,
+    calibrate_followers,
+    fit_replacements,
+    replaced_layers,
+    replacement_stats,
+)
 from echoatt.checkpoints import checkpoint_identities
 from echoatt.commands.analyze import analyze_with_defaults
 from echoatt.config import (
@@ -101,13 +107,13 @@ def share(
     claim_run_folder(run, identity, config.overwrite)
     record(config, "share")
     if calibration:
-        report = calibrate_followers(student, teacher.model, windows, config.calibrate_ridge)
-        print(report.summary())
-        calibration = calibration | report.means()
+        calibration = calibration | calibrate_student(student, teacher.model, windows, config.calibrate_ridge)
     info = SharingInfo(
         identity=identity,
         plan=[list(b) for b in plan.blocks],
         dropped=list(plan.dropped),
+        linear=list(plan.linear),
+        ffn=[list(f) for f in plan.ffn],
         method=spec.method,
         head_map=spec.head_map if spec.mapped else None,
         lisa=({"rank": student.config.lisa_rank, "hidden": student.config.lisa_hidden}
@@ -125,6 +131,17 @@ def share(
     return student
 
 
+def calibrate_student(student, teacher, windows: torch.Tensor, ridge: float, progress: bool = True) -> dict:
+    """Every closed-form fit a new student gets, in place: its followers' o_proj (`calibrate_followers`), its linear
+    attention and narrowed FFNs (`fit_replacements`); returns their mean errors before and after."""
+    followers = calibrate_followers(student, teacher, windows, ridge, progress=progress)
+    replaced = fit_replacements(student, teacher, windows, ridge, progress=progress)
+    for done, what in ((followers, "followers' o_proj"), (replaced, "linear attention and narrowed FFNs")):
+        if done.after and progress:
+            print(done.summary(what))
+    return followers.means() | {f"replaced_{k}": v for k, v in replaced.means().items()}
+
+
 def check_faster(bounds: dict[str, float], plan: SharingPlan, allowed: bool) -> None:
     """Refuse, before anything is written, a student the cost model predicts slower than its teacher (unless asked
     for): a prefill or decode bound below 1."""
@@ -136,6 +153,22 @@ def check_faster(bounds: dict[str, float], plan: SharingPlan, allowed: bool) -> 
 
 
 EFFECT_TEXT_WINDOWS, EFFECT_PROBE = 1, (2, 128)  # what each candidate block is scored on: cheap, paired with the teacher
+EFFECT_FIT_WINDOWS = 4  # other windows the linear and FFN candidates are fitted on before they are scored
+
+
+def candidate_fits(teacher, candidates: list[tuple], windows: torch.Tensor, ridge: float):
+    """For linear-attention and FFN candidates: one pass of the teacher's statistics over `windows` for all of them
+    (`calibrate.replacement_stats`), and the function fitting one candidate's student from them; None without such
+    candidates."""
+    linear = sorted({c[1] for c in candidates if c[0] == "linear"})
+    widest: dict[int, int] = {}
+    for c in candidates:
+        if c[0] == "ffn" and c[2]:
+            widest[c[1]] = max(widest.get(c[1], 0), c[2])
+    if not linear and not widest:
+        return None
+    stats = replacement_stats(teacher, windows, linear, widest)
+    return lambda student: apply_fits(student, teacher, stats, ridge)
 
 
 def block_effects(config: ShareConfig, teacher: Teacher, spec: StudentSpec, similarity: Similarity | None,
@@ -146,7 +179,8 @@ def block_effects(config: ShareConfig, teacher: Teacher, spec: StudentSpec, simi
     if (not spec.plan.strip().startswith("budget=") or teacher.tokenizer is None
             or spec.drop_ranking(similarity) is not None):  # attention drop ranks by its own criterion
         return None
-    candidates = planners.budget_candidates(spec.plan.strip(), teacher.model.config.num_hidden_layers)
+    candidates = planners.budget_candidates(spec.plan.strip(), teacher.model.config.num_hidden_layers,
+                                            teacher.model.config.intermediate_size)
     settings = block_effect_settings(config, teacher, spec, similarity)
     effects = BlockEffects.load(run.block_effects) or BlockEffects({}, {}, settings)
     known = effects.known(settings)
@@ -158,8 +192,10 @@ def block_effects(config: ShareConfig, teacher: Teacher, spec: StudentSpec, simi
         if config.repair_blocks:  # on other windows than the one each block is then scored on
             windows = spread(train[EFFECT_TEXT_WINDOWS:], 2 * config.repair_blocks)
             repair = lambda student: repair_briefly(student, teacher.model, windows, config.repair_blocks)
+        fit = candidate_fits(teacher.model, missing, spread(train[EFFECT_TEXT_WINDOWS:], EFFECT_FIT_WINDOWS),
+                             config.calibrate_ridge)
         fresh = measure_block_effects(teacher.model, spec, similarity, missing, spread(train, EFFECT_TEXT_WINDOWS),
-                                      probe, settings, repair=repair)
+                                      probe, settings, repair=repair, fits=fit)
         effects = BlockEffects(fresh.teacher, known | fresh.blocks, settings)
         run.root.mkdir(parents=True, exist_ok=True)
         effects.save(run.block_effects)
@@ -174,17 +210,20 @@ def block_effect_settings(config: ShareConfig, teacher: Teacher, spec: StudentSp
     maps = similarity.fingerprint() if similarity is not None and spec.mapped and spec.head_map != "identity" else None
     settings = {"teacher": teacher.stamp(), "method": spec.method, "head_map": spec.head_map, "analysis": maps,
                 "corpus": config.corpus, "encoding": config.encoding, "seq_len": config.seq_len, "seed": config.seed,
-                "text_windows": EFFECT_TEXT_WINDOWS, "probe": list(EFFECT_PROBE)}
+                "text_windows": EFFECT_TEXT_WINDOWS, "probe": list(EFFECT_PROBE), "fit_windows": EFFECT_FIT_WINDOWS,
+                "fit_ridge": config.calibrate_ridge}
     return settings | ({"repair_steps": config.repair_blocks} if config.repair_blocks else {})
 
 
 def calibration_settings(config: ShareConfig, teacher: Teacher, student) -> tuple[dict | None, torch.Tensor | None]:
     """What the refit of the followers will use (settings, and the training windows, read now so that a corpus that
     cannot be used is refused before the run folder is touched); None where there is nothing to refit or no text."""
-    if not config.calibrate or not any(student.config.role(i) in ("copy", "lisa") for i in student.config.followers()):
+    followers = any(student.config.role(i) in ("copy", "lisa") for i in student.config.followers())
+    if not config.calibrate or not (followers or any(replaced_layers(student.config))):
         return None, None
     if teacher.tokenizer is None:
-        print(f"the teacher has no tokenizer ({teacher.tokenizer_error}): the followers are not calibrated")
+        print(f"the teacher has no tokenizer ({teacher.tokenizer_error}): nothing is calibrated (a linear attention "
+              "stays at zero, a narrowed FFN keeps the channels its weights rank first)")
         return None, None
     train, _ = token_windows(teacher.tokenizer, config.corpus, config.seq_len, config.encoding)
     settings = {"windows": config.calibrate, "ridge": config.calibrate_ridge, "corpus": config.corpus,
@@ -197,7 +236,8 @@ def print_student(info: SharingInfo, config) -> None:
            "lisa": f"LiSA, rank {config.lisa_rank}, align hidden {config.lisa_hidden}, "
                    f"starting from head map: {info.head_map}"}[info.method]
     params, kv = info.parameters, info.kv_cache_bytes_per_token_bf16
-    plan = SharingPlan(config.num_hidden_layers, tuple(tuple(b) for b in info.plan), tuple(info.dropped))
+    plan = SharingPlan(config.num_hidden_layers, tuple(tuple(b) for b in info.plan), tuple(info.dropped),
+                       tuple(info.linear), tuple(tuple(f) for f in info.ffn))
     print(f"plan: {plan.describe()} ({how})")
     print(f"parameters: teacher {params['teacher']:,}  student {params['student']:,}  "
           f"removed {params['removed']:,} ({params['removed_percent']:.2f}%)")

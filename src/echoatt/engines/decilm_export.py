@@ -1,9 +1,12 @@
-"""DeciLM / Nemotron-NAS: `echoatt export --format decilm` — a student whose layers are only ordinary or dropped is exactly a Nemotron-NAS / DeciLM model (`block_configs`
-with `attention.no_op`), which vLLM (`nemotron_nas.py`), SGLang, TensorRT-LLM and llama.cpp (`deci`) load. The keys
-are the ones vLLM's `DeciLMDecoderLayer` reads: `attention.no_op`, `attention.n_heads_in_group` (query heads per KV
-head), `ffn.ffn_mult` (intermediate size = `int(2 * ffn_mult * hidden / 3)` rounded up to a multiple of 256) or
-`ffn.intermediate_size` where no multiplier gives the teacher's size back; q/k/v bias as `qkv_bias`, o bias as
-`attention_bias`. A no-op attention layer has no `self_attn.*` and no `input_layernorm` weights.
+"""DeciLM / Nemotron-NAS: `echoatt export --format decilm` — a student whose layers keep or drop attention, at any FFN
+width, is exactly a Nemotron-NAS / DeciLM model (`block_configs` with `attention.no_op`, `ffn.no_op` and a width per
+layer), which vLLM (`nemotron_nas.py`), SGLang, TensorRT-LLM and llama.cpp (`deci`) load. The keys are the ones vLLM's
+`DeciLMDecoderLayer` reads: `attention.no_op`, `attention.n_heads_in_group` (query heads per KV head), `ffn.no_op`,
+`ffn.ffn_mult` (intermediate size = `int(2 * ffn_mult * hidden / 3)` rounded up to a multiple of 256) or
+`ffn.intermediate_size` where no multiplier gives the width back; q/k/v bias as `qkv_bias`, o bias as
+`attention_bias`. A no-op attention layer has no `self_attn.*` and no `input_layernorm` weights, a no-op FFN no `mlp.*`
+and no `post_attention_layernorm`. Linear attention is refused by name: vLLM's `nemotron_nas` reads no
+`replace_with_linear` (it would build full attention); GGUF export runs it in llama.cpp.
 """
 
 from __future__ import annotations
@@ -30,19 +33,30 @@ def block_configs(config: EchoAttConfig) -> list[dict]:
         raise PlanError(f"layers {followers} reuse another layer's attention, which a DeciLM layer cannot: export a "
                         "student whose attention is only kept or dropped (echoatt share --method drop, or a plan of "
                         "drop=N entries), or serve this one in vLLM with echoatt installed")
+    linear = [i for i, r in enumerate(roles) if r == "linear"]
+    if linear:
+        raise PlanError(f"layers {linear} replace attention by a linear map, which vLLM's DeciLM model does not read "
+                        "(it would build full attention there): export GGUF for llama.cpp (--format gguf), or serve "
+                        "this student in vLLM with echoatt installed")
     if config.qk_norm:
         raise PlanError(f"{config.family} attention normalises q and k per head, which DeciLM layers do not: serve "
                         "this student in vLLM with echoatt installed")
-    hidden, size = config.hidden_size, config.intermediate_size
-    mult = size * 3 / (2 * hidden)
-    ffn = {"no_op": False, "replace_with_linear": False}
-    rounded = int(2 * mult * hidden / 3)
-    ffn.update({"ffn_mult": mult} if -(-rounded // 256) * 256 == size else {"intermediate_size": size})
     groups = config.num_attention_heads // config.num_key_value_heads
     # A no-op layer's n_heads_in_group is None: llama.cpp's converter reads that as attention-free (vLLM reads no_op).
     return [{"attention": {"no_op": role == "dropped", "replace_with_linear": False,
                            "n_heads_in_group": None if role == "dropped" else groups},
-             "ffn": dict(ffn)} for role in roles]
+             "ffn": ffn_block(config.hidden_size, config.ffn_width(i))} for i, role in enumerate(roles)]
+
+
+def ffn_block(hidden: int, width: int) -> dict:
+    """A layer's `ffn` block: no-op at width 0, else `ffn_mult` where it rounds back to `width` exactly, else the
+    width itself."""
+    if width == 0:
+        return {"no_op": True, "replace_with_linear": False}
+    mult = width * 3 / (2 * hidden)
+    rounded = int(2 * mult * hidden / 3)
+    size = {"ffn_mult": mult} if -(-rounded // 256) * 256 == width else {"intermediate_size": width}
+    return {"no_op": False, "replace_with_linear": False, **size}
 
 
 def decilm_config(config: EchoAttConfig) -> dict:
@@ -59,12 +73,13 @@ def decilm_config(config: EchoAttConfig) -> dict:
 
 
 def export_decilm(student: Path, out: Path) -> Path:
-    """The student folder as a DeciLM folder: config, its class, weights without dropped layers' input norms, and
-    every other file (tokenizer, generation config) as it is."""
+    """The student folder as a DeciLM folder: config, its class, weights without dropped layers' input norms (nor FFN-free
+    layers' post-attention norms), and every other file (tokenizer, generation config) as it is."""
     config = EchoAttConfig.from_pretrained(student)
     fields = decilm_config(config)
-    unused = {f"model.layers.{i}.input_layernorm.weight" for i in range(config.num_hidden_layers)
-              if config.role(i) == "dropped"}
+    n = config.num_hidden_layers
+    unused = ({f"model.layers.{i}.input_layernorm.weight" for i in range(n) if config.role(i) == "dropped"}
+              | {f"model.layers.{i}.post_attention_layernorm.weight" for i in range(n) if config.ffn_width(i) == 0})
     out.mkdir(parents=True, exist_ok=True)
     for path in sorted(student.iterdir()):
         if path.is_file() and path.name.endswith(".safetensors"):

@@ -2,7 +2,11 @@
 
 llama.cpp's `deci` architecture (Nemotron-NAS) takes per-layer arrays `deci.attention.head_count`,
 `deci.attention.head_count_kv` and `deci.feed_forward_length`; a layer with 0 heads has no attention at all (no
-attention tensors, no attention norm) — exactly a dropped layer. Everything else is LLaMA's layout as llama.cpp's
+attention tensors, no attention norm) — exactly a dropped layer; a layer with heads but 0 KV heads is "linear
+attention", one (C x C) `attn_output` matrix on the normed input — exactly echoatt's `linear_attn`. Each layer's FFN
+width is its own. A layer whose FFN width is 0 is written as a one-channel FFN whose down projection is zero: exactly no
+FFN, where llama.cpp's own FFN-free layer (width 0) skips the whole layer, its attention included (llama.cpp as
+llama-cpp-python 0.3.36 pins it: `if (n_ff == 0) continue;` before the residual sum). Everything else is LLaMA's layout as llama.cpp's
 converter writes it (`DeciModel` in `convert_hf_to_gguf.py`): gguf-py's tensor names, q/k rows permuted to llama.cpp's
 RoPE order, RMSNorm epsilon, RoPE base and dimensions, no `output.weight` where embeddings are tied.
 
@@ -40,8 +44,7 @@ def permute_qk(w: np.ndarray, heads: int) -> np.ndarray:
 
 def check_expressible(config: EchoAttConfig) -> None:
     """Refuse, by name, what llama.cpp's `deci` layers cannot be (followers, q/k norms, biases, scaled RoPE)."""
-    followers = config.followers()
-    shared = [i for i in followers if config.role(i) != "dropped"]
+    shared = [i for i in config.followers() if config.role(i) in ("copy", "lisa")]
     if shared:
         raise PlanError(f"layers {shared} reuse another layer's attention, which no llama.cpp architecture can: export a "
                         "student whose attention is only kept or dropped — e.g. `echoatt run --plan budget=k=2,"
@@ -129,13 +132,13 @@ def copy_gguf_tokenizer(writer: gguf.GGUFWriter, source: Path) -> None:
 def add_parameters(writer: gguf.GGUFWriter, config: EchoAttConfig, file_type) -> None:
     """Hyperparameters as llama.cpp's deci loader reads them, with per-layer head and FFN arrays."""
     n = config.num_hidden_layers
-    dropped = [config.role(i) == "dropped" for i in range(n)]
+    roles = [config.role(i) for i in range(n)]
     writer.add_block_count(n)
     writer.add_context_length(min(config.max_position_embeddings, config.context_window or 2**31))
     writer.add_embedding_length(config.hidden_size)
-    writer.add_feed_forward_length([config.intermediate_size] * n)
-    writer.add_head_count([0 if d else config.num_attention_heads for d in dropped])
-    writer.add_head_count_kv([0 if d else config.num_key_value_heads for d in dropped])
+    writer.add_feed_forward_length([config.ffn_width(i) or 1 for i in range(n)])  # 0: a zero one-channel FFN
+    writer.add_head_count([0 if r == "dropped" else config.num_attention_heads for r in roles])
+    writer.add_head_count_kv([0 if r in ("dropped", "linear") else config.num_key_value_heads for r in roles])
     writer.add_key_length(config.head_dim)
     writer.add_value_length(config.head_dim)
     writer.add_rope_dimension_count(config.head_dim)
@@ -173,6 +176,11 @@ def tensors(student: Path, config: EchoAttConfig, qtype) -> dict[str, np.ndarray
         if data.ndim == 2 and qtype != gguf.GGMLQuantizationType.F32:
             data = gguf.quants.quantize(data, qtype)
         out[f"{names.get_name(base)}.{suffix}"] = np.ascontiguousarray(data)
+    for i in range(config.num_hidden_layers):  # no FFN: one channel, down projection zero (f32: a 1-wide row)
+        if config.ffn_width(i) == 0:
+            for part, shape in (("gate_proj", (1, config.hidden_size)), ("up_proj", (1, config.hidden_size)),
+                                ("down_proj", (config.hidden_size, 1))):
+                out[f"{names.get_name(f'model.layers.{i}.mlp.{part}')}.weight"] = np.zeros(shape, np.float32)
     return out
 
 
@@ -187,6 +195,11 @@ def export_gguf(student: Path, out: Path, type_name: str = "f16", tokenizer_gguf
     config = config if isinstance(config, EchoAttConfig) else EchoAttConfig.from_teacher(config)  # a teacher: all kept
     check_expressible(config)
     file_type, qtype = TYPES[type_name]
+    odd = [i for i in range(config.num_hidden_layers) if config.ffn_width(i) % 32 and config.ffn_width(i) not in (
+        0, config.intermediate_size)]
+    if qtype == gguf.GGMLQuantizationType.Q8_0 and odd:
+        raise PlanError(f"layers {odd} have FFN widths {[config.ffn_width(i) for i in odd]}, which q8_0's blocks of 32 "
+                        "values do not divide: export --type f16, or narrow to multiples of 32")
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(out.name + ".partial")
     writer = gguf.GGUFWriter(str(partial), ARCH)

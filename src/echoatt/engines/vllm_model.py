@@ -13,6 +13,9 @@ batched, sampled and cached as any model vLLM knows. Per role (`EchoAttConfig.ro
   bytes as an ordinary layer); where its head map crosses KV groups, it stores them per query head (keys gathered,
   values repeated: H / Hkv times an ordinary layer). In vLLM a follower saves its Q/K projections, not cache.
 - dropped: no attention, no input norm, nothing cached; only the MLP.
+- linear: one (C x C) matrix on the normed input (`self_attn.linear_attn`), replicated on every device; nothing cached.
+Each layer's MLP has its own width (`EchoAttConfig.ffn_width`); a layer without one has no MLP and no post-attention
+norm, and hands its attention output on unsummed, as vLLM's fused residual norms expect (the next norm adds it).
 LiSA followers (the leader's logits, not its probabilities or Q/K) cannot be expressed with vLLM's attention kernels
 and are refused by name at load, as is tensor or pipeline parallelism across a follower's head map.
 """
@@ -29,7 +32,12 @@ from vllm.config import VllmConfig
 from vllm.distributed import get_pp_group, get_tensor_model_parallel_world_size
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.layers.layernorm import RMSNorm
-from vllm.model_executor.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from vllm.model_executor.layers.linear import (
+    ColumnParallelLinear,
+    QKVParallelLinear,
+    ReplicatedLinear,
+    RowParallelLinear,
+)
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.rotary_embedding import get_rope
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
@@ -142,22 +150,40 @@ class CopyFollowerAttention(nn.Module):
         return output
 
 
+class LinearAttention(nn.Module):
+    """Attention replaced by one (C x C) matrix of the normed input, as `modeling_echoatt.LinearAttention`."""
+
+    def __init__(self, config: EchoAttConfig, vllm_config: VllmConfig, prefix: str):
+        super().__init__()
+        self.linear_attn = ReplicatedLinear(config.hidden_size, config.hidden_size, bias=False,
+                                            quant_config=vllm_config.quant_config, prefix=f"{prefix}.linear_attn")
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, handoff: dict) -> torch.Tensor:
+        return self.linear_attn(hidden_states)[0]
+
+
+ATTENTION_BY_ROLE = {"ordinary": EchoAttAttention, "leader": EchoAttAttention, "copy": CopyFollowerAttention,
+                     "linear": LinearAttention}
+
+
 class EchoAttDecoderLayer(nn.Module):
-    """LLaMA's decoder layer with the attention of its role; a dropped layer has no attention and no input norm."""
+    """LLaMA's decoder layer with the attention of its role and the MLP width of its plan; a dropped layer has no
+    attention and no input norm, an FFN-free one no MLP and no post-attention norm."""
 
     def __init__(self, vllm_config: VllmConfig, prefix: str):
         super().__init__()
         config: EchoAttConfig = vllm_config.model_config.hf_config
-        role = config.role(extract_layer_index(prefix))
-        self.self_attn = None
+        layer = extract_layer_index(prefix)
+        role = config.role(layer)
+        self.self_attn = self.mlp = None
         if role != "dropped":
-            attention = CopyFollowerAttention if role == "copy" else EchoAttAttention
-            self.self_attn = attention(config, vllm_config, prefix=f"{prefix}.self_attn")
+            self.self_attn = ATTENTION_BY_ROLE[role](config, vllm_config, prefix=f"{prefix}.self_attn")
             self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.mlp = LlamaMLP(config.hidden_size, config.intermediate_size, config.hidden_act,
-                            quant_config=vllm_config.quant_config, bias=getattr(config, "mlp_bias", False),
-                            prefix=f"{prefix}.mlp")
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        if config.ffn_width(layer):
+            self.mlp = LlamaMLP(config.hidden_size, config.ffn_width(layer), config.hidden_act,
+                                quant_config=vllm_config.quant_config, bias=getattr(config, "mlp_bias", False),
+                                prefix=f"{prefix}.mlp")
+            self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None,
                 handoff: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -167,6 +193,8 @@ class EchoAttDecoderLayer(nn.Module):
             else:
                 hidden_states, residual = self.input_layernorm(hidden_states, residual)
             hidden_states = self.self_attn(positions, hidden_states, handoff)
+        if self.mlp is None:  # the sum with the residual is left to the next norm
+            return hidden_states, residual
         hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)  # adds, then normalises
         return self.mlp(hidden_states), residual
 

@@ -43,6 +43,10 @@ def check_servable(config, max_model_len: int, tensor_parallel: int, pipeline_pa
         raise ValueError(f"--tensor-parallel-size {tensor_parallel} is more than the {config.num_key_value_heads} KV "
                          "heads: vLLM then replicates the leaders' KV heads, which a follower's own V projection "
                          f"cannot follow; serve with --tensor-parallel-size {config.num_key_value_heads} or less")
+    uneven = [i for i in range(config.num_hidden_layers) if config.ffn_width(i) % tensor_parallel]
+    if uneven:
+        raise ValueError(f"layers {uneven} have FFN widths {[config.ffn_width(i) for i in uneven]}, which "
+                         f"--tensor-parallel-size {tensor_parallel} does not divide: serve with a size that does")
     if pipeline_parallel > 1:
         raise ValueError("echoatt's vLLM model does not implement pipeline parallelism: serve with "
                          "--pipeline-parallel-size 1 (and --tensor-parallel-size for more devices)")
@@ -87,9 +91,10 @@ def serving_text(student: Path, config) -> list[str]:
                      "attention is only kept or dropped: `--plan budget=k=2,drop-only` builds one, then `echoatt "
                      "export`.")
     elif not config.qk_norm:
+        decilm = ("" if "linear" in roles else ", `echoatt export OUT --student ...` a DeciLM / Nemotron-NAS folder "
+                  "that vLLM, SGLang and TensorRT-LLM load (`--trust-remote-code`)")
         lines.append(f"Without echoatt: `echoatt export student.gguf --format gguf --student {student}` writes a GGUF "
-                     "file for llama.cpp (`--type f16|q8_0`), `echoatt export OUT --student ...` a DeciLM / "
-                     "Nemotron-NAS folder that vLLM, SGLang and TensorRT-LLM load (`--trust-remote-code`).")
+                     f"file for llama.cpp (`--type f16|q8_0`){decilm}.")
     return lines
 
 
