@@ -53,7 +53,7 @@ def test_run_writes_analysis_and_student(trained_teacher_dir, corpus_dir, tmp_pa
     assert info["bounds"]["decode"] >= 1.15 - 1e-9  # the default budget's target...
     effects = json.loads((out / "block_effects.json").read_text())["blocks"]
     cost = lambda names: sum(sum(effects[n].values()) for n in names)
-    chosen = [f"{b[0]}-{b[-1]}" for b in info["plan"]] + [f"{i}-{i}" for i in info["dropped"]]
+    chosen = [f"{b[0]}-{b[-1]}" for b in info["plan"]] + [f"drop={i}" for i in info["dropped"]]
     assert set(chosen) <= set(effects)  # ...met by measured candidates...
     assert k2["decode"] < 1.15 or cost(chosen) <= cost(["1-2", "3-4"])  # ...at no more loss than k=2 where k=2 meets it
     assert AutoModelForCausalLM.from_pretrained(out / "student-distilled").config.followers() == changed
@@ -201,7 +201,7 @@ def test_compare_at_equal_bound_draws_the_trade_curve(teacher_dir, corpus_dir, t
     assert [b[1] for b in dropped] == sorted(ranked[: len(dropped)])  # LLM-Drop's most redundant first
     assert (out / "matched" / "block_effects.json").is_file() and not (out / "drop" / "block_effects.json").exists()
     mixed = json.loads((out / "mixed" / "block_effects.json").read_text())["blocks"]
-    assert {"2-2", "3-3", "4-4"} <= set(mixed)  # dropping each layer alone was measured beside the blocks
+    assert {"drop=2", "drop=3", "drop=4"} <= set(mixed)  # dropping each layer alone was measured beside the blocks
     report = (out / "report.md").read_text()  # compare writes its report
     assert "## The trade: quality against speed" in report and (out / "trade_curve.png").is_file()
     assert (out / "mixed-prefill1.02" / "student-distilled").is_dir()  # beyond the first value: beside it
