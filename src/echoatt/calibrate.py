@@ -47,19 +47,8 @@ class CalibrationReport:
 
 def _teacher_inputs(teacher, ids: torch.Tensor, layers: list[int]) -> tuple[dict, dict]:
     """The teacher's attention inputs (B, T, C) and attention outputs (B, T, C) at `layers`, one forward."""
-    inputs, outputs, handles = {}, {}, []
-    for i in layers:
-        attn = teacher.model.layers[i].self_attn
-        handles.append(attn.register_forward_pre_hook(
-            lambda m, a, kw, i=i: inputs.__setitem__(i, kw.get("hidden_states", a[0] if a else None)),
-            with_kwargs=True))
-        handles.append(attn.register_forward_hook(lambda m, a, out, i=i: outputs.__setitem__(i, out[0])))
-    try:
-        teacher(input_ids=ids, use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-    return inputs, outputs
+    seen = _teacher_sublayers(teacher, ids, layers, [])
+    return {i: seen["x", i] for i in layers}, {i: seen["y", i] for i in layers}
 
 
 @torch.no_grad()
@@ -110,12 +99,17 @@ def calibrate_followers(student, teacher, windows: torch.Tensor, ridge: float = 
     for i in followers:
         o_proj = student.model.layers[i].self_attn.o_proj
         old = o_proj.weight.double().T  # (H*D, C)
-        lam = ridge * zz[i].diagonal().mean()
-        new = torch.linalg.solve(zz[i] + lam * torch.eye(width, dtype=torch.float64, device=device), zy[i])
+        new = _ridge_solve(zz[i], zy[i], ridge)
         before[i] = _relative_error(zz[i], zy[i], yy[i], old)
         after[i] = _relative_error(zz[i], zy[i], yy[i], new)
         o_proj.weight.copy_(new.T.to(o_proj.weight.dtype))
     return CalibrationReport(before, after, len(windows))
+
+
+def _ridge_solve(xx: torch.Tensor, xy: torch.Tensor, ridge: float) -> torch.Tensor:
+    """W = (XᵀX + λI)⁻¹ XᵀY with λ = `ridge` x the mean diagonal of XᵀX (so it does not depend on the scale)."""
+    lam = ridge * xx.diagonal().mean()
+    return torch.linalg.solve(xx + lam * torch.eye(len(xx), dtype=xx.dtype, device=xx.device), xy)
 
 
 def _bias(linear: torch.nn.Linear) -> torch.Tensor | float:
@@ -227,13 +221,10 @@ def apply_fits(student, teacher, stats: ReplacementStats, ridge: float = 1e-2) -
             width = student.config.ffn_width(layer)
             channels = stats.ranking[layer][:width]
             own = student.model.layers[layer].mlp
-            for name, value in narrowed_mlp_weights(teacher.model.layers[layer].mlp, channels, "").items():
-                module, kind = name.strip(".").split(".")
-                getattr(getattr(own, module), kind).copy_(value)
+            own.load_state_dict(narrowed_mlp_weights(teacher.model.layers[layer].mlp, channels))
             xx, xy, yy = stats.ffn[layer][0][:width, :width], stats.ffn[layer][1][:width], stats.ffn[layer][2]
             target = own.down_proj
-        lam = ridge * xx.diagonal().mean()
-        new = torch.linalg.solve(xx + lam * torch.eye(len(xx), dtype=torch.float64, device=xx.device), xy)
+        new = _ridge_solve(xx, xy, ridge)
         before[layer] = _relative_error(xx, xy, yy, target.weight.double().T.to(xx.device))
         after[layer] = _relative_error(xx, xy, yy, new)
         target.weight.copy_(new.T.to(target.weight))

@@ -151,15 +151,17 @@ def weight_ranked_channels(mlp: torch.nn.Module, width: int) -> torch.Tensor:
     return score.topk(width).indices.sort().values
 
 
-def narrowed_mlp_weights(mlp: torch.nn.Module, channels: torch.Tensor, prefix: str) -> dict[str, torch.Tensor]:
-    """A gated FFN's weights (and biases) at the intermediate `channels` (W,), under the student's names."""
+def narrowed_mlp_weights(mlp: torch.nn.Module, channels: torch.Tensor, prefix: str = "") -> dict[str, torch.Tensor]:
+    """A gated FFN's weights (and biases) at the intermediate `channels` (W,), named as in the student under `prefix`
+    (none: as in the FFN itself)."""
+    prefix = f"{prefix}." if prefix else ""
     out = {}
     for name in ("gate_proj", "up_proj", "down_proj"):
         linear = getattr(mlp, name)
         dim = 1 if name == "down_proj" else 0
-        out[f"{prefix}.{name}.weight"] = linear.weight.index_select(dim, channels.to(linear.weight.device))
+        out[f"{prefix}{name}.weight"] = linear.weight.index_select(dim, channels.to(linear.weight.device))
         if linear.bias is not None:
-            out[f"{prefix}.{name}.bias"] = (linear.bias if name == "down_proj"
+            out[f"{prefix}{name}.bias"] = (linear.bias if name == "down_proj"
                                             else linear.bias.index_select(0, channels.to(linear.bias.device)))
     return out
 
