@@ -248,3 +248,32 @@ def test_distillation_runs_on_the_gpu_device_names(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ValueError, match="each process takes its own GPU"):
         make_accelerator(DistillConfig(device="cuda:1"))
+
+
+def test_a_second_student_trains_from_the_cached_teacher_outputs(run_dir, teacher_dir, corpus_dir, tmp_path,
+                                                                   monkeypatch, capsys):
+    """With --teacher-cache the first run keeps the teacher's outputs on the windows it reads; a second run on the
+    same windows reads them all and never runs the teacher's layers, to the same losses as the first."""
+    from echoatt.losses import TeacherOutputs
+
+    cache = tmp_path / "teacher-outputs"
+    other = tmp_path / "other"
+    shutil.copytree(run_dir, other)
+    cfg = lambda out: config(out, teacher_dir, corpus_dir, steps=3, eval_every=0, save_every=0,
+                             teacher_cache=str(cache))
+    distill(cfg(run_dir))
+    assert "0 windows read from the cache, 12 computed and kept" in capsys.readouterr().out
+    real = KDLoss.__call__
+
+    def no_teacher(self, student, teacher, ids, fused=True, cached=None):
+        assert isinstance(cached, TeacherOutputs)
+        teacher.forward = None  # its layers are not run; its output layer makes the logits from the kept states
+        return real(self, student, teacher, ids, fused, cached)
+
+    monkeypatch.setattr(KDLoss, "__call__", no_teacher)
+    distill(cfg(other))
+    assert "12 windows read from the cache, 0 computed" in capsys.readouterr().out
+    for a, b in zip([e for e in log_of(run_dir) if "loss" in e], [e for e in log_of(other) if "loss" in e]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    with pytest.raises(ValueError, match="--cache-top-k"):
+        config(run_dir, teacher_dir, corpus_dir, cache_top_k=-1).validate()

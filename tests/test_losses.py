@@ -182,3 +182,102 @@ def test_the_fused_objective_keeps_its_memory_budget_per_token_and_vocabulary_en
         per_entry[fused] = peak.bytes / (tokens * vocab)
         weight.grad = None
     assert per_entry[True] < 2.0 and per_entry[False] > 8.0, per_entry
+
+
+def test_topk_soft_label_loss_by_formula_and_at_full_vocabulary():
+    """The top-k soft loss is T² KL over the teacher's top k plus one bucket for the rest, from tempered log-probabilities;
+    with k = V it is the full soft loss; with a smaller k it is below it (a coarser KL), not above."""
+    from echoatt.losses import topk_soft_label_loss
+
+    gen = torch.Generator().manual_seed(3)
+    s, t = torch.randn(2, 7, 30, generator=gen, dtype=torch.float64), torch.randn(2, 7, 30, generator=gen,
+                                                                                   dtype=torch.float64)
+    labels = torch.randint(0, 30, (2, 7), generator=gen)
+    labels[0, 3] = IGNORE_INDEX
+    T = 2.0
+    log_p = torch.log_softmax(t / T, -1)  # the teacher at the temperature, as the cache keeps it
+    full = log_p.topk(30, -1)
+    assert topk_soft_label_loss(s, full.indices, full.values, labels, T).item() == pytest.approx(
+        soft_label_loss(s, t, labels, T).item(), rel=1e-10)
+    top = log_p.topk(4, -1)
+    p = top.values[:, :-1].exp()  # (2, 6, 4)
+    q_all = torch.softmax(s[:, :-1] / T, -1)
+    q = q_all.gather(-1, top.indices[:, :-1])
+    p_rest, q_rest = 1 - p.sum(-1), 1 - q.sum(-1)
+    per_position = (p * (p / q).log()).sum(-1) + p_rest * (p_rest / q_rest).log()
+    valid = labels[:, 1:] != IGNORE_INDEX
+    expected = (per_position * valid).sum() * T**2 / valid.sum()
+    got = topk_soft_label_loss(s, top.indices, top.values, labels, T)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-10)
+    assert 0 < got.item() < soft_label_loss(s, t, labels, T).item()
+
+
+def test_fused_output_kd_from_top_k_equals_the_pure_top_k_loss_and_gradients():
+    """The fused loss against cached top-k teacher outputs gives `topk_soft_label_loss`'s number and gradients."""
+    from echoatt.losses import fused_output_kd, topk_soft_label_loss
+
+    gen = torch.Generator().manual_seed(4)
+    hidden = torch.randn(2, 9, 16, generator=gen).requires_grad_()
+    weight = (torch.randn(50, 16, generator=gen) / 2).requires_grad_()
+    top = torch.log_softmax(torch.randn(2, 9, 50, generator=gen) / 2.0, -1).topk(6, -1)  # at the temperature
+    labels = torch.randint(0, 50, (2, 9), generator=gen)
+    labels[1, 4:] = -100
+    fused, hard, soft = fused_output_kd(hidden, weight, None, None, labels, 0.3, 0.7, 2.0, chunk_bytes=1,
+                                        teacher_topk=(top.indices, top.values))
+    fused.backward()
+    got = (hidden.grad.clone(), weight.grad.clone())
+    hidden.grad = weight.grad = None
+    logits = hidden @ weight.T
+    ref_hard, ref_soft = hard_label_loss(logits, labels), topk_soft_label_loss(logits, top.indices, top.values, labels,
+                                                                               2.0)
+    (0.3 * ref_hard + 0.7 * ref_soft).backward()
+    assert hard.item() == pytest.approx(ref_hard.item(), rel=1e-5)
+    assert soft.item() == pytest.approx(ref_soft.item(), rel=1e-5)
+    for mine, ref in zip(got, (hidden.grad, weight.grad)):
+        torch.testing.assert_close(mine, ref, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("top_k", [0, 128])
+def test_kd_loss_from_cached_teacher_outputs_equals_running_the_teacher(teacher, tmp_path, top_k):
+    """With the teacher's outputs from the cache — its final hidden states (k = 0), or its top k = V log-probabilities
+    — and float32 hidden states, the objective and its gradients are those of running the teacher, on both paths; the
+    second read comes from disk, the teacher not run."""
+    from echoatt import teacher_cache
+    from echoatt.losses import KDLoss
+    from echoatt.plan import SharingPlan
+    from echoatt.student import build_student
+    from echoatt.teacher_cache import TeacherCache
+
+    teacher_cache.HIDDEN_DTYPE = torch.float32  # exact here; the default keeps bf16 on disk
+    try:
+        student = build_student(teacher, SharingPlan(6, ((1, 2),))).train()
+        ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(2))
+        cache = TeacherCache(tmp_path, "tiny", top_k, KDLoss.temperature, teacher)
+        first = cache.outputs(teacher, ids)
+        assert (cache.read, cache.written) == (0, 2) and len(list(cache.folder.iterdir())) == 2
+        calls = []
+        handle = teacher.register_forward_hook(lambda *a: calls.append(1))
+        cached = cache.outputs(teacher, ids)
+        handle.remove()
+        assert not calls and (cache.read, cache.written) == (2, 2)
+        torch.testing.assert_close(cached.final if top_k == 0 else cached.topk_logprobs,
+                                   first.final if top_k == 0 else first.topk_logprobs)
+        for fused in (True, False):
+            results = []
+            for outputs in (None, cached):
+                terms = KDLoss()(student, teacher, ids, fused=fused, **({"cached": outputs} if outputs else {}))
+                terms["loss"].backward()
+                results.append(({k: v.item() for k, v in terms.items()},
+                                {n: p.grad.clone() for n, p in student.named_parameters()}))
+                student.zero_grad(set_to_none=True)
+            (ran, ran_grads), (read, read_grads) = results
+            assert ran.keys() == read.keys()
+            for key, value in ran.items():
+                assert read[key] == pytest.approx(value, rel=1e-4, abs=1e-6), (fused, key)
+            for name, grad in ran_grads.items():
+                torch.testing.assert_close(read_grads[name], grad, atol=1e-5, rtol=1e-3, msg=name)
+        if top_k:
+            with pytest.raises(ValueError, match="temperature"):
+                KDLoss(temperature=1.0)(student, teacher, ids, cached=cached)
+    finally:
+        teacher_cache.HIDDEN_DTYPE = torch.bfloat16

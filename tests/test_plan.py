@@ -222,3 +222,22 @@ def test_a_budget_weighs_linear_attention_and_ffn_widths_beside_drops():
     assert 2 in plan.dropped and 2 not in plan.linear  # the drop replaced layer 2's linear attention
     with pytest.raises(PlanError, match="measured loss"):
         planners.parse("budget=decode=1.2,ffn", 8, np.ones((8, 8)), bounds=bounds, intermediate=256)
+
+
+def test_a_long_budget_swaps_its_worst_member_where_the_whole_plan_measures_lower():
+    """`,long`: the greedy's plan is measured whole; its worst member (the one whose removal lowers the whole plan's
+    loss most) is left out and the budget met again without it, kept only where the whole plan measures lower."""
+    bounds = lambda plan: {"prefill": 1 + 0.03 * len(plan.dropped), "decode": 1, "kv": 1}
+    alone = lambda c: {(2,): 0.1, (3,): 0.2, (4,): 0.3, (5,): 0.4}.get(c, 1.0)  # the greedy takes 2 and 3
+    together = lambda plan: sum(alone((d,)) for d in plan.dropped) + (5.0 if {2, 3} <= set(plan.dropped) else 0)
+    spec = "budget=prefill=1.06,drop,long"
+    plan = planners.parse(spec, 8, None, bounds=bounds, block_loss=alone, joint=together)
+    assert plan.dropped in ((2, 4), (3, 4))  # one of the pair that costs together swapped for layer 4
+    assert together(plan) == min(together(SharingPlan(8, (), d)) for d in ((2, 4), (3, 4)))
+    plan = planners.parse(spec, 8, None, bounds=bounds, block_loss=alone, joint=lambda p: together(p) - 5.0 * (
+        {2, 3} <= set(p.dropped)))  # nothing costs more together: the greedy's plan stays
+    assert plan.dropped == (2, 3)
+    assert set(planners.members_of(SharingPlan(8, ((1, 2),), (4,), (5,), ((3, 64),)))) == {
+        (1, 2), (4,), ("ffn", 3, 64), ("linear", 5)}
+    with pytest.raises(PlanError, match="whole"):
+        planners.parse(spec, 8, None, bounds=bounds, block_loss=alone)

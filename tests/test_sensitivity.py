@@ -170,3 +170,49 @@ def test_a_brief_repair_trains_only_the_changed_layers_and_the_next():
     repair_briefly(student, teacher, torch.randint(3, 128, (4, 24)), steps=2)
     moved = {int(n.split(".")[2]) for n, p in student.named_parameters() if not torch.equal(p, before[n])}
     assert moved == {3, 4} and not any(p.requires_grad for p in student.parameters())
+
+
+def test_long_range_labels_keep_only_tokens_last_seen_far_back():
+    from echoatt.sensitivity import long_range_labels
+
+    windows = torch.tensor([[5, 6, 7, 5, 6, 9, 9, 5], [1, 2, 3, 4, 5, 6, 7, 1]])
+    got = long_range_labels(windows, distance=3)
+    ignore = -100
+    # row 0: 5 at 3 (last at 0: 3 back), 6 at 4 (3 back) and 5 at 7 (4 back) count; 9 at 6 (1 back) does not
+    assert got[0].tolist() == [ignore, ignore, ignore, 5, 6, ignore, ignore, 5]
+    assert got[1].tolist() == [ignore] * 7 + [1]  # first occurrences never count
+
+
+def test_a_long_budget_scores_long_range_predictions_and_checks_the_plan_whole(teacher_dir, corpus_dir, tmp_path,
+                                                                                monkeypatch):
+    """`budget=...,long`: each candidate also carries the KL at long-range predictions of other windows (kept under
+    their own settings), and the chosen plan is measured whole before it is built."""
+    from echoatt.sensitivity import long_range_labels
+
+    teacher = tiny_teacher()
+    text = torch.randint(3, 128, (1, 24), generator=torch.Generator().manual_seed(0))
+    long = torch.randint(3, 128, (2, 160), generator=torch.Generator().manual_seed(1))
+    probe = repeated_tokens(2, 8, 128, exclude=[0, 1, 2])
+    spec = StudentSpec(plan="k=2", head_map="identity")
+    effects = measure_block_effects(teacher, spec, None, [(3,)], text, probe, {}, progress=False, long=long)
+    dropped, _ = StudentSpec(plan="2-3", method="drop").build(teacher, None)
+    labels = long_range_labels(long)
+    counted = labels[:, 1:] != -100
+    p_t, p_s = (torch.log_softmax(m(input_ids=long).logits[:, :-1].double(), -1) for m in (teacher, dropped))
+    kl = ((p_t.exp() * (p_t - p_s)).sum(-1) * counted).sum() / counted.sum()
+    assert counted.sum() > 10 and effects.blocks[(3,)]["long"] == pytest.approx(kl.item(), rel=1e-4)
+    assert effects.loss((3,)) == pytest.approx(sum(effects.blocks[(3,)].values()))
+
+    _, share = budget_share(teacher_dir, corpus_dir, tmp_path, monkeypatch)
+    share[share.index("budget=prefill=1.01")] = "budget=prefill=1.01,drop,long"
+    joint = []
+
+    def counted_joint_loss(*args, **kwargs):
+        measure = sensitivity.joint_loss(*args, **kwargs)
+        return lambda plan: joint.append(plan) or measure(plan)
+
+    monkeypatch.setattr(share_command, "joint_loss", counted_joint_loss)
+    assert main(share) == 0
+    kept = BlockEffects.load(tmp_path / "run" / "block_effects.json")
+    assert kept.settings["long"] == [share_command.EFFECT_LONG_WINDOWS, sensitivity.LONG_RANGE]
+    assert all("long" in v for v in kept.blocks.values()) and joint

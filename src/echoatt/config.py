@@ -151,6 +151,12 @@ class DistillConfig(CommonConfig):
     save_every: int = opt(10, "checkpoint every N steps (and at the end)")
     keep_checkpoints: int = opt(2, "how many checkpoints to keep")
     resume: str = opt("auto", "auto (continue from OUT/checkpoints/latest if present), never, or a checkpoint folder")
+    teacher_cache: str = opt("", "keep the teacher's outputs on the training windows (its matched and final hidden "
+                             "states) on disk and train later students from them without running its layers: auto "
+                             "(the echoatt cache), a folder, or '' (off)")
+    cache_top_k: int = opt(0, "with --teacher-cache: 0 keeps the final hidden states (exact logits through the "
+                           "teacher's output layer); k > 0 keeps the top-k next-token log-probabilities instead (the "
+                           "soft loss sees the rest of the vocabulary as one bucket)")
 
     def kd_loss(self) -> KDLoss:
         return KDLoss(self.w_hard, self.w_soft, self.w_hidden, self.temperature, self.hidden_loss)
@@ -162,6 +168,8 @@ class DistillConfig(CommonConfig):
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
         if self.local_steps < 0:
             raise ValueError(f"--local-steps must be 0 (no local repair) or more (got {self.local_steps})")
+        if self.cache_top_k < 0:
+            raise ValueError(f"--cache-top-k is 0 (exact logits) or a number of tokens (got {self.cache_top_k})")
         if not 0 <= self.generated <= 1:
             raise ValueError(f"--generated is a share of the training windows, from 0 to 1 (got {self.generated})")
         check_choice("--trainable", self.trainable, ("auto", "all", "changed", "shared", "lisa"))

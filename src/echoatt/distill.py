@@ -39,6 +39,7 @@ from echoatt.metrics import nll_sum
 from echoatt.repair import LocalLoss, repaired_layers
 from echoatt.rundir import SHARING_FILE, RunDir, device_of, identity_of, setup
 from echoatt.teacher import Teacher, load_teacher
+from echoatt.teacher_cache import TeacherCache
 
 TRAINABLE = ("auto", "changed", "shared", "lisa", "all")
 
@@ -142,6 +143,7 @@ class Training:
     val_windows: torch.Tensor
     identity: dict
     student_dir: Path
+    teacher_cache: TeacherCache | None = None
     start: int = 0
     trained: dict = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
@@ -244,13 +246,17 @@ def setup_training(config: DistillConfig, teacher: Teacher | None = None, repair
     student, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
     resume_from = inputs.pop("resume_from")
     loss = LocalLoss(config.local_next) if repair else config.kd_loss()
-    frozen = inputs.pop("teacher").model
+    loaded = inputs.pop("teacher")
+    frozen = loaded.model
     if teacher is None and accelerator.mixed_precision == "bf16":  # loaded here, so ours to cast: under bf16 autocast
         frozen.to(dtype=torch.bfloat16)  # its matmuls are bf16 anyway; each process (FSDP too) holds half the bytes
     training = Training(config=config, accelerator=accelerator, student=student, loss=loss,
                         teacher=frozen.to(accelerator.device).eval().requires_grad_(False),
                         optimizer=optimizer, scheduler=scheduler, **inputs,
                         trained={"trained": n_train, "total": n_all, "percent": 100 * n_train / n_all})
+    if config.teacher_cache and not repair:  # the local repair reads the teacher's stream, not these outputs
+        training.teacher_cache = TeacherCache(TeacherCache.where(config.teacher_cache), loaded.stamp(),
+                                              config.cache_top_k, config.temperature, training.teacher)
     if resume_from is not None:
         training.start = load_checkpoint(accelerator, resume_from)
         accelerator.print(f"resuming from {resume_from.path} at step {training.start}")
@@ -275,7 +281,8 @@ def train_step(t: Training, step: int) -> dict[str, float]:
         ids = t.train_windows[rows].to(accelerator.device)
         last = micro == config.grad_accum - 1
         with contextlib.nullcontext() if last else accelerator.no_sync(t.student), accelerator.autocast():
-            terms = t.loss(t.student, t.teacher, ids)
+            cached = {"cached": t.teacher_cache.outputs(t.teacher, ids)} if t.teacher_cache else {}
+            terms = t.loss(t.student, t.teacher, ids, **cached)
             finite = torch.tensor(float(not torch.isfinite(terms["loss"])), device=accelerator.device)
             if accelerator.reduce(finite, "sum").item() > 0:
                 kept = t.run.latest()
@@ -328,6 +335,8 @@ def train(t: Training) -> None:
             t.accelerator.print(f"interrupted: saved step {completed}; continue with --resume auto")
         raise
     bar.close()
+    if t.teacher_cache:
+        t.accelerator.print(t.teacher_cache.summary())
 
 
 def finish(t: Training) -> dict:

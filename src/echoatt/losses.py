@@ -56,6 +56,35 @@ def soft_label_loss(
     return total * temperature**2 / valid.sum().clamp_min(1)
 
 
+def topk_soft_label_loss(
+    student_logits: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_logprobs: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float = 1.0,
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
+    """`soft_label_loss` against a teacher known only by its k likeliest next tokens (B, T, k) and their
+    log-probabilities at `temperature` (B, T, k), as a teacher-output cache keeps them: T² KL between the two
+    distributions over those k tokens plus one bucket for all the rest (the teacher's tail mass, 1 − Σ p_k, against the
+    student's). A lower bound of the full KL, equal to it at k = V; without the tail bucket a tempered student, which
+    spreads its mass over the whole vocabulary, would be pushed to put it all on the k."""
+    log_q = F.log_softmax(_exact(student_logits[:, :-1]) / temperature, dim=-1)  # (B, T-1, V)
+    kl = _topk_kl(topk_ids[:, :-1].long(), _exact(topk_logprobs[:, :-1]), log_q)  # (B, T-1)
+    valid = labels[:, 1:] != ignore_index
+    return (kl * valid).sum() * temperature**2 / valid.sum().clamp_min(1)
+
+
+def _topk_kl(ids: torch.Tensor, log_p_k: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """KL over (the k tokens `ids`, the rest as one bucket) of the teacher's top-k log-probabilities `log_p_k` (..., k)
+    from the student's log-probabilities `log_q` (..., V); per position (...)."""
+    log_q_k = log_q.gather(-1, ids)
+    p_k = log_p_k.exp()
+    p_tail = (1 - p_k.sum(-1)).clamp_min(0)
+    log_q_tail = torch.log1p(-log_q_k.exp().sum(-1).clamp_max(1 - 1e-7))
+    return (p_k * (log_p_k - log_q_k)).sum(-1) + torch.xlogy(p_tail, p_tail) - p_tail * log_q_tail
+
+
 def hidden_state_loss(
     student_hidden: list[torch.Tensor],
     teacher_hidden: list[torch.Tensor],
@@ -108,11 +137,14 @@ class _FusedOutputKD(torch.autograd.Function):
     two terms (for the log)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, teacher_hidden, teacher_weight, labels, w_hard, w_soft, temperature, rows,
-                compute):
-        # hidden (N, C), weight (V, C), teacher_hidden (N, Ct), teacher_weight (V, Ct), labels (N,): the next tokens
+    def forward(ctx, hidden, weight, teacher, labels, w_hard, w_soft, temperature, rows, compute):
+        # hidden (N, C), weight (V, C), labels (N,): the next tokens; teacher: ("hidden", its final hidden states
+        # (N, Ct), its output embeddings (V, Ct)) or ("topk", token ids (N, k), log-probabilities (N, k))
         with torch.autocast(hidden.device.type, enabled=False):
-            w, t_w = weight.to(compute or weight.dtype), teacher_weight.to(compute or teacher_weight.dtype)  # (V, C)
+            w = weight.to(compute or weight.dtype)  # (V, C)
+            kind, t_a, t_b = teacher
+            if kind == "hidden":
+                t_b = t_b.to(compute or t_b.dtype)  # (V, Ct)
             valid = labels != IGNORE_INDEX  # (N,)
             count = valid.sum().clamp_min(1)
             grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
@@ -129,13 +161,11 @@ class _FusedOutputKD(torch.autograd.Function):
                 del log_p
                 if w_soft:
                     log_q = torch.log_softmax(logits.div_(temperature), -1)  # the student's, tempered
-                    teacher = (teacher_hidden[i : i + rows].to(t_w.dtype) @ t_w.T).float().div_(temperature)
-                    log_t = torch.log_softmax(teacher, -1)
-                    del teacher
-                    p_t = log_t.exp()
-                    soft = soft + ((p_t * (log_t - log_q)).sum(-1) * keep).sum()
+                    chunk_b = t_b if kind == "hidden" else t_b[i : i + rows]  # weights whole, log-probs per row
+                    p_t, kl = _teacher_kl(kind, t_a[i : i + rows], chunk_b, temperature, log_q)
+                    soft = soft + (kl * keep).sum()
                     grad += log_q.exp_().sub_(p_t).mul_(w_soft * temperature)  # d T²KL / d logits = T (q - p)
-                    del log_q, log_t, p_t
+                    del log_q, p_t
                 del logits
                 grad *= (keep / count)[:, None]
                 if grad_hidden is not None:
@@ -155,32 +185,56 @@ class _FusedOutputKD(torch.autograd.Function):
         grad_hidden, grad_weight = ctx.saved_tensors
         grad_hidden = None if grad_hidden is None else grad_hidden * grad_loss.to(grad_hidden.dtype)
         grad_weight = None if grad_weight is None else (grad_weight * grad_loss).to(ctx.weight_dtype)
-        return grad_hidden, grad_weight, *[None] * 8
+        return grad_hidden, grad_weight, *[None] * 7
+
+
+def _teacher_kl(kind: str, a: torch.Tensor, b: torch.Tensor, temperature: float,
+               log_q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's tempered next-token distribution over a chunk of positions as the gradient sees it, float32
+    (rows, V), and KL(teacher ‖ student) per position (rows,) against the student's tempered log-probabilities `log_q`
+    (rows, V): the teacher from its final hidden states `a` and output embeddings `b`, or from its top-k token ids `a`
+    and tempered log-probabilities `b` (`topk_soft_label_loss`: its tail mass is spread over the rest as the
+    student spreads its own, which makes T (q − p) the coarse KL's gradient)."""
+    if kind == "hidden":
+        log_t = torch.log_softmax((a.to(b.dtype) @ b.T).float().div_(temperature), -1)  # (rows, V)
+        p_t = log_t.exp()
+        return p_t, (p_t * (log_t - log_q)).sum(-1)
+    ids, log_p_k = a.long(), b.float()
+    kl = _topk_kl(ids, log_p_k, log_q)
+    q = log_q.exp()  # (rows, V)
+    q_tail = (1 - q.gather(1, ids).sum(-1)).clamp_min(1e-7)
+    p_tail = (1 - log_p_k.exp().sum(-1)).clamp_min(0)
+    return q.mul_((p_tail / q_tail)[:, None]).scatter_(1, ids, log_p_k.exp()), kl
 
 
 def fused_output_kd(
     hidden: torch.Tensor,
     weight: torch.Tensor,
-    teacher_hidden: torch.Tensor,
-    teacher_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor | None,
+    teacher_weight: torch.Tensor | None,
     labels: torch.Tensor,
     w_hard: float = 1.0,
     w_soft: float = 1.0,
     temperature: float = 1.0,
     chunk_bytes: int | None = None,
+    teacher_topk: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(w_hard x hard + w_soft x soft, hard, soft) from final hidden states (B, T, C) and output embeddings (V, C) of
     student and teacher: the numbers of `hard_label_loss(hidden @ weight.T, labels)` and `soft_label_loss(...)`, and
     their gradients, holding about six float32 (chunk x vocabulary) tensors at a time instead of the whole batch's
     logits, log-probabilities and probabilities (which peak near 21 bytes per token x vocabulary entry). Under autocast
-    the output matmuls run in its dtype, as the models' own layers do."""
+    the output matmuls run in its dtype, as the models' own layers do. With `teacher_topk` (token ids and their
+    log-probabilities at `temperature`, each (B, T, k): a teacher-output cache's) in place of the teacher's hidden
+    states and weights, the soft term is `topk_soft_label_loss`'s."""
     device = hidden.device.type
     compute = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
     chunk_bytes = chunk_bytes or CHUNK_BYTES.get(hidden.device.type, DEFAULT_CHUNK_BYTES)
     rows = max(8, chunk_bytes // (4 * weight.shape[0]))
     flat = lambda x: x[:, :-1].reshape(-1, x.shape[-1])  # positions t predict labels t + 1
-    return _FusedOutputKD.apply(flat(hidden), weight, flat(teacher_hidden).detach(), teacher_weight.detach(),
-                                labels[:, 1:].reshape(-1), w_hard, w_soft, temperature, rows, compute)
+    teacher = (("topk", *(flat(x).detach() for x in teacher_topk)) if teacher_topk is not None
+               else ("hidden", flat(teacher_hidden).detach(), teacher_weight.detach()))
+    return _FusedOutputKD.apply(flat(hidden), weight, teacher, labels[:, 1:].reshape(-1), w_hard, w_soft, temperature,
+                                rows, compute)
 
 
 def output_weight(model) -> torch.Tensor | None:
@@ -199,11 +253,29 @@ def output_weight(model) -> torch.Tensor | None:
 NO_LOGITS = torch.empty(0, dtype=torch.long)  # `logits_to_keep`: no position's logits (the fused loss makes them)
 
 
+def matched_hidden(hidden_states: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+    """The hidden states (B, T, C) the hidden-state loss matches, of a model's `output_hidden_states`: the outputs of
+    decoder layers 1 … L−1 (the embeddings are identical, and the last layer's final-norm output is already pinned
+    by the logit KL)."""
+    return list(hidden_states[1:-1])
+
+
+@dataclass(frozen=True)
+class TeacherOutputs:
+    """What the loss needs of the teacher for a batch, without running its layers (`teacher_cache.TeacherCache`'s):
+    its final hidden states, from which its output embeddings make the exact logits, or its top-k next tokens."""
+
+    hidden: list[torch.Tensor]  # `matched_hidden`: L−1 tensors (B, T, C)
+    final: torch.Tensor | None = None  # (B, T, C) the final-norm output: the logits are final @ output embeddings
+    topk_ids: torch.Tensor | None = None  # (B, T, k) else: the teacher's k likeliest next tokens
+    topk_logprobs: torch.Tensor | None = None  # (B, T, k) their log-probabilities at `temperature`
+    temperature: float | None = None
+
+
 @dataclass(frozen=True)
 class KDLoss:
     """The distillation objective: w_hard x cross-entropy + w_soft x T² KL(teacher ‖ student) + w_hidden x hidden-state
-    distance. Hidden states are matched at the outputs of decoder layers 1 … L−1: the embeddings are identical, and
-    the last layer's (final-norm) output is already pinned by the logit KL."""
+    distance at `matched_hidden`'s layers."""
 
     w_hard: float = 0.1
     w_soft: float = 1.0
@@ -211,32 +283,51 @@ class KDLoss:
     temperature: float = 2.0
     hidden_loss: str = "mse"
 
-    def __call__(self, student, teacher, ids: torch.Tensor, fused: bool = True) -> dict[str, torch.Tensor]:
+    def __call__(self, student, teacher, ids: torch.Tensor, fused: bool = True,
+                 cached: TeacherOutputs | None = None) -> dict[str, torch.Tensor]:
         """Each term, unweighted, plus `loss` (the weighted sum) for one batch of windows (B, T). With `fused` (and
         output embeddings it can read whole: not under FSDP) the output terms come from `fused_output_kd`, so no
-        full-batch logits exist; otherwise from the models' logits and the pure functions above (the same numbers)."""
-        weights = (output_weight(student), output_weight(teacher)) if fused else (None, None)
-        fused = weights[0] is not None and weights[1] is not None
+        full-batch logits exist; otherwise from the models' logits and the pure functions above (the same numbers).
+        With `cached` the teacher's layers are not run: its kept final hidden states and its output embeddings give
+        the soft term exactly (or its top-k log-probabilities, `topk_soft_label_loss`), its kept hidden states the
+        hidden one."""
+        topk = cached is not None and cached.final is None
+        if topk and cached.temperature != self.temperature:
+            raise ValueError(f"the cached teacher outputs are at temperature {cached.temperature}, the loss at "
+                             f"{self.temperature}")
+        weight = output_weight(student) if fused else None
+        t_weight = output_weight(teacher) if fused and not topk else None
+        fused = weight is not None and (topk or t_weight is not None)
         kw = {"input_ids": ids, "use_cache": False, "output_hidden_states": fused or self.w_hidden > 0}
         if fused:
             kw["logits_to_keep"] = NO_LOGITS.to(ids.device)
-        with torch.no_grad():
-            t_out = teacher(**kw)
+        t_logits = None
+        if cached is None:
+            with torch.no_grad():
+                t_out = teacher(**kw)
+            t_logits = t_out.logits
+            cached = TeacherOutputs(matched_hidden(t_out.hidden_states) if kw["output_hidden_states"] else [],
+                                    t_out.hidden_states[-1] if fused else None)
         s_out = student(**kw)
         if fused:
-            loss, hard, soft = fused_output_kd(s_out.hidden_states[-1], weights[0], t_out.hidden_states[-1],
-                                               weights[1], ids, self.w_hard, self.w_soft, self.temperature)
+            loss, hard, soft = fused_output_kd(
+                s_out.hidden_states[-1], weight, cached.final, t_weight, ids, self.w_hard, self.w_soft,
+                self.temperature, teacher_topk=(cached.topk_ids, cached.topk_logprobs) if topk else None)
             terms = {"hard": hard, **({"soft": soft} if self.w_soft > 0 else {})}
         else:
             terms = {"hard": hard_label_loss(s_out.logits, ids)}
-            if self.w_soft > 0:
-                terms["soft"] = soft_label_loss(s_out.logits, t_out.logits, ids, self.temperature)
+            if self.w_soft > 0 and topk:
+                terms["soft"] = topk_soft_label_loss(s_out.logits, cached.topk_ids, cached.topk_logprobs, ids,
+                                                     self.temperature)
+            elif self.w_soft > 0:
+                if t_logits is None:  # from the cache: its final hidden states through the teacher's output layer
+                    with torch.no_grad():
+                        t_logits = teacher.get_output_embeddings()(cached.final)
+                terms["soft"] = soft_label_loss(s_out.logits, t_logits, ids, self.temperature)
             loss = self.w_hard * terms["hard"] + self.w_soft * terms.get("soft", 0.0)
         if self.w_hidden > 0:
-            layers = slice(1, len(t_out.hidden_states) - 1)
-            terms["hidden"] = hidden_state_loss(
-                list(s_out.hidden_states[layers]), list(t_out.hidden_states[layers]), kind=self.hidden_loss
-            )
+            terms["hidden"] = hidden_state_loss(matched_hidden(s_out.hidden_states), cached.hidden,
+                                                kind=self.hidden_loss)
             loss = loss + self.w_hidden * terms["hidden"]
         terms["loss"] = loss
         return terms

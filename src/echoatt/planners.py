@@ -118,15 +118,17 @@ def from_budget(
     block_loss: Callable[[Candidate], float],
     meets: Callable[[SharingPlan], bool],
     progress: Callable[[SharingPlan], float],
+    chosen: list[Candidate] = (),
 ) -> SharingPlan:
-    """The changes that meet a budget with the least predicted loss, greedily: from no change, take the candidate
+    """The changes that meet a budget with the least predicted loss, greedily: from no change (or `chosen`), take the
+    candidate
     — a block, a larger block replacing chosen ones inside it, (a candidate of one layer) that layer's attention
     dropped, its attention replaced by a linear map, or its FFN narrowed (a narrower one replacing a wider) — that buys
     the most `progress` towards the targets per unit of loss, until `meets(plan)`. A move that lowers the loss (a
     larger block measured cheaper than the ones it replaces) and makes progress ranks before any other, the largest
     improvement first: per unit of progress, a smaller gain would look better."""
-    chosen: list[Candidate] = []
-    plan = SharingPlan(num_layers, ())
+    chosen = list(chosen)
+    plan = _of(chosen, num_layers)
     while not meets(plan):
         best, now = None, progress(plan)
         for block in candidates:
@@ -149,6 +151,45 @@ def from_budget(
         chosen = sorted([b for b in chosen if b not in best[2]] + [best[1]], key=str)
         plan = _of(chosen, num_layers)
     return plan
+
+
+def swap_worst(
+    plan: SharingPlan,
+    candidates: list[Candidate],
+    block_loss: Callable[[Candidate], float],
+    meets: Callable[[SharingPlan], bool],
+    progress: Callable[[SharingPlan], float],
+    joint: Callable[[SharingPlan], float],
+    rounds: int = 2,
+) -> SharingPlan:
+    """A budget plan checked whole: its worst member — the one whose removal lowers the plan's `joint` (measured)
+    loss most — is left out and the budget met again from the rest without it (`from_budget`), kept only where the
+    whole plan then measures lower; up to `rounds` times. Candidates measured alone miss what changes do together
+    (two layers that each keep some of a long-range circuit)."""
+    best, left_out = joint(plan), set()
+    for _ in range(rounds):
+        members = members_of(plan)
+        if not members:
+            break
+        without = {m: joint(_of([c for c in members if c != m], plan.num_layers)) for m in members}
+        worst = min(without, key=without.get)  # the lowest loss without it: the most costly member
+        left_out.add(worst)
+        try:
+            option = from_budget(plan.num_layers, [c for c in candidates if c not in left_out], block_loss, meets,
+                                 progress, [c for c in members if c != worst])
+        except PlanError:  # nothing else reaches the budget
+            break
+        value = joint(option)
+        if value >= best:
+            break
+        plan, best = option, value
+    return plan
+
+
+def members_of(plan: SharingPlan) -> list[Candidate]:
+    """The candidates a plan is made of (`_of` read back)."""
+    return sorted([*plan.blocks, *((d,) for d in plan.dropped), *(("linear", i) for i in plan.linear),
+                   *(("ffn", i, w) for i, w in plan.ffn)], key=str)
 
 
 def _of(chosen: list[Candidate], num_layers: int) -> SharingPlan:
@@ -181,15 +222,17 @@ def parse(
     block_loss: Callable[[Candidate], float] | None = None,
     ranking: list[int] | None = None,
     intermediate: int | None = None,
+    joint: Callable[[SharingPlan], float] | None = None,
 ) -> SharingPlan:
     """Parse a plan string: `k=2`, `k=3,first,last`, `k=2,followers=9`, `k=2,protect=4`,
     `threshold=0.9[,max=3][,protect=4]`, `budget=k=2` (at least plan k=2's prefill and decode bounds) or
-    `budget=decode=1.2[,prefill=1.08][,kv=0.7][,protect=N][,max=3][,drop][,linear][,ffn]`, `none`, or blocks
+    `budget=decode=1.2[,prefill=1.08][,kv=0.7][,protect=N][,max=3][,drop][,linear][,ffn][,long]`, `none`, or blocks
     `1-2,4-6` with dropped attention `drop=N`, linear attention `linear=N` and FFN widths `ffn=N:W`. `adjacent`:
     threshold and budget plans compare each layer with the one before it (LiSA) rather than with its block's
     leader. `bounds` costs a plan for a budget, `block_loss` (measured) predicts what a block costs in quality
     (default: from the similarity), or `ranking` orders the layers to take (attention drop's criterion);
-    `check_only` checks the syntax without searching; `intermediate` (the teacher's FFN width) prices FFN candidates."""
+    `check_only` checks the syntax without searching; `intermediate` (the teacher's FFN width) prices FFN candidates;
+    `joint` measures a whole plan, for a `long` budget's `swap_worst`."""
     spec = spec.strip()
     parts = [p.strip() for p in spec.split(",")]
     opts = dict(p.split("=", 1) for p in parts if "=" in p)
@@ -203,7 +246,7 @@ def parse(
         protect = int(opts.get("protect", 1))
         if kind == "budget":
             return _budget(spec, num_layers, head_matched, adjacent, bounds, check_only, block_loss, ranking,
-                           intermediate)
+                           intermediate, joint)
         if kind == "k":
             k = int(opts["k"])
             first, last = "first" in parts[1:], "last" in parts[1:]
@@ -248,7 +291,8 @@ def budget_candidates(spec: str, num_layers: int, intermediate: int | None = Non
     first `protect` (default 1) nor the last layer; with `drop`, also each follower-able layer alone (its attention
     dropped); with `drop-only`, only those and no blocks (a plan that every engine can run: no layer reads another's
     attention); with `linear`, each such layer's attention replaced by a fitted linear map; with `ffn`, each
-    unprotected layer's FFN at the `ffn_widths` of the teacher's `intermediate` size."""
+    unprotected layer's FFN at the `ffn_widths` of the teacher's `intermediate` size. (`long` changes how they are
+    measured, not which they are.)"""
     opts = budget_options(spec)
     max_block, protect = int(opts.get("max", 3)), int(opts.get("protect", 1))
     layers = range(protect, num_layers - 1)
@@ -265,7 +309,7 @@ def budget_candidates(spec: str, num_layers: int, intermediate: int | None = Non
 
 
 def _budget(spec, num_layers, head_matched, adjacent, bounds, check_only, block_loss, ranking,
-            intermediate) -> SharingPlan:
+            intermediate, joint) -> SharingPlan:
     opts = budget_options(spec)
     candidates = budget_candidates(spec, num_layers, intermediate or (SYNTAX_WIDTH if check_only else None))
     if check_only:
@@ -298,7 +342,13 @@ def _budget(spec, num_layers, head_matched, adjacent, bounds, check_only, block_
         raise PlanError(f"plan {spec!r} weighs dropping or replacing attention, or narrowing FFNs, against sharing "
                         "attention, which needs the measured loss of each (a teacher with a tokenizer)")
     loss = block_loss or similarity_loss(head_matched, adjacent)
-    return from_budget(num_layers, candidates, loss, meets, progress)
+    plan = from_budget(num_layers, candidates, loss, meets, progress)
+    if "long" in opts:
+        if joint is None or block_loss is None:
+            raise PlanError(f"plan {spec!r} measures long-range prediction and checks the plan whole, which needs "
+                            "the teacher and its tokenizer")
+        plan = swap_worst(plan, candidates, loss, meets, progress, joint)
+    return plan
 
 
 def similarity_loss(head_matched: np.ndarray, adjacent: bool = False) -> Callable[[tuple[int, ...]], float]:

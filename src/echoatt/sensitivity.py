@@ -8,6 +8,12 @@ KL(teacher ‖ student) per token (on the probe, over its repeated half), so a b
 avoids the blocks that cost either. KL rather than the change in loss on the next token: it sees every change of the
 distribution (what distillation will have to undo), is never negative, and is far less noisy on one window. Blocks are
 measured uncalibrated and one at a time: a ranking, not a forecast of the whole plan.
+
+Prediction from far back in natural text is what breaks first as plans get faster (lambada), and neither term sees
+it: the text KL is dominated by local prediction, the probe is synthetic. Where asked (`budget=...,long`), a third
+term scores other windows of the training text only where the next token last occurred at least `LONG_RANGE`
+tokens back (`long_range_labels`), and the chosen plan is measured whole (`joint_loss`) so that its worst member can
+be swapped (`planners.swap_worst`).
 """
 
 from __future__ import annotations
@@ -45,18 +51,35 @@ def candidate_of(name: str) -> tuple:
     return tuple(range(a, b + 1))
 
 
+LONG_RANGE = 64  # a long-range prediction: the next token last occurred at least this many tokens back
+
+
+def long_range_labels(windows: torch.Tensor, distance: int = LONG_RANGE) -> torch.Tensor:
+    """`windows` (N, T) as labels where only the predictions of a token that last occurred at least `distance`
+    tokens earlier in its window count: what a model can only get from far back (a name, a rare word), not from the
+    last sentence (frequent tokens recur within it and are left out)."""
+    labels = torch.full_like(windows, IGNORE_INDEX)
+    for n, row in enumerate(windows.tolist()):
+        last: dict[int, int] = {}
+        for j, token in enumerate(row):
+            if j - last.get(token, j) >= distance:
+                labels[n, j] = token
+            last[token] = j
+    return labels
+
+
 @dataclass
 class BlockEffects:
     """Mean KL(teacher ‖ student) per token of each candidate change alone — a shared block, a dropped or linear
-    attention, a narrowed FFN — on text and on the retrieval probe."""
+    attention, a narrowed FFN — on text, on the retrieval probe and, where measured, on long-range predictions."""
 
-    teacher: dict[str, float]  # the teacher's own NLL there, for scale: {"text": ..., "retrieval": ...}
-    blocks: dict[tuple, dict[str, float]]  # candidate -> {"text": KL, "retrieval": KL}
+    teacher: dict[str, float]  # the teacher's own NLL there, for scale: {"text": ..., "retrieval": ...[, "long": ...]}
+    blocks: dict[tuple, dict[str, float]]  # candidate -> {"text": KL, "retrieval": KL[, "long": KL]}
     settings: dict
 
     def loss(self, block: tuple) -> float:
-        effect = self.blocks[tuple(block)]
-        return effect["text"] + effect["retrieval"]
+        """The candidate's measured loss: the sum of its terms (with the long-range one where it was measured)."""
+        return sum(self.blocks[tuple(block)].values())
 
     def known(self, settings: dict) -> dict[tuple[int, ...], dict[str, float]]:
         """The blocks measured under exactly these settings (`commands.share.block_effect_settings`); none if they differ."""
@@ -107,15 +130,30 @@ def _repeated_half(probe: torch.Tensor) -> torch.Tensor:
     return labels
 
 
-def _kl(model: torch.nn.Module, text: torch.Tensor, probe: torch.Tensor, reference: dict,
-        start: int = 0) -> dict[str, float]:
-    """Mean KL(teacher ‖ model) per predicted token on `text` and on the repeated half of `probe`, the model run from
-    decoder layer `start` on the teacher's hidden states there (`reference["hidden"]`)."""
-    hidden = reference.get("hidden")
-    feed = lambda name: {"start": start, "hidden": hidden[name][start]} if hidden and start else {}
-    return {"text": soft_label_loss(_logits(model, text, **feed("text")), reference["text"], text).item(),
-            "retrieval": soft_label_loss(_logits(model, probe, **feed("retrieval")), reference["retrieval"],
-                                         _repeated_half(probe)).item()}
+Inputs = dict[str, tuple[torch.Tensor, torch.Tensor]]  # term -> (windows (N, T), labels (N, T): what counts)
+
+
+def effect_inputs(text: torch.Tensor, probe: torch.Tensor, long: torch.Tensor | None = None) -> Inputs:
+    """What a candidate is scored on, by term: every prediction of `text`, the repeated half of the `probe` and,
+    given `long` windows, their long-range predictions."""
+    inputs = {"text": (text, text), "retrieval": (probe, _repeated_half(probe))}
+    return inputs | ({"long": (long, long_range_labels(long))} if long is not None else {})
+
+
+def _kl(model: torch.nn.Module, inputs: Inputs, reference: dict, start: int = 0) -> dict[str, float]:
+    """Mean KL(teacher ‖ model) per counted prediction of each term, the model run from decoder layer `start` on the
+    teacher's hidden states there (`reference["hidden"]`)."""
+    hidden = reference["hidden"]
+    feed = lambda name: {"start": start, "hidden": hidden[name][start]} if start else {}
+    return {name: soft_label_loss(_logits(model, windows, **feed(name)), reference["logits"][name], labels).item()
+            for name, (windows, labels) in inputs.items()}
+
+
+def reference_of(teacher: torch.nn.Module, inputs: Inputs) -> dict:
+    """The teacher's logits and every decoder layer's input hidden states on each term's windows, which candidates
+    are compared with and run from."""
+    return {"logits": {name: _logits(teacher, w) for name, (w, _) in inputs.items()},
+            "hidden": {name: _hidden_inputs(teacher, w) for name, (w, _) in inputs.items()}}
 
 
 def _hidden_inputs(teacher: torch.nn.Module, windows: torch.Tensor) -> dict[int, torch.Tensor]:
@@ -130,18 +168,19 @@ def _hidden_inputs(teacher: torch.nn.Module, windows: torch.Tensor) -> dict[int,
 def measure_block_effects(
     teacher: torch.nn.Module, spec, similarity, candidates: list[tuple], text: torch.Tensor,
     probe: torch.Tensor, settings: dict, progress: bool = True, repair: Callable | None = None,
-    fits: Callable | None = None,
+    fits: Callable | None = None, long: torch.Tensor | None = None,
 ) -> BlockEffects:
     """Each candidate block shared alone by `spec` (a `student.StudentSpec`: method, head map) — a candidate of one
     layer: that layer's attention dropped; ("linear", L): its attention a linear map; ("ffn", L, W): its FFN at W
-    channels — compared with the teacher on `text` (N, T) windows and the `probe` (M, 2P). `fits(student)` fits a
-    linear map or a narrowed FFN in closed form (`calibrate.apply_fits`, from statistics on other text) before it is
-    measured, as `share` will fit it; `repair(student)`, where given, repairs each candidate before it is measured
-    (the planner then ranks blocks by what they cost once repaired)."""
-    reference = {"text": _logits(teacher, text), "retrieval": _logits(teacher, probe),
-                 "hidden": {"text": _hidden_inputs(teacher, text), "retrieval": _hidden_inputs(teacher, probe)}}
-    base = {"text": hard_label_loss(reference["text"], text).item(),  # the teacher's own NLL, for scale
-            "retrieval": hard_label_loss(reference["retrieval"], _repeated_half(probe)).item()}
+    channels — compared with the teacher on `text` (N, T) windows, the `probe` (M, 2P) and, given, the long-range
+    predictions of `long` windows. `fits(student)` fits a linear map or a narrowed FFN in closed form
+    (`calibrate.apply_fits`, from statistics on other text) before it is measured, as `share` will fit it;
+    `repair(student)`, where given, repairs each candidate before it is measured (the planner then ranks blocks by
+    what they cost once repaired)."""
+    inputs = effect_inputs(text, probe, long)
+    reference = reference_of(teacher, inputs)
+    base = {name: hard_label_loss(reference["logits"][name], labels).item()  # the teacher's own NLL, for scale
+            for name, (_, labels) in inputs.items()}
     blocks = {}
     for block in tqdm(candidates, desc="measuring blocks", disable=not progress):
         if block[0] in ("linear", "ffn"):  # a replacement, fitted as share fits it
@@ -154,6 +193,23 @@ def measure_block_effects(
             fits(student)
         if repair is not None:
             repair(student)
-        blocks[tuple(block)] = _kl(student, text, probe, reference, first_changed(block))
+        blocks[tuple(block)] = _kl(student, inputs, reference, first_changed(block))
         del student
     return BlockEffects(base, blocks, settings)
+
+
+def joint_loss(teacher: torch.nn.Module, spec, similarity, inputs: Inputs,
+               fits: Callable | None = None) -> Callable:
+    """`loss(plan)`: a whole plan's measured loss — its student built by `spec` (fitted by `fits` where it replaces
+    anything), compared with the teacher on every term of `inputs`, summed — for checking a plan chosen from
+    candidates measured one at a time."""
+    reference = reference_of(teacher, inputs)
+
+    @torch.no_grad()
+    def loss(plan) -> float:
+        student, _ = dataclasses.replace(spec, plan=plan.spec()).build(teacher, similarity, share=True)
+        if fits is not None and (plan.linear or plan.ffn):
+            fits(student)
+        return sum(_kl(student, inputs, reference).values())
+
+    return loss

@@ -220,10 +220,11 @@ class StudentSpec:
         groups = teacher_config.num_attention_heads // teacher_config.num_key_value_heads
         return head_maps(plan, similarity, self.head_map, chain=self.method == "lisa", kv_groups=groups)
 
-    def sharing_plan(self, teacher_config, similarity: Similarity | None, block_loss=None) -> SharingPlan:
+    def sharing_plan(self, teacher_config, similarity: Similarity | None, block_loss=None, joint=None) -> SharingPlan:
         """The plan `self.plan` names; a budget is met by the cost model's bounds for this method, at the least loss
         `block_loss` (measured: `sensitivity.BlockEffects.loss`) or, without it, the similarity predicts — except
-        attention drop, which takes the layers its own criterion ranks first (`Similarity.redundancy`)."""
+        attention drop, which takes the layers its own criterion ranks first (`Similarity.redundancy`). `joint`
+        measures a whole plan (`sensitivity.joint_loss`), for a `long` budget."""
         matched = similarity.head_matched if similarity else None
 
         def bounds(plan: SharingPlan) -> dict[str, float]:  # with the head maps the student will have
@@ -234,7 +235,8 @@ class StudentSpec:
 
         return planners.parse(self.plan, teacher_config.num_hidden_layers, matched,
                               adjacent=self.method == "lisa", bounds=bounds, block_loss=block_loss,
-                              ranking=self.drop_ranking(similarity), intermediate=teacher_config.intermediate_size)
+                              ranking=self.drop_ranking(similarity), intermediate=teacher_config.intermediate_size,
+                              joint=joint)
 
     def drop_ranking(self, similarity: Similarity | None) -> list[int] | None:
         """For attention drop with a measured LLM-Drop criterion: the layers, most redundant attention first."""
@@ -244,13 +246,13 @@ class StudentSpec:
 
     def build(
         self, teacher: LlamaForCausalLM, similarity: Similarity | None, maps: list[list[int] | None] | None = None,
-        block_loss=None, share: bool = False,
+        block_loss=None, share: bool = False, joint=None,
     ) -> tuple[EchoAttForCausalLM, SharingPlan]:
         """The student and its plan; `maps` (one per layer, read at the followers) overrides the analysis's head maps
-        (e.g. for random weights, which have no analysis); `block_loss` as `sharing_plan` takes it; `share` as
-        `build_student` takes it."""
+        (e.g. for random weights, which have no analysis); `block_loss` and `joint` as `sharing_plan` takes them;
+        `share` as `build_student` takes it."""
         config = teacher.config
-        plan = self.sharing_plan(config, similarity, block_loss)
+        plan = self.sharing_plan(config, similarity, block_loss, joint)
         if maps is not None:
             maps = [m if i in plan.followers else None for i, m in enumerate(maps)]
         else:

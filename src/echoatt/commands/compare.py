@@ -14,10 +14,10 @@ from echoatt.commands.analyze import analyze_with_defaults
 from echoatt.commands.bench import quick_speed
 from echoatt.commands.evaluate import EVAL_PROBE, evaluate, perplexity_texts
 from echoatt.commands.share import (
-    block_effects,
     calibrate_student,
     calibration_settings,
     find_similarity,
+    plan_measures,
     share,
     spec_of,
 )
@@ -65,8 +65,8 @@ def compare(config: CompareConfig) -> dict:
         subs = curve_students(config, subs, curve)
     elif config.plan.strip().startswith("budget="):  # the same layers for every method: the head-matched copy's plan
         copy = dataclasses.replace(config, method="copy", head_map="matched")
-        effects = block_effects(copy, teacher, spec_of(copy), similarity, run)
-        plan = spec_of(copy).sharing_plan(teacher.model.config, similarity, effects.loss if effects else None)
+        plan = spec_of(copy).sharing_plan(teacher.model.config, similarity,
+                                          **plan_measures(copy, teacher, spec_of(copy), similarity, run))
         print(f"every method at the layers the budget chose for the head-matched copy: {plan.describe()}")
         subs = {name: dataclasses.replace(sub, plan=plan.spec()) for name, sub in subs.items()}
     if not config.equal_bound:
@@ -158,9 +158,9 @@ def trade_curve(subs: dict[str, CompareConfig], teacher: Teacher, similarity: Si
                 curve.unreachable.setdefault(label, {})[str(value)] = most
                 print(f"{label} cannot reach {metric} {value}: {most:.3f} at its densest plan")
                 continue
-            effects = block_effects(point, teacher, spec, similarity, RunDir(Path(point.out)))
+            measures = plan_measures(point, teacher, spec, similarity, RunDir(Path(point.out)))
             try:
-                student, plan = spec.build(teacher.model, similarity, block_loss=effects.loss if effects else None)
+                student, plan = spec.build(teacher.model, similarity, **measures)
             except PlanError as err:
                 print(f"{label} at {metric} {value}: {err}")
                 continue

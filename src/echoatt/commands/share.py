@@ -39,7 +39,7 @@ from echoatt.rundir import (
     setup,
     student_identity,
 )
-from echoatt.sensitivity import BlockEffects, measure_block_effects
+from echoatt.sensitivity import LONG_RANGE, BlockEffects, effect_inputs, joint_loss, measure_block_effects
 from echoatt.student import (
     StudentSpec,
     kv_cache_bytes_per_token,
@@ -99,8 +99,7 @@ def share(
     if similarity is None and spec.needs_analysis:
         print("no similarity analysis found: measuring it first (echoatt analyze)")
         similarity = analyze_with_defaults(config, teacher)
-    effects = block_effects(config, teacher, spec, similarity, run)
-    student, plan = spec.build(teacher.model, similarity, block_loss=effects.loss if effects else None)
+    student, plan = spec.build(teacher.model, similarity, **plan_measures(config, teacher, spec, similarity, run))
     check_faster(plan_bounds(teacher.model.config, student.config), plan, config.allow_slower)
     calibration, windows = calibration_settings(config, teacher, student)
     identity = student_identity(student.config, teacher.name, calibration)
@@ -154,6 +153,38 @@ def check_faster(bounds: dict[str, float], plan: SharingPlan, allowed: bool) -> 
 
 EFFECT_TEXT_WINDOWS, EFFECT_PROBE = 1, (2, 128)  # what each candidate block is scored on: cheap, paired with the teacher
 EFFECT_FIT_WINDOWS = 4  # other windows the linear and FFN candidates are fitted on before they are scored
+EFFECT_LONG_WINDOWS = 2  # other windows a `long` budget scores long-range predictions on (~70 of 512 tokens each)
+
+
+def long_windows(train: torch.Tensor) -> torch.Tensor:
+    """The windows a `long` budget scores long-range predictions on: spread over the training text, between the
+    text and fit windows' places."""
+    return spread(train, 2 * EFFECT_LONG_WINDOWS + 1)[1::2]
+
+
+def is_long(spec: StudentSpec) -> bool:
+    plan = spec.plan.strip()
+    return plan.startswith("budget=") and "long" in planners.budget_options(plan)
+
+
+def plan_measures(config: ShareConfig, teacher: Teacher, spec: StudentSpec, similarity: Similarity | None,
+                  run: RunDir) -> dict:
+    """What a budget plan is chosen by, as `StudentSpec.build` takes it: each candidate's measured loss
+    (`block_effects`) and, for a `long` budget, a whole plan's (`sensitivity.joint_loss`, on the same terms, the
+    replacements fitted as the candidates were); nothing for other plans."""
+    effects = block_effects(config, teacher, spec, similarity, run)
+    if effects is None:
+        return {}
+    if not is_long(spec):
+        return {"block_loss": effects.loss}
+    train, _ = token_windows(teacher.tokenizer, config.corpus, config.seq_len, config.encoding)
+    candidates = planners.budget_candidates(spec.plan.strip(), teacher.model.config.num_hidden_layers,
+                                            teacher.model.config.intermediate_size)
+    fit = candidate_fits(teacher.model, candidates, spread(train[EFFECT_TEXT_WINDOWS:], EFFECT_FIT_WINDOWS),
+                         config.calibrate_ridge)
+    inputs = effect_inputs(spread(train, EFFECT_TEXT_WINDOWS), teacher.retrieval_probe(*EFFECT_PROBE, seed=config.seed),
+                           long_windows(train))
+    return {"block_loss": effects.loss, "joint": joint_loss(teacher.model, spec, similarity, inputs, fit)}
 
 
 def candidate_fits(teacher, candidates: list[tuple], windows: torch.Tensor, ridge: float):
@@ -195,7 +226,8 @@ def block_effects(config: ShareConfig, teacher: Teacher, spec: StudentSpec, simi
         fit = candidate_fits(teacher.model, missing, spread(train[EFFECT_TEXT_WINDOWS:], EFFECT_FIT_WINDOWS),
                              config.calibrate_ridge)
         fresh = measure_block_effects(teacher.model, spec, similarity, missing, spread(train, EFFECT_TEXT_WINDOWS),
-                                      probe, settings, repair=repair, fits=fit)
+                                      probe, settings, repair=repair, fits=fit,
+                                      long=long_windows(train) if is_long(spec) else None)
         effects = BlockEffects(fresh.teacher, known | fresh.blocks, settings)
         run.root.mkdir(parents=True, exist_ok=True)
         effects.save(run.block_effects)
@@ -212,7 +244,8 @@ def block_effect_settings(config: ShareConfig, teacher: Teacher, spec: StudentSp
                 "corpus": config.corpus, "encoding": config.encoding, "seq_len": config.seq_len, "seed": config.seed,
                 "text_windows": EFFECT_TEXT_WINDOWS, "probe": list(EFFECT_PROBE), "fit_windows": EFFECT_FIT_WINDOWS,
                 "fit_ridge": config.calibrate_ridge}
-    return settings | ({"repair_steps": config.repair_blocks} if config.repair_blocks else {})
+    return (settings | ({"repair_steps": config.repair_blocks} if config.repair_blocks else {})
+            | ({"long": [EFFECT_LONG_WINDOWS, LONG_RANGE]} if is_long(spec) else {}))
 
 
 def calibration_settings(config: ShareConfig, teacher: Teacher, student) -> tuple[dict | None, torch.Tensor | None]:
