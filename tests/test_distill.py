@@ -262,7 +262,8 @@ def test_a_second_student_trains_from_the_cached_teacher_outputs(run_dir, teache
     cfg = lambda out: config(out, teacher_dir, corpus_dir, steps=3, eval_every=0, save_every=0,
                              teacher_cache=str(cache))
     distill(cfg(run_dir))
-    assert "0 windows read from the cache, 12 computed and kept" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "0 windows read from the cache, 12 computed and kept" in said and "12 windows x" in said
     real = KDLoss.__call__
 
     def no_teacher(self, student, teacher, ids, fused=True, cached=None):
@@ -277,3 +278,14 @@ def test_a_second_student_trains_from_the_cached_teacher_outputs(run_dir, teache
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
     with pytest.raises(ValueError, match="--cache-top-k"):
         config(run_dir, teacher_dir, corpus_dir, cache_top_k=-1).validate()
+    import collections
+
+    from echoatt import teacher_cache
+
+    full = collections.namedtuple("usage", "total used free")(10**9, 10**9, 1000)
+    monkeypatch.setattr(teacher_cache.shutil, "disk_usage", lambda path: full)
+    third = tmp_path / "third"
+    shutil.copytree(run_dir / "student", third / "student")
+    with pytest.raises(ValueError, match="--teacher-cache: this run's 24 windows need .* GiB are free"):
+        distill(config(third, teacher_dir, corpus_dir, steps=6, teacher_cache=str(cache)))  # 12 of them not kept yet
+    assert not (third / "log.jsonl").exists()  # refused before any step

@@ -257,6 +257,9 @@ def setup_training(config: DistillConfig, teacher: Teacher | None = None, repair
     if config.teacher_cache and not repair:  # the local repair reads the teacher's stream, not these outputs
         training.teacher_cache = TeacherCache(TeacherCache.where(config.teacher_cache), loaded.stamp(),
                                               config.cache_top_k, config.temperature, training.teacher)
+        read = config.steps * config.batch_size * config.grad_accum * accelerator.num_processes
+        accelerator.print(training.teacher_cache.check_room(training.teacher.config, config.seq_len,
+                                                            min(read, len(training.train_windows))))
     if resume_from is not None:
         training.start = load_checkpoint(accelerator, resume_from)
         accelerator.print(f"resuming from {resume_from.path} at step {training.start}")
