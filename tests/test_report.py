@@ -48,7 +48,8 @@ def test_the_report_places_a_default_teachers_student_on_the_measured_curve(tmp_
     curve = json.loads(MEASURED_CURVE.read_text())
     assert curve["points"] and sum(p.get("default", False) for p in curve["points"]) == 1
     for p in curve["points"]:  # every measured point: distilled, scored paired, with its other-text ratio
-        assert {"method", "label", "bounds", "zero_shot_gap", "zero_shot_gap_stderr", "other_ratio"} <= set(p)
+        assert {"method", "label", "bounds", "zero_shot_gap", "zero_shot_gap_stderr", "other_ratio", "lambada",
+                "lambada_stderr"} <= set(p)
         assert set(p["measured_speed"]) == {"prefill", "decode"}  # each point timed, as `run` times its student
     run = tmp_path / "run"
     (run / "student").mkdir(parents=True)
@@ -65,16 +66,16 @@ def test_the_report_places_a_default_teachers_student_on_the_measured_curve(tmp_
                        "perplexity": {"teacher": 20.0, "student_before_kd": 30.0, "student_after_kd": 23.0}}}))
     report = write_report(run)[0].read_text()
     assert "## Where this student sits on the trade curve" in report and (run / "trade_place.png").is_file()
-    assert "| **this run's student** | 1.234× | 1.456× | – / – | – | 1.15× |" in report
+    assert "| **this run's student** | 1.234× | 1.456× | – / – | – | 1.15× | – |" in report
     figures = [  # the run's own timing, and a setting the curve has not
         {"figure": f, "setting": setting, "ratios": {"headline": {"ratio": r}}}
         for f, setting, r in (("prefill", {"batch": 1, "tokens": 512}, 1.1), ("prefill", {"batch": 1, "tokens": 128}, 1.5),
                               ("decode", {"batch": 8, "context": 256, "steps": 8}, 1.3),
                               ("decode", {"batch": 8, "context": 512, "steps": 8}, 1.6))]
     (run / "bench.json").write_text(json.dumps({"device": "CPU (x86_64)", "figures": figures}))
-    assert "| **this run's student** | 1.234× | 1.456× | 1.100× / 1.300× | – | 1.15× |" in write_report(run)[0].read_text()
+    assert "| **this run's student** | 1.234× | 1.456× | 1.100× / 1.300× | – | 1.15× | – |" in write_report(run)[0].read_text()
     (run / "bench.json").write_text(json.dumps({"device": "NVIDIA H100 80GB HBM3", "figures": figures}))
-    assert "| **this run's student** | 1.234× | 1.456× | – / – | – | 1.15× |" in write_report(run)[0].read_text()  # a
+    assert "| **this run's student** | 1.234× | 1.456× | – / – | – | 1.15× | – |" in write_report(run)[0].read_text()  # a
     # GPU's ratios are not put beside the curve's CPU-measured ones
     assert "(the default)" in report and "Text of another kind (wikipedia): teacher **20.00**" in report
     info.identity["teacher"] = "/models/Qwen3-0.6B"
@@ -87,6 +88,8 @@ def test_the_runs_own_zero_shot_mark_carries_its_error_bar():
     scores 30 items a task: about ± 2 points), as the curve's points are, so it never looks better by noise."""
     from echoatt.report import own_mark
 
-    own = {"zero_shot_gap": 0.004, "zero_shot_gap_stderr": 0.011, "other_ratio": 1.1}
+    own = {"zero_shot_gap": 0.004, "zero_shot_gap_stderr": 0.011, "other_ratio": 1.1, "lambada": 0.3,
+           "lambada_stderr": 0.08}
     assert own_mark(own, "zero_shot_gap", 100) == (pytest.approx(0.4), [pytest.approx(2.2)])
     assert own_mark(own, "other_ratio", 1) == (1.1, None)
+    assert own_mark(own, "lambada", 1) == (0.3, [pytest.approx(0.16)])

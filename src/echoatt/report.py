@@ -235,6 +235,9 @@ def curve_place(run: RunDir, info: SharingInfo, summary: RunSummary | None) -> S
         results = json.loads(scored.read_text())["results"]
         if "distilled" in results and "teacher" in results:
             own |= zero_shot_summary(results["distilled"], results["teacher"])
+        if "lambada" in results.get("distilled", {}):
+            own |= {"lambada": results["distilled"]["lambada"]["acc"],
+                    "lambada_stderr": results["distilled"]["lambada"]["acc_stderr"]}
     timed = run.results("bench")[0]
     bench = json.loads(timed.read_text()) if timed.is_file() else {}
     if bench.get("device", "").startswith("CPU"):  # the run's own short timing (QUICK_SPEED), as each point's
@@ -243,8 +246,8 @@ def curve_place(run: RunDir, info: SharingInfo, summary: RunSummary | None) -> S
         own["measured_speed"] = {f["figure"]: f["ratios"]["headline"]["ratio"] for f in bench["figures"]
                                  if f["figure"] in CURVE_SPEED and CURVE_SPEED[f["figure"]].items() <= f["setting"].items()}
     header = ("| plan | prefill bound | decode bound | measured on CPU, prefill 1 × 512 / decode 8 × 256 | "
-              "zero-shot gap, points (paired) | other text × teacher |")
-    rows = [header, "|---|---|---|---|---|---|"]
+              f"zero-shot gap, points (paired) | other text × teacher | lambada (teacher {curve['teacher']['lambada']:.3f}) |")
+    rows = [header, "|---|---|---|---|---|---|---|"]
     for p in [*curve["points"], own]:
         gap = (f"{100 * p['zero_shot_gap']:+.1f} ± {100 * p['zero_shot_gap_stderr']:.1f}"
                + (f" ({p['gap_tasks']} tasks, this run's items)" if p is own else "")) if "zero_shot_gap" in p else "–"
@@ -252,8 +255,9 @@ def curve_place(run: RunDir, info: SharingInfo, summary: RunSummary | None) -> S
         speed = p.get("measured_speed", {})
         measured = " / ".join(f"{speed[f]:.3f}×" if f in speed else "–" for f in ("prefill", "decode"))
         name = "**this run's student**" if p is own else p["label"] + (" (the default)" if p.get("default") else "")
+        lambada = f"{p['lambada']:.3f}" if "lambada" in p else "–"
         rows.append(f"| {name} | {p['bounds']['prefill']:.3f}× | {p['bounds']['decode']:.3f}× | {measured} | {gap} "
-                    f"| {other} |")
+                    f"| {other} | {lambada} |")
     trade_place_plot(curve, own, run.root / "trade_place.png")
     text = [(f"The default teacher's measured trade curve ({curve['measured']}): each plan calibrated and distilled as "
              f"the default run does, scored on {curve['tasks']} zero-shot tasks × {curve['items']} items (gap to the "
@@ -266,28 +270,33 @@ def curve_place(run: RunDir, info: SharingInfo, summary: RunSummary | None) -> S
 
 
 def own_mark(own: dict, key: str, scale: float) -> tuple[float, list[float] | None]:
-    """This run's point on the curve plot and its error bar: for the zero-shot gap, ± 2 paired stderr of the run's own
-    items (at the run's 30 items a task about ± 2 points: a star without it would look better than the curve by
-    noise); none for the perplexity ratio (its windows are many)."""
-    if key != "zero_shot_gap":
+    """This run's point on the curve plot and its error bar: ± 2 stderr of the run's own items where it has one — the
+    zero-shot gap (paired; at the run's 30 items a task about ± 2 points: a star without it would look better than the
+    curve by noise), lambada's accuracy —; none for the perplexity ratio (its windows are many)."""
+    if f"{key}_stderr" not in own:
         return scale * own[key], None
-    return scale * own[key], [2 * scale * own.get("zero_shot_gap_stderr", float("nan"))]
+    return scale * own[key], [2 * scale * own[f"{key}_stderr"]]
 
 
 def trade_place_plot(curve: dict, own: dict, png: Path) -> None:
-    """Zero-shot gap and other-text perplexity ratio against the decode bound: the measured plans, and this run."""
+    """Zero-shot gap, other-text perplexity ratio and lambada (long-range prediction: what breaks first) against the
+    decode bound: the measured plans, and this run."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), constrained_layout=True)
-    for ax, key, scale, limit, title in ((axes[0], "zero_shot_gap", 100, -2, "zero-shot gap to the teacher, points (± 2 paired stderr)"),
-                                         (axes[1], "other_ratio", 1, 1.2, "Wikipedia perplexity × the teacher's")):
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.5), constrained_layout=True)
+    panels = ((axes[0], "zero_shot_gap", 100, -2, "the default's quality limit",
+               "zero-shot gap to the teacher, points (± 2 paired stderr)"),
+              (axes[1], "other_ratio", 1, 1.2, "the default's quality limit", "Wikipedia perplexity × the teacher's"),
+              (axes[2], "lambada", 1, curve["teacher"].get("lambada"), "the teacher",
+               "lambada accuracy (± 2 stderr): prediction from far back"))
+    for ax, key, scale, limit, limit_label, title in panels:
         for method in dict.fromkeys(p["method"] for p in curve["points"]):
             ps = sorted((p for p in curve["points"] if p["method"] == method and key in p),
                         key=lambda p: p["bounds"]["decode"])
-            err = [2 * scale * p["zero_shot_gap_stderr"] for p in ps] if key == "zero_shot_gap" else None
+            err = [2 * scale * p[f"{key}_stderr"] for p in ps] if all(f"{key}_stderr" in p for p in ps) else None
             ax.errorbar([p["bounds"]["decode"] for p in ps], [scale * p[key] for p in ps], yerr=err, marker="o",
                         capsize=3, label=method)
         if key in own:
@@ -295,7 +304,8 @@ def trade_place_plot(curve: dict, own: dict, png: Path) -> None:
             ax.errorbar([own["bounds"]["decode"]], [y], yerr=err, marker="*", markersize=16, color="black",
                         linestyle="", capsize=4, label="this run")
         ax.axvline(own["bounds"]["decode"], color="black", linestyle=":", linewidth=1)
-        ax.axhline(limit, color="red", linestyle="--", linewidth=1, label="the default's quality limit")
+        if limit is not None:
+            ax.axhline(limit, color="red", linestyle="--", linewidth=1, label=limit_label)
         ax.set_xlabel("predicted decode bound (teacher time / student time)")
         ax.set_title(title)
     axes[0].legend(fontsize=8)
