@@ -202,6 +202,11 @@ def test_a_long_budget_scores_long_range_predictions_and_checks_the_plan_whole(t
     kl = ((p_t.exp() * (p_t - p_s)).sum(-1) * counted).sum() / counted.sum()
     assert counted.sum() > 10 and effects.blocks[(3,)]["long"] == pytest.approx(kl.item(), rel=1e-4)
     assert effects.loss((3,)) == pytest.approx(sum(effects.blocks[(3,)].values()))
+    from echoatt.plan import SharingPlan
+
+    joint = sensitivity.joint_loss(teacher, spec, None, sensitivity.effect_inputs(text, probe, long))
+    assert joint(SharingPlan(6, (), (3,))) == pytest.approx(effects.loss((3,)), rel=1e-4)  # a plan of one member
+    assert joint(SharingPlan(6, (), (2, 3))) > joint(SharingPlan(6, (), (3,)))
 
     _, share = budget_share(teacher_dir, corpus_dir, tmp_path, monkeypatch)
     share[share.index("budget=prefill=1.01")] = "budget=prefill=1.01,drop,long"
