@@ -224,7 +224,7 @@ def test_a_budget_weighs_linear_attention_and_ffn_widths_beside_drops():
         planners.parse("budget=decode=1.2,ffn", 8, np.ones((8, 8)), bounds=bounds, intermediate=256)
 
 
-def test_a_long_budget_swaps_its_worst_member_where_the_whole_plan_measures_lower():
+def test_a_long_budget_swaps_its_worst_member_where_the_whole_plan_measures_lower(capsys):
     """`,long`: the greedy's plan is measured whole; its worst member (the one whose removal lowers the whole plan's
     loss most) is left out and the budget met again without it, kept only where the whole plan measures lower."""
     bounds = lambda plan: {"prefill": 1 + 0.03 * len(plan.dropped), "decode": 1, "kv": 1}
@@ -233,6 +233,8 @@ def test_a_long_budget_swaps_its_worst_member_where_the_whole_plan_measures_lowe
     spec = "budget=prefill=1.06,drop,long"
     plan = planners.parse(spec, 8, None, bounds=bounds, block_loss=alone, joint=together)
     assert plan.dropped in ((2, 4), (3, 4))  # one of the pair that costs together swapped for layer 4
+    said = capsys.readouterr().out
+    assert "whole-plan check: drop=2,drop=3 measures 5.300" in said and "— taken" in said
     assert together(plan) == min(together(SharingPlan(8, (), d)) for d in ((2, 4), (3, 4)))
     plan = planners.parse(spec, 8, None, bounds=bounds, block_loss=alone, joint=lambda p: together(p) - 5.0 * (
         {2, 3} <= set(p.dropped)))  # nothing costs more together: the greedy's plan stays

@@ -161,6 +161,7 @@ def swap_worst(
     progress: Callable[[SharingPlan], float],
     joint: Callable[[SharingPlan], float],
     rounds: int = 2,
+    say: Callable[[str], None] = lambda _: None,
 ) -> SharingPlan:
     """A budget plan checked whole: its worst member — the one whose removal lowers the plan's `joint` (measured)
     loss most — is left out and the budget met again from the rest without it (`from_budget`), kept only where the
@@ -180,7 +181,10 @@ def swap_worst(
         except PlanError:  # nothing else reaches the budget
             break
         value = joint(option)
-        if value >= best:
+        kept = value < best
+        say(f"whole-plan check: {plan.spec()} measures {best:.3f}; without its worst member ({worst}), met again: "
+            f"{option.spec()} measures {value:.3f} — {'taken' if kept else 'the first kept'}")
+        if not kept:
             break
         plan, best = option, value
     return plan
@@ -347,7 +351,7 @@ def _budget(spec, num_layers, head_matched, adjacent, bounds, check_only, block_
         if joint is None or block_loss is None:
             raise PlanError(f"plan {spec!r} measures long-range prediction and checks the plan whole, which needs "
                             "the teacher and its tokenizer")
-        plan = swap_worst(plan, candidates, loss, meets, progress, joint)
+        plan = swap_worst(plan, candidates, loss, meets, progress, joint, say=print)
     return plan
 
 

@@ -99,7 +99,8 @@ class BlockEffects:
     def summary(self, top: int = 6) -> str:
         ranked = sorted(self.blocks, key=self.loss)
         show = lambda bs: ", ".join(f"{candidate_name(b)} {self.loss(b):+.3f}" for b in bs)
-        return (f"measured loss of sharing each block alone (KL from the teacher, text + retrieval probe), over "
+        terms = " + ".join(dict.fromkeys(k for v in self.blocks.values() for k in v)) or "nothing"
+        return (f"measured loss of sharing each block alone (KL from the teacher: {terms}), over "
                 f"{len(self.blocks)} blocks: cheapest {show(ranked[:top])}; dearest {show(ranked[-top:])}")
 
 
