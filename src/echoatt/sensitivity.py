@@ -144,17 +144,18 @@ def effect_inputs(text: torch.Tensor, probe: torch.Tensor, long: torch.Tensor | 
 def _kl(model: torch.nn.Module, inputs: Inputs, reference: dict, start: int = 0) -> dict[str, float]:
     """Mean KL(teacher ‖ model) per counted prediction of each term, the model run from decoder layer `start` on the
     teacher's hidden states there (`reference["hidden"]`)."""
-    hidden = reference["hidden"]
+    hidden = reference.get("hidden")
     feed = lambda name: {"start": start, "hidden": hidden[name][start]} if start else {}
     return {name: soft_label_loss(_logits(model, windows, **feed(name)), reference["logits"][name], labels).item()
             for name, (windows, labels) in inputs.items()}
 
 
-def reference_of(teacher: torch.nn.Module, inputs: Inputs) -> dict:
-    """The teacher's logits and every decoder layer's input hidden states on each term's windows, which candidates
-    are compared with and run from."""
-    return {"logits": {name: _logits(teacher, w) for name, (w, _) in inputs.items()},
-            "hidden": {name: _hidden_inputs(teacher, w) for name, (w, _) in inputs.items()}}
+def reference_of(teacher: torch.nn.Module, inputs: Inputs, hidden: bool = True) -> dict:
+    """The teacher's logits on each term's windows, which candidates are compared with, and (with `hidden`) every
+    decoder layer's input hidden states there, which a candidate runs from (a whole plan runs from its embeddings)."""
+    reference = {"logits": {name: _logits(teacher, w) for name, (w, _) in inputs.items()}}
+    return reference | ({"hidden": {name: _hidden_inputs(teacher, w) for name, (w, _) in inputs.items()}}
+                        if hidden else {})
 
 
 def _hidden_inputs(teacher: torch.nn.Module, windows: torch.Tensor) -> dict[int, torch.Tensor]:
@@ -204,7 +205,7 @@ def joint_loss(teacher: torch.nn.Module, spec, similarity, inputs: Inputs,
     """`loss(plan)`: a whole plan's measured loss — its student built by `spec` (fitted by `fits` where it replaces
     anything), compared with the teacher on every term of `inputs`, summed — for checking a plan chosen from
     candidates measured one at a time."""
-    reference = reference_of(teacher, inputs)
+    reference = reference_of(teacher, inputs, hidden=False)  # every plan runs whole, from its embeddings
 
     @torch.no_grad()
     def loss(plan) -> float:
