@@ -35,7 +35,7 @@ class TeacherCache:
 
     def __init__(self, root: str | Path, stamp: str, top_k: int, temperature: float, teacher: torch.nn.Module):
         weight = next(teacher.parameters())
-        self.top_k, self.temperature = top_k, temperature
+        self.top_k, self.temperature, self.dtype = top_k, temperature, weight.dtype
         self.folder = Path(root) / fingerprint(stamp, top_k, float(temperature) if top_k else None, weight.dtype,
                                                weight.device.type, HIDDEN_DTYPE)
         self.read = self.written = 0
@@ -94,7 +94,7 @@ class TeacherCache:
         """What one window of `seq_len` tokens takes on disk for a teacher of `config`."""
         width = config.hidden_size
         hidden = (config.num_hidden_layers - 1) * seq_len * width * HIDDEN_DTYPE.itemsize
-        return hidden + seq_len * (self.top_k * 8 if self.top_k else width * 4)
+        return hidden + seq_len * (self.top_k * 8 if self.top_k else width * self.dtype.itemsize)
 
     def check_room(self, config, seq_len: int, windows: int) -> str:
         """Refuse, before training, a run whose windows would not fit on the cache's disk; else say what it takes."""
