@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from echoatt import planners
 from echoatt.config import DistillConfig
@@ -278,14 +279,34 @@ def test_a_second_student_trains_from_the_cached_teacher_outputs(run_dir, teache
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
     with pytest.raises(ValueError, match="--cache-top-k"):
         config(run_dir, teacher_dir, corpus_dir, cache_top_k=-1).validate()
-    import collections
+    from echoatt import common
 
-    from echoatt import teacher_cache
-
-    full = collections.namedtuple("usage", "total used free")(10**9, 10**9, 1000)
-    monkeypatch.setattr(teacher_cache.shutil, "disk_usage", lambda path: full)
+    monkeypatch.setattr(common.shutil, "disk_usage", lambda path: USAGE(10**9, 10**9, 1000))
     third = tmp_path / "third"
     shutil.copytree(run_dir / "student", third / "student")
-    with pytest.raises(ValueError, match="--teacher-cache: this run's 24 windows need .* GiB are free"):
+    with pytest.raises(ValueError, match="writes .* teacher outputs .* are free; .*--teacher-cache DIR"):
         distill(config(third, teacher_dir, corpus_dir, steps=6, teacher_cache=str(cache)))  # 12 of them not kept yet
     assert not (third / "log.jsonl").exists()  # refused before any step
+
+
+USAGE = __import__("collections").namedtuple("usage", "total used free")
+
+
+def test_a_run_whose_checkpoints_would_not_fit_is_refused_before_training(run_dir, teacher_dir, corpus_dir,
+                                                                          monkeypatch):
+    """The run's disk need is its checkpoints (keep + 1 at once, each the size one really takes) and the trained
+    student: a disk one byte short is refused before the first step, and one that holds exactly that trains."""
+    from echoatt import common
+    from echoatt.checkpoints import checkpoint_bytes, weight_bytes
+
+    student = AutoModelForCausalLM.from_pretrained(run_dir / "student")
+    each, weights = checkpoint_bytes(student), weight_bytes(student)
+    monkeypatch.setattr(common.shutil, "disk_usage", lambda path: USAGE(10**9, 10**9, 3 * each + weights - 1))
+    with pytest.raises(ValueError, match=r"writes 3 checkpoint\(s\) of .* GiB are free; .*--keep-checkpoints"):
+        distill(config(run_dir, teacher_dir, corpus_dir, steps=9, keep_checkpoints=2))
+    assert not (run_dir / "log.jsonl").exists() and not (run_dir / "checkpoints").exists()
+    monkeypatch.setattr(common.shutil, "disk_usage", lambda path: USAGE(10**9, 10**9, 3 * each + weights))
+    distill(config(run_dir, teacher_dir, corpus_dir, steps=9, keep_checkpoints=2))
+    written = run_dir / "checkpoints" / "step-000009"
+    model_files = [f for f in written.rglob("*") if f.suffix in (".safetensors", ".bin") and "rng" not in f.name]
+    assert sum(f.stat().st_size for f in model_files) == pytest.approx(each, rel=0.05)

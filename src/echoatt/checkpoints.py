@@ -11,6 +11,7 @@ import json
 import shutil
 from pathlib import Path
 
+import torch
 from accelerate import Accelerator
 from safetensors import SafetensorError
 
@@ -51,6 +52,18 @@ def load_checkpoint(accelerator: Accelerator, checkpoint: Checkpoint) -> int:
     """Restore model, optimizer, scheduler and RNG state; return the step it was taken after."""
     accelerator.load_state(str(checkpoint.state))
     return checkpoint.read()["step"]
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """The bytes of a model's weights on disk (tied weights once, as `parameters()` yields them)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def checkpoint_bytes(student: torch.nn.Module) -> int:
+    """What one checkpoint takes on disk: the weights twice (accelerate's state and the loadable student) and AdamW's
+    two moments of each trained weight."""
+    moments = sum(2 * p.numel() * p.element_size() for p in student.parameters() if p.requires_grad)
+    return 2 * weight_bytes(student) + moments
 
 
 def save_checkpoint(

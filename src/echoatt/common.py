@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -43,6 +44,21 @@ class TrainingError(RuntimeError):
 def disk_full(err: BaseException) -> bool:
     """Whether a write failed for want of disk space (an OSError, or safetensors' own error saying so)."""
     return getattr(err, "errno", None) == errno.ENOSPC or "No space left on device" in str(err)
+
+
+def check_disk_room(needs: list[tuple[str, Path, int]], hint: str) -> None:
+    """Refuse, before long work starts, writes that would not fit: `needs` (what, folder, bytes) summed per
+    filesystem, since a cache and a run folder on one disk share its free space. `hint`: what the user can change."""
+    disks: dict[int, tuple[Path, list[tuple[str, int]]]] = {}
+    for what, folder, size in needs:
+        root = next(p for p in (folder, *folder.parents) if p.exists())
+        disks.setdefault(root.stat().st_dev, (root, []))[1].append((what, size))
+    for root, parts in disks.values():
+        need, free = sum(size for _, size in parts), shutil.disk_usage(root).free
+        if need > free:
+            listed = " + ".join(f"{what} {size / 2**30:.1f} GiB" for what, size in parts)
+            raise ValueError(f"not enough disk: this run writes {listed} = {need / 2**30:.1f} GiB on the disk of {root}, "
+                             f"and {free / 2**30:.1f} GiB are free; {hint}")
 
 
 def closest(name: str, known) -> str:

@@ -28,8 +28,15 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
-from echoatt.checkpoints import latest_step, load_checkpoint, resume_point, save_checkpoint
-from echoatt.common import TrainingError
+from echoatt.checkpoints import (
+    checkpoint_bytes,
+    latest_step,
+    load_checkpoint,
+    resume_point,
+    save_checkpoint,
+    weight_bytes,
+)
+from echoatt.common import TrainingError, check_disk_room
 from echoatt.config import DistillConfig, record
 from echoatt.configuration_echoatt import is_lisa_parameter, role_of
 from echoatt.corpus import generated_windows, spread, token_windows
@@ -243,6 +250,7 @@ def setup_training(config: DistillConfig, teacher: Teacher | None = None, repair
     n_all = sum(p.numel() for p in student.parameters())
     optimizer = torch.optim.AdamW(param_groups(student, config), weight_decay=config.weight_decay, betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
+    sizes = {"checkpoint": checkpoint_bytes(student), "weights": weight_bytes(student)}  # before `prepare` shards
     student, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
     resume_from = inputs.pop("resume_from")
     loss = LocalLoss(config.local_next) if repair else config.kd_loss()
@@ -257,12 +265,10 @@ def setup_training(config: DistillConfig, teacher: Teacher | None = None, repair
     if config.teacher_cache and not repair:  # the local repair reads the teacher's stream, not these outputs
         training.teacher_cache = TeacherCache(TeacherCache.where(config.teacher_cache), loaded.stamp(),
                                               config.cache_top_k, config.temperature, training.teacher)
-        read = config.steps * config.batch_size * config.grad_accum * accelerator.num_processes
-        accelerator.print(training.teacher_cache.check_room(training.teacher.config, config.seq_len,
-                                                            min(read, len(training.train_windows))))
     if resume_from is not None:
         training.start = load_checkpoint(accelerator, resume_from)
         accelerator.print(f"resuming from {resume_from.path} at step {training.start}")
+    check_room(training, **sizes)  # on every process: each refuses alike, none left waiting for another
     if accelerator.is_main_process:
         log = training.run.log
         kept = [ln for ln in (log.read_text().splitlines() if log.exists() and training.start else [])
@@ -272,6 +278,27 @@ def setup_training(config: DistillConfig, teacher: Teacher | None = None, repair
         print(f"training {n_train:,} of {n_all:,} parameters ({100 * n_train / n_all:.1f}%, "
               f"--trainable {config.trainable})")
     return training
+
+
+def check_room(t: Training, checkpoint: int, weights: int) -> None:
+    """Refuse, before the first step, a run whose writes would not fit on disk — the teacher outputs it caches, its
+    checkpoints (`keep` + 1 exist while the newest is written, less those already there) and the trained student
+    (`weights` bytes; a checkpoint `checkpoint`) — rather than stopping at a save with the steps since the last one
+    lost; else say what the cache takes."""
+    config = t.config
+    saves = {s for s in range(t.start + 1, config.steps + 1) if config.save_every and s % config.save_every == 0}
+    saves |= {config.steps} if config.steps > t.start else set()
+    count = max(0, min(config.keep_checkpoints + 1, len(saves)) - len(t.run.finished_checkpoints()))
+    needs = [(f"{count} checkpoint(s) of {checkpoint / 2**30:.2f} GiB", t.run.checkpoints, count * checkpoint),
+             ("the trained student", t.run.distilled, weights)]
+    hint = "free some, or keep fewer checkpoints (--keep-checkpoints)"
+    if t.teacher_cache:
+        read = config.steps * config.batch_size * config.grad_accum * t.accelerator.num_processes
+        size, said = t.teacher_cache.room(t.teacher.config, config.seq_len, min(read, len(t.train_windows)))
+        needs.append(("teacher outputs", t.teacher_cache.folder, size))
+        hint += ", put the teacher outputs elsewhere (--teacher-cache DIR) or take fewer steps"
+        t.accelerator.print(said)
+    check_disk_room(needs, hint)
 
 
 def train_step(t: Training, step: int) -> dict[str, float]:

@@ -16,7 +16,6 @@ loss is a scale-normalised distance), the final one in the teacher's dtype.
 from __future__ import annotations
 
 import hashlib
-import shutil
 from pathlib import Path
 
 import torch
@@ -96,17 +95,14 @@ class TeacherCache:
         hidden = (config.num_hidden_layers - 1) * seq_len * width * HIDDEN_DTYPE.itemsize
         return hidden + seq_len * (self.top_k * 8 if self.top_k else width * self.dtype.itemsize)
 
-    def check_room(self, config, seq_len: int, windows: int) -> str:
-        """Refuse, before training, a run whose windows would not fit on the cache's disk; else say what it takes."""
-        need = windows * self.window_bytes(config, seq_len)
-        have = {p.stem for p in self.folder.glob("*.safetensors")} if self.folder.is_dir() else set()
-        root = next(p for p in (self.folder, *self.folder.parents) if p.exists())
-        free = shutil.disk_usage(root).free
-        if need > free + len(have) * self.window_bytes(config, seq_len):
-            raise ValueError(f"--teacher-cache: this run's {windows} windows need {need / 2**30:.1f} GiB in "
-                             f"{self.folder}, and {free / 2**30:.1f} GiB are free; use another folder or fewer steps")
-        return (f"teacher outputs cached in {self.folder}: {windows} windows x {self.window_bytes(config, seq_len) / 2**20:.0f} "
-                f"MiB = {need / 2**30:.1f} GiB ({len(have)} there already)")
+    def room(self, config, seq_len: int, windows: int) -> tuple[int, str]:
+        """What a run reading `windows` windows may still add to the cache, in bytes (the windows already kept count
+        as read), and a line saying what the cache takes."""
+        each = self.window_bytes(config, seq_len)
+        have = sum(1 for _ in self.folder.glob("*.safetensors")) if self.folder.is_dir() else 0
+        return max(0, windows - have) * each, (f"teacher outputs cached in {self.folder}: {windows} windows x "
+                                               f"{each / 2**20:.0f} MiB = {windows * each / 2**30:.1f} GiB "
+                                               f"({have} there already)")
 
     def summary(self) -> str:
         return (f"teacher outputs: {self.read} windows read from the cache, {self.written} computed and kept "
