@@ -33,7 +33,7 @@ def test_analyze_and_share_on_the_default_teacher(default_teacher, tmp_path, cap
 
     out = tmp_path / "run"
     assert main(["analyze", "--out", str(out), "--num-sequences", "4", "--seq-len", "256"]) == 0
-    assert main(["share", "--out", str(out), "--plan", "k=2"]) == 0
+    assert main(["share", "--out", str(out), "--plan", "k=2", "--calibrate", "4"]) == 0
     printed = capsys.readouterr().out
     assert "parameters: teacher 134,515,008  student 128,321,856" in printed
     sim = Similarity.load(out / "similarity.json")
