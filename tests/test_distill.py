@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import shutil
@@ -289,7 +290,7 @@ def test_a_second_student_trains_from_the_cached_teacher_outputs(run_dir, teache
     assert not (third / "log.jsonl").exists()  # refused before any step
 
 
-USAGE = __import__("collections").namedtuple("usage", "total used free")
+USAGE = collections.namedtuple("usage", "total used free")  # what shutil.disk_usage returns
 
 
 def test_a_run_whose_checkpoints_would_not_fit_is_refused_before_training(run_dir, teacher_dir, corpus_dir,

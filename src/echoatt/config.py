@@ -161,6 +161,10 @@ class DistillConfig(CommonConfig):
     def kd_loss(self) -> KDLoss:
         return KDLoss(self.w_hard, self.w_soft, self.w_hidden, self.temperature, self.hidden_loss)
 
+    def saves_at(self, step: int) -> bool:
+        """Whether a checkpoint is written once `step` steps are done: every `save_every` and at the end."""
+        return bool(self.save_every and step % self.save_every == 0) or step == self.steps
+
     def validate(self) -> None:
         super().validate()
         for name in ("steps", "batch_size", "grad_accum"):

@@ -286,9 +286,8 @@ def check_room(t: Training, checkpoint: int, weights: int) -> None:
     (`weights` bytes; a checkpoint `checkpoint`) — rather than stopping at a save with the steps since the last one
     lost; else say what the cache takes."""
     config = t.config
-    saves = {s for s in range(t.start + 1, config.steps + 1) if config.save_every and s % config.save_every == 0}
-    saves |= {config.steps} if config.steps > t.start else set()
-    count = max(0, min(config.keep_checkpoints + 1, len(saves)) - len(t.run.finished_checkpoints()))
+    saves = sum(config.saves_at(step) for step in range(t.start + 1, config.steps + 1))
+    count = max(0, min(config.keep_checkpoints + 1, saves) - len(t.run.finished_checkpoints()))
     needs = [(f"{count} checkpoint(s) of {checkpoint / 2**30:.2f} GiB", t.run.checkpoints, count * checkpoint),
              ("the trained student", t.run.distilled, weights)]
     hint = "free some, or keep fewer checkpoints (--keep-checkpoints)"
@@ -357,7 +356,7 @@ def train(t: Training) -> None:
             done = step + 1 == config.steps
             if (config.eval_every and (step + 1) % config.eval_every == 0) or done:
                 bar.write(f"step {step + 1}: validation perplexity {t.validate(step + 1)['val_ppl']:.2f}")
-            if (config.save_every and (step + 1) % config.save_every == 0) or done:
+            if config.saves_at(step + 1):
                 t.checkpoint(step + 1)
     except KeyboardInterrupt:
         if not updating and completed > latest_step(t.run):
