@@ -18,7 +18,7 @@ from echoatt import planners
 from echoatt.config import DistillConfig
 from echoatt.distill import TrainingError, batch_indices, distill
 from echoatt.losses import KDLoss
-from echoatt.rundir import RunDirError
+from echoatt.rundir import RunDir, RunDirError
 from echoatt.student import build_student, save_student
 from echoatt.teacher import load_teacher
 
@@ -311,3 +311,10 @@ def test_a_run_whose_checkpoints_would_not_fit_is_refused_before_training(run_di
     written = run_dir / "checkpoints" / "step-000009"
     model_files = [f for f in written.rglob("*") if f.suffix in (".safetensors", ".bin") and "rng" not in f.name]
     assert sum(f.stat().st_size for f in model_files) == pytest.approx(each, rel=0.05)
+    # resumed with steps 6 and 9 kept: the one save left writes a third checkpoint before the oldest is pruned
+    monkeypatch.setattr(common.shutil, "disk_usage", lambda path: USAGE(10**9, 10**9, each + weights - 1))
+    with pytest.raises(ValueError, match=r"writes 1 checkpoint\(s\) of "):
+        distill(config(run_dir, teacher_dir, corpus_dir, steps=12, keep_checkpoints=2))
+    monkeypatch.setattr(common.shutil, "disk_usage", lambda path: USAGE(10**9, 10**9, each + weights))
+    distill(config(run_dir, teacher_dir, corpus_dir, steps=12, keep_checkpoints=2))
+    assert [c.path.name for c in RunDir(run_dir).finished_checkpoints()] == ["step-000009", "step-000012"]

@@ -282,12 +282,13 @@ def setup_training(config: DistillConfig, teacher: Teacher | None = None, repair
 
 def check_room(t: Training, checkpoint: int, weights: int) -> None:
     """Refuse, before the first step, a run whose writes would not fit on disk — the teacher outputs it caches, its
-    checkpoints (`keep` + 1 exist while the newest is written, less those already there) and the trained student
-    (`weights` bytes; a checkpoint `checkpoint`) — rather than stopping at a save with the steps since the last one
-    lost; else say what the cache takes."""
+    checkpoints (`keep` + 1 exist while the newest is written; a resumed run adds at least one to those there) and
+    the trained student (`weights` bytes; a checkpoint `checkpoint`) — rather than stopping at a save with the steps
+    since the last one lost; else say what the cache takes."""
     config = t.config
     saves = sum(config.saves_at(step) for step in range(t.start + 1, config.steps + 1))
-    count = max(0, min(config.keep_checkpoints + 1, saves) - len(t.run.finished_checkpoints()))
+    room = config.keep_checkpoints + 1 - len(t.run.finished_checkpoints())  # new ones beside those kept, at most
+    count = max(1, min(saves, room)) if saves else 0  # each save writes before it prunes: one more at least
     needs = [(f"{count} checkpoint(s) of {checkpoint / 2**30:.2f} GiB", t.run.checkpoints, count * checkpoint),
              ("the trained student", t.run.distilled, weights)]
     hint = "free some, or keep fewer checkpoints (--keep-checkpoints)"
