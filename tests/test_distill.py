@@ -318,3 +318,38 @@ def test_a_run_whose_checkpoints_would_not_fit_is_refused_before_training(run_di
     monkeypatch.setattr(common.shutil, "disk_usage", lambda path: USAGE(10**9, 10**9, each + weights))
     distill(config(run_dir, teacher_dir, corpus_dir, steps=12, keep_checkpoints=2))
     assert [c.path.name for c in RunDir(run_dir).finished_checkpoints()] == ["step-000009", "step-000012"]
+
+
+def test_key_token_weighting_weighs_each_window_read_by_its_cached_context_gain(run_dir, teacher_dir, corpus_dir,
+                                                                               monkeypatch):
+    """--w-long: each micro-batch's hard and soft terms are weighted by `context_weights` of the teacher's context
+    gain on its windows (computed once per window and kept); --w-long 0 is the plain loss; too short a window for
+    any far context is refused."""
+    from echoatt import key_tokens
+
+    seen = []
+    real = KDLoss.__call__
+
+    def recorded(self, student, teacher, ids, fused=True, cached=None, weights=None):
+        seen.append((ids, weights))
+        return real(self, student, teacher, ids, fused, cached, weights)
+
+    monkeypatch.setattr(KDLoss, "__call__", recorded)
+    cfg = config(run_dir, teacher_dir, corpus_dir, seq_len=140, steps=2, eval_every=0, save_every=0, w_long=0.5)
+    distill(cfg)
+    teacher = load_teacher(str(teacher_dir))
+    assert len(seen) == 4 and all(w is not None and w.shape == (2, 139) for _, w in seen)
+    ids, weights = seen[0]
+    gain = key_tokens.context_gain(teacher.model, ids)
+    torch.testing.assert_close(weights, key_tokens.context_weights(gain, 0.5))
+    assert (weights[:, key_tokens.FAR_FROM - 1 :] != 1).any()
+    kept = list((Path(os.environ["ECHOATT_CACHE"]) / "key-tokens").rglob("*.safetensors"))
+    assert len(kept) == len({tuple(row.tolist()) for ids, _ in seen for row in ids})  # one file a window read
+    seen.clear()
+    distill(config(run_dir, teacher_dir, corpus_dir, seq_len=140, steps=1, eval_every=0, save_every=0, resume="never"))
+    assert all(w is None for _, w in seen)  # --w-long 0: no weights, today's loss exactly
+    for bad, match in (({"w_long": -1}, "--w-long is a weight"), ({"w_long": 1, "seq_len": 128}, "far context"),
+                       ):
+        with pytest.raises(ValueError, match=match):
+            config(run_dir, teacher_dir, corpus_dir, **bad).validate()
+

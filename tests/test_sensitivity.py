@@ -14,6 +14,7 @@ from echoatt import planners, sensitivity
 from echoatt.analysis import Similarity
 from echoatt.cli import main
 from echoatt.commands import share as share_command
+from echoatt.corpus import REPEAT_SPAN, repeat_spans
 from echoatt.metrics import repeated_tokens, retrieval
 from echoatt.sensitivity import BlockEffects, measure_block_effects
 from echoatt.student import StudentSpec, plan_bounds, student_config
@@ -221,3 +222,38 @@ def test_a_long_budget_scores_long_range_predictions_and_checks_the_plan_whole(t
     kept = BlockEffects.load(tmp_path / "run" / "block_effects.json")
     assert kept.settings["long"] == [share_command.EFFECT_LONG_WINDOWS, sensitivity.LONG_RANGE]
     assert all("long" in v for v in kept.blocks.values()) and joint
+
+
+def test_reading_labels_keep_only_the_predictions_of_copied_tokens():
+    windows = torch.arange(40).view(2, 20)
+    copied, reads = repeat_spans(windows, seed=0, span=5)
+    labels = sensitivity.reading_labels(copied, reads)
+    assert labels.shape == copied.shape and (labels[:, :11] == -100).all()  # the first half and a copy's first token
+    kept = labels != -100
+    assert kept[:, 1:].equal(reads) and torch.equal(labels[kept], copied[kept])
+
+
+def test_a_read_budget_charges_each_candidate_for_reading_copies_of_the_training_text(teacher_dir, corpus_dir,
+                                                                                      tmp_path, monkeypatch):
+    """`budget=...,read`: each candidate also carries the KL at the predictions that read a copy of the training
+    text (kept under their own settings), computed as the formula says; a copy-reading layer's drop costs there."""
+    teacher = tiny_teacher()
+    text = torch.randint(3, 128, (1, 24), generator=torch.Generator().manual_seed(0))
+    windows = torch.randint(3, 128, (2, 64), generator=torch.Generator().manual_seed(1))
+    reading = repeat_spans(windows, seed=0, span=8)
+    probe = repeated_tokens(2, 8, 128, exclude=[0, 1, 2])
+    spec = StudentSpec(plan="k=2", head_map="identity")
+    effects = measure_block_effects(teacher, spec, None, [(3,)], text, probe, {}, progress=False, reading=reading)
+    dropped, _ = StudentSpec(plan="2-3", method="drop").build(teacher, None)
+    counted = reading[1]
+    p_t, p_s = (torch.log_softmax(m(input_ids=reading[0]).logits[:, :-1].double(), -1) for m in (teacher, dropped))
+    kl = ((p_t.exp() * (p_t - p_s)).sum(-1) * counted).sum() / counted.sum()
+    assert counted.sum() > 20 and effects.blocks[(3,)]["reading"] == pytest.approx(kl.item(), rel=1e-4)
+    assert effects.blocks[(3,)]["reading"] > 0
+
+    _, share = budget_share(teacher_dir, corpus_dir, tmp_path, monkeypatch)
+    share[share.index("budget=prefill=1.01")] = "budget=prefill=1.01,drop,read"
+    assert main([*share, "--seq-len", "80"]) == 0  # windows whose halves hold a span of 32
+    kept = BlockEffects.load(tmp_path / "run" / "block_effects.json")
+    assert kept.settings["read"] == [share_command.EFFECT_READ_WINDOWS, REPEAT_SPAN]
+    assert all("reading" in v for v in kept.blocks.values())

@@ -138,6 +138,9 @@ class DistillConfig(CommonConfig):
     hidden_loss: str = opt(KDLoss.hidden_loss, "hidden-state distance: mse (scale-normalised per layer) or cosine")
     generated: float = opt(0.0, "share of the training windows the teacher writes itself, sampled from the bare BOS "
                            "(data-free distillation: text beyond the corpus' kind; cached; 0: corpus only)")
+    w_long: float = opt(0.0, "key-token weighting: each prediction's weight in the hard and soft terms is 1 + w_long x "
+                        "the nats the teacher's log-probability gains from the context beyond the last 64 tokens "
+                        "(capped at 4; key_tokens.py), so what needs the far context counts more (0: the plain loss)")
     trainable: str = opt("auto", "what trains: changed (the layers whose attention changed), shared (those and the layer after each), lisa (only LiSA's "
                          "alignment and low-rank parameters), all, or auto (lisa for a LiSA student, else all: "
                          "measured to recover more perplexity in the same steps, README 'Faster by default')")
@@ -176,6 +179,13 @@ class DistillConfig(CommonConfig):
             raise ValueError(f"--cache-top-k is 0 (exact logits) or a number of tokens (got {self.cache_top_k})")
         if not 0 <= self.generated <= 1:
             raise ValueError(f"--generated is a share of the training windows, from 0 to 1 (got {self.generated})")
+        if self.w_long < 0:
+            raise ValueError(f"--w-long is a weight, 0 (off) or more (got {self.w_long})")
+        from echoatt.key_tokens import FAR_FROM
+
+        if self.w_long and self.seq_len <= FAR_FROM:
+            raise ValueError(f"--w-long weighs predictions with far context, from position {FAR_FROM} on: none has "
+                             f"any in windows of --seq-len {self.seq_len}")
         check_choice("--trainable", self.trainable, ("auto", "all", "changed", "shared", "lisa"))
         check_choice("--hidden-loss", self.hidden_loss, ("mse", "cosine"))
         check_choice("--bf16", self.bf16, ("auto", "yes", "no"))

@@ -288,6 +288,29 @@ def spread(windows: torch.Tensor, n: int) -> torch.Tensor:
     return windows[torch.linspace(0, len(windows) - 1, min(n, len(windows))).long()]
 
 
+REPEAT_SPAN = 32  # tokens in each span `repeat_spans` copies
+
+
+def repeat_spans(windows: torch.Tensor, seed: int = 0, span: int = REPEAT_SPAN) -> tuple[torch.Tensor, torch.Tensor]:
+    """In-context copies of a window's own text: each (N, T) window's second half rewritten as spans of `span` tokens,
+    each copied from a random place of its first half (by `seed`), so the copies sit at distances from about `span`
+    to T tokens from their sources. Predicting a copy's tokens after its first is reading from context (what
+    induction heads do). Returns the windows (a copy) and which predictions (N, T-1) read a copy: entry t predicts
+    token t+1, as `metrics.token_nll` lays them out."""
+    out = windows.clone()
+    reads = torch.zeros(windows.shape[0], windows.shape[1] - 1, dtype=torch.bool)
+    half = windows.shape[1] // 2
+    if half < span:
+        return out, reads
+    generator = torch.Generator().manual_seed(seed)
+    for n in range(len(windows)):
+        for start in range(half, windows.shape[1] - span + 1, span):
+            source = torch.randint(half - span + 1, (1,), generator=generator).item()
+            out[n, start : start + span] = windows[n, source : source + span]
+            reads[n, start : start + span - 1] = True  # predictions of the copy's 2nd ... last tokens
+    return out, reads
+
+
 def fingerprint(*parts: object) -> str:
     return hashlib.sha256(json.dumps([str(p) for p in parts]).encode()).hexdigest()[:16]
 

@@ -40,6 +40,7 @@ from echoatt.common import TrainingError, check_disk_room
 from echoatt.config import DistillConfig, record
 from echoatt.configuration_echoatt import is_lisa_parameter, role_of
 from echoatt.corpus import generated_windows, spread, token_windows
+from echoatt.key_tokens import GainCache, context_weights
 from echoatt.losses import KDLoss
 from echoatt.memory import free_memory, peak_memory_bytes, reset_peak_memory
 from echoatt.metrics import nll_sum
@@ -151,6 +152,7 @@ class Training:
     identity: dict
     student_dir: Path
     teacher_cache: TeacherCache | None = None
+    gain_cache: GainCache | None = None  # with --w-long: the teacher's context gain per training window
     start: int = 0
     trained: dict = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
@@ -265,6 +267,8 @@ def setup_training(config: DistillConfig, teacher: Teacher | None = None, repair
     if config.teacher_cache and not repair:  # the local repair reads the teacher's stream, not these outputs
         training.teacher_cache = TeacherCache(TeacherCache.where(config.teacher_cache), loaded.stamp(),
                                               config.cache_top_k, config.temperature, training.teacher)
+    if config.w_long and not repair:
+        training.gain_cache = GainCache(loaded.stamp(), training.teacher)
     if resume_from is not None:
         training.start = load_checkpoint(accelerator, resume_from)
         accelerator.print(f"resuming from {resume_from.path} at step {training.start}")
@@ -309,10 +313,12 @@ def train_step(t: Training, step: int) -> dict[str, float]:
         rows = batch_indices(step, micro, config, len(t.train_windows), accelerator.process_index,
                              accelerator.num_processes)
         ids = t.train_windows[rows].to(accelerator.device)
+        weighted = ({"weights": context_weights(t.gain_cache.gains(t.teacher, ids), config.w_long).to(accelerator.device)}
+                    if t.gain_cache else {})  # key-token weighting (the local repair's loss takes none)
         last = micro == config.grad_accum - 1
         with contextlib.nullcontext() if last else accelerator.no_sync(t.student), accelerator.autocast():
             cached = {"cached": t.teacher_cache.outputs(t.teacher, ids)} if t.teacher_cache else {}
-            terms = t.loss(t.student, t.teacher, ids, **cached)
+            terms = t.loss(t.student, t.teacher, ids, **cached, **weighted)
             finite = torch.tensor(float(not torch.isfinite(terms["loss"])), device=accelerator.device)
             if accelerator.reduce(finite, "sum").item() > 0:
                 kept = t.run.latest()

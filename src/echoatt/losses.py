@@ -2,7 +2,9 @@
 `KDLoss`, the weighted objective that distillation (and the benchmark's distillation step) computes with them.
 
 All reduce to a mean over valid positions: those whose label is not `ignore_index` (hard and soft labels) or whose
-attention-mask entry is 1 (hidden states).
+attention-mask entry is 1 (hidden states). The output terms also take per-prediction `weights` (B, T-1), e.g. the
+key-token weights of `key_tokens.context_weights`: then a weighted mean, Σ w·loss / Σ w over valid positions, which
+is the plain mean where every weight is 1.
 """
 
 from __future__ import annotations
@@ -20,12 +22,26 @@ def _exact(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
+def _weighted_mean(per_prediction: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None,
+                   ignore_index: int) -> torch.Tensor:
+    """Σ w·x / Σ w over the valid predictions of a per-prediction loss (B, T-1) (w = 1 without `weights`)."""
+    w = (labels[:, 1:] != ignore_index).to(per_prediction.dtype)
+    if weights is not None:
+        w = w * _exact(weights)
+    return (per_prediction * w).sum() / w.sum().clamp_min(1e-12 if weights is not None else 1)
+
+
 def hard_label_loss(
-    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX, reduction: str = "mean"
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX, reduction: str = "mean",
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Next-token cross-entropy: logits (B, T, V) predict labels (B, T) shifted by one (`reduction="sum"` for
-    perplexity over many batches)."""
+    perplexity over many batches); with per-prediction `weights` (B, T-1), their weighted mean."""
     logits = _exact(logits[:, :-1])
+    if weights is not None:
+        ce = F.cross_entropy(logits.flatten(0, 1), labels[:, 1:].clamp_min(0).flatten(),
+                             reduction="none").view(labels[:, 1:].shape)  # (B, T-1)
+        return _weighted_mean(ce, labels, weights, ignore_index)
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1), ignore_index=ignore_index,
                            reduction=reduction)
 
@@ -37,23 +53,26 @@ def soft_label_loss(
     temperature: float = 1.0,
     chunk_size: int = 512,
     ignore_index: int = IGNORE_INDEX,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """T² · KL(teacher ‖ student) of temperature-scaled next-token distributions, mean over valid positions.
+    """T² · KL(teacher ‖ student) of temperature-scaled next-token distributions, mean over valid positions (weighted
+    by per-prediction `weights` (B, T-1) where given).
 
     Computed in float32, `chunk_size` positions at a time, so a 128k-entry vocabulary never needs a full-sequence
     float32 copy of both logits at once. Positions follow `hard_label_loss` (logits at t predict labels at t+1).
     """
     s = student_logits[:, :-1].reshape(-1, student_logits.size(-1))  # (N, V)
     t = teacher_logits[:, :-1].reshape(-1, teacher_logits.size(-1))
-    valid = (labels[:, 1:] != ignore_index).reshape(-1)  # (N,)
-    total = _exact(s.new_zeros(()))
-    for i in range(0, s.size(0), chunk_size):
-        keep = valid[i : i + chunk_size]
-        log_p_s = F.log_softmax(_exact(s[i : i + chunk_size]) / temperature, dim=-1)
-        log_p_t = F.log_softmax(_exact(t[i : i + chunk_size]) / temperature, dim=-1)
-        kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)  # (chunk,)
-        total = total + (kl * keep).sum()
-    return total * temperature**2 / valid.sum().clamp_min(1)
+    kl = torch.cat([_kl_rows(s[i : i + chunk_size], t[i : i + chunk_size], temperature)
+                    for i in range(0, s.size(0), chunk_size)])  # (N,)
+    return _weighted_mean(kl.view(labels[:, 1:].shape), labels, weights, ignore_index) * temperature**2
+
+
+def _kl_rows(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(teacher ‖ student) of tempered next-token distributions, float32, per row of logits (rows, V) -> (rows,)."""
+    log_p_s = F.log_softmax(_exact(student) / temperature, dim=-1)
+    log_p_t = F.log_softmax(_exact(teacher) / temperature, dim=-1)
+    return (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)
 
 
 def topk_soft_label_loss(
@@ -63,6 +82,7 @@ def topk_soft_label_loss(
     labels: torch.Tensor,
     temperature: float = 1.0,
     ignore_index: int = IGNORE_INDEX,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`soft_label_loss` against a teacher known only by its k likeliest next tokens (B, T, k) and their
     log-probabilities at `temperature` (B, T, k), as a teacher-output cache keeps them: T² KL between the two
@@ -71,8 +91,7 @@ def topk_soft_label_loss(
     spreads its mass over the whole vocabulary, would be pushed to put it all on the k."""
     log_q = F.log_softmax(_exact(student_logits[:, :-1]) / temperature, dim=-1)  # (B, T-1, V)
     kl = _topk_kl(topk_ids[:, :-1].long(), _exact(topk_logprobs[:, :-1]), log_q)  # (B, T-1)
-    valid = labels[:, 1:] != ignore_index
-    return (kl * valid).sum() * temperature**2 / valid.sum().clamp_min(1)
+    return _weighted_mean(kl, labels, weights, ignore_index) * temperature**2
 
 
 def _topk_kl(ids: torch.Tensor, log_p_k: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
@@ -137,21 +156,24 @@ class _FusedOutputKD(torch.autograd.Function):
     two terms (for the log)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, teacher, labels, w_hard, w_soft, temperature, rows, compute):
+    def forward(ctx, hidden, weight, teacher, labels, w_hard, w_soft, temperature, rows, compute, weights):
         # hidden (N, C), weight (V, C), labels (N,): the next tokens; teacher: ("hidden", its final hidden states
-        # (N, Ct), its output embeddings (V, Ct)) or ("topk", token ids (N, k), log-probabilities (N, k))
+        # (N, Ct), its output embeddings (V, Ct)) or ("topk", token ids (N, k), log-probabilities (N, k));
+        # weights (N,) or None: each prediction's weight in the means
         with torch.autocast(hidden.device.type, enabled=False):
             w = weight.to(compute or weight.dtype)  # (V, C)
             kind, t_a, t_b = teacher
             if kind == "hidden":
                 t_b = t_b.to(compute or t_b.dtype)  # (V, Ct)
-            valid = labels != IGNORE_INDEX  # (N,)
-            count = valid.sum().clamp_min(1)
+            scale = (labels != IGNORE_INDEX).float()  # (N,): what each prediction counts for
+            if weights is not None:
+                scale = scale * weights.float()
+            count = scale.sum().clamp_min(1 if weights is None else 1e-12)
             grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
             grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
             hard, soft = hidden.new_zeros((), dtype=torch.float32), hidden.new_zeros((), dtype=torch.float32)
             for i in range(0, hidden.size(0), rows):
-                h, keep = hidden[i : i + rows].to(w.dtype), valid[i : i + rows]
+                h, keep = hidden[i : i + rows].to(w.dtype), scale[i : i + rows]
                 target = labels[i : i + rows].clamp_min(0)
                 logits = (h @ w.T).float()  # (rows, V)
                 log_p = torch.log_softmax(logits, -1)
@@ -185,7 +207,7 @@ class _FusedOutputKD(torch.autograd.Function):
         grad_hidden, grad_weight = ctx.saved_tensors
         grad_hidden = None if grad_hidden is None else grad_hidden * grad_loss.to(grad_hidden.dtype)
         grad_weight = None if grad_weight is None else (grad_weight * grad_loss).to(ctx.weight_dtype)
-        return grad_hidden, grad_weight, *[None] * 7
+        return grad_hidden, grad_weight, *[None] * 8
 
 
 def _teacher_kl(kind: str, a: torch.Tensor, b: torch.Tensor, temperature: float,
@@ -218,6 +240,7 @@ def fused_output_kd(
     temperature: float = 1.0,
     chunk_bytes: int | None = None,
     teacher_topk: tuple[torch.Tensor, torch.Tensor] | None = None,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(w_hard x hard + w_soft x soft, hard, soft) from final hidden states (B, T, C) and output embeddings (V, C) of
     student and teacher: the numbers of `hard_label_loss(hidden @ weight.T, labels)` and `soft_label_loss(...)`, and
@@ -225,7 +248,8 @@ def fused_output_kd(
     logits, log-probabilities and probabilities (which peak near 21 bytes per token x vocabulary entry). Under autocast
     the output matmuls run in its dtype, as the models' own layers do. With `teacher_topk` (token ids and their
     log-probabilities at `temperature`, each (B, T, k): a teacher-output cache's) in place of the teacher's hidden
-    states and weights, the soft term is `topk_soft_label_loss`'s."""
+    states and weights, the soft term is `topk_soft_label_loss`'s. `weights` (B, T-1): each prediction's weight in
+    both terms' means (the pure functions' `weights`)."""
     device = hidden.device.type
     compute = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
     chunk_bytes = chunk_bytes or CHUNK_BYTES.get(hidden.device.type, DEFAULT_CHUNK_BYTES)
@@ -234,7 +258,7 @@ def fused_output_kd(
     teacher = (("topk", *(flat(x).detach() for x in teacher_topk)) if teacher_topk is not None
                else ("hidden", flat(teacher_hidden).detach(), teacher_weight.detach()))
     return _FusedOutputKD.apply(flat(hidden), weight, teacher, labels[:, 1:].reshape(-1), w_hard, w_soft, temperature,
-                                rows, compute)
+                                rows, compute, None if weights is None else weights.reshape(-1).detach())
 
 
 def output_weight(model) -> torch.Tensor | None:
@@ -284,13 +308,14 @@ class KDLoss:
     hidden_loss: str = "mse"
 
     def __call__(self, student, teacher, ids: torch.Tensor, fused: bool = True,
-                 cached: TeacherOutputs | None = None) -> dict[str, torch.Tensor]:
+                 cached: TeacherOutputs | None = None, weights: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Each term, unweighted, plus `loss` (the weighted sum) for one batch of windows (B, T). With `fused` (and
         output embeddings it can read whole: not under FSDP) the output terms come from `fused_output_kd`, so no
         full-batch logits exist; otherwise from the models' logits and the pure functions above (the same numbers).
         With `cached` the teacher's layers are not run: its kept final hidden states and its output embeddings give
         the soft term exactly (or its top-k log-probabilities, `topk_soft_label_loss`), its kept hidden states the
-        hidden one."""
+        hidden one. `weights` (B, T-1): each prediction's weight in the hard and soft terms (key-token weighting,
+        `key_tokens.context_weights`); the hidden-state term stays a plain mean."""
         topk = cached is not None and cached.final is None
         if topk and cached.temperature != self.temperature:
             raise ValueError(f"the cached teacher outputs are at temperature {cached.temperature}, the loss at "
@@ -312,18 +337,19 @@ class KDLoss:
         if fused:
             loss, hard, soft = fused_output_kd(
                 s_out.hidden_states[-1], weight, cached.final, t_weight, ids, self.w_hard, self.w_soft,
-                self.temperature, teacher_topk=(cached.topk_ids, cached.topk_logprobs) if topk else None)
+                self.temperature, teacher_topk=(cached.topk_ids, cached.topk_logprobs) if topk else None,
+                weights=weights)
             terms = {"hard": hard, **({"soft": soft} if self.w_soft > 0 else {})}
         else:
-            terms = {"hard": hard_label_loss(s_out.logits, ids)}
+            terms = {"hard": hard_label_loss(s_out.logits, ids, weights=weights)}
             if self.w_soft > 0 and topk:
                 terms["soft"] = topk_soft_label_loss(s_out.logits, cached.topk_ids, cached.topk_logprobs, ids,
-                                                     self.temperature)
+                                                     self.temperature, weights=weights)
             elif self.w_soft > 0:
                 if t_logits is None:  # from the cache: its final hidden states through the teacher's output layer
                     with torch.no_grad():
                         t_logits = teacher.get_output_embeddings()(cached.final)
-                terms["soft"] = soft_label_loss(s_out.logits, t_logits, ids, self.temperature)
+                terms["soft"] = soft_label_loss(s_out.logits, t_logits, ids, self.temperature, weights=weights)
             loss = self.w_hard * terms["hard"] + self.w_soft * terms.get("soft", 0.0)
         if self.w_hidden > 0:
             terms["hidden"] = hidden_state_loss(matched_hidden(s_out.hidden_states), cached.hidden,

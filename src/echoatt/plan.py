@@ -13,7 +13,7 @@ PLAN_WORDS = {  # what each kind of plan string takes after its first part
     "k": ("first", "last", "followers", "protect"),
     "threshold": ("max", "protect"),
     "budget": ("k", "prefill", "decode", "kv", "protect", "max", "drop", "drop-only", "linear", "ffn",
-               "long"),
+               "long", "read"),
 }
 CHANGE_WORDS = ("drop", "linear", "ffn")  # an explicit plan's per-layer changes besides blocks
 # Budget targets: bounds to reach (at least) or ratios to stay under (at most), as `student.plan_bounds` gives them.

@@ -230,7 +230,7 @@ def parse(
 ) -> SharingPlan:
     """Parse a plan string: `k=2`, `k=3,first,last`, `k=2,followers=9`, `k=2,protect=4`,
     `threshold=0.9[,max=3][,protect=4]`, `budget=k=2` (at least plan k=2's prefill and decode bounds) or
-    `budget=decode=1.2[,prefill=1.08][,kv=0.7][,protect=N][,max=3][,drop][,linear][,ffn][,long]`, `none`, or blocks
+    `budget=decode=1.2[,prefill=1.08][,kv=0.7][,protect=N][,max=3][,drop][,linear][,ffn][,long][,read]`, `none`, or blocks
     `1-2,4-6` with dropped attention `drop=N`, linear attention `linear=N` and FFN widths `ffn=N:W`. `adjacent`:
     threshold and budget plans compare each layer with the one before it (LiSA) rather than with its block's
     leader. `bounds` costs a plan for a budget, `block_loss` (measured) predicts what a block costs in quality
@@ -295,8 +295,8 @@ def budget_candidates(spec: str, num_layers: int, intermediate: int | None = Non
     first `protect` (default 1) nor the last layer; with `drop`, also each follower-able layer alone (its attention
     dropped); with `drop-only`, only those and no blocks (a plan that every engine can run: no layer reads another's
     attention); with `linear`, each such layer's attention replaced by a fitted linear map; with `ffn`, each
-    unprotected layer's FFN at the `ffn_widths` of the teacher's `intermediate` size. (`long` changes how they are
-    measured, not which they are.)"""
+    unprotected layer's FFN at the `ffn_widths` of the teacher's `intermediate` size. (`long` and `read` change how
+    they are measured, not which they are.)"""
     opts = budget_options(spec)
     max_block, protect = int(opts.get("max", 3)), int(opts.get("protect", 1))
     layers = range(protect, num_layers - 1)

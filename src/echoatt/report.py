@@ -116,31 +116,33 @@ def zero_shot_cell(point: dict) -> str:
     return f"{point['zero_shot_mean']:.3f} ± {point['zero_shot_stderr']:.3f}{gap}"
 
 
-def other_cell(point: dict, teacher: dict) -> str:
-    """Perplexity on the other text, and its ratio to the teacher's."""
-    if "other_perplexity" not in point:
+def ratio_cell(point: dict, teacher: dict, key: str = "other_perplexity") -> str:
+    """A perplexity of the point (`key`: on the other text, or `key_perplexity` on the key tokens of the validation
+    text), and its ratio to the teacher's."""
+    if key not in point:
         return "–"
-    ratio = point["other_perplexity"] / teacher["other_perplexity"] if "other_perplexity" in teacher else None
-    return f"{point['other_perplexity']:.2f}" + (f" ({ratio:.2f}×)" if ratio and point is not teacher else "")
+    ratio = point[key] / teacher[key] if key in teacher else None
+    return f"{point[key]:.2f}" + (f" ({ratio:.2f}×)" if ratio and point is not teacher else "")
 
 
 def trade_text(curve: TradeCurve) -> list[str]:
     t = curve.teacher
-    rows = [("| method | target | followers | prefill bound | decode bound | KV ratio | perplexity | other text | "
-             "retrieval | zero-shot |"), "|---|---|---|---|---|---|---|---|---|---|",
-            (f"| teacher | | 0 | 1 | 1 | 1 | {t['perplexity']:.2f} | {other_cell(t, t)} | {t['retrieval']:.3f} | "
-             f"{zero_shot_cell(t)} |")]
+    rows = [("| method | target | followers | prefill bound | decode bound | KV ratio | perplexity | key tokens | "
+             "other text | retrieval | zero-shot |"), "|---|---|---|---|---|---|---|---|---|---|---|",
+            (f"| teacher | | 0 | 1 | 1 | 1 | {t['perplexity']:.2f} | {ratio_cell(t, t, 'key_perplexity')} | "
+             f"{ratio_cell(t, t)} | {t['retrieval']:.3f} | {zero_shot_cell(t)} |")]
     for label, points in curve.points.items():
         rows += [f"| {label} | {curve.metric} {p['target']} | {p['followers']} | {p['bounds']['prefill']:.3f}× | "
                  f"{p['bounds']['decode']:.3f}× | {p['bounds']['kv']:.3f} | {p['perplexity']:.2f} | "
-                 f"{other_cell(p, t)} | {p['retrieval']:.3f} | {zero_shot_cell(p)} |" for p in points]
+                 f"{ratio_cell(p, t, 'key_perplexity')} | {ratio_cell(p, t)} | {p['retrieval']:.3f} | "
+                 f"{zero_shot_cell(p)} |" for p in points]
     scope = (f"and the zero-shot mean over {t['tasks']} tasks (± its stderr; in brackets the gap to the teacher in "
              "points, ± its stderr over the per-item differences — against the teacher only: two methods' points "
              "are not compared by these bars, their gap to each other has a stderr of its own)" if "zero_shot_mean" in t
              else "(no zero-shot tasks were scored on the curve)")
     text = [("Every method at its own plan for each predicted speed (`compare --equal-bound`), calibrated, before "
-            "any training: perplexity on the validation text and on text of another kind (`--other-text`; × the "
-            "teacher's in brackets), accuracy on the retrieval probe (repeated random "
+            "any training: perplexity on the validation text, on its key tokens (where the teacher needs the far "
+            "context) and on text of another kind (`--other-text`; × the teacher's in brackets), accuracy on the retrieval probe (repeated random "
             f"tokens: what copying attention loses first) {scope}. Stars in the plot are the distilled students."),
             "\n".join(rows)]
     for label, missed in curve.unreachable.items():
@@ -149,14 +151,16 @@ def trade_text(curve: TradeCurve) -> list[str]:
                     f"layers following, or with attention dropped, as its budget allows) reaches only {most:.3f}.")
     if curve.trained:
         done = [("| method (distilled) | target | prefill bound | decode bound | measured (bound at that setting) | "
-                 "perplexity | other text | retrieval | zero-shot mean |"), "|---|---|---|---|---|---|---|---|---|"]
+                 "perplexity | key tokens | other text | retrieval | zero-shot mean |"),
+                "|---|---|---|---|---|---|---|---|---|---|"]
         for label, p in ((label, p) for label, ps in curve.trained.items() for p in ps):
             zs = f"{zero_shot_cell(p)} ({p['tasks']} tasks)" if "zero_shot_mean" in p else "–"
             retrieval = "–" if p.get("retrieval") is None else f"{p['retrieval']:.3f}"
             measured = "; ".join(f"{name} {m['setting']['batch']} × {m['setting'].get('tokens', m['setting'].get('context'))}"
                                  f": {m['ratio']:.3f}× ({m['bound']:.3f}×)" for name, m in p.get("measured", {}).items())
             done.append(f"| {label} | {curve.metric} {p.get('target', '')} | {p['bounds']['prefill']:.3f}× | {p['bounds']['decode']:.3f}× | {measured or '–'} | "
-                        f"{p['perplexity']:.2f} | {other_cell(p, t)} | {retrieval} | {zs} |")
+                        f"{p['perplexity']:.2f} | {ratio_cell(p, t, 'key_perplexity')} | {ratio_cell(p, t)} | "
+                        f"{retrieval} | {zs} |")
         text.append("\n".join(done))
     return text
 
@@ -176,6 +180,9 @@ def sections(run: RunDir) -> list[Section]:
             line += (f" Text of another kind ({summary.other_text['text'].removeprefix(OTHER_ROW + ' (')[:-1]}): teacher "
                      f"**{o['teacher']:.2f}**, student **{o['student_before_kd']:.2f}** → **{o['student_after_kd']:.2f}**"
                      f" ({o['student_after_kd'] / o['teacher']:.2f}× the teacher's).")
+        keys = summary.key_lines()
+        if keys:  # what breaks first: the predictions only the far context makes (key_tokens.py)
+            line += " Perplexity on key tokens, the predictions that need the far context: " + "; ".join(keys) + "."
         out.append(Section("Summary", [line]))
     if run.similarity.is_file():
         data = json.loads(run.similarity.read_text())

@@ -58,6 +58,24 @@ def other_row(source: str) -> str:
     return f"{OTHER_ROW} ({Path(source).name})"
 
 
+HELD_OUT_ROW = "held-out text"  # the results row of perplexity on the corpus' validation split
+KEY_ROW = ": key tokens"  # a text's row of key-token perplexity (`key_tokens.py`): "held-out text: key tokens"
+
+
+def key_row(row: str) -> str:
+    return row + KEY_ROW
+
+
+def point_perplexities(scores: dict[str, dict]) -> dict[str, float]:
+    """One model's perplexities as a trade-curve point keeps them, from its results rows: `perplexity` (held-out
+    text), `other_perplexity` (the other text) and each one's key-token twin (`key_perplexity`,
+    `other_key_perplexity`), where scored."""
+    other = next((k for k in scores if k.startswith(OTHER_ROW) and not k.endswith(KEY_ROW)), None)
+    rows = {"perplexity": HELD_OUT_ROW, "key_perplexity": key_row(HELD_OUT_ROW), "other_perplexity": other,
+            "other_key_perplexity": other and key_row(other)}
+    return {name: scores[row]["perplexity"] for name, row in rows.items() if row in scores}
+
+
 QUICK_SPEED = {"prefill": "512", "decode": "8x256", "train_len": 0, "repeats": 3}  # what `run` times: a short look
 
 
@@ -102,24 +120,43 @@ class SharingInfo:
 
 @dataclass
 class RunSummary:
-    """The main job's headline: held-out perplexity of teacher and student before and after distillation."""
+    """The main job's headline: held-out perplexity of teacher and student before and after distillation, and where
+    scored on the other text and on each text's key tokens (what needs the far context)."""
 
     validation_windows: int
     seq_len: int
     perplexity: dict[str, float]  # teacher, student_before_kd, student_after_kd
     gap_closed_percent: float | None
     other_text: dict | None = None  # {"text": its results row, "perplexity": keyed as `perplexity`}, where scored
+    # by text row: {"percent": the share of far-context predictions that are key, "near": the near context's tokens, "gain": nats,
+    # "perplexity": keyed as `perplexity`}
+    key_tokens: dict | None = None
 
     @classmethod
     def of(cls, results: dict[str, dict], windows: int, seq_len: int) -> RunSummary:
         """From `evaluate`'s results keyed like MODEL_LABELS (teacher, student, distilled)."""
         keys = {"teacher": "teacher", "student": "student_before_kd", "distilled": "student_after_kd"}
-        ppl = {keys[name]: r["held-out text"]["perplexity"] for name, r in results.items()}
+        ppl = {keys[name]: r[HELD_OUT_ROW]["perplexity"] for name, r in results.items()}
         t, before, after = ppl["teacher"], ppl["student_before_kd"], ppl["student_after_kd"]
         gap = 100.0 * (before - after) / (before - t) if before > t else None
-        row = next((k for k in results["teacher"] if k.startswith(OTHER_ROW)), None)
+        row = next((k for k in results["teacher"] if k.startswith(OTHER_ROW) and not k.endswith(KEY_ROW)), None)
         other = row and {"text": row, "perplexity": {keys[n]: r[row]["perplexity"] for n, r in results.items()}}
-        return cls(windows, seq_len, ppl, gap, other)
+        key = {text: {k: results["teacher"][key_row(text)][k] for k in ("percent", "near", "gain")}
+                     | {"perplexity": {keys[n]: r[key_row(text)]["perplexity"] for n, r in results.items()}}
+               for text in (HELD_OUT_ROW, row) if text and key_row(text) in results["teacher"]}
+        return cls(windows, seq_len, ppl, gap, other, key or None)
+
+    def key_lines(self) -> list[str]:
+        """Key-token perplexity in words, a line per text: what needs the far context, before and after distillation."""
+        out = []
+        for text, k in (self.key_tokens or {}).items():
+            q = k["perplexity"]
+            out.append(f"{text.removesuffix(')').replace(' (', ': ')}, key tokens ({k['percent']:.1f}% of the "
+                       f"predictions with far context; the teacher gains >= {k['gain']:g} nats on them from more than "
+                       f"the last {k['near']} tokens): teacher {q['teacher']:.2f}, student before KD "
+                       f"{q['student_before_kd']:.2f}, after KD {q['student_after_kd']:.2f} "
+                       f"({q['student_after_kd'] / q['teacher']:.2f}x the teacher's)")
+        return out
 
     def save(self, run: RunDir) -> None:
         run.summary.write_text(json.dumps(asdict(self), indent=2))
@@ -187,12 +224,8 @@ class TradeCurve:
                   reference: dict[str, dict], speed: dict | None = None) -> None:
         """The distilled student's point, from `evaluate`'s scores: perplexity, probe, zero-shot mean and its gap to
         the `reference` (the teacher's scores); and its short measured speed (`commands.bench.quick_speed`) where timed."""
-        point = {"target": target, "bounds": bounds, "perplexity": scores["held-out text"]["perplexity"],
-                 "measured": speed or {}}
+        point = {"target": target, "bounds": bounds, **point_perplexities(scores), "measured": speed or {}}
         point["retrieval"] = next((v["acc"] for k, v in scores.items() if k.startswith("retrieval")), None)
-        other = next((v["perplexity"] for k, v in scores.items() if k.startswith(OTHER_ROW)), None)
-        if other is not None:
-            point["other_perplexity"] = other
         self.trained.setdefault(label, []).append(point | zero_shot_summary(scores, reference))
 
     def lines(self) -> list[str]:
@@ -204,6 +237,7 @@ class TradeCurve:
                            f"{p['bounds']['prefill']:.3f}x decode {p['bounds']['decode']:.3f}x kv {p['bounds']['kv']:.3f}"
                            f", perplexity {p['perplexity']:.2f}"
                            + (f" (other text {p['other_perplexity']:.2f})" if "other_perplexity" in p else "")
+                           + (f", key tokens {p['key_perplexity']:.2f}" if "key_perplexity" in p else "")
                            + f", retrieval {p['retrieval']:.3f}"
                            + (f", zero-shot {p['zero_shot_mean']:.3f}" if "zero_shot_mean" in p else ""))
         return out

@@ -13,7 +13,10 @@ Prediction from far back in natural text is what breaks first as plans get faste
 it: the text KL is dominated by local prediction, the probe is synthetic. Where asked (`budget=...,long`), a third
 term scores other windows of the training text only where the next token last occurred at least `LONG_RANGE`
 tokens back (`long_range_labels`), and the chosen plan is measured whole (`joint_loss`) so that its worst member can
-be swapped (`planners.swap_worst`).
+be swapped (`planners.swap_worst`). Where asked (`budget=...,read`), a term charges for reading from context on real
+text: windows of the training text whose second half is spans of their first half copied at several distances
+(`corpus.repeat_spans`), scored where the copy's next token is in the context — what a dropped attention or a
+position-wise linear map cannot read, and a next-token KL on plain text hardly sees.
 """
 
 from __future__ import annotations
@@ -134,11 +137,22 @@ def _repeated_half(probe: torch.Tensor) -> torch.Tensor:
 Inputs = dict[str, tuple[torch.Tensor, torch.Tensor]]  # term -> (windows (N, T), labels (N, T): what counts)
 
 
-def effect_inputs(text: torch.Tensor, probe: torch.Tensor, long: torch.Tensor | None = None) -> Inputs:
+def reading_labels(windows: torch.Tensor, reads: torch.Tensor) -> torch.Tensor:
+    """`windows` (N, T) as labels where only the predictions `reads` (N, T-1) marks count (`corpus.repeat_spans`'s:
+    the tokens of a copy that the context holds)."""
+    labels = torch.full_like(windows, IGNORE_INDEX)
+    labels[:, 1:][reads] = windows[:, 1:][reads]
+    return labels
+
+
+def effect_inputs(text: torch.Tensor, probe: torch.Tensor, long: torch.Tensor | None = None,
+                  reading: tuple[torch.Tensor, torch.Tensor] | None = None) -> Inputs:
     """What a candidate is scored on, by term: every prediction of `text`, the repeated half of the `probe` and,
-    given `long` windows, their long-range predictions."""
+    given `long` windows, their long-range predictions; given `reading` (windows of the training text with spans of
+    it copied later, and which predictions read a copy: `corpus.repeat_spans`), those predictions."""
     inputs = {"text": (text, text), "retrieval": (probe, _repeated_half(probe))}
-    return inputs | ({"long": (long, long_range_labels(long))} if long is not None else {})
+    inputs |= {"long": (long, long_range_labels(long))} if long is not None else {}
+    return inputs | ({"reading": (reading[0], reading_labels(*reading))} if reading is not None else {})
 
 
 def _kl(model: torch.nn.Module, inputs: Inputs, reference: dict, start: int = 0) -> dict[str, float]:
@@ -171,15 +185,16 @@ def measure_block_effects(
     teacher: torch.nn.Module, spec, similarity, candidates: list[tuple], text: torch.Tensor,
     probe: torch.Tensor, settings: dict, progress: bool = True, repair: Callable | None = None,
     fits: Callable | None = None, long: torch.Tensor | None = None,
+    reading: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> BlockEffects:
     """Each candidate block shared alone by `spec` (a `student.StudentSpec`: method, head map) — a candidate of one
     layer: that layer's attention dropped; ("linear", L): its attention a linear map; ("ffn", L, W): its FFN at W
     channels — compared with the teacher on `text` (N, T) windows, the `probe` (M, 2P) and, given, the long-range
-    predictions of `long` windows. `fits(student)` fits a linear map or a narrowed FFN in closed form
+    predictions of `long` windows and the copies of `reading` (`effect_inputs`). `fits(student)` fits a linear map or a narrowed FFN in closed form
     (`calibrate.apply_fits`, from statistics on other text) before it is measured, as `share` will fit it;
     `repair(student)`, where given, repairs each candidate before it is measured (the planner then ranks blocks by
     what they cost once repaired)."""
-    inputs = effect_inputs(text, probe, long)
+    inputs = effect_inputs(text, probe, long, reading)
     reference = reference_of(teacher, inputs)
     base = {name: hard_label_loss(reference["logits"][name], labels).item()  # the teacher's own NLL, for scale
             for name, (_, labels) in inputs.items()}

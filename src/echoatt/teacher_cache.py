@@ -29,6 +29,11 @@ HIDDEN_DTYPE = torch.bfloat16
 LOGIT_ROWS = 512  # positions whose full-vocabulary logits exist at once while the top k is taken
 
 
+def window_file(folder: Path, window: torch.Tensor) -> Path:
+    """Where a cache in `folder` keeps what it knows of one window (T,): a file named by the window's tokens."""
+    return folder / f"{hashlib.sha256(window.to(torch.int64).cpu().numpy().tobytes()).hexdigest()[:24]}.safetensors"
+
+
 class TeacherCache:
     """Top-k log-probabilities and matched hidden states of one teacher, per window, in `folder`."""
 
@@ -44,13 +49,10 @@ class TeacherCache:
         """`--teacher-cache`'s folder: `auto` is the echoatt cache's."""
         return cache_dir() / "teacher-outputs" if setting == "auto" else Path(setting).expanduser()
 
-    def path(self, window: torch.Tensor) -> Path:
-        return self.folder / f"{hashlib.sha256(window.to(torch.int64).cpu().numpy().tobytes()).hexdigest()[:24]}.safetensors"
-
     @torch.no_grad()
     def outputs(self, teacher: torch.nn.Module, ids: torch.Tensor) -> TeacherOutputs:
         """The teacher's outputs for windows `ids` (B, T): read where kept, else computed in one batch and kept."""
-        paths = [self.path(w) for w in ids]
+        paths = [window_file(self.folder, w) for w in ids]
         have = {i: load_file(p) for i, p in enumerate(paths) if p.is_file()}
         missing = [i for i in range(len(ids)) if i not in have]
         if missing:

@@ -26,10 +26,11 @@ from echoatt.config import (
     record,
 )
 from echoatt.distill import distill
-from echoatt.metrics import perplexity, retrieval
+from echoatt.key_tokens import text_keys, text_perplexities
+from echoatt.metrics import retrieval
 from echoatt.plan import AT_MOST, PlanError
 from echoatt.report import write_report
-from echoatt.rundir import RunDir, SharingInfo, TradeCurve, device_of, setup, zero_shot_summary
+from echoatt.rundir import RunDir, SharingInfo, TradeCurve, device_of, point_perplexities, setup, zero_shot_summary
 from echoatt.student import (
     VARIANTS,
     StudentSpec,
@@ -142,11 +143,12 @@ def trade_curve(subs: dict[str, CompareConfig], teacher: Teacher, similarity: Si
     metric, values = config.bound_targets()
     tokenizer = teacher.text_tokenizer("the trade curve")
     texts = perplexity_texts(config, tokenizer)
+    keys = text_keys(teacher.stamp(), teacher.model, texts)
     probe = teacher.retrieval_probe(*EVAL_PROBE, seed=config.seed)
     tasks, limit = [t for t in config.tasks.split(",") if t], config.limit or None
     scored = cached_zero_shot(teacher.model, tokenizer, tasks, limit, config.eval_batch_size, teacher.stamp())
     untrained: dict[str, dict[float, dict]] = {}
-    curve = TradeCurve(metric, curve_perplexities(teacher.model, texts)
+    curve = TradeCurve(metric, curve_perplexities(teacher.model, texts, keys)
                        | {"retrieval": retrieval(teacher.model, probe)["accuracy"]} | zero_shot_summary(scored))
     for name, sub in subs.items():
         label = VARIANTS[name].label
@@ -174,7 +176,7 @@ def trade_curve(subs: dict[str, CompareConfig], teacher: Teacher, similarity: Si
                 "linear": list(plan.linear), "ffn": [list(f) for f in plan.ffn], "spec": plan.spec(),
                 "followers": len(plan.followers) + len(plan.dropped) + len(plan.linear),
                 "bounds": plan_bounds(teacher.model.config, student.config),
-                **curve_perplexities(student, texts), "retrieval": retrieval(student, probe)["accuracy"],
+                **curve_perplexities(student, texts, keys), "retrieval": retrieval(student, probe)["accuracy"],
                 **zero_shot_summary(scores, scored)})
             print(curve.lines()[-1])
             curve.save(run.trade_curve)
@@ -182,10 +184,10 @@ def trade_curve(subs: dict[str, CompareConfig], teacher: Teacher, similarity: Si
     return curve, untrained
 
 
-def curve_perplexities(model, texts: dict[str, torch.Tensor]) -> dict[str, float]:
-    """A trade-curve point's perplexities: `perplexity` on the validation split, `other_perplexity` on the other text."""
-    return {"perplexity" if row == "held-out text" else "other_perplexity": perplexity(model, windows)
-            for row, windows in texts.items()}
+def curve_perplexities(model, texts: dict[str, torch.Tensor], keys: dict[str, torch.Tensor]) -> dict[str, float]:
+    """A trade-curve point's perplexities (`rundir.point_perplexities`): on the validation split, on the other text,
+    and on each one's key tokens."""
+    return point_perplexities(text_perplexities(model, texts, keys))
 
 
 def densest_bound(spec: StudentSpec, teacher_config, similarity: Similarity, metric: str) -> float:

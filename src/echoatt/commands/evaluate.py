@@ -1,5 +1,6 @@
 """Score teacher and students (`echoatt eval`): perplexity on the validation split and on text of another
-kind, the retrieval probe, zero-shot accuracy."""
+kind, each also on its key tokens (`key_tokens.py`: where the teacher needs the far context), the retrieval probe,
+zero-shot accuracy."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from echoatt.config import (
     record,
 )
 from echoatt.corpus import other_windows, spread, token_windows
-from echoatt.metrics import perplexity, retrieval
+from echoatt.key_tokens import text_keys, text_perplexities
+from echoatt.metrics import retrieval
 from echoatt.rundir import MODEL_LABELS, RunDir, device_of, other_row, read_student_config, setup
 from echoatt.teacher import Teacher, load_teacher
 
@@ -46,13 +48,14 @@ def evaluate(config: EvalConfig, teacher: Teacher | None = None, known: dict[str
     teacher = teacher or load_teacher(config.teacher, device=device_of(config), context=config.seq_len)
     tokenizer = teacher.text_tokenizer("evaluation")
     texts = perplexity_texts(config, tokenizer)
+    keys = text_keys(teacher.stamp(), teacher.model, texts)
     probe = teacher.retrieval_probe(*EVAL_PROBE, seed=config.seed)
     record(config, "eval")
     results = {}
     for name, path in {"teacher": None, **paths}.items():
         model = teacher.model if path is None else AutoModelForCausalLM.from_pretrained(path).to(teacher.model.device)
         print(f"evaluating {MODEL_LABELS.get(name, name)}")
-        results[name] = {row: {"perplexity": perplexity(model.eval(), windows)} for row, windows in texts.items()}
+        results[name] = text_perplexities(model.eval(), texts, keys)
         results[name][PROBE_ROW] = {"acc": retrieval(model, probe)["accuracy"]}
         if tasks and path is None:  # the frozen teacher: scored once per task and sample (cached)
             results[name].update(cached_zero_shot(model, tokenizer, tasks, config.limit or None,

@@ -45,6 +45,8 @@ def run(config: RunConfig, teacher: Teacher | None = None) -> RunSummary:
         print(f"{summary.other_text['text']} perplexity: teacher {o['teacher']:.2f}, student before KD "
               f"{o['student_before_kd']:.2f}, after KD {o['student_after_kd']:.2f} "
               f"({o['student_after_kd'] / o['teacher']:.2f}x the teacher's)")
+    for line in summary.key_lines():
+        print(line)
     if summary.gap_closed_percent is not None:
         print(f"distillation closed {summary.gap_closed_percent:.1f}% of the gap to the teacher")
     print(f"report: {out.report[1]}")

@@ -24,7 +24,7 @@ from echoatt.config import (
     record,
 )
 from echoatt.configuration_echoatt import family_fields
-from echoatt.corpus import spread, token_windows
+from echoatt.corpus import REPEAT_SPAN, repeat_spans, spread, token_windows
 from echoatt.modeling_echoatt import EchoAttForCausalLM
 from echoatt.plan import PlanError, SharingPlan
 from echoatt.repair import repair_briefly
@@ -162,9 +162,30 @@ def long_windows(train: torch.Tensor) -> torch.Tensor:
     return spread(train, 2 * EFFECT_LONG_WINDOWS + 1)[1::2]
 
 
-def is_long(spec: StudentSpec) -> bool:
+EFFECT_READ_WINDOWS = 2  # windows of the training text a `read` budget copies spans in (~250 reading predictions each)
+
+
+def reading_windows(train: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a `read` budget charges for reading on: windows of the training text (apart from the others' places) with
+    their second half copied from their first at several distances, and which predictions read a copy."""
+    return repeat_spans(spread(train, EFFECT_READ_WINDOWS + 2)[1:-1], seed)
+
+
+def budget_asks(spec: StudentSpec, option: str) -> bool:
+    """Whether `spec`'s plan is a budget with `option` (`long`, `read`: what its candidates are measured on)."""
     plan = spec.plan.strip()
-    return plan.startswith("budget=") and "long" in planners.budget_options(plan)
+    return plan.startswith("budget=") and option in planners.budget_options(plan)
+
+
+def is_long(spec: StudentSpec) -> bool:
+    return budget_asks(spec, "long")
+
+
+def measure_inputs(config: ShareConfig, spec: StudentSpec, train: torch.Tensor) -> dict:
+    """The windows a budget's candidates are scored on beyond text and probe, as `sensitivity.effect_inputs` takes
+    them: long-range predictions (`long`) and in-context copies (`read`), where the plan asks."""
+    return ({"long": long_windows(train)} if is_long(spec) else {}) | (
+        {"reading": reading_windows(train, config.seed)} if budget_asks(spec, "read") else {})
 
 
 def plan_measures(config: ShareConfig, teacher: Teacher, spec: StudentSpec, similarity: Similarity | None,
@@ -183,7 +204,7 @@ def plan_measures(config: ShareConfig, teacher: Teacher, spec: StudentSpec, simi
     fit = candidate_fits(teacher.model, candidates, spread(train[EFFECT_TEXT_WINDOWS:], EFFECT_FIT_WINDOWS),
                          config.calibrate_ridge)
     inputs = effect_inputs(spread(train, EFFECT_TEXT_WINDOWS), teacher.retrieval_probe(*EFFECT_PROBE, seed=config.seed),
-                           long_windows(train))
+                           **measure_inputs(config, spec, train))
     return {"block_loss": effects.loss, "joint": joint_loss(teacher.model, spec, similarity, inputs, fit)}
 
 
@@ -227,7 +248,7 @@ def block_effects(config: ShareConfig, teacher: Teacher, spec: StudentSpec, simi
                              config.calibrate_ridge)
         fresh = measure_block_effects(teacher.model, spec, similarity, missing, spread(train, EFFECT_TEXT_WINDOWS),
                                       probe, settings, repair=repair, fits=fit,
-                                      long=long_windows(train) if is_long(spec) else None)
+                                      **measure_inputs(config, spec, train))
         effects = BlockEffects(fresh.teacher, known | fresh.blocks, settings)
         run.root.mkdir(parents=True, exist_ok=True)
         effects.save(run.block_effects)
@@ -245,7 +266,8 @@ def block_effect_settings(config: ShareConfig, teacher: Teacher, spec: StudentSp
                 "text_windows": EFFECT_TEXT_WINDOWS, "probe": list(EFFECT_PROBE), "fit_windows": EFFECT_FIT_WINDOWS,
                 "fit_ridge": config.calibrate_ridge}
     return (settings | ({"repair_steps": config.repair_blocks} if config.repair_blocks else {})
-            | ({"long": [EFFECT_LONG_WINDOWS, LONG_RANGE]} if is_long(spec) else {}))
+            | ({"long": [EFFECT_LONG_WINDOWS, LONG_RANGE]} if is_long(spec) else {})
+            | ({"read": [EFFECT_READ_WINDOWS, REPEAT_SPAN]} if budget_asks(spec, "read") else {}))
 
 
 def calibration_settings(config: ShareConfig, teacher: Teacher, student) -> tuple[dict | None, torch.Tensor | None]:
