@@ -78,19 +78,23 @@ def context_gain(model: torch.nn.Module, windows: torch.Tensor, near: int = NEAR
     return gain
 
 
+def far_context(predictions: int, far_from: int = FAR_FROM, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Which of a window's `predictions` (T-1,) have far context: those of a token at position `far_from` or later
+    (entry t predicts token t+1)."""
+    return torch.arange(1, predictions + 1, device=device) >= far_from
+
+
 def key_mask(gain: torch.Tensor, threshold: float = KEY_GAIN, far_from: int = FAR_FROM) -> torch.Tensor:
-    """Which predictions (N, T-1) of `context_gain` are key tokens: a gain of at least `threshold` nats, predicting
-    a token at position `far_from` or later."""
-    position = torch.arange(1, gain.shape[1] + 1)  # the predicted token's place in its window
-    return (gain >= threshold) & (position >= far_from)
+    """Which predictions (N, T-1) of `context_gain` are key tokens: a gain of at least `threshold` nats, with far
+    context."""
+    return (gain >= threshold) & far_context(gain.shape[1], far_from, gain.device)
 
 
 def context_weights(gain: torch.Tensor, strength: float, cap: float = GAIN_CAP, far_from: int = FAR_FROM) -> torch.Tensor:
     """Per-prediction loss weights (..., T-1) from `context_gain`: 1 + strength × min(max(gain, 0), cap) where the
     prediction has far context (position `far_from` on), 1 elsewhere. Capped, as LongCE caps its weights: a token the
     near context predicts terribly is not worth unbounded weight. `strength` 0: every weight 1 (the plain loss)."""
-    position = torch.arange(1, gain.shape[-1] + 1, device=gain.device)
-    return 1 + strength * gain.clamp(0, cap) * (position >= far_from)
+    return 1 + strength * gain.clamp(0, cap) * far_context(gain.shape[-1], far_from, gain.device)
 
 
 class GainCache:
@@ -120,12 +124,6 @@ class GainCache:
         return torch.stack([have[i] for i in range(len(windows))])
 
 
-def key_perplexity(nll: torch.Tensor, keys: torch.Tensor) -> float:
-    """exp(mean NLL) over the key predictions: `nll` and `keys` (N, T-1) as `metrics.token_nll` and `key_mask` lay
-    them out; NaN where there are none."""
-    return torch.exp(nll[keys].mean()).item() if keys.any() else float("nan")
-
-
 def text_keys(stamp: str, model: torch.nn.Module, texts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The key predictions (N, T-1) of each text's windows (N, T), by results row, found by the teacher `model`
     (kept per window: `GainCache`)."""
@@ -141,9 +139,9 @@ def text_perplexities(model: torch.nn.Module, texts: dict[str, torch.Tensor],
     for row, windows in texts.items():
         nll = token_nll(model, windows)  # one pass gives both
         out[row] = {"perplexity": torch.exp(nll.mean()).item()}
-        if keys[row].any():
-            scored = keys[row].shape[0] * max(keys[row].shape[1] + 1 - FAR_FROM, 1)
-            out[key_row(row)] = {"perplexity": key_perplexity(nll, keys[row]),
-                                 "percent": 100 * keys[row].sum().item() / scored, "near": NEAR,
-                                 "gain": KEY_GAIN}
+        key = keys[row]  # (N, T-1), as `nll`
+        if key.any():
+            scored = len(key) * far_context(key.shape[1]).sum().item()
+            out[key_row(row)] = {"perplexity": torch.exp(nll[key].mean()).item(),
+                                 "percent": 100 * key.sum().item() / scored, "near": NEAR, "gain": KEY_GAIN}
     return out
