@@ -239,3 +239,27 @@ def test_the_cost_model_prices_linear_attention_and_each_ffn_width():
     assert base.bytes - cost(narrow).bytes == pytest.approx(3 * C * ((I - 32) + I) * 2)
     decode = bound(teacher.config, linear, B=4, T=1, P=64, teacher_eager=False, student_eager=False, dtype_bytes=2)
     assert decode.bytes > 1  # no K/V read at layer 2
+
+
+def test_on_a_cpu_with_native_bf16_the_bench_times_bf16_beside_fp32(tmp_path, native_bf16):
+    """`--dtype auto` times the precision runs train in — bf16 on such a CPU — and fp32 beside it; on other CPUs
+    (the suite's default) fp32 alone."""
+    from echoatt.commands.bench import bench, bench_dtypes
+
+    teacher = tiny_teacher()
+    build_student(teacher, SharingPlan(6, ((1, 2),), (4,))).save_pretrained(tmp_path / "student")
+    teacher.save_pretrained(tmp_path / "teacher")
+    cfg = BenchConfig(teacher=str(tmp_path / "teacher"), out=str(tmp_path / "out"), student=str(tmp_path / "student"),
+                      prefill="8", decode="1x8", decode_steps=2, train_len=0, repeats=1, warmup=0, device="cpu")
+    assert bench(cfg)["dtype"] == "bfloat16"
+    fp32 = json.loads((tmp_path / "out" / "bench-fp32.json").read_text())
+    assert fp32["dtype"] == "float32" and [f["figure"] for f in fp32["figures"]] == ["prefill", "decode"]
+    assert json.loads((tmp_path / "out" / "bench.json").read_text())["dtype"] == "bfloat16"
+    assert bench_dtypes("float32", torch.device("cpu")) == [torch.float32]
+
+
+def test_on_a_cpu_without_native_bf16_the_bench_times_fp32():
+    from echoatt.commands.bench import bench_dtypes
+
+    assert bench_dtypes("auto", torch.device("cpu")) == [torch.float32]
+    assert bench_dtypes("both", torch.device("cpu")) == [torch.bfloat16, torch.float32]

@@ -120,3 +120,24 @@ def test_replacements_are_the_least_squares_fits_and_touch_nothing_else():
         f"model.layers.3.mlp.{p}_proj.weight" for p in ("gate", "up", "down")}
     for name, value in student.state_dict().items():
         assert (not torch.equal(value, before[name])) == (name in fitted), name
+
+
+def test_a_student_without_followers_reports_only_what_was_fitted():
+    """A linear-attention student has no followers: its calibration names the linear map's fit, and the report has
+    no "Followers calibrated … 0.000 → 0.000" line."""
+    from echoatt.commands.share import calibrate_student
+    from echoatt.report import student_text
+    from echoatt.rundir import SharingInfo
+    from echoatt.student import StudentSpec
+
+    teacher = tiny_teacher()
+    student, _ = StudentSpec(plan="linear=3", head_map="identity").build(teacher, None)
+    windows = torch.randint(3, 128, (4, 24), generator=torch.Generator().manual_seed(0))
+    fitted = calibrate_student(student, teacher, windows, 1e-2, progress=False)
+    assert "error_before" not in fitted and fitted["replaced_error_after"] < fitted["replaced_error_before"]
+    info = SharingInfo(identity={}, plan=[], method="copy", head_map=None, lisa=None, dropped=[], linear=[3], ffn=[],
+                       parameters={"teacher": 2, "student": 1, "removed": 1, "removed_percent": 50.0},
+                       kv_cache_bytes_per_token_bf16={"teacher": 2, "student": 1},
+                       calibration={"windows": 4} | fitted, bounds=None)
+    text = student_text(info)[0]
+    assert "Followers calibrated" not in text and "Linear attention and narrowed FFNs calibrated on 4 windows" in text

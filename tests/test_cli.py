@@ -39,6 +39,8 @@ def test_run_writes_analysis_and_student(trained_teacher_dir, corpus_dir, tmp_pa
     assert other["text"] == "other text (wikipedia)" and set(other["perplexity"]) == set(ppl)
     assert "Text of another kind (wikipedia): teacher" in report and "other text (wikipedia) perplexity" in printed
     assert "| retrieval from context (repeated random tokens) | acc |" in report
+    assert "The student was trained in fp32 (" in report and "distillation trained in fp32 (" in printed
+    assert json.loads((out / "summary.json").read_text())["training"]["precision"]["name"] == "fp32"
     speed = json.loads((out / "bench.json").read_text())  # the short measured speed, beside its bounds
     assert [f["figure"] for f in speed["figures"]] == ["prefill", "decode"]
     assert all(f["ratios"]["headline"]["bound"] > 0 for f in speed["figures"])
@@ -56,13 +58,15 @@ def test_run_writes_analysis_and_student(trained_teacher_dir, corpus_dir, tmp_pa
     chosen = [f"{b[0]}-{b[-1]}" for b in info["plan"]] + [f"drop={i}" for i in info["dropped"]]
     assert set(chosen) <= set(effects)  # ...met by measured candidates...
     assert k2["decode"] < 1.15 or cost(chosen) <= cost(["1-2", "3-4"])  # ...at no more loss than k=2 where k=2 meets it
-    assert AutoModelForCausalLM.from_pretrained(out / "student-distilled").config.followers() == changed
+    distilled = AutoModelForCausalLM.from_pretrained(out / "student-distilled").config
+    assert distilled.attention_changed() == changed and distilled.followers() == sorted(
+        i for block in info["plan"] for i in block[1:])  # followers are those that follow: not the dropped layers
     sim = json.loads((out / "similarity.json").read_text())
     assert len(sim["head_avg"]) == 6 and sim["tokens"] == 4 * 32
     assert (out / "attention_similarity.png").is_file()
     assert yaml.safe_load((out / "run.yaml").read_text())["plan"] == "budget=decode=1.15,drop"
     student = AutoModelForCausalLM.from_pretrained(out / "student")
-    assert student.config.followers() == changed
+    assert student.config.attention_changed() == changed
     out_ids = student.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4, do_sample=False)
     assert out_ids.shape == (1, 7)
 
@@ -130,7 +134,7 @@ def test_compare_puts_methods_side_by_side_with_their_trained_share(teacher_dir,
     assert plans["drop"] == plans["lisa"]  # the budget resolved once, to an explicit plan every method reads
     plan = planners.parse(plans["lisa"], 6)
     for m in ("drop", "lisa"):
-        assert AutoConfig.from_pretrained(out / m / "student").followers() == sorted(plan.followers + list(plan.dropped))
+        assert AutoConfig.from_pretrained(out / m / "student").attention_changed() == sorted(plan.followers + list(plan.dropped))
 
 
 def test_compare_at_equal_bound_draws_the_trade_curve(teacher_dir, corpus_dir, tmp_path, monkeypatch):
@@ -141,7 +145,7 @@ def test_compare_at_equal_bound_draws_the_trade_curve(teacher_dir, corpus_dir, t
     import echoatt.harness
 
     def score(model, tokenizer, tasks, limit, batch_size, *stamp):  # 20 items: the first 12 - changed right
-        changed = len(model.config.followers()) if hasattr(model.config, "followers") else 0
+        changed = len(model.config.attention_changed()) if hasattr(model.config, "attention_changed") else 0
         mark = 1e-4 * (sum(float(p.double().sum()) for p in model.parameters()) % 1)  # which weights were scored
         return {t: {"acc": 0.6 - 0.05 * changed + mark, "acc_stderr": 0.03, "samples": limit,
                     "items": [float(i < 12 - changed) for i in range(20)]} for t in tasks}

@@ -62,6 +62,12 @@ def test_training_reduces_the_distillation_loss(run_dir, teacher_dir, corpus_dir
     assert len(steps) == 20 and all(k in steps[0] for k in ("hard", "soft", "hidden", "lr", "tokens_per_s"))
     assert [e["step"] for e in result["validation"]] == [0, 10, 20]
     assert (run_dir / "distill.yaml").is_file() and (run_dir / "distill_summary.json").is_file()
+    summary = json.loads((run_dir / "distill_summary.json").read_text())["training"]
+    assert summary["precision"]["name"] == "fp32" and {e["precision"] for e in steps} == {"fp32"}
+    assert summary["tokens_per_s"] > 0 and summary == result["training"]
+    profiled = [e for e in steps if "matmul_share" in e]
+    assert [e["step"] for e in profiled] == [2] and 0 < summary["matmul_share"] < 1
+    assert summary["matmul_share"] == pytest.approx(profiled[0]["matmul_share"], abs=1e-4)
 
 
 @pytest.mark.parametrize("kill, kept", [(RuntimeError, 3), (KeyboardInterrupt, 4)])
@@ -113,6 +119,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(run_dir, teach
 
 
 def test_bad_input_is_refused(run_dir, teacher_dir, corpus_dir, tmp_path):
+    with pytest.raises(ValueError, match="--keep-checkpoints must be at least 1"):  # `[:-0]` would keep them all
+        distill(config(run_dir, teacher_dir, corpus_dir, keep_checkpoints=0))
     with pytest.raises(ValueError, match="max_position_embeddings"):
         distill(config(run_dir, teacher_dir, corpus_dir, seq_len=4096))
     with pytest.raises(RunDirError, match="run `echoatt share` first"):
@@ -241,6 +249,8 @@ def test_distillation_runs_on_the_gpu_device_names(monkeypatch):
 
     calls = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "a GPU")
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(("set_device", str(device))))
     monkeypatch.setattr(torch, "set_float32_matmul_precision", lambda p: calls.append(("precision", p)))
     monkeypatch.setattr(distill_module, "Accelerator", lambda **kw: calls.append(("Accelerator", kw)))
@@ -353,3 +363,26 @@ def test_key_token_weighting_weighs_each_window_read_by_its_cached_context_gain(
         with pytest.raises(ValueError, match=match):
             config(run_dir, teacher_dir, corpus_dir, **bad).validate()
 
+
+
+def test_on_a_cpu_with_native_bf16_auto_trains_under_bf16_autocast(run_dir, teacher_dir, corpus_dir, native_bf16,
+                                                                     monkeypatch, request):
+    """fp32 master weights (the saved student stays float32), bf16 matmuls inside the step, the precision named in
+    the log and summary."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)  # accelerate keeps one precision per process: this test's is bf16
+    request.addfinalizer(lambda: AcceleratorState._reset_state(True))
+    seen = []
+    original = KDLoss.__call__
+
+    def spy(self, student, teacher, ids, **kw):
+        seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+        return original(self, student, teacher, ids, **kw)
+
+    monkeypatch.setattr(KDLoss, "__call__", spy)
+    result = distill(config(run_dir, teacher_dir, corpus_dir, steps=2))
+    assert seen and set(seen) == {torch.bfloat16}
+    assert {e["precision"] for e in log_of(run_dir) if "loss" in e} == {"bf16 autocast"}
+    assert json.loads((run_dir / "distill_summary.json").read_text())["training"]["precision"]["bf16"] is True
+    assert all(p.dtype == torch.float32 for p in result["model"].parameters())

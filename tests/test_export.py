@@ -4,6 +4,7 @@ a run says about serving; vLLM itself loads the export in tests/test_serve.py.""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from conftest import tiny_teacher
@@ -89,7 +90,11 @@ def test_serving_text_names_the_engine_for_each_kind_of_student(tmp_path):
     lisa = EchoAttConfig(num_hidden_layers=4, attention_source=[0, 1, 1, 3], follower_type="lisa")
     assert "vllm serve" in serving_text(tmp_path, copy)[0] and "keys again" in serving_text(tmp_path, copy)[1]
     assert "--format gguf" in serving_text(tmp_path, drop)[1]
-    assert "drop-only" in serving_text(tmp_path, copy)[1]
+    advice = serving_text(tmp_path, copy)[1]  # the servable plan is the default budget, dropped attention alone
+    assert "`--plan budget=decode=1.15,drop-only`" in advice
+    recipe = (Path(__file__).parents[1] / "configs" / "llamacpp-drop-only.yaml").read_text()
+    assert "plan: budget=decode=1.15,drop-only" in recipe and "budget=decode=1.15,drop-only" in (
+        Path(__file__).parents[1] / "docs" / "engines.md").read_text()
     assert "LiSA" in serving_text(tmp_path, lisa)[0] and "vllm serve" not in " ".join(serving_text(tmp_path, lisa))
 
 

@@ -132,7 +132,7 @@ def test_the_whole_run_on_each_family(family_teacher_dir, corpus_dir, tmp_path, 
     ppl = json.loads((out / "summary.json").read_text())["perplexity"]
     assert ppl["student_after_kd"] < ppl["student_before_kd"], ppl
     student = AutoModelForCausalLM.from_pretrained(out / "student-distilled")
-    assert student.config.family == family and student.config.followers()
+    assert student.config.family == family and student.config.attention_changed()
     kw = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0, "eos_token_id": None}
     x = torch.tensor([[5, 6, 7]])
     assert torch.equal(student.generate(x, use_cache=True, **kw), student.generate(x, use_cache=False, **kw))
@@ -147,7 +147,7 @@ def test_every_method_on_each_family(family_teacher_dir, corpus_dir, tmp_path):
     results = json.loads((out / "compare.json").read_text())["results"]
     for method in ("drop", "identity", "matched", "lisa", "mixed"):
         assert f"{method}/distilled" in results
-        assert AutoConfig.from_pretrained(out / method / "student").followers()
+        assert AutoConfig.from_pretrained(out / method / "student").attention_changed()
 
 
 def test_two_processes_train_each_family(family_teacher_dir, corpus_dir, tmp_path):

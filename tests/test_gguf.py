@@ -32,7 +32,7 @@ def drop_student(tmp_path, tokenizer, family: str = "llama", plan: str = "drop=2
     teacher = tiny_teacher(0, family, vocab_size=len(tokenizer), **overrides)
     student = build_student(teacher, SharingPlan.read(plan, 6), None, "copy")
     torch.manual_seed(5)
-    for i in student.config.followers():
+    for i in student.config.attention_changed():
         if student.config.role(i) == "linear":
             torch.nn.init.normal_(student.model.layers[i].self_attn.linear_attn.weight, std=0.05)
     for name, model in (("student", student), ("teacher", teacher)):

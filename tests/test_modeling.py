@@ -6,7 +6,7 @@ import inspect
 
 import pytest
 import torch
-from conftest import QK_PARTS, attention_parameters, path_tolerance
+from conftest import QK_PARTS, attention_parameters, path_tolerance, tiny_teacher
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
@@ -379,3 +379,18 @@ def test_a_full_width_ffn_and_an_empty_plan_are_the_teacher(teacher):
     narrow = build_student(teacher, SharingPlan.read("ffn=3:16", 6))
     kept = narrow.model.layers[3].mlp.gate_proj.weight
     assert all(any(torch.equal(row, t) for t in teacher.model.layers[3].mlp.gate_proj.weight) for row in kept)
+
+
+def test_role_predicates_name_what_follows_what_attends_and_what_changed():
+    """`followers()` are the layers that follow a leader (not dropped or linear ones, which every caller filtered back
+    out); `attends` is what keeps a KV cache; `attention_changed` is all three."""
+    from echoatt.plan import SharingPlan
+    from echoatt.student import build_student
+
+    student = build_student(tiny_teacher(), SharingPlan(6, ((1, 2),), dropped=(4,), linear=(3,)))
+    config = student.config
+    assert config.followers() == [2] and [config.follows(i) for i in range(6)] == [False, False, True, False, False,
+                                                                                     False]
+    assert [config.attends(i) for i in range(6)] == [True, True, True, False, False, True]
+    assert config.attention_changed() == [2, 3, 4]
+    assert [config.cached_value_dims(i) > 0 for i in range(6)] == [config.attends(i) for i in range(6)]

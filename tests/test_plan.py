@@ -172,6 +172,17 @@ def test_drop_budget_takes_its_own_ranking():
     assert plan.followers == [2, 3, 5] and plan.blocks == ((1, 2, 3), (4, 5))  # 0 and 7 are never shared
 
 
+@pytest.mark.parametrize("options", [",linear", ",ffn", ",drop,linear,ffn"])
+def test_attention_drop_refuses_by_name_what_it_cannot_plan(options):
+    """`--method drop` ranks layers to drop by its own criterion: a budget's `,linear` / `,ffn` were silently left out
+    (an FFN candidate's width even landed among the droppable layers); they are refused by name, before any work."""
+    from echoatt.student import StudentSpec
+
+    with pytest.raises(PlanError, match=r"--method drop drops attention and nothing else.*,(linear|ffn)"):
+        StudentSpec(f"budget=decode=1.2{options}", method="drop").check()
+    StudentSpec("budget=decode=1.2,drop", method="drop").check()  # what it does plan is still taken
+
+
 def test_a_mixed_budget_weighs_dropping_attention_against_sharing_it():
     """`drop` adds each layer alone as a candidate (its attention dropped); the greedy takes what buys the most
     speed per unit of measured loss, whichever kind it is."""

@@ -86,7 +86,7 @@ def test_compress_takes_a_model_object(tmp_path, tokenizer, corpus_dir, monkeypa
     monkeypatch.setenv("ECHOATT_CACHE", str(tmp_path / "cache"))
     model = tiny_teacher(vocab_size=len(tokenizer))
     result = echoatt.compress(model, tokenizer, out=str(tmp_path / "run"), corpus=str(corpus_dir), **TINY)
-    assert result.student.config.followers() and result.summary.perplexity["student_after_kd"] > 0
+    assert result.student.config.attention_changed() and result.summary.perplexity["student_after_kd"] > 0
     assert Teacher.of(model, tokenizer).stamp() != Teacher.of(tiny_teacher(seed=1), tokenizer).stamp()
     with pytest.raises(ValueError, match="unknown options"):
         echoatt.compress(model, tokenizer, stepz=3)

@@ -16,6 +16,7 @@ from echoatt.cli import main
 from echoatt.commands import share as share_command
 from echoatt.corpus import REPEAT_SPAN, repeat_spans
 from echoatt.metrics import repeated_tokens, retrieval
+from echoatt.precision import Precision
 from echoatt.sensitivity import BlockEffects, measure_block_effects
 from echoatt.student import StudentSpec, plan_bounds, student_config
 
@@ -45,6 +46,11 @@ def test_block_effects_are_the_kl_from_the_teacher_of_each_block_alone(tmp_path)
     assert back.blocks == effects.blocks and back.known({"a": 1}) == effects.blocks
     assert back.known({"a": 2}) == {}
     assert "cheapest" in effects.summary()
+    fast = measure_block_effects(teacher, spec, None, [(1, 2), (2, 3, 4), (3,)], text, probe, {"a": 1},
+                                 progress=False, precision=Precision(True, "test"))
+    for block, terms in effects.blocks.items():  # bf16 matmuls: the same measurement, to bf16's precision
+        assert fast.blocks[block] == pytest.approx(terms, rel=0.1, abs=1e-3), block
+    assert fast.blocks != effects.blocks  # ...and measured in bf16
 
 
 def test_replacement_candidates_are_measured_fitted_from_their_layer_up(tmp_path):
@@ -142,6 +148,9 @@ def test_block_effects_are_measured_again_when_what_they_depend_on_changes(teach
     os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # the teacher rewritten in place
     assert main(share) == 0 and len(measured) == 3
     assert main([*share, "--encoding", "latin-1"]) == 0 and len(measured) == 4
+    monkeypatch.setattr("echoatt.precision.cpu_bf16_feature", lambda: "AVX512-BF16")
+    assert main([*share, "--encoding", "latin-1", "--bf16", "no"]) == 0 and len(measured) == 4  # fp32, as kept
+    assert main([*share, "--encoding", "latin-1"]) == 0 and len(measured) == 5  # measured in bf16: kept apart
 
 
 def test_blocks_measured_after_a_local_repair_are_kept_apart(teacher_dir, corpus_dir, tmp_path, monkeypatch):

@@ -34,9 +34,11 @@ class CalibrationReport:
     windows: int
 
     def means(self) -> dict[str, float]:
-        """Mean error over the followers, before and after."""
-        return {"error_before": sum(self.before.values()) / max(len(self.before), 1),
-                "error_after": sum(self.after.values()) / max(len(self.after), 1)}
+        """Mean error over the fitted layers, before and after; nothing where no layer was fitted."""
+        if not self.after:
+            return {}
+        return {"error_before": sum(self.before.values()) / len(self.before),
+                "error_after": sum(self.after.values()) / len(self.after)}
 
     def summary(self, what: str = "followers' o_proj") -> str:
         means = self.means()
@@ -60,7 +62,7 @@ def calibrate_followers(student, teacher, windows: torch.Tensor, ridge: float = 
     enough text (32 or more windows of 512 tokens for a 135M model): with few windows the fit overfits and gains
     nothing on other text."""
     config = student.config
-    followers = [i for i in config.followers() if config.role(i) in ("copy", "lisa")]
+    followers = config.followers()
     if not followers:
         return CalibrationReport({}, {}, 0)
     feeds = list(range(config.num_hidden_layers))  # every attention gets the teacher's input: leaders too

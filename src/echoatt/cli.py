@@ -21,6 +21,7 @@ from echoatt.config import (
     DistillConfig,
     EvalConfig,
     ExportConfig,
+    PrecisionConfig,
     ReportConfig,
     RunConfig,
     ShareConfig,
@@ -59,6 +60,7 @@ COMMANDS = {  # name -> (config class, "module:function" run with it, help)
 STAGES = {  # the config class that declares a field -> the heading its flags are listed under
     CommonConfig: "teacher, text and where to write",
     AnalyzeConfig: "analysis",
+    PrecisionConfig: "precision",
     ShareConfig: "the student (plan, method, calibration)",
     DistillConfig: "distillation",
     EvalConfig: "evaluation",

@@ -12,6 +12,7 @@ import yaml
 
 from echoatt.common import check_choice, closest, first_line
 from echoatt.losses import KDLoss
+from echoatt.plan import DEFAULT_PLAN
 
 
 def opt(default: Any, help: str) -> Any:
@@ -79,8 +80,21 @@ class AnalyzeConfig(CommonConfig):
 
 
 @dataclass
-class ShareConfig(CommonConfig):
-    plan: str = opt("budget=decode=1.15,drop", "sharing plan (default: the fastest plan of the default teacher's "
+class PrecisionConfig(CommonConfig):
+    bf16: str = opt("auto", "bf16 autocast for the long work (distill's step and the teacher-cache fill, share's "
+                    "measurement of candidates): auto (where the device multiplies bf16 natively: a GPU, a CPU with "
+                    "AMX or AVX512-BF16), yes (refused on a CPU without), no (fp32); eval's scores stay fp32")
+
+    def validate(self) -> None:
+        super().validate()
+        from echoatt.precision import resolve
+
+        resolve(self.bf16, self.device)  # refuses --bf16 yes where bf16 is emulated, before any model loads
+
+
+@dataclass
+class ShareConfig(PrecisionConfig):
+    plan: str = opt(DEFAULT_PLAN, "sharing plan (default: the fastest plan of the default teacher's "
                     "measured trade curve that keeps its quality, README 'Faster by default'): "
                     "budget=k=N (at least blind k=N's predicted speed, with the "
                     "blocks measured to cost least; ',drop': dropping a layer's attention is a candidate too), "
@@ -120,7 +134,7 @@ class ShareConfig(CommonConfig):
 
 
 @dataclass
-class DistillConfig(CommonConfig):
+class DistillConfig(PrecisionConfig):
     student: str = opt("", "student checkpoint folder to train (default: OUT/student, as `share` writes it)")
     steps: int = opt(30, "optimizer steps (the default run's 30 take about 8 minutes of its 20 on 2 CPU cores)")
     batch_size: int = opt(2, "windows per micro-batch per process")
@@ -149,7 +163,6 @@ class DistillConfig(CommonConfig):
     local_lr: float = opt(1e-3, "peak learning rate of the local repair")
     local_next: bool = opt(True, "the local repair also trains the layer after each changed one")
     gradient_checkpointing: bool = opt(False, "recompute activations in backward to save memory")
-    bf16: str = opt("auto", "bf16 autocast: auto (on GPU), yes, no")
     eval_every: int = opt(10, "validation perplexity every N steps (0: only at the end)")
     save_every: int = opt(10, "checkpoint every N steps (and at the end)")
     keep_checkpoints: int = opt(2, "how many checkpoints to keep")
@@ -173,6 +186,9 @@ class DistillConfig(CommonConfig):
         for name in ("steps", "batch_size", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
+        if self.keep_checkpoints < 1:
+            raise ValueError(f"--keep-checkpoints must be at least 1, the newest checkpoint --resume continues from "
+                             f"(got {self.keep_checkpoints}); --save-every 0 writes one only at the end")
         if self.local_steps < 0:
             raise ValueError(f"--local-steps must be 0 (no local repair) or more (got {self.local_steps})")
         if self.cache_top_k < 0:
@@ -188,7 +204,6 @@ class DistillConfig(CommonConfig):
                              f"any in windows of --seq-len {self.seq_len}")
         check_choice("--trainable", self.trainable, ("auto", "all", "changed", "shared", "lisa"))
         check_choice("--hidden-loss", self.hidden_loss, ("mse", "cosine"))
-        check_choice("--bf16", self.bf16, ("auto", "yes", "no"))
         if self.student and not (Path(self.student) / "config.json").is_file():
             raise FileNotFoundError(f"--student {self.student}: not a model folder (no config.json); echoatt share "
                                     "writes one to OUT/student")
@@ -299,7 +314,9 @@ class BenchConfig(CommonConfig):
     train_batch: int = opt(1, "sequences in the timed training step")
     repeats: int = opt(5, "timed repeats per candidate")
     warmup: int = opt(1, "untimed warm-up repeats")
-    dtype: str = opt("auto", "float32, bfloat16, or auto (bfloat16 on GPU, float32 on CPU)")
+    dtype: str = opt("auto", "float32, bfloat16, both (bfloat16 beside float32: OUT/bench-fp32.*) or auto (the "
+                     "precision runs train in: bfloat16 on a GPU, both on a CPU that multiplies bf16 natively, float32 "
+                     "on others)")
     engine: str = opt("torch", "torch (echoatt's own PyTorch model), vllm (teacher and student served by vLLM, from "
                       "the serve environment: offline throughput, prefill, decode and time to first token) or "
                       "llama.cpp (both exported to GGUF and timed in llama.cpp: pp and tg)")
@@ -315,7 +332,7 @@ class BenchConfig(CommonConfig):
 
         check_choice("--engine", self.engine, ("torch", "vllm", "llama.cpp"))
         check_choice("--decode-cache", self.decode_cache, ("dynamic", "static"))
-        check_choice("--dtype", self.dtype, ("auto", "float32", "bfloat16"))
+        check_choice("--dtype", self.dtype, ("auto", "float32", "bfloat16", "both"))
         if self.arch:
             from echoatt.archs import ARCHS
 

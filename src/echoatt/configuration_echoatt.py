@@ -23,7 +23,8 @@ DROPPED = -1  # attention_source value of a layer whose attention sub-layer is r
 LINEAR = -2  # attention_source value of a layer whose attention is one fitted (C x C) matrix on its normed input
 
 
-FOLLOWER_TYPES = ("copy", "lisa")
+FOLLOWER_TYPES = ("copy", "lisa")  # the roles that follow a leader, reading its attention
+NO_ATTENTION = ("dropped", "linear")  # the roles without attention over tokens: no Q, K or KV cache
 
 
 REUSE_PATHS = ("auto", "probs", "qk")
@@ -178,18 +179,32 @@ class EchoAttConfig(LlamaConfig):
         """Some other layer reads this layer's attention."""
         return any(s == layer and i != layer for i, s in enumerate(self.attention_source))
 
+    def follows(self, layer: int) -> bool:
+        """`layer` reads a leader's attention (a copy or LiSA follower)."""
+        return self.role(layer) in FOLLOWER_TYPES
+
+    def attends(self, layer: int) -> bool:
+        """`layer` has attention over tokens, its own or a leader's (not dropped, not a linear map): it keeps a KV
+        cache."""
+        return self.role(layer) not in NO_ATTENTION
+
     def followers(self) -> list[int]:
-        """Layers whose attention differs from the teacher's: followers (copy, LiSA), dropped and linear layers."""
-        return [i for i in range(self.num_hidden_layers) if self.role(i) in ("copy", "lisa", "dropped", "linear")]
+        """The layers that follow a leader (copy, LiSA)."""
+        return [i for i in range(self.num_hidden_layers) if self.follows(i)]
+
+    def attention_changed(self) -> list[int]:
+        """Layers whose attention differs from the teacher's: followers, dropped and linear layers."""
+        return [i for i in range(self.num_hidden_layers) if self.follows(i) or not self.attends(i)]
 
     def ffn_width(self, layer: int) -> int:
         """`layer`'s FFN width: its kept intermediate channels (0: no FFN)."""
         return self.intermediate_size if self.intermediate_sizes is None else self.intermediate_sizes[layer]
 
     def changed(self) -> list[int]:
-        """Layers that differ from the teacher's in any way: attention (`followers`) or a narrowed or dropped FFN."""
+        """Layers that differ from the teacher's in any way: attention (`attention_changed`) or a narrowed or dropped
+        FFN."""
         narrowed = {i for i in range(self.num_hidden_layers) if self.ffn_width(i) != self.intermediate_size}
-        return sorted(set(self.followers()) | narrowed)
+        return sorted(set(self.attention_changed()) | narrowed)
 
     def reuse_probs(self, new_tokens: int, eager: bool) -> bool:
         """Whether a leader hands over probabilities (reuse path) rather than Q and K (fused path) for a call with
@@ -210,7 +225,7 @@ class EchoAttConfig(LlamaConfig):
 
     def cached_value_dims(self, layer: int) -> int:
         """Value features per KV head that `layer` keeps in the cache."""
-        return 0 if self.role(layer) in ("dropped", "linear") else self.head_dim
+        return self.head_dim if self.attends(layer) else 0
 
 
 EchoAttConfig.register_for_auto_class()

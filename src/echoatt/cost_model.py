@@ -38,7 +38,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from echoatt.configuration_echoatt import family_fields, ffn_width_of, head_dim_of, role_of
+from echoatt.configuration_echoatt import NO_ATTENTION, family_fields, ffn_width_of, head_dim_of, role_of
 
 SOFTMAX_FLOPS = 5  # per score: scale, mask add, max, exp, normalise
 ROPE_FLOPS = 3  # per element: x*cos + rotate(x)*sin
@@ -131,7 +131,7 @@ def vllm_cached_heads(config, layer: int) -> int:
     """KV heads vLLM caches for `layer`: none where attention is dropped, every query head's for a copy follower whose
     head map crosses KV groups (keys gathered, values repeated), else the KV heads (followers too: one cache a layer)."""
     role = role_of(config, layer)
-    if role in ("dropped", "linear"):
+    if role in NO_ATTENTION:
         return 0
     crossing = role == "copy" and config.crosses_groups(layer)
     return config.num_attention_heads if crossing else config.num_key_value_heads

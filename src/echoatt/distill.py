@@ -19,6 +19,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -44,6 +45,7 @@ from echoatt.key_tokens import GainCache, context_weights
 from echoatt.losses import KDLoss
 from echoatt.memory import free_memory, peak_memory_bytes, reset_peak_memory
 from echoatt.metrics import nll_sum
+from echoatt.precision import Precision, resolve
 from echoatt.repair import LocalLoss, repaired_layers
 from echoatt.rundir import SHARING_FILE, RunDir, device_of, identity_of, setup
 from echoatt.teacher import Teacher, load_teacher
@@ -151,8 +153,11 @@ class Training:
     val_windows: torch.Tensor
     identity: dict
     student_dir: Path
+    precision: Precision  # bf16 autocast or fp32 (`precision.resolve`)
     teacher_cache: TeacherCache | None = None
     gain_cache: GainCache | None = None  # with --w-long: the teacher's context gain per training window
+    matmul_share: float | None = None  # of the profiled step's time (`profiled`)
+    speeds: list[float] = field(default_factory=list)  # tokens/s of this process's steps, the profiled one aside
     start: int = 0
     trained: dict = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
@@ -160,6 +165,13 @@ class Training:
     @property
     def params(self) -> list[torch.nn.Parameter]:
         return [p for p in self.student.parameters() if p.requires_grad]
+
+    def training_speed(self) -> dict:
+        """What the steps ran in and how fast: the precision, the median tokens/s of the steps this process ran (the
+        profiled one aside) and the share of the profiled step's time in matmuls (`profiled`)."""
+        return {"precision": self.precision.as_dict(),
+                "tokens_per_s": statistics.median(self.speeds) if self.speeds else None,
+                "matmul_share": self.matmul_share}
 
     def log(self, entry: dict) -> None:
         if self.accelerator.is_main_process:
@@ -177,7 +189,7 @@ class Training:
         return entry
 
 
-def make_accelerator(config: DistillConfig) -> Accelerator:
+def make_accelerator(config: DistillConfig) -> tuple[Accelerator, Precision]:
     """The run's `Accelerator`, on the device `--device` names. Accelerate places a single process on the current
     CUDA device, so `cuda:N` becomes the current device first (else distillation would run on GPU 0 while the rest of
     `run` uses N); under `accelerate launch` / `torchrun` each process takes its own GPU, and an index is refused."""
@@ -189,8 +201,8 @@ def make_accelerator(config: DistillConfig) -> Accelerator:
         torch.cuda.set_device(device)
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 for float32 matmuls (all of them without bf16 autocast)
-    bf16 = config.bf16 == "yes" or (config.bf16 == "auto" and device.type == "cuda")
-    return Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=device.type == "cpu")
+    precision = resolve(config.bf16, device)  # bf16 autocast where the device multiplies bf16 natively
+    return Accelerator(mixed_precision="bf16" if precision.bf16 else "no", cpu=device.type == "cpu"), precision
 
 
 def load_inputs(config: DistillConfig, teacher: Teacher | None, accelerator: Accelerator,
@@ -240,7 +252,8 @@ def setup_training(config: DistillConfig, teacher: Teacher | None = None, repair
     the local-repair stage (`config` as `repair_config` makes it)."""
     config.validate()
     setup(config)
-    accelerator = make_accelerator(config)
+    accelerator, precision = make_accelerator(config)
+    accelerator.print(precision.line())
     inputs = load_inputs(config, teacher, accelerator, repair)
     record(config, "repair" if repair else "distill")
     student = inputs.pop("student")
@@ -262,11 +275,12 @@ def setup_training(config: DistillConfig, teacher: Teacher | None = None, repair
         frozen.to(dtype=torch.bfloat16)  # its matmuls are bf16 anyway; each process (FSDP too) holds half the bytes
     training = Training(config=config, accelerator=accelerator, student=student, loss=loss,
                         teacher=frozen.to(accelerator.device).eval().requires_grad_(False),
-                        optimizer=optimizer, scheduler=scheduler, **inputs,
+                        optimizer=optimizer, scheduler=scheduler, precision=precision, **inputs,
                         trained={"trained": n_train, "total": n_all, "percent": 100 * n_train / n_all})
     if config.teacher_cache and not repair:  # the local repair reads the teacher's stream, not these outputs
         training.teacher_cache = TeacherCache(TeacherCache.where(config.teacher_cache), loaded.stamp(),
-                                              config.cache_top_k, config.temperature, training.teacher)
+                                              config.cache_top_k, config.temperature, training.teacher,
+                                              autocast=precision.bf16)
     if config.w_long and not repair:
         training.gain_cache = GainCache(loaded.stamp(), training.teacher)
     if resume_from is not None:
@@ -330,6 +344,33 @@ def train_step(t: Training, step: int) -> dict[str, float]:
     return sums
 
 
+MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")  # and the fused attention kernels (sdpa)
+
+
+def is_matmul(op: str) -> bool:
+    return op in MATMULS or op.startswith("aten::_scaled_dot_product")
+
+
+@contextlib.contextmanager
+def profiled(t: Training, on: bool):
+    """Profile the step inside where `on`: the share of its wall time spent in matrix multiplications (dense and
+    attention kernels; device time on a GPU) lands in `t.matmul_share` — what is left is the step's overhead."""
+    if not on:
+        yield
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = t.accelerator.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    started = time.perf_counter()
+    with profile(activities=activities) as prof:
+        yield
+    wall = time.perf_counter() - started
+    spent = sum(e.self_device_time_total if cuda else e.self_cpu_time_total
+                for e in prof.key_averages() if is_matmul(e.key))  # microseconds
+    t.matmul_share = spent / 1e6 / wall
+
+
 def train(t: Training) -> None:
     """The loop: steps, logs, validation and checkpoints; Ctrl-C saves the steps completed (never mid-update)."""
     config = t.config
@@ -344,19 +385,26 @@ def train(t: Training) -> None:
         for step in bar:
             started = time.perf_counter()
             reset_peak_memory(t.accelerator.device)  # the log's peak is this step's: what sizes a batch
-            sums = train_step(t, step)
-            clip = config.max_grad_norm > 0
-            grad_norm = t.accelerator.clip_grad_norm_(t.params, config.max_grad_norm) if clip else None
-            updating = True  # an interrupt inside the update leaves a state that belongs to no step: not saved
-            t.optimizer.step()
-            t.scheduler.step()
-            t.optimizer.zero_grad(set_to_none=True)
-            completed, updating = step + 1, False
+            profile = step == t.start + 1  # the second step of this process: past the first one's warm-up
+            with profiled(t, profile):
+                sums = train_step(t, step)
+                clip = config.max_grad_norm > 0
+                grad_norm = t.accelerator.clip_grad_norm_(t.params, config.max_grad_norm) if clip else None
+                updating = True  # an interrupt inside the update leaves a state that belongs to no step: not saved
+                t.optimizer.step()
+                t.scheduler.step()
+                t.optimizer.zero_grad(set_to_none=True)
+                completed, updating = step + 1, False
             speed = tokens_per_step / (time.perf_counter() - started)
             peak = peak_memory_bytes(t.accelerator.device)
+            t.speeds += [] if profile else [speed]
             t.log({"step": step + 1, **{k: round(v, 6) for k, v in sums.items()}, "lr": t.scheduler.get_last_lr()[0],
                    "grad_norm": None if grad_norm is None else float(grad_norm), "tokens_per_s": speed,
-                   "peak_memory_bytes": peak})
+                   "peak_memory_bytes": peak, "precision": t.precision.name}
+                  | ({"matmul_share": round(t.matmul_share, 4)} if profile else {}))
+            if profile:
+                bar.write(f"step {step + 1} profiled: matmuls take {t.matmul_share:.0%} of the step's time "
+                          f"({t.precision.name})")
             shown = {k: f"{v:.3f}" for k, v in sums.items() if not k.startswith("layer_")}  # per layer: the log's
             bar.set_postfix(shown | {"tok/s": f"{speed:.0f}"}
                             | ({} if peak is None else {"peak": f"{peak / 2**30:.1f}GiB"}))
@@ -388,10 +436,12 @@ def finish(t: Training) -> dict:
         if (t.student_dir / SHARING_FILE).is_file():
             shutil.copy(t.student_dir / SHARING_FILE, final / SHARING_FILE)
         t.run.distill_summary.write_text(json.dumps(
-            {"config": asdict(t.config), "parameters": t.trained, "validation": t.history}, indent=2))
+            {"config": asdict(t.config), "parameters": t.trained, "validation": t.history,
+             "training": t.training_speed()}, indent=2))
         print(f"wrote the {'repaired' if t.run.repair else 'distilled'} student to {final}")
     t.accelerator.wait_for_everyone()
-    return {"validation": t.history, "student": final, "parameters": t.trained, "model": model}
+    return {"validation": t.history, "student": final, "parameters": t.trained, "model": model,
+            "training": t.training_speed()}
 
 
 def distill(config: DistillConfig, teacher: Teacher | None = None) -> dict:

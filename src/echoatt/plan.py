@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 from echoatt.common import closest
 
+DEFAULT_PLAN = "budget=decode=1.15,drop"  # the fastest plan of the default teacher's trade curve that keeps its quality
+SERVABLE_PLAN = DEFAULT_PLAN.replace(",drop", ",drop-only")  # the same budget, dropped attention alone: any engine runs it
 PLAN_WORDS = {  # what each kind of plan string takes after its first part
     "k": ("first", "last", "followers", "protect"),
     "threshold": ("max", "protect"),

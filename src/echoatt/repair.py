@@ -97,7 +97,7 @@ class LocalLoss:
         config = model.config
         changed = changed_layers(config)
         scored = repaired_layers(config, self.next_too)
-        leaders = {config.attention_source[i] for i in changed if config.role(i) in ("copy", "lisa")}
+        leaders = {config.attention_source[i] for i in changed if config.follows(i)}
         keep = sorted(set(scored) | leaders)
         fed = set(changed) | leaders | {i for i in keep if i - 1 not in changed}  # the rest follow a changed layer
         with torch.no_grad():

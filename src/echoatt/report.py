@@ -25,6 +25,7 @@ from echoatt.rundir import (
     SharingInfo,
     TradeCurve,
     read_student_config,
+    training_line,
     zero_shot_summary,
 )
 
@@ -197,8 +198,10 @@ def sections(run: RunDir) -> list[Section]:
     if info:
         out.append(Section("Copy: the student", student_text(info)))
     if run.log.is_file() and training_curves(run.log, run.curves):
-        out.append(Section("Adjust: distillation", [f"Loss terms per step and held-out perplexity (`{run.log.name}`)."],
-                           [run.curves.name]))
+        trained = json.loads(run.distill_summary.read_text()) if run.distill_summary.is_file() else {}
+        how = f" The student was {training_line(trained['training'])}." if "training" in trained else ""
+        out.append(Section("Adjust: distillation", [f"Loss terms per step and held-out perplexity (`{run.log.name}`)."
+                                                    + how], [run.curves.name]))
     for name, title in (("eval", "Evaluation"), ("compare", "Methods compared")):
         table = run.results(name)[1]
         if table.is_file():
@@ -332,9 +335,13 @@ def student_text(info: SharingInfo) -> list[str]:
     bounds = ("" if not info.bounds else
               f" The cost model's bound on speed (teacher time / student time, bf16): prefill 1 × 512 "
               f"**{info.bounds['prefill']:.3f}×**, decode 16 × 1024 context **{info.bounds['decode']:.3f}×**.")
-    calibration = ("" if not info.calibration else
-                   f" Followers calibrated on {info.calibration['windows']} windows: attention-output error vs the "
-                   f"teacher {info.calibration['error_before']:.3f} → {info.calibration['error_after']:.3f}.")
+    fitted = info.calibration or {}
+    calibration = "".join(
+        f" {what} calibrated on {fitted['windows']} windows: {error} error vs the teacher "
+        f"{fitted[prefix + 'error_before']:.3f} → {fitted[prefix + 'error_after']:.3f}."
+        for prefix, what, error in (("", "Followers", "attention-output"),
+                                    ("replaced_", "Linear attention and narrowed FFNs", "sub-layer output"))
+        if prefix + "error_before" in fitted)  # only what was fitted: a student without followers has no such line
     return [
         f"Blocks (leader←followers): {blocks}. Method: {info.method}"
         + (f", head map: {info.head_map}." if info.head_map else ".")

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from echoatt.common import first_line, is_model_folder
+from echoatt.configuration_echoatt import DROPPED, LINEAR
 from echoatt.plan import AT_MOST
 
 if TYPE_CHECKING:  # this module needs no torch to be imported: `report` reads run folders without it
@@ -131,6 +132,7 @@ class RunSummary:
     # by text row: {"percent": the share of far-context predictions that are key, "near": the near context's tokens, "gain": nats,
     # "perplexity": keyed as `perplexity`}
     key_tokens: dict | None = None
+    training: dict | None = None  # the distillation's precision and speed (`distill`'s summary "training" entry)
 
     @classmethod
     def of(cls, results: dict[str, dict], windows: int, seq_len: int) -> RunSummary:
@@ -164,6 +166,14 @@ class RunSummary:
     @classmethod
     def load(cls, run: RunDir) -> RunSummary | None:
         return cls(**json.loads(run.summary.read_text())) if run.summary.is_file() else None
+
+
+def training_line(training: dict) -> str:
+    """A distillation's precision and speed in words (`distill`'s summary "training" entry)."""
+    p, speed, share = training["precision"], training.get("tokens_per_s"), training.get("matmul_share")
+    line = f"trained in {p['name']} ({p['why']})"
+    line += f", a median {speed:.0f} tokens/s" if speed else ""
+    return line + (f"; matmuls took {share:.0%} of a profiled step's time" if share is not None else "")
 
 
 def headline_metric(entry: dict) -> str:
@@ -451,9 +461,10 @@ def same_student(a: dict | None, b: dict | None) -> bool:
 
 
 def sharing_roles(source: list[int]) -> tuple[list[int], list[int]]:
-    """From an `attention_source` list: the layers that follow another, and those whose attention is dropped (-1)
-    (a linear map, -2, is neither)."""
-    return [i for i, s in enumerate(source) if s not in (i, -1, -2)], [i for i, s in enumerate(source) if s == -1]
+    """From an `attention_source` list: the layers that follow another, and those whose attention is dropped (a
+    linear map is neither)."""
+    return ([i for i, s in enumerate(source) if s not in (i, DROPPED, LINEAR)],
+            [i for i, s in enumerate(source) if s == DROPPED])
 
 
 def describe(identity: dict) -> str:
@@ -461,7 +472,7 @@ def describe(identity: dict) -> str:
     maps = identity.get("head_map") or []
     heads = "mapped heads" if any(m is not None and m != list(range(len(m))) for m in maps) else "same-index heads"
     calibrated = "calibrated" if identity.get("calibration") else "not calibrated"
-    linear = [i for i, s in enumerate(identity["attention_source"]) if s == -2]
+    linear = [i for i, s in enumerate(identity["attention_source"]) if s == LINEAR]
     parts = ([f"{identity.get('follower_type')} followers {followers}, {heads}"] if followers else []) + (
         [f"attention dropped at {dropped}"] if dropped else []) + ([f"linear attention at {linear}"] if linear else [])
     return (f"teacher {identity['teacher']}, {', '.join(parts) or 'no sharing'}, {calibrated}, "

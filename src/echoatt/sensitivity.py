@@ -31,6 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from echoatt.losses import IGNORE_INDEX, hard_label_loss, soft_label_loss
+from echoatt.precision import FP32, Precision
 from echoatt.repair import teacher_stream
 
 
@@ -185,7 +186,7 @@ def measure_block_effects(
     teacher: torch.nn.Module, spec, similarity, candidates: list[tuple], text: torch.Tensor,
     probe: torch.Tensor, settings: dict, progress: bool = True, repair: Callable | None = None,
     fits: Callable | None = None, long: torch.Tensor | None = None,
-    reading: tuple[torch.Tensor, torch.Tensor] | None = None,
+    reading: tuple[torch.Tensor, torch.Tensor] | None = None, precision: Precision = FP32,
 ) -> BlockEffects:
     """Each candidate block shared alone by `spec` (a `student.StudentSpec`: method, head map) — a candidate of one
     layer: that layer's attention dropped; ("linear", L): its attention a linear map; ("ffn", L, W): its FFN at W
@@ -193,9 +194,11 @@ def measure_block_effects(
     predictions of `long` windows and the copies of `reading` (`effect_inputs`). `fits(student)` fits a linear map or a narrowed FFN in closed form
     (`calibrate.apply_fits`, from statistics on other text) before it is measured, as `share` will fit it;
     `repair(student)`, where given, repairs each candidate before it is measured (the planner then ranks blocks by
-    what they cost once repaired)."""
+    what they cost once repaired). The forward passes run in `precision` (the fits and repairs in fp32)."""
     inputs = effect_inputs(text, probe, long, reading)
-    reference = reference_of(teacher, inputs)
+    device = next(teacher.parameters()).device
+    with precision.autocast(device):
+        reference = reference_of(teacher, inputs)
     base = {name: hard_label_loss(reference["logits"][name], labels).item()  # the teacher's own NLL, for scale
             for name, (_, labels) in inputs.items()}
     blocks = {}
@@ -210,23 +213,27 @@ def measure_block_effects(
             fits(student)
         if repair is not None:
             repair(student)
-        blocks[tuple(block)] = _kl(student, inputs, reference, first_changed(block))
+        with precision.autocast(device):
+            blocks[tuple(block)] = _kl(student, inputs, reference, first_changed(block))
         del student
     return BlockEffects(base, blocks, settings)
 
 
 def joint_loss(teacher: torch.nn.Module, spec, similarity, inputs: Inputs,
-               fits: Callable | None = None) -> Callable:
+               fits: Callable | None = None, precision: Precision = FP32) -> Callable:
     """`loss(plan)`: a whole plan's measured loss — its student built by `spec` (fitted by `fits` where it replaces
     anything), compared with the teacher on every term of `inputs`, summed — for checking a plan chosen from
     candidates measured one at a time."""
-    reference = reference_of(teacher, inputs, hidden=False)  # every plan runs whole, from its embeddings
+    device = next(teacher.parameters()).device
+    with precision.autocast(device):
+        reference = reference_of(teacher, inputs, hidden=False)  # every plan runs whole, from its embeddings
 
     @torch.no_grad()
     def loss(plan) -> float:
         student, _ = dataclasses.replace(spec, plan=plan.spec()).build(teacher, similarity, share=True)
         if fits is not None and (plan.linear or plan.ffn):
             fits(student)
-        return sum(_kl(student, inputs, reference).values())
+        with precision.autocast(device):
+            return sum(_kl(student, inputs, reference).values())
 
     return loss

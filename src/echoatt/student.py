@@ -195,6 +195,12 @@ class StudentSpec:
                 raise PlanError(f"{flag} must be one of {', '.join(known)} (got {value!r}){closest(value, known)}")
         n = num_layers or SYNTAX_LAYERS
         planners.parse(self.plan, n, np.zeros((n, n)), check_only=True)
+        if self.method == "drop" and self.plan.strip().startswith("budget="):
+            asked = sorted(set(planners.budget_options(self.plan.strip())) & {"linear", "ffn"})
+            if asked:  # attention drop ranks layers by its own criterion, which knows nothing of these
+                raise PlanError(f"--method drop drops attention and nothing else, but plan {self.plan!r} asks for "
+                                f"{' and '.join(',' + a for a in asked)}: use --method copy (the default), whose budget "
+                                "plans weigh dropped attention beside them")
 
     @property
     def mapped(self) -> bool:

@@ -7,7 +7,8 @@ student distilled on the same windows — the trade curve distils many — then 
 layers.
 
 A window's file is named by its tokens and kept under a folder named by what the outputs depend on: the teacher
-(`Teacher.stamp`), k (and for k > 0 the temperature), the teacher's dtype and device type. A run fills the cache as it
+(`Teacher.stamp`), k (and for k > 0 the temperature), the teacher's dtype and device type, and whether bf16
+autocast computes them. A run fills the cache as it
 reads windows, so an interrupted run keeps what it wrote and a resumed or later one reads it; each file is written
 atomically, so processes share it. Matched hidden states are kept in bfloat16 (half the disk of float32; the hidden
 loss is a scale-normalised distance), the final one in the teacher's dtype.
@@ -37,11 +38,12 @@ def window_file(folder: Path, window: torch.Tensor) -> Path:
 class TeacherCache:
     """Top-k log-probabilities and matched hidden states of one teacher, per window, in `folder`."""
 
-    def __init__(self, root: str | Path, stamp: str, top_k: int, temperature: float, teacher: torch.nn.Module):
+    def __init__(self, root: str | Path, stamp: str, top_k: int, temperature: float, teacher: torch.nn.Module,
+                 autocast: bool = False):
         weight = next(teacher.parameters())
         self.top_k, self.temperature, self.dtype = top_k, temperature, weight.dtype
         self.folder = Path(root) / fingerprint(stamp, top_k, float(temperature) if top_k else None, weight.dtype,
-                                               weight.device.type, HIDDEN_DTYPE)
+                                               weight.device.type, HIDDEN_DTYPE, *(["bf16-autocast"] if autocast else []))
         self.read = self.written = 0
 
     @classmethod

@@ -14,6 +14,7 @@ from echoatt.config import (
     RunConfig,
     record,
 )
+from echoatt.precision import resolve
 from echoatt.rundir import RunDir, device_of, quick_speed_settings, read_student_config, setup
 from echoatt.student import (
     StudentSpec,
@@ -36,8 +37,8 @@ def bench(config: BenchConfig, loaded: Teacher | None = None) -> dict:
         raise ValueError(f"--engine must be torch, vllm or llama.cpp (got {config.engine!r})")
     setup(config)
     device = torch.device(device_of(config))
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(config.dtype)
-    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtypes = bench_dtypes(config.dtype, device)
+    dtype = dtypes[0]
     if config.arch:
         arch = arch_config(config.arch)
         spec = StudentSpec(plan=config.plan, method=config.method, head_map="identity")
@@ -62,13 +63,23 @@ def bench(config: BenchConfig, loaded: Teacher | None = None) -> dict:
     print(f"plan: of {len(roles)} layers, {sum(r in ('copy', 'lisa') for r in roles)} follow "
           f"({student.config.follower_type}), {roles.count('dropped')} have no attention, {roles.count('linear')} a "
           f"linear one, {narrowed} a narrowed or no FFN; "
-          f"{device}, {dtype}, {torch.get_num_threads()} threads")
-    # A loaded teacher is the caller's (run, compare, echoatt.compress): timed as a converted copy, never cast itself
-    with benchmarked(teacher, device, dtype) as timed_teacher:
-        student.to(device=device, dtype=dtype).eval().requires_grad_(False)  # loaded here: ours to convert
-        result = run_bench(timed_teacher, student, config, device)
-    print(save(result, run.results(name)))
-    return result
+          f"{device}, {' and '.join(map(str, dtypes))}, {torch.get_num_threads()} threads")
+    results = []
+    for dtype in dtypes:  # the first is the one the run trains in; fp32 beside it (results named -fp32)
+        # A loaded teacher is the caller's (run, compare, echoatt.compress): timed as a converted copy, never cast
+        with benchmarked(teacher, device, dtype) as timed_teacher, benchmarked(student, device, dtype) as timed:
+            results.append(run_bench(timed_teacher, timed, config, device))
+        print(save(results[-1], run.results(name if dtype == dtypes[0] else f"{name}-fp32")))
+    return results[0]
+
+
+def bench_dtypes(setting: str, device: torch.device) -> list[torch.dtype]:
+    """The dtypes `--dtype` times, the first the one the run trains in: `auto` is bf16 on a GPU, bf16 beside fp32 on
+    a CPU that multiplies bf16 natively (`precision.py`), fp32 elsewhere; `both` is bf16 beside fp32."""
+    bf16, fp32 = torch.bfloat16, torch.float32
+    if setting == "auto":
+        return [bf16] if device.type == "cuda" else [bf16, fp32] if resolve("auto", device).bf16 else [fp32]
+    return {"float32": [fp32], "bfloat16": [bf16], "both": [bf16, fp32]}[setting]
 
 
 def bench_in_engine(config: BenchConfig) -> dict:
@@ -102,10 +113,12 @@ def bench_in_engine(config: BenchConfig) -> dict:
 
 
 def quick_speed(config: RunConfig | CompareConfig, student: Path, teacher: Teacher | None = None) -> dict[str, dict]:
-    """A short measured speed of `student` against the teacher (`bench` at `quick_speed_settings`, written beside it in
-    config.out): {figure: {"setting", "ratio", "bound"}}, the ratio on SDPA with its analytic bound."""
+    """A short measured speed of `student` against the teacher (`bench` at `quick_speed_settings`, in the precision the
+    run distilled in, written beside it in config.out): {figure: {"setting", "ratio", "bound"}}, the ratio on SDPA with its analytic bound."""
     print("timing teacher vs distilled student (`echoatt bench` for the full set)")
+    trains_in = "bfloat16" if resolve(config.bf16, device_of(config)).bf16 else "float32"  # as it was distilled
     result = bench(BenchConfig(**{k: getattr(config, k) for k in ("teacher", "out", "device", "seed", "threads")},
-                               student=str(student), **quick_speed_settings(device_of(config))), teacher)
+                               student=str(student), dtype=trains_in, **quick_speed_settings(device_of(config))),
+                   teacher)
     return {f["figure"]: {"setting": f["setting"], "ratio": f["ratios"]["headline"]["ratio"],
                           "bound": f["ratios"]["headline"]["bound"]} for f in result["figures"]}

@@ -14,7 +14,7 @@ from echoatt.config import (
 from echoatt.distill import distill
 from echoatt.engines.vllm_serve import serving_text
 from echoatt.report import write_report
-from echoatt.rundir import RunDir, RunSummary, device_of, read_student_config, setup
+from echoatt.rundir import RunDir, RunSummary, device_of, read_student_config, setup, training_line
 from echoatt.teacher import Teacher, load_teacher
 
 
@@ -30,9 +30,10 @@ def run(config: RunConfig, teacher: Teacher | None = None) -> RunSummary:
     similarity = analyze(config, teacher, suggest=False)  # the run builds --plan, not a suggestion
     out = RunDir(record(config, "run"))
     share(config, teacher, similarity)
-    distill(config, teacher)
+    trained = distill(config, teacher)
     results = evaluate(config, teacher)
     summary = RunSummary.of(results, config.eval_windows, config.seq_len)
+    summary.training = trained["training"]
     summary.save(out)
     if config.speed:
         quick_speed(config, out.distilled, teacher)
@@ -49,6 +50,7 @@ def run(config: RunConfig, teacher: Teacher | None = None) -> RunSummary:
         print(line)
     if summary.gap_closed_percent is not None:
         print(f"distillation closed {summary.gap_closed_percent:.1f}% of the gap to the teacher")
+    print(f"distillation {training_line(summary.training)}")
     print(f"report: {out.report[1]}")
     for line in serving_text(out.distilled, read_student_config(out.distilled)):
         print(line.replace("`", ""))

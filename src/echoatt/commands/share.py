@@ -27,6 +27,7 @@ from echoatt.configuration_echoatt import family_fields
 from echoatt.corpus import REPEAT_SPAN, repeat_spans, spread, token_windows
 from echoatt.modeling_echoatt import EchoAttForCausalLM
 from echoatt.plan import PlanError, SharingPlan
+from echoatt.precision import Precision, resolve
 from echoatt.repair import repair_briefly
 from echoatt.rundir import (
     RunDir,
@@ -205,7 +206,13 @@ def plan_measures(config: ShareConfig, teacher: Teacher, spec: StudentSpec, simi
                          config.calibrate_ridge)
     inputs = effect_inputs(spread(train, EFFECT_TEXT_WINDOWS), teacher.retrieval_probe(*EFFECT_PROBE, seed=config.seed),
                            **measure_inputs(config, spec, train))
-    return {"block_loss": effects.loss, "joint": joint_loss(teacher.model, spec, similarity, inputs, fit)}
+    joint = joint_loss(teacher.model, spec, similarity, inputs, fit, measuring_precision(config))
+    return {"block_loss": effects.loss, "joint": joint}
+
+
+def measuring_precision(config: ShareConfig) -> Precision:
+    """What the candidates' forward passes run in (`--bf16`; the fits and repairs stay fp32)."""
+    return resolve(config.bf16, device_of(config))
 
 
 def candidate_fits(teacher, candidates: list[tuple], windows: torch.Tensor, ridge: float):
@@ -246,8 +253,10 @@ def block_effects(config: ShareConfig, teacher: Teacher, spec: StudentSpec, simi
             repair = lambda student: repair_briefly(student, teacher.model, windows, config.repair_blocks)
         fit = candidate_fits(teacher.model, missing, spread(train[EFFECT_TEXT_WINDOWS:], EFFECT_FIT_WINDOWS),
                              config.calibrate_ridge)
+        precision = measuring_precision(config)
+        print(f"measuring {len(missing)} candidates: {precision.line()}")
         fresh = measure_block_effects(teacher.model, spec, similarity, missing, spread(train, EFFECT_TEXT_WINDOWS),
-                                      probe, settings, repair=repair, fits=fit,
+                                      probe, settings, repair=repair, fits=fit, precision=precision,
                                       **measure_inputs(config, spec, train))
         effects = BlockEffects(fresh.teacher, known | fresh.blocks, settings)
         run.root.mkdir(parents=True, exist_ok=True)
@@ -265,7 +274,9 @@ def block_effect_settings(config: ShareConfig, teacher: Teacher, spec: StudentSp
                 "corpus": config.corpus, "encoding": config.encoding, "seq_len": config.seq_len, "seed": config.seed,
                 "text_windows": EFFECT_TEXT_WINDOWS, "probe": list(EFFECT_PROBE), "fit_windows": EFFECT_FIT_WINDOWS,
                 "fit_ridge": config.calibrate_ridge}
+    bf16 = measuring_precision(config).bf16  # fp32 measurements keep the key they had before bf16 existed
     return (settings | ({"repair_steps": config.repair_blocks} if config.repair_blocks else {})
+            | ({"precision": "bf16 autocast"} if bf16 else {})
             | ({"long": [EFFECT_LONG_WINDOWS, LONG_RANGE]} if is_long(spec) else {})
             | ({"read": [EFFECT_READ_WINDOWS, REPEAT_SPAN]} if budget_asks(spec, "read") else {}))
 
@@ -273,7 +284,7 @@ def block_effect_settings(config: ShareConfig, teacher: Teacher, spec: StudentSp
 def calibration_settings(config: ShareConfig, teacher: Teacher, student) -> tuple[dict | None, torch.Tensor | None]:
     """What the refit of the followers will use (settings, and the training windows, read now so that a corpus that
     cannot be used is refused before the run folder is touched); None where there is nothing to refit or no text."""
-    followers = any(student.config.role(i) in ("copy", "lisa") for i in student.config.followers())
+    followers = bool(student.config.followers())
     if not config.calibrate or not (followers or any(replaced_layers(student.config))):
         return None, None
     if teacher.tokenizer is None:

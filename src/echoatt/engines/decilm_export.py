@@ -28,7 +28,7 @@ WEIGHT_FILES = ("*.safetensors", "*.safetensors.index.json")
 def block_configs(config: EchoAttConfig) -> list[dict]:
     """One DeciLM block per layer; refuses (by layer) what a DeciLM layer cannot be."""
     roles = [config.role(i) for i in range(config.num_hidden_layers)]
-    followers = [i for i, r in enumerate(roles) if r in ("copy", "lisa")]
+    followers = config.followers()
     if followers:
         raise PlanError(f"layers {followers} reuse another layer's attention, which a DeciLM layer cannot: export a "
                         "student whose attention is only kept or dropped (echoatt share --method drop, or a plan of "

@@ -44,7 +44,7 @@ def permute_qk(w: np.ndarray, heads: int) -> np.ndarray:
 
 def check_expressible(config: EchoAttConfig) -> None:
     """Refuse, by name, what llama.cpp's `deci` layers cannot be (followers, q/k norms, biases, scaled RoPE)."""
-    shared = [i for i in config.followers() if config.role(i) in ("copy", "lisa")]
+    shared = config.followers()
     if shared:
         raise PlanError(f"layers {shared} reuse another layer's attention, which no llama.cpp architecture can: export a "
                         "student whose attention is only kept or dropped — e.g. `echoatt run --plan budget=k=2,"
@@ -138,7 +138,7 @@ def add_parameters(writer: gguf.GGUFWriter, config: EchoAttConfig, file_type) ->
     writer.add_embedding_length(config.hidden_size)
     writer.add_feed_forward_length([config.ffn_width(i) or 1 for i in range(n)])  # 0: a zero one-channel FFN
     writer.add_head_count([0 if r == "dropped" else config.num_attention_heads for r in roles])
-    writer.add_head_count_kv([0 if r in ("dropped", "linear") else config.num_key_value_heads for r in roles])
+    writer.add_head_count_kv([config.num_key_value_heads if config.attends(i) else 0 for i in range(len(roles))])
     writer.add_key_length(config.head_dim)
     writer.add_value_length(config.head_dim)
     writer.add_rope_dimension_count(config.head_dim)

@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 from echoatt.engines.environments import SERVE_ENV, run_worker
+from echoatt.plan import SERVABLE_PLAN
 
 ARCHITECTURE = "EchoAttForCausalLM"
 
@@ -88,7 +89,7 @@ def serving_text(student: Path, config) -> list[str]:
     if "copy" in roles:
         lines.append("Its copy followers keep the leader's keys again in vLLM's KV cache (vLLM has one K/V cache per "
                      "attention layer). Engines without plugins (llama.cpp, SGLang, TensorRT-LLM) run students whose "
-                     "attention is only kept or dropped: `--plan budget=k=2,drop-only` builds one, then `echoatt "
+                     f"attention is only kept or dropped: `--plan {SERVABLE_PLAN}` builds one, then `echoatt "
                      "export`.")
     elif not config.qk_norm:
         decilm = ("" if "linear" in roles else ", `echoatt export OUT --student ...` a DeciLM / Nemotron-NAS folder "
