@@ -100,10 +100,10 @@ def test_a_drop_only_budget_plan_drops_attention_and_shares_none():
     def bounds(plan):  # each follower or dropped layer buys the same
         return dict.fromkeys(("prefill", "decode"), 1 + (len(plan.followers) + len(plan.dropped)) / 10)
 
-    plan = planners.parse("budget=k=2,drop-only", 8, bounds=bounds, block_loss=lambda block: float(block[0]))
+    plan = planners.parse("budget=k=2,drop-only", 8, bounds=bounds, block_loss=lambda block: float(block.first))
     assert plan.blocks == () and plan.dropped  # only dropped layers, the cheapest measured first
     assert list(plan.dropped) == sorted(plan.dropped)[: len(plan.dropped)] and 1 not in plan.dropped
-    assert all(len(b) == 1 for b in planners.budget_candidates("budget=k=2,drop-only", 8))
+    assert {b.kind for b in planners.budget_candidates("budget=k=2,drop-only", 8)} == {"drop"}
 
 
 # --- in llama.cpp itself ----------------------------------------------------------------------------------------------

@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 
 from echoatt import planners
-from echoatt.plan import PlanError, SharingPlan
+from echoatt.plan import Change, PlanError, SharingPlan
 from echoatt.planners import similarity_loss
+
+C = Change.read
 
 
 def test_k2_over_inner_layers_of_30():
@@ -116,8 +118,8 @@ def test_budget_picks_the_most_alike_followers_that_reach_the_bounds():
     plan = planners.parse("budget=k=2,max=4", 8, hm, bounds=bounds)
     assert plan.blocks == ((2, 3, 4, 5),)  # 3 followers, as many as k=2's, and the ones alike
     loss = similarity_loss(hm)
-    assert sum(map(loss, plan.blocks)) == pytest.approx(3 * 0.05)
-    assert sum(map(loss, planners.from_k(8, 2).blocks)) > 2.5
+    assert sum(map(loss, plan.changes())) == pytest.approx(3 * 0.05)
+    assert sum(map(loss, planners.from_k(8, 2).changes())) > 2.5
     assert planners.parse("budget=k=2", 8, hm, bounds=bounds).blocks[0] == (2, 3, 4)  # blocks of at most 3
     assert len(planners.parse("budget=decode=1.06", 8, hm, bounds=bounds).followers) == 3
     assert len(planners.parse("budget=kv=0.9", 8, hm, bounds=bounds).followers) == 2
@@ -135,24 +137,24 @@ def test_budget_avoids_the_blocks_measured_to_cost_most():
     hm = np.full((8, 8), 0.9)
     bounds = lambda plan: {"prefill": 1 + 0.01 * len(plan.followers), "decode": 1, "kv": 1}
     candidates = planners.budget_candidates("budget=prefill=1.03", 8)
-    assert (1, 2) in candidates and (4, 5, 6) in candidates and (0, 1) not in candidates and (6, 7) not in candidates
-    dear = {(1, 2): 5.0, (1, 2, 3): 10.0}  # layer 2 must not follow
-    loss = lambda block: dear.get(block, 0.1 * (len(block) - 1))
+    assert {C("1-2"), C("4-6")} <= set(candidates) and not {C("0-1"), C("6-7")} & set(candidates)
+    dear = {C("1-2"): 5.0, C("1-3"): 10.0}  # layer 2 must not follow
+    loss = lambda block: dear.get(block, 0.1 * len(block.followers))
     plan = planners.parse("budget=prefill=1.03", 8, hm, bounds=bounds, block_loss=loss)
     assert 2 not in plan.followers and len(plan.followers) == 3
-    assert sum(map(loss, plan.blocks)) == pytest.approx(0.3)
+    assert sum(map(loss, plan.changes())) == pytest.approx(0.3)
 
 
 def test_a_move_that_lowers_the_loss_ranks_first_by_how_much_it_lowers_it():
     """With (1,2) and (5,6) chosen, replacing (1,2) by (1,2,3) saves 0.02 for a little progress and by (1,2,3,4) saves
     0.05 for much more: per unit of progress the small saving looks better (-0.2 vs -0.05) and, once taken, meets the
     budget and rules out the large one. Improvements rank first, by how much they improve."""
-    a, b, c, d = (1, 2), (5, 6), (1, 2, 3), (1, 2, 3, 4)
+    a, b, c, d = C("1-2"), C("5-6"), C("1-3"), C("1-4")
     loss = {a: 0.1, b: 0.1, c: 0.08, d: 0.05}.get
     reached = {(): 0, (a,): 1, (b,): 1, (c,): 0.5, (d,): 0.4, (a, b): 2, (c, b): 2.1, (d, b): 3}
-    progress = lambda plan: reached[tuple(sorted(plan.blocks, key=lambda x: x not in (a, c, d)))]
+    progress = lambda plan: reached[tuple(sorted(plan.changes(), key=lambda x: x not in (a, c, d)))]
     plan = planners.from_budget(10, [a, b, c, d], loss, lambda plan: progress(plan) >= 2.1, progress)
-    assert plan.blocks == (d, b) and sum(map(loss, plan.blocks)) == pytest.approx(0.15)
+    assert plan.changes() == [d, b] and sum(map(loss, plan.changes())) == pytest.approx(0.15)
 
 
 def test_progress_never_rewards_a_slower_plan():
@@ -188,11 +190,11 @@ def test_a_mixed_budget_weighs_dropping_attention_against_sharing_it():
     speed per unit of measured loss, whichever kind it is."""
     bounds = lambda plan: {"prefill": 1 + 0.01 * len(plan.followers) + 0.03 * len(plan.dropped), "decode": 1, "kv": 1}
     candidates = planners.budget_candidates("budget=prefill=1.06,drop", 8)
-    assert (2,) in candidates and (1,) not in candidates and (7,) not in candidates  # as followers: 2..6
-    cheap_drops = lambda block: 0.05 if len(block) == 1 else 0.1 * (len(block) - 1)
+    assert C("drop=2") in candidates and not {C("drop=1"), C("drop=7")} & set(candidates)  # as followers: 2..6
+    cheap_drops = lambda block: 0.05 if block.kind == "drop" else 0.1 * len(block.followers)
     plan = planners.parse("budget=prefill=1.06,drop", 8, None, bounds=bounds, block_loss=cheap_drops)
     assert plan.blocks == () and len(plan.dropped) == 2
-    dear_drops = lambda block: 1.0 if len(block) == 1 else 0.1 * (len(block) - 1)
+    dear_drops = lambda block: 1.0 if block.kind == "drop" else 0.1 * len(block.followers)
     plan = planners.parse("budget=prefill=1.03,drop", 8, None, bounds=bounds, block_loss=dear_drops)
     assert plan.dropped == () and len(plan.followers) == 3
     assert "attention dropped at [2, 5]" in SharingPlan(8, ((3, 4),), (2, 5)).describe()
@@ -207,8 +209,8 @@ def test_a_budget_weighs_linear_attention_and_ffn_widths_beside_drops():
     takes the cheapest speed whatever its kind, a narrower FFN replacing the wider one of its layer and a drop the
     linear attention of its layer, never two changes of one kind to one layer."""
     candidates = planners.budget_candidates("budget=decode=1.2,drop,linear,ffn", 8, intermediate=256)
-    assert ("linear", 2) in candidates and ("linear", 1) not in candidates and ("linear", 7) not in candidates
-    assert {c for c in candidates if c[0] == "ffn" and c[1] == 1} == {("ffn", 1, w) for w in (192, 128, 64, 0)}
+    assert C("linear=2") in candidates and not {C("linear=1"), C("linear=7")} & set(candidates)
+    assert {c for c in candidates if c.kind == "ffn" and c.first == 1} == {C(f"ffn=1:{w}") for w in (192, 128, 64, 0)}
     assert planners.ffn_widths(1536) == [1152, 768, 384, 0] and planners.ffn_widths(100) == [64, 0]
 
     def bounds(plan):  # a drop saves 0.05, a linear attention 0.04, an FFN 0.08 x the share of it removed
@@ -216,18 +218,18 @@ def test_a_budget_weighs_linear_attention_and_ffn_widths_beside_drops():
         return {"decode": 1 + 0.05 * len(plan.dropped) + 0.04 * len(plan.linear) + ffn, "prefill": 1, "kv": 1}
 
     def loss(c):  # halving an FFN buys speed cheapest; linear attention costs a tenth of a drop
-        if c[0] == "ffn":
-            return {192: 0.01, 128: 0.015, 64: 0.2, 0: 1.0}[c[2]]
-        return 0.02 if c[0] == "linear" else (0.2 if len(c) == 1 else 5.0)
+        if c.kind == "ffn":
+            return {192: 0.01, 128: 0.015, 64: 0.2, 0: 1.0}[c.width]
+        return 0.02 if c.kind == "linear" else (0.2 if c.kind == "drop" else 5.0)
 
     plan = planners.parse("budget=decode=1.2,drop,linear,ffn", 8, None, bounds=bounds, block_loss=loss,
                           intermediate=256)
     assert plan == SharingPlan(8, (), ffn=tuple((i, 128) for i in range(1, 6)))  # five FFNs halved: 1.2 reached
-    dear_ffn = lambda c: 1.0 if c[0] == "ffn" else loss(c)
+    dear_ffn = lambda c: 1.0 if c.kind == "ffn" else loss(c)
     plan = planners.parse("budget=decode=1.2,drop,linear,ffn", 8, None, bounds=bounds, block_loss=dear_ffn,
                           intermediate=256)
     assert plan.ffn == () and len(plan.linear) == 5 and bounds(plan)["decode"] >= 1.2  # then linear attention
-    twice = lambda c: 0.0 if c == ("linear", 2) else (0.001 if c == (2,) else dear_ffn(c))
+    twice = lambda c: 0.0 if c == C("linear=2") else (0.001 if c == C("drop=2") else dear_ffn(c))
     plan = planners.parse("budget=decode=1.2,drop,linear,ffn", 8, None, bounds=bounds, block_loss=twice,
                           intermediate=256)
     assert 2 in plan.dropped and 2 not in plan.linear  # the drop replaced layer 2's linear attention
@@ -239,8 +241,9 @@ def test_a_long_budget_swaps_its_worst_member_where_the_whole_plan_measures_lowe
     """`,long`: the greedy's plan is measured whole; its worst member (the one whose removal lowers the whole plan's
     loss most) is left out and the budget met again without it, kept only where the whole plan measures lower."""
     bounds = lambda plan: {"prefill": 1 + 0.03 * len(plan.dropped), "decode": 1, "kv": 1}
-    alone = lambda c: {(2,): 0.1, (3,): 0.2, (4,): 0.3, (5,): 0.4}.get(c, 1.0)  # the greedy takes 2 and 3
-    together = lambda plan: sum(alone((d,)) for d in plan.dropped) + (5.0 if {2, 3} <= set(plan.dropped) else 0)
+    alone = lambda c: {C(f"drop={i}"): 0.1 * (i - 1) for i in (2, 3, 4, 5)}.get(c, 1.0)  # the greedy takes 2 and 3
+    together = lambda plan: sum(alone(C(f"drop={d}")) for d in plan.dropped) + (5.0 if {2, 3} <= set(plan.dropped)
+                                                                               else 0)
     spec = "budget=prefill=1.06,drop,long"
     plan = planners.parse(spec, 8, None, bounds=bounds, block_loss=alone, joint=together)
     assert plan.dropped in ((2, 4), (3, 4))  # one of the pair that costs together swapped for layer 4
@@ -250,7 +253,8 @@ def test_a_long_budget_swaps_its_worst_member_where_the_whole_plan_measures_lowe
     plan = planners.parse(spec, 8, None, bounds=bounds, block_loss=alone, joint=lambda p: together(p) - 5.0 * (
         {2, 3} <= set(p.dropped)))  # nothing costs more together: the greedy's plan stays
     assert plan.dropped == (2, 3)
-    assert set(planners.members_of(SharingPlan(8, ((1, 2),), (4,), (5,), ((3, 64),)))) == {
-        (1, 2), (4,), ("ffn", 3, 64), ("linear", 5)}
+    plan = SharingPlan(8, ((1, 2),), (4,), (5,), ((3, 64),))
+    assert plan.changes() == [C("1-2"), C("drop=4"), C("linear=5"), C("ffn=3:64")]
+    assert SharingPlan.of(plan.changes()[::-1], 8) == plan and plan.spec() == "1-2,drop=4,linear=5,ffn=3:64"
     with pytest.raises(PlanError, match="whole"):
         planners.parse(spec, 8, None, bounds=bounds, block_loss=alone)

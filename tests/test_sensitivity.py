@@ -16,9 +16,12 @@ from echoatt.cli import main
 from echoatt.commands import share as share_command
 from echoatt.corpus import REPEAT_SPAN, repeat_spans
 from echoatt.metrics import repeated_tokens, retrieval
+from echoatt.plan import Change
 from echoatt.precision import Precision
 from echoatt.sensitivity import BlockEffects, measure_block_effects
 from echoatt.student import StudentSpec, plan_bounds, student_config
+
+C = Change.read
 
 
 def test_block_effects_are_the_kl_from_the_teacher_of_each_block_alone(tmp_path):
@@ -26,27 +29,27 @@ def test_block_effects_are_the_kl_from_the_teacher_of_each_block_alone(tmp_path)
     text = torch.randint(3, 128, (2, 24), generator=torch.Generator().manual_seed(0))
     probe = repeated_tokens(2, 8, 128, exclude=[0, 1, 2])
     spec = StudentSpec(plan="k=2", head_map="identity")
-    effects = measure_block_effects(teacher, spec, None, [(1, 2), (2, 3, 4), (3,)], text, probe, {"a": 1},
+    effects = measure_block_effects(teacher, spec, None, [C("1-2"), C("2-4"), C("drop=3")], text, probe, {"a": 1},
                                     progress=False)
     student, _ = StudentSpec(plan="2-4", head_map="identity").build(teacher, None)
     p_t, p_s = (torch.log_softmax(m(input_ids=text).logits[:, :-1].double(), -1) for m in (teacher, student))
     kl = (p_t.exp() * (p_t - p_s)).sum(-1).mean().item()  # (N, T-1) positions, every one predicted
-    assert effects.blocks[(2, 3, 4)]["text"] == pytest.approx(kl, rel=1e-4)
+    assert effects.blocks[C("2-4")]["text"] == pytest.approx(kl, rel=1e-4)
     q_t, q_s = (torch.log_softmax(m(input_ids=probe).logits[:, 8:-1].double(), -1) for m in (teacher, student))
-    assert effects.blocks[(2, 3, 4)]["retrieval"] == pytest.approx((q_t.exp() * (q_t - q_s)).sum(-1).mean().item(),
+    assert effects.blocks[C("2-4")]["retrieval"] == pytest.approx((q_t.exp() * (q_t - q_s)).sum(-1).mean().item(),
                                                                    rel=1e-4)  # the repeated half only
     assert effects.teacher["retrieval"] == pytest.approx(retrieval(teacher, probe)["nll"])
     dropped, _ = StudentSpec(plan="2-3", method="drop").build(teacher, None)  # a candidate of one layer: dropped
     d_s = torch.log_softmax(dropped(input_ids=text).logits[:, :-1].double(), -1)
-    assert effects.blocks[(3,)]["text"] == pytest.approx((p_t.exp() * (p_t - d_s)).sum(-1).mean().item(), rel=1e-4)
+    assert effects.blocks[C("drop=3")]["text"] == pytest.approx((p_t.exp() * (p_t - d_s)).sum(-1).mean().item(), rel=1e-4)
     assert "drop=3" in effects.summary()
-    assert effects.loss((1, 2)) == pytest.approx(sum(effects.blocks[(1, 2)].values()))
+    assert effects.loss(C("1-2")) == pytest.approx(sum(effects.blocks[C("1-2")].values()))
     effects.save(tmp_path / "e.json")
     back = BlockEffects.load(tmp_path / "e.json")
     assert back.blocks == effects.blocks and back.known({"a": 1}) == effects.blocks
     assert back.known({"a": 2}) == {}
     assert "cheapest" in effects.summary()
-    fast = measure_block_effects(teacher, spec, None, [(1, 2), (2, 3, 4), (3,)], text, probe, {"a": 1},
+    fast = measure_block_effects(teacher, spec, None, [C("1-2"), C("2-4"), C("drop=3")], text, probe, {"a": 1},
                                  progress=False, precision=Precision(True, "test"))
     for block, terms in effects.blocks.items():  # bf16 matmuls: the same measurement, to bf16's precision
         assert fast.blocks[block] == pytest.approx(terms, rel=0.1, abs=1e-3), block
@@ -67,10 +70,10 @@ def test_replacement_candidates_are_measured_fitted_from_their_layer_up(tmp_path
     stats = replacement_stats(teacher, other, [3], {2: 64}, progress=False)
     fits = lambda student: apply_fits(student, teacher, stats)
     spec = StudentSpec(plan="k=2", head_map="identity")
-    effects = measure_block_effects(teacher, spec, None, [("linear", 3), ("ffn", 2, 64)], text, probe, {},
+    effects = measure_block_effects(teacher, spec, None, [C("linear=3"), C("ffn=2:64")], text, probe, {},
                                     progress=False, fits=fits)
     p_t = torch.log_softmax(teacher(input_ids=text).logits[:, :-1].double(), -1)
-    for candidate, plan in ((("linear", 3), "linear=3"), (("ffn", 2, 64), "ffn=2:64")):
+    for candidate, plan in ((C("linear=3"), "linear=3"), (C("ffn=2:64"), "ffn=2:64")):
         student = build_student(teacher, SharingPlan.read(plan, 6))
         fits(student)
         p_s = torch.log_softmax(student(input_ids=text).logits[:, :-1].double(), -1)
@@ -114,8 +117,10 @@ def test_budget_share_measures_blocks_once(teacher_dir, corpus_dir, tmp_path, mo
     monkeypatch.setattr(share_command, "measure_block_effects", lambda *a, **k: pytest.fail("measured again"))
     assert main(args + ["--overwrite"]) == 0
     assert "measured loss of sharing each block" in capsys.readouterr().out
-    assert sensitivity.BlockEffects.load(out / "block_effects.json").blocks.keys() == {
-        tuple(range(int(a), int(b) + 1)) for a, b in (n.split("-") for n in effects["blocks"])}
+    assert sensitivity.BlockEffects.load(out / "block_effects.json").blocks.keys() == set(map(C, effects["blocks"]))
+    older = out / "older.json"  # files written before `drop=N` named a dropped layer's candidate `N-N`
+    older.write_text(json.dumps({"teacher": {}, "blocks": {"3-3": {"text": 0.1}, "1-2": {"text": 0.2}}, "settings": {}}))
+    assert set(sensitivity.BlockEffects.load(older).blocks) == {C("drop=3"), C("1-2")}
 
 
 def bounds_met(sharing: dict, metric: str, target: float) -> bool:
@@ -204,18 +209,18 @@ def test_a_long_budget_scores_long_range_predictions_and_checks_the_plan_whole(t
     long = torch.randint(3, 128, (2, 160), generator=torch.Generator().manual_seed(1))
     probe = repeated_tokens(2, 8, 128, exclude=[0, 1, 2])
     spec = StudentSpec(plan="k=2", head_map="identity")
-    effects = measure_block_effects(teacher, spec, None, [(3,)], text, probe, {}, progress=False, long=long)
+    effects = measure_block_effects(teacher, spec, None, [C("drop=3")], text, probe, {}, progress=False, long=long)
     dropped, _ = StudentSpec(plan="2-3", method="drop").build(teacher, None)
     labels = long_range_labels(long)
     counted = labels[:, 1:] != -100
     p_t, p_s = (torch.log_softmax(m(input_ids=long).logits[:, :-1].double(), -1) for m in (teacher, dropped))
     kl = ((p_t.exp() * (p_t - p_s)).sum(-1) * counted).sum() / counted.sum()
-    assert counted.sum() > 10 and effects.blocks[(3,)]["long"] == pytest.approx(kl.item(), rel=1e-4)
-    assert effects.loss((3,)) == pytest.approx(sum(effects.blocks[(3,)].values()))
+    assert counted.sum() > 10 and effects.blocks[C("drop=3")]["long"] == pytest.approx(kl.item(), rel=1e-4)
+    assert effects.loss(C("drop=3")) == pytest.approx(sum(effects.blocks[C("drop=3")].values()))
     from echoatt.plan import SharingPlan
 
     joint = sensitivity.joint_loss(teacher, spec, None, sensitivity.effect_inputs(text, probe, long))
-    assert joint(SharingPlan(6, (), (3,))) == pytest.approx(effects.loss((3,)), rel=1e-4)  # a plan of one member
+    assert joint(SharingPlan(6, (), (3,))) == pytest.approx(effects.loss(C("drop=3")), rel=1e-4)  # a plan of one member
     assert joint(SharingPlan(6, (), (2, 3))) > joint(SharingPlan(6, (), (3,)))
 
     _, share = budget_share(teacher_dir, corpus_dir, tmp_path, monkeypatch)
@@ -252,13 +257,13 @@ def test_a_read_budget_charges_each_candidate_for_reading_copies_of_the_training
     reading = repeat_spans(windows, seed=0, span=8)
     probe = repeated_tokens(2, 8, 128, exclude=[0, 1, 2])
     spec = StudentSpec(plan="k=2", head_map="identity")
-    effects = measure_block_effects(teacher, spec, None, [(3,)], text, probe, {}, progress=False, reading=reading)
+    effects = measure_block_effects(teacher, spec, None, [C("drop=3")], text, probe, {}, progress=False, reading=reading)
     dropped, _ = StudentSpec(plan="2-3", method="drop").build(teacher, None)
     counted = reading[1]
     p_t, p_s = (torch.log_softmax(m(input_ids=reading[0]).logits[:, :-1].double(), -1) for m in (teacher, dropped))
     kl = ((p_t.exp() * (p_t - p_s)).sum(-1) * counted).sum() / counted.sum()
-    assert counted.sum() > 20 and effects.blocks[(3,)]["reading"] == pytest.approx(kl.item(), rel=1e-4)
-    assert effects.blocks[(3,)]["reading"] > 0
+    assert counted.sum() > 20 and effects.blocks[C("drop=3")]["reading"] == pytest.approx(kl.item(), rel=1e-4)
+    assert effects.blocks[C("drop=3")]["reading"] > 0
 
     _, share = budget_share(teacher_dir, corpus_dir, tmp_path, monkeypatch)
     share[share.index("budget=prefill=1.01")] = "budget=prefill=1.01,drop,read"

@@ -30,6 +30,90 @@ UNREACHABLE = ("the budget cannot be met even with every unprotected layer follo
                "lower target, or budget=k=2,drop: at least blind k=2's speed, which every model reaches)")
 
 
+CHANGE_KINDS = ("share", "drop", "linear", "ffn")
+
+
+@dataclass(frozen=True)
+class Change:
+    """One change a plan makes, the unit the budget planner chooses among and measures: `share` (a block of
+    consecutive layers, the first leading, the others following it), `drop` (one layer's attention left out), `linear`
+    (one layer's attention replaced by a fitted linear map) or `ffn` (one layer's FFN at `width` channels, 0: none).
+    Its `name` is its entry in the plan syntax (`4-6`, `drop=7`, `linear=7`, `ffn=7:768`); `read` reads it back."""
+
+    kind: str
+    layers: tuple[int, ...]
+    width: int | None = None  # `ffn` only
+
+    def __post_init__(self) -> None:
+        if self.kind not in CHANGE_KINDS:
+            raise PlanError(f"a change is one of {', '.join(CHANGE_KINDS)} (got {self.kind!r})")
+        if (len(self.layers) < 2) if self.kind == "share" else len(self.layers) != 1:
+            raise PlanError(f"a {self.kind} change takes {'two or more layers' if self.kind == 'share' else 'one layer'}"
+                            f" (got {list(self.layers)})")
+        if (self.width is None) != (self.kind != "ffn"):
+            raise PlanError(f"only an ffn change has a width (got {self.kind} with {self.width})")
+
+    @classmethod
+    def block(cls, layers: tuple[int, ...] | list[int]) -> Change:
+        return cls("share", tuple(layers))
+
+    @property
+    def first(self) -> int:
+        """The lowest layer the change touches: below it the student is the teacher."""
+        return self.layers[0]
+
+    @property
+    def followers(self) -> tuple[int, ...]:
+        """The layers that follow a leader under this change (a block's all but its first)."""
+        return self.layers[1:] if self.kind == "share" else ()
+
+    @property
+    def attention_layers(self) -> frozenset[int]:
+        """The layers whose attention the change touches (a block's leader too; none for an FFN)."""
+        return frozenset() if self.kind == "ffn" else frozenset(self.layers)
+
+    def overlaps(self, other: Change) -> bool:
+        """Both change the same layer's attention, or the same layer's FFN."""
+        same_ffn = self.kind == other.kind == "ffn" and self.layers == other.layers
+        return bool(self.attention_layers & other.attention_layers) or same_ffn
+
+    def replaces(self, chosen: Change) -> bool:
+        """Whether this change may replace an overlapping `chosen` one: a larger block the blocks inside it, a
+        narrower FFN a wider one of its layer, a dropped attention a linear one (both save the cache; the drop more)."""
+        if self.kind == "ffn":
+            return chosen.kind == "ffn" and chosen.layers == self.layers and chosen.width > self.width
+        if self.kind == "share":
+            return chosen.kind == "share" and set(chosen.layers) <= set(self.layers)
+        return self.kind == "drop" and chosen.kind == "linear"
+
+    @property
+    def name(self) -> str:
+        first, last = self.layers[0], self.layers[-1]
+        return {"share": f"{first}-{last}", "drop": f"drop={first}", "linear": f"linear={first}",
+                "ffn": f"ffn={first}:{self.width}"}[self.kind]
+
+    def __str__(self) -> str:
+        return self.name
+
+    @classmethod
+    def read(cls, name: str) -> Change:
+        """`name` read back; PlanError for anything else."""
+        word, _, value = name.strip().partition("=")
+        try:
+            if word in ("drop", "linear"):
+                return cls(word, (int(value),))
+            if word == "ffn":
+                layer, width = value.split(":")
+                return cls("ffn", (int(layer),), int(width))
+            a, b = (int(x) for x in name.split("-"))
+        except ValueError as err:
+            raise PlanError(f"cannot read the change {name!r}") from err
+        if b <= a:
+            raise PlanError(f"block {name!r} has one layer: a block needs a leader and at least one follower" if a == b
+                            else f"block {name!r} must run from a lower to a higher layer (like {b}-{a})")
+        return cls("share", tuple(range(a, b + 1)))
+
+
 @dataclass(frozen=True)
 class SharingPlan:
     """Blocks of consecutive layer indices; `blocks[b][0]` leads, the others follow it. A mixed plan also removes
@@ -108,6 +192,19 @@ class SharingPlan:
         return dict(self.ffn).get(layer, full)
 
 
+    def changes(self) -> list[Change]:
+        """The changes the plan is made of, in the order `spec` writes them."""
+        return ([Change.block(b) for b in self.blocks] + [Change("drop", (i,)) for i in self.dropped]
+                + [Change("linear", (i,)) for i in self.linear] + [Change("ffn", (i,), w) for i, w in self.ffn])
+
+    @classmethod
+    def of(cls, changes: list[Change], num_layers: int) -> SharingPlan:
+        """The plan made of `changes` (the planner's chosen candidates)."""
+        kind = lambda k: [c for c in changes if c.kind == k]
+        return cls(num_layers, tuple(sorted(c.layers for c in kind("share"))),
+                   tuple(sorted(c.first for c in kind("drop"))), tuple(sorted(c.first for c in kind("linear"))),
+                   tuple(sorted((c.first, c.width) for c in kind("ffn"))))
+
     @classmethod
     def read(cls, spec: str, num_layers: int) -> SharingPlan:
         """The plan `spec()` writes, read back: explicit blocks `1-2,4-6`, layers whose attention is dropped
@@ -115,36 +212,24 @@ class SharingPlan:
         spec = spec.strip()
         if spec in ("none", ""):
             return cls(num_layers, ())
-        parts = [p.strip() for p in spec.split(",")]
-        blocks, dropped, linear, ffn = [], [], [], []
-        for part in parts:
+        changes = []
+        for part in (p.strip() for p in spec.split(",")):
             try:
-                if part.startswith("drop="):
-                    dropped.append(int(part.removeprefix("drop=")))
-                    continue
-                if part.startswith("linear="):
-                    linear.append(int(part.removeprefix("linear=")))
-                    continue
-                if part.startswith("ffn="):
-                    layer, width = part.removeprefix("ffn=").split(":")
-                    ffn.append((int(layer), int(width)))
-                    continue
-                a, b = (int(x) for x in part.split("-"))
-            except ValueError as err:
+                changes.append(Change.read(part))
+            except PlanError as err:
+                if not str(err).startswith("cannot read"):  # read, but not a change a plan can make
+                    raise
                 near = closest(part.split("=")[0], [*PLAN_WORDS, "none", *CHANGE_WORDS])
                 raise PlanError(f"cannot parse {part!r} in plan {spec!r}{near}: use k=N, threshold=X, budget=..., none, "
                                 "or blocks like 1-2,4-6 (with drop=N for a layer whose attention is dropped, linear=N "
                                 "for one replaced by a linear map, ffn=N:W for an FFN of W channels, 0: none)") from err
-            if b < a:
-                raise PlanError(f"block {part!r} must run from a lower to a higher layer (like {b}-{a})")
-            blocks.append(tuple(range(a, b + 1)))
-        return cls(num_layers, tuple(blocks), tuple(dropped), tuple(linear), tuple(sorted(ffn)))
+        kind = lambda k: [c for c in changes if c.kind == k]  # in the order written: duplicates are refused, not merged
+        return cls(num_layers, tuple(c.layers for c in kind("share")), tuple(c.first for c in kind("drop")),
+                   tuple(c.first for c in kind("linear")), tuple(sorted((c.first, c.width) for c in kind("ffn"))))
 
     def spec(self) -> str:
         """The plan as an explicit plan string that `parse` reads back to this plan:
         `27-28,drop=6,drop=25,linear=12,ffn=5:768`."""
-        parts = ([f"{b[0]}-{b[-1]}" for b in self.blocks] + [f"drop={i}" for i in self.dropped]
-                 + [f"linear={i}" for i in self.linear])
-        return ",".join(parts + ([self.ffn_spec()] if self.ffn else [])) or "none"
+        return ",".join(c.name for c in self.changes()) or "none"
 
 

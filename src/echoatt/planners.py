@@ -9,7 +9,7 @@ from types import MappingProxyType
 
 import numpy as np
 
-from echoatt.plan import AT_LEAST, AT_MOST, PLAN_WORDS, UNREACHABLE, PlanError, SharingPlan
+from echoatt.plan import AT_LEAST, AT_MOST, PLAN_WORDS, UNREACHABLE, Change, PlanError, SharingPlan
 
 
 def from_k(
@@ -92,24 +92,7 @@ def from_ranking(num_layers: int, ranked: list[int], meets: Callable[[SharingPla
     raise PlanError(UNREACHABLE)
 
 
-Candidate = tuple  # a block (its layers), a drop (one layer), ("linear", L) or ("ffn", L, width)
-
-
-def attention_layers(candidate: Candidate) -> set[int]:
-    """The layers whose attention a candidate changes (none for an FFN change)."""
-    if candidate[0] == "ffn":
-        return set()
-    return {candidate[1]} if candidate[0] == "linear" else set(candidate)
-
-
-def replaces(candidate: Candidate, chosen: Candidate) -> bool:
-    """Whether taking `candidate` may replace an overlapping `chosen` one: a larger block the blocks inside it, a
-    narrower FFN a wider one of its layer, a dropped attention a linear one (both save the cache; the drop more)."""
-    if candidate[0] == "ffn":
-        return chosen[0] == "ffn" and chosen[1] == candidate[1] and chosen[2] > candidate[2]
-    if candidate[0] == "linear" or chosen[0] in ("ffn", "linear"):
-        return len(candidate) == 1 and chosen[0] == "linear"
-    return len(candidate) > 1 and len(chosen) > 1 and set(chosen) <= set(candidate)
+Candidate = Change  # the budget planner chooses among changes (plan.py)
 
 
 def from_budget(
@@ -128,17 +111,16 @@ def from_budget(
     larger block measured cheaper than the ones it replaces) and makes progress ranks before any other, the largest
     improvement first: per unit of progress, a smaller gain would look better."""
     chosen = list(chosen)
-    plan = _of(chosen, num_layers)
+    plan = SharingPlan.of(chosen, num_layers)
     while not meets(plan):
         best, now = None, progress(plan)
         for block in candidates:
             if block in chosen:
                 continue
-            inside = [b for b in chosen if attention_layers(b) & attention_layers(block)
-                      or (block[0] == "ffn" and b[0] == "ffn" and b[1] == block[1])]
-            if inside and not all(replaces(block, b) for b in inside):
+            inside = [b for b in chosen if block.overlaps(b)]
+            if inside and not all(block.replaces(b) for b in inside):
                 continue
-            option = _of([b for b in chosen if b not in inside] + [block], num_layers)
+            option = SharingPlan.of([b for b in chosen if b not in inside] + [block], num_layers)
             gain = progress(option) - now
             if gain <= 1e-12:
                 continue
@@ -149,7 +131,7 @@ def from_budget(
         if best is None:
             raise PlanError(UNREACHABLE)
         chosen = sorted([b for b in chosen if b not in best[2]] + [best[1]], key=str)
-        plan = _of(chosen, num_layers)
+        plan = SharingPlan.of(chosen, num_layers)
     return plan
 
 
@@ -169,10 +151,10 @@ def swap_worst(
     (two layers that each keep some of a long-range circuit)."""
     best, left_out = joint(plan), set()
     for _ in range(rounds):
-        members = members_of(plan)
+        members = sorted(plan.changes(), key=str)
         if not members:
             break
-        without = {m: joint(_of([c for c in members if c != m], plan.num_layers)) for m in members}
+        without = {m: joint(SharingPlan.of([c for c in members if c != m], plan.num_layers)) for m in members}
         worst = min(without, key=without.get)  # the lowest loss without it: the most costly member
         left_out.add(worst)
         try:
@@ -188,21 +170,6 @@ def swap_worst(
             break
         plan, best = option, value
     return plan
-
-
-def members_of(plan: SharingPlan) -> list[Candidate]:
-    """The candidates a plan is made of (`_of` read back)."""
-    return sorted([*plan.blocks, *((d,) for d in plan.dropped), *(("linear", i) for i in plan.linear),
-                   *(("ffn", i, w) for i, w in plan.ffn)], key=str)
-
-
-def _of(chosen: list[Candidate], num_layers: int) -> SharingPlan:
-    """A plan from chosen candidates: blocks, single layers (dropped attention), linear attention and FFN widths."""
-    layers = [c for c in chosen if c[0] not in ("linear", "ffn")]
-    return SharingPlan(num_layers, tuple(sorted(b for b in layers if len(b) > 1)),
-                       tuple(sorted(b[0] for b in layers if len(b) == 1)),
-                       tuple(sorted(c[1] for c in chosen if c[0] == "linear")),
-                       tuple(sorted((c[1], c[2]) for c in chosen if c[0] == "ffn")))
 
 
 SYNTAX_WIDTH = 1024  # an FFN width a plan's syntax is checked with before the teacher's is known
@@ -300,15 +267,14 @@ def budget_candidates(spec: str, num_layers: int, intermediate: int | None = Non
     opts = budget_options(spec)
     max_block, protect = int(opts.get("max", 3)), int(opts.get("protect", 1))
     layers = range(protect, num_layers - 1)
-    blocks = [tuple(range(a, a + n)) for n in range(2, max_block + 1) for a in layers if a + n - 1 in layers]
-    singles = [(i,) for i in layers[1:]]
+    blocks = [Change.block(range(a, a + n)) for n in range(2, max_block + 1) for a in layers if a + n - 1 in layers]
     out = [] if "drop-only" in opts else blocks
-    out += singles if "drop" in opts else []
-    out += [("linear", i) for i in layers[1:]] if "linear" in opts else []
+    out += [Change("drop", (i,)) for i in layers[1:]] if "drop" in opts else []
+    out += [Change("linear", (i,)) for i in layers[1:]] if "linear" in opts else []
     if "ffn" in opts:
         if intermediate is None:
             raise PlanError(f"plan {spec!r} weighs FFN widths, which needs the teacher's intermediate size")
-        out += [("ffn", i, w) for i in layers for w in ffn_widths(intermediate)]
+        out += [Change("ffn", (i,), w) for i in layers for w in ffn_widths(intermediate)]
     return out
 
 
@@ -340,7 +306,7 @@ def _budget(spec, num_layers, head_matched, adjacent, bounds, check_only, block_
                    for k, v in ahead.items())
 
     if ranking is not None:  # attention drop, in its own order
-        shareable = {i for block in candidates for i in block[1:]}
+        shareable = {i for change in candidates for i in change.followers}
         return from_ranking(num_layers, [i for i in ranking if i in shareable], meets)
     if set(opts) & {"drop", "linear", "ffn"} and block_loss is None:
         raise PlanError(f"plan {spec!r} weighs dropping or replacing attention, or narrowing FFNs, against sharing "
@@ -355,7 +321,7 @@ def _budget(spec, num_layers, head_matched, adjacent, bounds, check_only, block_
     return plan
 
 
-def similarity_loss(head_matched: np.ndarray, adjacent: bool = False) -> Callable[[tuple[int, ...]], float]:
+def similarity_loss(head_matched: np.ndarray, adjacent: bool = False) -> Callable[[Change], float]:
     """A block's loss as the analysis predicts it: Σ over its followers of 1 − head-matched similarity to the layer
     each reads (the leader, or with `adjacent` the layer before it)."""
-    return lambda block: float(sum(1 - head_matched[i, i - 1 if adjacent else block[0]] for i in block[1:]))
+    return lambda block: float(sum(1 - head_matched[i, i - 1 if adjacent else block.first] for i in block.followers))

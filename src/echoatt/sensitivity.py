@@ -31,29 +31,9 @@ import torch
 from tqdm.auto import tqdm
 
 from echoatt.losses import IGNORE_INDEX, hard_label_loss, soft_label_loss
+from echoatt.plan import Change
 from echoatt.precision import FP32, Precision
 from echoatt.repair import teacher_stream
-
-
-def candidate_name(candidate: tuple) -> str:
-    """A budget candidate as the plan string names it: `4-6` (a block), `drop=7`, `linear=7`, `ffn=7:768`."""
-    if candidate[0] in ("linear", "ffn"):
-        return f"linear={candidate[1]}" if candidate[0] == "linear" else f"ffn={candidate[1]}:{candidate[2]}"
-    return f"{candidate[0]}-{candidate[-1]}" if len(candidate) > 1 else f"drop={candidate[0]}"
-
-
-def candidate_of(name: str) -> tuple:
-    """`candidate_name` read back (and the older `7-7` for a drop)."""
-    if name.startswith("linear="):
-        return ("linear", int(name.removeprefix("linear=")))
-    if name.startswith("ffn="):
-        layer, width = name.removeprefix("ffn=").split(":")
-        return ("ffn", int(layer), int(width))
-    if name.startswith("drop="):
-        return (int(name.removeprefix("drop=")),)
-    a, b = (int(x) for x in name.split("-"))
-    return tuple(range(a, b + 1))
-
 
 LONG_RANGE = 64  # a long-range prediction: the next token last occurred at least this many tokens back
 
@@ -78,19 +58,19 @@ class BlockEffects:
     attention, a narrowed FFN — on text, on the retrieval probe and, where measured, on long-range predictions."""
 
     teacher: dict[str, float]  # the teacher's own NLL there, for scale: {"text": ..., "retrieval": ...[, "long": ...]}
-    blocks: dict[tuple, dict[str, float]]  # candidate -> {"text": KL, "retrieval": KL[, "long": KL]}
+    blocks: dict[Change, dict[str, float]]  # candidate -> {"text": KL, "retrieval": KL[, "long": KL]}
     settings: dict
 
-    def loss(self, block: tuple) -> float:
+    def loss(self, block: Change) -> float:
         """The candidate's measured loss: the sum of its terms (with the long-range one where it was measured)."""
-        return sum(self.blocks[tuple(block)].values())
+        return sum(self.blocks[block].values())
 
-    def known(self, settings: dict) -> dict[tuple[int, ...], dict[str, float]]:
+    def known(self, settings: dict) -> dict[Change, dict[str, float]]:
         """The blocks measured under exactly these settings (`commands.share.block_effect_settings`); none if they differ."""
         return self.blocks if self.settings == settings else {}
 
     def save(self, path: Path) -> None:
-        blocks = {candidate_name(b): v for b, v in self.blocks.items()}
+        blocks = {b.name: v for b, v in self.blocks.items()}
         path.write_text(json.dumps({"teacher": self.teacher, "blocks": blocks, "settings": self.settings}, indent=1))
 
     @classmethod
@@ -98,11 +78,15 @@ class BlockEffects:
         if not path.is_file():
             return None
         data = json.loads(path.read_text())
-        return cls(data["teacher"], {candidate_of(k): v for k, v in data["blocks"].items()}, data["settings"])
+        def older(name: str) -> str:  # files written before `drop=N` named a dropped layer's candidate `N-N`
+            a, dash, b = name.partition("-")
+            return f"drop={a}" if dash and a == b else name
+
+        return cls(data["teacher"], {Change.read(older(k)): v for k, v in data["blocks"].items()}, data["settings"])
 
     def summary(self, top: int = 6) -> str:
         ranked = sorted(self.blocks, key=self.loss)
-        show = lambda bs: ", ".join(f"{candidate_name(b)} {self.loss(b):+.3f}" for b in bs)
+        show = lambda bs: ", ".join(f"{b.name} {self.loss(b):+.3f}" for b in bs)
         terms = " + ".join(dict.fromkeys(k for v in self.blocks.values() for k in v)) or "nothing"
         return (f"measured loss of sharing each block alone (KL from the teacher: {terms}), over "
                 f"{len(self.blocks)} blocks: cheapest {show(ranked[:top])}; dearest {show(ranked[-top:])}")
@@ -121,11 +105,6 @@ def _logits(model: torch.nn.Module, windows: torch.Tensor, start: int = 0,
         return torch.cat([model(inputs_embeds=h[None].to(device), use_cache=False).logits.float().cpu() for h in hidden])
     finally:
         model.model.layers = layers
-
-
-def first_changed(candidate: tuple) -> int:
-    """The lowest layer a candidate changes: below it the student is the teacher."""
-    return candidate[1] if candidate[0] in ("linear", "ffn") else candidate[0]
 
 
 def _repeated_half(probe: torch.Tensor) -> torch.Tensor:
@@ -203,18 +182,14 @@ def measure_block_effects(
             for name, (_, labels) in inputs.items()}
     blocks = {}
     for block in tqdm(candidates, desc="measuring blocks", disable=not progress):
-        if block[0] in ("linear", "ffn"):  # a replacement, fitted as share fits it
-            alone = dataclasses.replace(spec, plan=candidate_name(block))
-        else:
-            alone = (dataclasses.replace(spec, plan=f"{block[0]}-{block[-1]}") if len(block) > 1  # shared...
-                     else dataclasses.replace(spec, method="drop", plan=f"{block[0] - 1}-{block[0]}"))  # ...or dropped
+        alone = dataclasses.replace(spec, plan=block.name)  # shared as `spec` shares, dropped, or a fitted replacement
         student, _ = alone.build(teacher, similarity, share=repair is None)  # the teacher's tensors, unless trained
-        if block[0] in ("linear", "ffn") and fits is not None:
+        if block.kind in ("linear", "ffn") and fits is not None:
             fits(student)
         if repair is not None:
             repair(student)
         with precision.autocast(device):
-            blocks[tuple(block)] = _kl(student, inputs, reference, first_changed(block))
+            blocks[block] = _kl(student, inputs, reference, block.first)
         del student
     return BlockEffects(base, blocks, settings)
 

@@ -26,7 +26,7 @@ from echoatt.config import (
 from echoatt.configuration_echoatt import family_fields
 from echoatt.corpus import REPEAT_SPAN, repeat_spans, spread, token_windows
 from echoatt.modeling_echoatt import EchoAttForCausalLM
-from echoatt.plan import PlanError, SharingPlan
+from echoatt.plan import Change, PlanError, SharingPlan
 from echoatt.precision import Precision, resolve
 from echoatt.repair import repair_briefly
 from echoatt.rundir import (
@@ -215,15 +215,15 @@ def measuring_precision(config: ShareConfig) -> Precision:
     return resolve(config.bf16, device_of(config))
 
 
-def candidate_fits(teacher, candidates: list[tuple], windows: torch.Tensor, ridge: float):
+def candidate_fits(teacher, candidates: list[Change], windows: torch.Tensor, ridge: float):
     """For linear-attention and FFN candidates: one pass of the teacher's statistics over `windows` for all of them
     (`calibrate.replacement_stats`), and the function fitting one candidate's student from them; None without such
     candidates."""
-    linear = sorted({c[1] for c in candidates if c[0] == "linear"})
+    linear = sorted({c.first for c in candidates if c.kind == "linear"})
     widest: dict[int, int] = {}
     for c in candidates:
-        if c[0] == "ffn" and c[2]:
-            widest[c[1]] = max(widest.get(c[1], 0), c[2])
+        if c.kind == "ffn" and c.width:
+            widest[c.first] = max(widest.get(c.first, 0), c.width)
     if not linear and not widest:
         return None
     stats = replacement_stats(teacher, windows, linear, widest)
