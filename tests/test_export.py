@@ -15,7 +15,7 @@ from echoatt.cli import main
 from echoatt.configuration_echoatt import EchoAttConfig
 from echoatt.cost_model import forward_cost
 from echoatt.engines.vllm_serve import case_bounds, check_servable, kv_bytes_per_token, parse_cases, serving_text
-from echoatt.plan import SharingPlan
+from echoatt.plan import PlanError, SharingPlan
 from echoatt.student import build_student
 
 
@@ -178,3 +178,22 @@ def test_vllm_bounds_count_the_keys_a_follower_caches_again():
     assert crossing - aligned == pytest.approx((groups - 1) * B * (1 + P + 1) * kv_layer)  # written once, P+1 read
     assert aligned_kv == kv_bytes_per_token(c, w) == 6 * kv_layer and crossing_kv == 5 * kv_layer + groups * kv_layer
     assert kv_bytes_per_token(build_student(teacher, SharingPlan(6, ((2, 3),)), None, "drop").config, w) == 5 * kv_layer
+
+
+@pytest.mark.parametrize("family", ["llama", "llama3", "qwen3"])
+@pytest.mark.parametrize("plan", ["1-2", "drop=3", "linear=3", "drop=2,ffn=4:0"])
+def test_serving_text_offers_an_engine_exactly_where_its_exporter_runs(tmp_path, family, plan):
+    """The run's closing advice asks each exporter (`engines.support`), so it offers GGUF and DeciLM exactly where
+    `check_expressible` and `block_configs` take the student (llama3 has scaled RoPE and biases: no GGUF)."""
+    from echoatt.engines.decilm_export import block_configs
+    from echoatt.engines.gguf_export import check_expressible
+
+    config = build_student(tiny_teacher(family=family), SharingPlan.read(plan, 6)).config
+    text = " ".join(serving_text(tmp_path, config))
+    for export, offer in ((check_expressible, "--format gguf"), (block_configs, "DeciLM / Nemotron-NAS folder")):
+        try:
+            export(config)
+            runs = True
+        except PlanError:
+            runs = False
+        assert (offer in text) is runs, (family, plan, offer)

@@ -18,6 +18,7 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 
 from echoatt.configuration_echoatt import EchoAttConfig, llama_fields
+from echoatt.engines.support import decilm_refusal
 from echoatt.plan import PlanError
 from echoatt.rundir import SHARING_FILE
 
@@ -27,20 +28,10 @@ WEIGHT_FILES = ("*.safetensors", "*.safetensors.index.json")
 
 def block_configs(config: EchoAttConfig) -> list[dict]:
     """One DeciLM block per layer; refuses (by layer) what a DeciLM layer cannot be."""
+    refusal = decilm_refusal(config)  # what a DeciLM layer cannot be, by name
+    if refusal:
+        raise PlanError(refusal)
     roles = [config.role(i) for i in range(config.num_hidden_layers)]
-    followers = config.followers()
-    if followers:
-        raise PlanError(f"layers {followers} reuse another layer's attention, which a DeciLM layer cannot: export a "
-                        "student whose attention is only kept or dropped (echoatt share --method drop, or a plan of "
-                        "drop=N entries), or serve this one in vLLM with echoatt installed")
-    linear = [i for i, r in enumerate(roles) if r == "linear"]
-    if linear:
-        raise PlanError(f"layers {linear} replace attention by a linear map, which vLLM's DeciLM model does not read "
-                        "(it would build full attention there): export GGUF for llama.cpp (--format gguf), or serve "
-                        "this student in vLLM with echoatt installed")
-    if config.qk_norm:
-        raise PlanError(f"{config.family} attention normalises q and k per head, which DeciLM layers do not: serve "
-                        "this student in vLLM with echoatt installed")
     groups = config.num_attention_heads // config.num_key_value_heads
     # A no-op layer's n_heads_in_group is None: llama.cpp's converter reads that as attention-free (vLLM reads no_op).
     return [{"attention": {"no_op": role == "dropped", "replace_with_linear": False,

@@ -27,6 +27,7 @@ import gguf
 import numpy as np
 
 from echoatt.configuration_echoatt import EchoAttConfig
+from echoatt.engines.support import gguf_refusal
 from echoatt.plan import PlanError
 
 TYPES = {  # --type -> (file type, tensor type for 2-D weights)
@@ -43,20 +44,10 @@ def permute_qk(w: np.ndarray, heads: int) -> np.ndarray:
 
 
 def check_expressible(config: EchoAttConfig) -> None:
-    """Refuse, by name, what llama.cpp's `deci` layers cannot be (followers, q/k norms, biases, scaled RoPE)."""
-    shared = config.followers()
-    if shared:
-        raise PlanError(f"layers {shared} reuse another layer's attention, which no llama.cpp architecture can: export a "
-                        "student whose attention is only kept or dropped — e.g. `echoatt run --plan budget=k=2,"
-                        "drop-only` (the planner's budget met by dropped attention alone) or `--method drop`")
-    if config.qk_norm:
-        raise PlanError(f"{config.family} normalises q and k per head, which llama.cpp's deci layers do not")
-    out_bias = config.attention_bias if config.attention_out_bias is None else config.attention_out_bias
-    if config.attention_bias or out_bias:
-        raise PlanError(f"{config.family} attention has biases, which echoatt's GGUF export does not write yet")
-    rope = (config.rope_parameters or {}).get("rope_type", "default")
-    if rope != "default":
-        raise PlanError(f"RoPE scaling {rope!r} is not exported to GGUF yet (default RoPE only)")
+    """Refuse, by name, what llama.cpp's `deci` layers cannot be (`support.gguf_refusal`)."""
+    refusal = gguf_refusal(config)
+    if refusal:
+        raise PlanError(refusal)
 
 
 # The pre-tokenizers of tokenizer.json that llama.cpp has under a name of its own (`tokenizer.ggml.pre`): a byte-level

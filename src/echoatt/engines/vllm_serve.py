@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 from echoatt.engines.environments import SERVE_ENV, run_worker
+from echoatt.engines.support import decilm_refusal, gguf_refusal, vllm_refusal
 from echoatt.plan import SERVABLE_PLAN
 
 ARCHITECTURE = "EchoAttForCausalLM"
@@ -80,22 +81,24 @@ def serve_command(student: Path, config) -> str:
 
 def serving_text(student: Path, config) -> list[str]:
     """Where and how `student` (its config `config`) can be served, for the run's report and its last lines."""
-    roles = {config.role(i) for i in range(config.num_hidden_layers)}
-    if "lisa" in roles:
-        return [(f"`{student}` has LiSA followers, which vLLM's attention kernels cannot express: it runs in "
-                "transformers (`AutoModelForCausalLM.from_pretrained`, `generate()`); serve a copy or drop student.")]
+    refusal = vllm_refusal(config)
+    if refusal:
+        return [(f"`{student}` has {refusal}: it runs in transformers (`AutoModelForCausalLM.from_pretrained`, "
+                 "`generate()`); serve a copy or drop student.")]
     lines = [(f"Serve it with vLLM (echoatt's plugin loads it; on CPUs `bash scripts/setup.sh --serve` first): "
              f"`{serve_command(student, config)}`, or `vllm.LLM(model=\"{student}\")`.")]
-    if "copy" in roles:
+    if config.followers():
         lines.append("Its copy followers keep the leader's keys again in vLLM's KV cache (vLLM has one K/V cache per "
                      "attention layer). Engines without plugins (llama.cpp, SGLang, TensorRT-LLM) run students whose "
                      f"attention is only kept or dropped: `--plan {SERVABLE_PLAN}` builds one, then `echoatt "
                      "export`.")
-    elif not config.qk_norm:
-        decilm = ("" if "linear" in roles else ", `echoatt export OUT --student ...` a DeciLM / Nemotron-NAS folder "
-                  "that vLLM, SGLang and TensorRT-LLM load (`--trust-remote-code`)")
-        lines.append(f"Without echoatt: `echoatt export student.gguf --format gguf --student {student}` writes a GGUF "
-                     f"file for llama.cpp (`--type f16|q8_0`){decilm}.")
+    offered = [text for check, text in (
+        (gguf_refusal, (f"`echoatt export student.gguf --format gguf --student {student}` writes a GGUF file for "
+                        "llama.cpp (`--type f16|q8_0`)")),
+        (decilm_refusal, ("`echoatt export OUT --student ...` a DeciLM / Nemotron-NAS folder that vLLM, SGLang and "
+                          "TensorRT-LLM load (`--trust-remote-code`)"))) if check(config) is None]
+    if offered and not config.followers():
+        lines.append(f"Without echoatt: {', '.join(offered)}.")
     return lines
 
 
