@@ -125,7 +125,7 @@ def test_replacements_are_the_least_squares_fits_and_touch_nothing_else():
 def test_a_student_without_followers_reports_only_what_was_fitted():
     """A linear-attention student has no followers: its calibration names the linear map's fit, and the report has
     no "Followers calibrated … 0.000 → 0.000" line."""
-    from echoatt.commands.share import calibrate_student
+    from echoatt.calibrate import calibrate_student
     from echoatt.report import student_text
     from echoatt.rundir import SharingInfo
     from echoatt.student import StudentSpec

@@ -159,7 +159,8 @@ def test_a_lisa_plan_of_dropped_layers_only_trains_like_any_other(teacher):
     around the dropped ones."""
     plan = SharingPlan(6, (), (2, 4))
     student = build_student(teacher, plan, method="lisa")
-    assert student.config.follower_type == "lisa" and student.config.followers() == [2, 4]
+    assert student.config.follower_type == "lisa" and student.config.followers() == []
+    assert student.config.attention_changed() == [2, 4]
     assert set_trainable(student, "auto") == [name for name, _ in student.named_parameters()]
     names = set_trainable(student, "shared")
     assert names and all(".layers.2." in n or ".layers.3." in n or ".layers.4." in n or ".layers.5." in n

@@ -10,10 +10,9 @@ import torch
 from conftest import TOY, tiny_teacher
 from transformers import AutoConfig
 
-from echoatt import planners, sensitivity
+from echoatt import planners, search, sensitivity
 from echoatt.analysis import Similarity
 from echoatt.cli import main
-from echoatt.commands import share as share_command
 from echoatt.corpus import REPEAT_SPAN, repeat_spans
 from echoatt.metrics import repeated_tokens, retrieval
 from echoatt.plan import Change
@@ -114,7 +113,7 @@ def test_budget_share_measures_blocks_once(teacher_dir, corpus_dir, tmp_path, mo
 
     assert bounds_met(sharing, "prefill", 1.01) and len(sharing["plan"]) == 1  # one block is enough here
     assert f"{sharing['plan'][0][0]}-{sharing['plan'][0][-1]}" == min(effects["blocks"], key=per_progress)
-    monkeypatch.setattr(share_command, "measure_block_effects", lambda *a, **k: pytest.fail("measured again"))
+    monkeypatch.setattr(search, "measure_block_effects", lambda *a, **k: pytest.fail("measured again"))
     assert main(args + ["--overwrite"]) == 0
     assert "measured loss of sharing each block" in capsys.readouterr().out
     assert sensitivity.BlockEffects.load(out / "block_effects.json").blocks.keys() == set(map(C, effects["blocks"]))
@@ -142,8 +141,8 @@ def test_block_effects_are_measured_again_when_what_they_depend_on_changes(teach
 
     base, share = budget_share(teacher_dir, corpus_dir, tmp_path, monkeypatch)
     measured = []
-    real = share_command.measure_block_effects
-    monkeypatch.setattr(share_command, "measure_block_effects", lambda *a, **k: measured.append(1) or real(*a, **k))
+    real = search.measure_block_effects
+    monkeypatch.setattr(search, "measure_block_effects", lambda *a, **k: measured.append(1) or real(*a, **k))
     assert main(["analyze", *base, "--num-sequences", "2"]) == 0 and main(share) == 0
     assert main(share) == 0 and len(measured) == 1  # nothing changed: reused
     assert main(["analyze", *base, "--num-sequences", "6"]) == 0 and main(share) == 0
@@ -165,8 +164,8 @@ def test_blocks_measured_after_a_local_repair_are_kept_apart(teacher_dir, corpus
     out = tmp_path / "run"
     _, share = budget_share(teacher_dir, corpus_dir, tmp_path, monkeypatch)
     repaired = []
-    real = share_command.repair_briefly
-    monkeypatch.setattr(share_command, "repair_briefly", lambda *a, **k: repaired.append(a[3]) or real(*a, **k))
+    real = search.repair_briefly
+    monkeypatch.setattr(search, "repair_briefly", lambda *a, **k: repaired.append(a[3]) or real(*a, **k))
     assert main([*share, "--repair-blocks", "6"]) == 0
     after = BlockEffects.load(out / "block_effects.json")
     assert after.settings["repair_steps"] == 6 and repaired == [6] * len(after.blocks)
@@ -231,10 +230,10 @@ def test_a_long_budget_scores_long_range_predictions_and_checks_the_plan_whole(t
         measure = sensitivity.joint_loss(*args, **kwargs)
         return lambda plan: joint.append(plan) or measure(plan)
 
-    monkeypatch.setattr(share_command, "joint_loss", counted_joint_loss)
+    monkeypatch.setattr(search, "joint_loss", counted_joint_loss)
     assert main(share) == 0
     kept = BlockEffects.load(tmp_path / "run" / "block_effects.json")
-    assert kept.settings["long"] == [share_command.EFFECT_LONG_WINDOWS, sensitivity.LONG_RANGE]
+    assert kept.settings["long"] == [search.EFFECT_LONG_WINDOWS, sensitivity.LONG_RANGE]
     assert all("long" in v for v in kept.blocks.values()) and joint
 
 
@@ -269,5 +268,5 @@ def test_a_read_budget_charges_each_candidate_for_reading_copies_of_the_training
     share[share.index("budget=prefill=1.01")] = "budget=prefill=1.01,drop,read"
     assert main([*share, "--seq-len", "80"]) == 0  # windows whose halves hold a span of 32
     kept = BlockEffects.load(tmp_path / "run" / "block_effects.json")
-    assert kept.settings["read"] == [share_command.EFFECT_READ_WINDOWS, REPEAT_SPAN]
+    assert kept.settings["read"] == [search.EFFECT_READ_WINDOWS, REPEAT_SPAN]
     assert all("reading" in v for v in kept.blocks.values())

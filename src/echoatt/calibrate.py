@@ -24,6 +24,11 @@ from tqdm.auto import tqdm
 
 from echoatt.student import narrowed_mlp_weights
 
+# What each kind of change (`plan.Change`) gets fitted before training, or None: a declaration the tests hold
+# `calibrate_student` to.
+FITS = {"share": "each follower's o_proj (calibrate_followers)", "drop": None,
+        "linear": "the linear map (fit_replacements)", "ffn": "the kept channels' down projection (fit_replacements)"}
+
 
 @dataclass
 class CalibrationReport:
@@ -252,3 +257,14 @@ def fit_replacements(student, teacher, windows: torch.Tensor, ridge: float = 1e-
     stats = replacement_stats(teacher, windows, linear, {i: student.config.ffn_width(i) for i in narrowed},
                               batch_size, progress, ranking_windows)
     return apply_fits(student, teacher, stats, ridge)
+
+
+def calibrate_student(student, teacher, windows: torch.Tensor, ridge: float, progress: bool = True) -> dict:
+    """Every closed-form fit a new student gets, in place: its followers' o_proj (`calibrate_followers`), its linear
+    attention and narrowed FFNs (`fit_replacements`); returns their mean errors before and after."""
+    followers = calibrate_followers(student, teacher, windows, ridge, progress=progress)
+    replaced = fit_replacements(student, teacher, windows, ridge, progress=progress)
+    for done, what in ((followers, "followers' o_proj"), (replaced, "linear attention and narrowed FFNs")):
+        if done.after and progress:
+            print(done.summary(what))
+    return followers.means() | {f"replaced_{k}": v for k, v in replaced.means().items()}

@@ -10,17 +10,11 @@ import torch
 
 from echoatt import planners
 from echoatt.analysis import Similarity
+from echoatt.calibrate import calibrate_student
 from echoatt.commands.analyze import analyze_with_defaults
 from echoatt.commands.bench import quick_speed
 from echoatt.commands.evaluate import EVAL_PROBE, evaluate, perplexity_texts
-from echoatt.commands.share import (
-    calibrate_student,
-    calibration_settings,
-    find_similarity,
-    plan_measures,
-    share,
-    spec_of,
-)
+from echoatt.commands.share import calibration_settings, find_similarity, share, spec_of
 from echoatt.config import (
     CompareConfig,
     record,
@@ -31,6 +25,7 @@ from echoatt.metrics import retrieval
 from echoatt.plan import AT_MOST, PlanError
 from echoatt.report import write_report
 from echoatt.rundir import RunDir, SharingInfo, TradeCurve, device_of, point_perplexities, setup, zero_shot_summary
+from echoatt.search import plan_measures
 from echoatt.student import (
     VARIANTS,
     StudentSpec,
