@@ -212,7 +212,7 @@ def test_bench_leaves_the_callers_teacher_as_it_was(tmp_path):
 def test_the_runs_own_speed_check_times_compiled_static_decode_on_cuda():
     """`run`'s short timing on a GPU decodes from a static cache with compiled steps (eager steps from a dynamic cache
     time launches and the cache's per-step copies there); on a CPU it is the curve's setting."""
-    from echoatt.rundir import QUICK_SPEED, quick_speed_settings
+    from echoatt.results import QUICK_SPEED, quick_speed_settings
 
     assert quick_speed_settings("cpu") == QUICK_SPEED
     cuda = quick_speed_settings("cuda:1")

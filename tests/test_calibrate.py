@@ -135,7 +135,8 @@ def test_a_student_without_followers_reports_only_what_was_fitted():
     windows = torch.randint(3, 128, (4, 24), generator=torch.Generator().manual_seed(0))
     fitted = calibrate_student(student, teacher, windows, 1e-2, progress=False)
     assert "error_before" not in fitted and fitted["replaced_error_after"] < fitted["replaced_error_before"]
-    info = SharingInfo(identity={}, plan=[], method="copy", head_map=None, lisa=None, dropped=[], linear=[3], ffn=[],
+    info = SharingInfo(identity={"attention_source": list(range(6))}, plan="linear=3", method="copy", head_map=None,
+                       lisa=None,
                        parameters={"teacher": 2, "student": 1, "removed": 1, "removed_percent": 50.0},
                        kv_cache_bytes_per_token_bf16={"teacher": 2, "student": 1},
                        calibration={"windows": 4} | fitted, bounds=None)

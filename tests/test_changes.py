@@ -3,6 +3,8 @@ fit or none by declaration (`calibrate.FITS`), and a yes or a named refusal from
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from conftest import tiny_teacher
@@ -11,6 +13,7 @@ from echoatt.calibrate import FITS, calibrate_student
 from echoatt.cost_model import forward_cost
 from echoatt.engines import support
 from echoatt.plan import CHANGE_KINDS, Change, SharingPlan
+from echoatt.rundir import SHARING_FILE, SharingInfo
 from echoatt.student import build_student
 
 EXAMPLE = {"share": "1-2", "drop": "drop=3", "linear": "linear=3", "ffn": "ffn=3:64"}  # one of each kind
@@ -51,3 +54,16 @@ def test_changes_say_which_attention_they_touch_and_what_they_replace():
     for bad in ("3-3", "4-2", "drop=x", "ffn=3"):
         with pytest.raises(ValueError):
             Change.read(bad)
+
+
+def test_the_saved_plan_is_its_spec_and_older_files_read_as_one(tmp_path):
+    """One description of a plan: `sharing.json` keeps the spec; a file of the older list per kind reads as its spec."""
+    older = {"identity": {"attention_source": [0, 1, 1, 3, -1, 5]}, "plan": [[1, 2]], "dropped": [4], "linear": [],
+             "ffn": [[3, 64]], "method": "copy", "head_map": None, "lisa": None, "parameters": {},
+             "kv_cache_bytes_per_token_bf16": {}}
+    (tmp_path / SHARING_FILE).write_text(json.dumps(older))
+    info = SharingInfo.load(tmp_path)
+    assert info.plan == "1-2,drop=4,ffn=3:64" and info.sharing_plan() == SharingPlan(6, ((1, 2),), (4,), (), ((3, 64),))
+    info.save(tmp_path)
+    saved = json.loads((tmp_path / SHARING_FILE).read_text())
+    assert saved["plan"] == info.plan and not {"dropped", "linear", "ffn"} & set(saved)

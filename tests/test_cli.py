@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -14,7 +15,7 @@ from echoatt import planners
 from echoatt.analysis import Similarity
 from echoatt.cli import main
 from echoatt.plan import SharingPlan
-from echoatt.rundir import TradeCurve
+from echoatt.results import TradeCurve
 from echoatt.student import StudentSpec, plan_bounds, student_config
 
 
@@ -46,21 +47,22 @@ def test_run_writes_analysis_and_student(trained_teacher_dir, corpus_dir, tmp_pa
     assert all(f["ratios"]["headline"]["bound"] > 0 for f in speed["figures"])
     assert (out / "training_curves.png").is_file() and "<table>" in (out / "report.html").read_text()
     info = json.loads((out / "student" / "sharing.json").read_text())
-    changed = sorted([i for block in info["plan"] for i in block[1:]] + info["dropped"])  # shared or dropped
+    plan = SharingPlan.read(info["plan"], 6)  # the plan is kept as its spec
+    changed = sorted(plan.followers + list(plan.dropped))  # shared or dropped
     assert changed and info["parameters"]["removed"] > 0
     config = AutoConfig.from_pretrained(trained_teacher_dir)
-    plan = planners.from_k(6, 2)  # blind k=2, with the head maps the analysis gives it
-    maps = StudentSpec().head_maps(config, plan, Similarity.load(out / "similarity.json"))
-    k2 = plan_bounds(config, student_config(config, plan, maps))
+    k2_plan = planners.from_k(6, 2)  # blind k=2, with the head maps the analysis gives it
+    maps = StudentSpec().head_maps(config, k2_plan, Similarity.load(out / "similarity.json"))
+    k2 = plan_bounds(config, student_config(config, k2_plan, maps))
     assert info["bounds"]["decode"] >= 1.15 - 1e-9  # the default budget's target...
     effects = json.loads((out / "block_effects.json").read_text())["blocks"]
     cost = lambda names: sum(sum(effects[n].values()) for n in names)
-    chosen = [f"{b[0]}-{b[-1]}" for b in info["plan"]] + [f"drop={i}" for i in info["dropped"]]
+    chosen = [change.name for change in plan.changes()]
     assert set(chosen) <= set(effects)  # ...met by measured candidates...
     assert k2["decode"] < 1.15 or cost(chosen) <= cost(["1-2", "3-4"])  # ...at no more loss than k=2 where k=2 meets it
     distilled = AutoModelForCausalLM.from_pretrained(out / "student-distilled").config
     assert distilled.attention_changed() == changed and distilled.followers() == sorted(
-        i for block in info["plan"] for i in block[1:])  # followers are those that follow: not the dropped layers
+        plan.followers)  # followers are those that follow: not the dropped layers
     sim = json.loads((out / "similarity.json").read_text())
     assert len(sim["head_avg"]) == 6 and sim["tokens"] == 4 * 32
     assert (out / "attention_similarity.png").is_file()
@@ -200,9 +202,9 @@ def test_compare_at_equal_bound_draws_the_trade_curve(teacher_dir, corpus_dir, t
             assert p["other_perplexity"] > 1 and p["other_perplexity"] != p["perplexity"]
         assert trained[1]["zero_shot_gap"] == pytest.approx(-0.05 * points[1]["followers"])
     assert curve["teacher"]["zero_shot_mean"] == pytest.approx(0.6, abs=1e-4)
-    dropped = curve["points"]["attention drop"][0]["plan"]
-    ranked = sorted(range(1, 5), key=lambda i: -sim["redundancy"][i])
-    assert [b[1] for b in dropped] == sorted(ranked[: len(dropped)])  # LLM-Drop's most redundant first
+    dropped = SharingPlan.read(curve["points"]["attention drop"][0]["spec"], 6)
+    ranked = sorted(range(2, 5), key=lambda i: -sim["redundancy"][i])
+    assert not dropped.blocks and sorted(dropped.dropped) == sorted(ranked[: len(dropped.dropped)])  # most redundant first
     assert (out / "matched" / "block_effects.json").is_file() and not (out / "drop" / "block_effects.json").exists()
     mixed = json.loads((out / "mixed" / "block_effects.json").read_text())["blocks"]
     assert {"drop=2", "drop=3", "drop=4"} <= set(mixed)  # dropping each layer alone was measured beside the blocks
@@ -296,6 +298,9 @@ def test_densest_bound_is_each_methods_real_reach():
     copy = StudentSpec(plan="budget=kv=0.55", method="copy", head_map="identity")
     blocks = plan_bounds(config, student_config(config, planners.from_k(6, 3)))["kv"]
     assert densest_bound(copy, config, None, "kv") == pytest.approx(blocks) and blocks > 0.55
+    mixed_prefill = densest_bound(mixed, config, None, "prefill")
+    wide = dataclasses.replace(mixed, plan="budget=prefill=9,drop,linear,ffn")  # from the planner's own candidates:
+    assert densest_bound(wide, config, None, "prefill") > mixed_prefill  # its FFNs narrowed too (they were left out)
 
 
 def test_a_kv_curve_says_at_most():

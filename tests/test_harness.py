@@ -160,7 +160,7 @@ def test_the_zero_shot_gap_is_paired_item_by_item():
     each score; checked against the formula, task by task and over tasks."""
     import statistics
 
-    from echoatt.rundir import zero_shot_gap, zero_shot_summary
+    from echoatt.results import zero_shot_gap, zero_shot_summary
 
     teacher_items = [float(i % 2) for i in range(200)]  # 0.5: stderr of the score alone ~0.035
     student_items = list(teacher_items)

@@ -21,7 +21,7 @@ from echoatt.key_tokens import (
 )
 from echoatt.losses import IGNORE_INDEX, KDLoss, fused_output_kd, hard_label_loss, soft_label_loss, topk_soft_label_loss
 from echoatt.metrics import perplexity, token_nll
-from echoatt.rundir import key_row, point_perplexities
+from echoatt.results import key_row, point_perplexities
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])

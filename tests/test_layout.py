@@ -18,15 +18,12 @@ def test_no_function_is_longer_than_sixty_lines():
 
 
 def imports_of(path: Path, modules: set[str]) -> set[str]:
-    """The echoatt modules a file imports when it runs (at the top or inside functions; not under TYPE_CHECKING):
-    `from echoatt import planners` imports the module `echoatt.planners`, `from echoatt.plan import X` `echoatt.plan`."""
+    """The echoatt modules a file imports (at the top, inside functions or for type checking alone: a type-only import
+    is still a dependency a reader follows): `from echoatt import planners` imports the module `echoatt.planners`,
+    `from echoatt.plan import X` `echoatt.plan`."""
     tree = ast.parse(path.read_text())
-    typing_only = {id(x) for n in ast.walk(tree) if isinstance(n, ast.If) and getattr(n.test, "id", "") == "TYPE_CHECKING"
-                   for b in n.body for x in ast.walk(b)}
     found = set()
     for node in ast.walk(tree):
-        if id(node) in typing_only:
-            continue
         if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("echoatt"):
             found |= {f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module
                       for a in node.names}

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
+from conftest import tiny_teacher
 
 from echoatt import planners
 from echoatt.plan import Change, PlanError, SharingPlan
@@ -169,9 +171,26 @@ def test_progress_never_rewards_a_slower_plan():
 
 
 def test_drop_budget_takes_its_own_ranking():
-    bounds = lambda plan: {"prefill": 1 + 0.01 * len(plan.followers), "decode": 1, "kv": 1}
+    """Attention drop's plan is made of dropped attention (one path with a plan's `drop=N`), in its own order."""
+    bounds = lambda plan: {"prefill": 1 + 0.01 * len(plan.dropped), "decode": 1, "kv": 1}
     plan = planners.parse("budget=prefill=1.03", 8, None, bounds=bounds, ranking=[0, 5, 7, 2, 3, 6, 1, 4])
-    assert plan.followers == [2, 3, 5] and plan.blocks == ((1, 2, 3), (4, 5))  # 0 and 7 are never shared
+    assert plan.dropped == (2, 3, 5) and plan.blocks == ()  # 0, 1 (the first follower-able is 2) and 7 never
+    only = planners.parse("budget=prefill=1.03,drop-only", 8, None, bounds=bounds, ranking=[0, 5, 7, 2, 3, 6, 1, 4])
+    assert only == plan  # drop-only has no blocks: its drops are what attention drop may take
+
+
+def test_attention_drop_drops_what_a_plan_would_make_follow():
+    """`--method drop` on an explicit plan builds the same student as the plan with those layers' attention
+    dropped, and its plan says so."""
+    from echoatt.student import StudentSpec
+
+    teacher = tiny_teacher()
+    student, plan = StudentSpec("1-3,ffn=4:64", method="drop").build(teacher, None)
+    assert plan == SharingPlan.read("drop=2,drop=3,ffn=4:64", 6) == SharingPlan.read("1-3,ffn=4:64", 6).dropping_followers()
+    same, _ = StudentSpec(plan.spec(), method="copy", head_map="identity").build(teacher, None)
+    assert student.config.to_dict() | {"_name_or_path": ""} == same.config.to_dict() | {"_name_or_path": ""}
+    for (name, a), (_, b) in zip(student.state_dict().items(), same.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
 
 
 @pytest.mark.parametrize("options", [",linear", ",ffn", ",drop,linear,ffn"])

@@ -53,11 +53,12 @@ def test_the_report_places_a_default_teachers_student_on_the_measured_curve(tmp_
         assert set(p["measured_speed"]) == {"prefill", "decode"}  # each point timed, as `run` times its student
     run = tmp_path / "run"
     (run / "student").mkdir(parents=True)
-    info = SharingInfo(identity={"teacher": f"/cache/teachers/{curve['teacher_file']}-123"}, plan=[[27, 28]],
+    info = SharingInfo(identity={"teacher": f"/cache/teachers/{curve['teacher_file']}-123",
+                                 "attention_source": list(range(30))}, plan="27-28,drop=5",
                        method="copy", head_map="matched", lisa=None,
                        parameters={"teacher": 10, "student": 9, "removed": 1, "removed_percent": 10.0},
                        kv_cache_bytes_per_token_bf16={"teacher": 10, "student": 8},
-                       bounds={"prefill": 1.234, "decode": 1.456, "kv": 0.7}, dropped=[5])
+                       bounds={"prefill": 1.234, "decode": 1.456, "kv": 0.7})
     info.save(run / "student")
     (run / "summary.json").write_text(json.dumps({
         "validation_windows": 4, "seq_len": 32, "gap_closed_percent": 50.0,

@@ -12,7 +12,8 @@ from typing import Any
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from echoatt.config import RunConfig, load_yaml
-from echoatt.rundir import RunDir, RunSummary
+from echoatt.results import RunSummary
+from echoatt.rundir import RunDir
 
 
 @dataclass

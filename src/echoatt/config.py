@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+import torch
 import yaml
 
 from echoatt.common import check_choice, closest, first_line
@@ -402,6 +403,25 @@ def load_yaml(cls: type, path: str | Path) -> dict[str, Any]:
         raise ValueError(f"{path}: unknown options {unknown}{closest(unknown[0], anywhere)}")
     mine = {f.name for f in options(cls)}
     return {k: v for k, v in loaded.items() if k in mine}
+
+
+def threads_of(config: CommonConfig) -> int:
+    """The CPU thread count to pin: the one asked for, else torch's own default for this machine (its physical
+    cores), set explicitly so that nothing later changes it mid-run."""
+    return config.threads or torch.get_num_threads()
+
+
+def setup(config: CommonConfig) -> None:
+    """Seed and pin the thread count, before a command does any work."""
+    torch.manual_seed(config.seed)
+    torch.set_num_threads(threads_of(config))
+
+
+def device_of(config: CommonConfig) -> str:
+    """The device a command runs on: `auto` is CUDA where there is one."""
+    if config.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return config.device
 
 
 def save_config(config: Any, path: str | Path) -> None:

@@ -38,7 +38,7 @@ from echoatt.checkpoints import (
     weight_bytes,
 )
 from echoatt.common import TrainingError, check_disk_room
-from echoatt.config import DistillConfig, record
+from echoatt.config import DistillConfig, device_of, record, setup
 from echoatt.configuration_echoatt import is_lisa_parameter, role_of
 from echoatt.corpus import generated_windows, spread, token_windows
 from echoatt.key_tokens import GainCache, context_weights
@@ -47,7 +47,7 @@ from echoatt.memory import free_memory, peak_memory_bytes, reset_peak_memory
 from echoatt.metrics import nll_sum
 from echoatt.precision import Precision, resolve
 from echoatt.repair import LocalLoss, repaired_layers
-from echoatt.rundir import SHARING_FILE, RunDir, device_of, identity_of, setup
+from echoatt.rundir import SHARING_FILE, RunDir, identity_of
 from echoatt.teacher import Teacher, load_teacher
 from echoatt.teacher_cache import TeacherCache
 

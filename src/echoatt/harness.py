@@ -16,7 +16,7 @@ import torch
 
 from echoatt.common import closest
 from echoatt.noise import silence
-from echoatt.rundir import headline_metric, zero_shot_summary
+from echoatt.results import headline_metric, zero_shot_summary
 
 TASKS_DIR = Path(__file__).with_name("lm_eval_tasks")
 DEFAULT_TASKS = ("hellaswag", "winogrande", "mmlu", "arc_easy", "arc_challenge", "piqa", "boolq", "lambada")
@@ -79,7 +79,7 @@ def zero_shot(
 ) -> dict[str, dict[str, float]]:
     """{task: {metric: value, metric_stderr: value, "samples": n, "items": [...]}} for one model, scored by lm-eval;
     `items` holds each item's outcome on the task's headline metric (in lm-eval's item order), so two models scored
-    on the same items can be compared item by item (`rundir.zero_shot_gap`)."""
+    on the same items can be compared item by item (`results.zero_shot_gap`)."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 

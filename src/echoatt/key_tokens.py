@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from echoatt.common import cache_dir, replaced_atomically
 from echoatt.corpus import fingerprint
 from echoatt.metrics import token_nll
-from echoatt.rundir import key_row
+from echoatt.results import key_row
 from echoatt.teacher_cache import window_file
 
 NEAR = 64  # tokens of near context the teacher's prediction is compared against

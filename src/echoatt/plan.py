@@ -68,6 +68,11 @@ class Change:
         return self.layers[1:] if self.kind == "share" else ()
 
     @property
+    def attention_removed(self) -> tuple[int, ...]:
+        """The layers left without attention of their own: a block's followers, a dropped or linear layer."""
+        return self.followers if self.kind == "share" else () if self.kind == "ffn" else self.layers
+
+    @property
     def attention_layers(self) -> frozenset[int]:
         """The layers whose attention the change touches (a block's leader too; none for an FFN)."""
         return frozenset() if self.kind == "ffn" else frozenset(self.layers)
@@ -191,6 +196,11 @@ class SharingPlan:
         """Layer `layer`'s FFN width under this plan (`full`: the teacher's)."""
         return dict(self.ffn).get(layer, full)
 
+    def dropping_followers(self) -> SharingPlan:
+        """The plan with each follower's attention dropped rather than shared (attention drop, `--method drop`):
+        whom a layer follows does not matter once it reads nothing."""
+        changes = [Change("drop", (i,)) for i in self.followers] + [c for c in self.changes() if c.kind != "share"]
+        return SharingPlan.of(changes, self.num_layers)
 
     def changes(self) -> list[Change]:
         """The changes the plan is made of, in the order `spec` writes them."""

@@ -68,25 +68,15 @@ def from_threshold(
     return SharingPlan(num_layers, tuple(blocks))
 
 
-def from_dropped(num_layers: int, followers: set[int]) -> SharingPlan:
-    """Each maximal run of followers attached to the layer just before it (where whom they follow does not
-    matter: dropped attention)."""
-    blocks, layer = [], 1
-    while layer < num_layers:
-        if layer in followers:
-            end = layer
-            while end + 1 in followers:
-                end += 1
-            blocks.append(tuple(range(layer - 1, end + 1)))
-            layer = end
-        layer += 1
-    return SharingPlan(num_layers, tuple(blocks))
+def dropping(candidates: list[Change]) -> list[Change]:
+    """Attention drop's changes: each layer that one of `candidates` leaves without attention of its own, dropped."""
+    return [Change("drop", (i,)) for i in sorted({i for c in candidates for i in c.attention_removed})]
 
 
 def from_ranking(num_layers: int, ranked: list[int], meets: Callable[[SharingPlan], bool]) -> SharingPlan:
-    """The first layers of `ranked` that meet a budget, as `from_dropped` (attention drop's own order)."""
+    """The attention of the first layers of `ranked` that meet a budget, dropped (attention drop's own order)."""
     for n in range(len(ranked) + 1):
-        plan = from_dropped(num_layers, set(ranked[:n]))
+        plan = SharingPlan.of([Change("drop", (i,)) for i in ranked[:n]], num_layers)
         if meets(plan):
             return plan
     raise PlanError(UNREACHABLE)
@@ -278,6 +268,22 @@ def budget_candidates(spec: str, num_layers: int, intermediate: int | None = Non
     return out
 
 
+def densest(spec: str, num_layers: int, intermediate: int | None = None, drop: bool = False) -> list[SharingPlan]:
+    """The densest plans a budget's candidates build, about the most it can reach: one per kind of attention change
+    it may take (blocks, the largest first; dropped; linear), as many of it as fit, each with every FFN it may narrow
+    at its narrowest. `drop`: attention drop's (`dropping`), as its ranking takes them."""
+    candidates = budget_candidates(spec, num_layers, intermediate)
+    if drop:
+        candidates = dropping(candidates) + [c for c in candidates if c.kind == "ffn"]
+    chosen: dict[str, list[Change]] = {}
+    for change in sorted(candidates, key=lambda c: (-len(c.layers), c.width or 0, c.layers)):  # narrowest FFN first
+        kept = chosen.setdefault(change.kind, [])
+        if not any(change.overlaps(c) for c in kept):
+            kept.append(change)
+    ffn = chosen.pop("ffn", [])
+    return [SharingPlan.of(kept + ffn, num_layers) for kept in chosen.values()] or [SharingPlan.of(ffn, num_layers)]
+
+
 def _budget(spec, num_layers, head_matched, adjacent, bounds, check_only, block_loss, ranking,
             intermediate, joint) -> SharingPlan:
     opts = budget_options(spec)
@@ -306,8 +312,8 @@ def _budget(spec, num_layers, head_matched, adjacent, bounds, check_only, block_
                    for k, v in ahead.items())
 
     if ranking is not None:  # attention drop, in its own order
-        shareable = {i for change in candidates for i in change.followers}
-        return from_ranking(num_layers, [i for i in ranking if i in shareable], meets)
+        droppable = {change.first for change in dropping(candidates)}
+        return from_ranking(num_layers, [i for i in ranking if i in droppable], meets)
     if set(opts) & {"drop", "linear", "ffn"} and block_loss is None:
         raise PlanError(f"plan {spec!r} weighs dropping or replacing attention, or narrowing FFNs, against sharing "
                         "attention, which needs the measured loss of each (a teacher with a tokenizer)")

@@ -17,17 +17,8 @@ import markdown
 from echoatt.common import is_model_folder
 from echoatt.engines.vllm_serve import serving_text
 from echoatt.plan import AT_MOST
-from echoatt.rundir import (
-    OTHER_ROW,
-    QUICK_SPEED,
-    RunDir,
-    RunSummary,
-    SharingInfo,
-    TradeCurve,
-    read_student_config,
-    training_line,
-    zero_shot_summary,
-)
+from echoatt.results import OTHER_ROW, QUICK_SPEED, RunSummary, TradeCurve, training_line, zero_shot_summary
+from echoatt.rundir import RunDir, SharingInfo, read_student_config
 
 
 @dataclass
@@ -325,13 +316,6 @@ def trade_place_plot(curve: dict, own: dict, png: Path) -> None:
 
 def student_text(info: SharingInfo) -> list[str]:
     params, kv = info.parameters, info.kv_cache_bytes_per_token_bf16
-    blocks = ", ".join(f"{b[0]}←{','.join(map(str, b[1:]))}" for b in info.plan) or "none"
-    if info.dropped:
-        blocks += f"; attention dropped at layers {', '.join(map(str, info.dropped))}"
-    if info.linear:
-        blocks += f"; attention a linear map at layers {', '.join(map(str, info.linear))}"
-    if info.ffn:
-        blocks += "; FFN widths " + ", ".join(f"{layer}: {width or 'none'}" for layer, width in info.ffn)
     bounds = ("" if not info.bounds else
               f" The cost model's bound on speed (teacher time / student time, bf16): prefill 1 × 512 "
               f"**{info.bounds['prefill']:.3f}×**, decode 16 × 1024 context **{info.bounds['decode']:.3f}×**.")
@@ -343,7 +327,7 @@ def student_text(info: SharingInfo) -> list[str]:
                                     ("replaced_", "Linear attention and narrowed FFNs", "sub-layer output"))
         if prefix + "error_before" in fitted)  # only what was fitted: a student without followers has no such line
     return [
-        f"Blocks (leader←followers): {blocks}. Method: {info.method}"
+        f"Plan `{info.plan}`: {info.sharing_plan().describe()}. Method: {info.method}"
         + (f", head map: {info.head_map}." if info.head_map else ".")
         + (f" LiSA: rank {info.lisa['rank']}, alignment hidden width {info.lisa['hidden']}." if info.lisa else "")
         + bounds + calibration,

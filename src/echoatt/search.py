@@ -9,12 +9,12 @@ import torch
 from echoatt import planners
 from echoatt.analysis import Similarity
 from echoatt.calibrate import apply_fits, replacement_stats
-from echoatt.config import ShareConfig
+from echoatt.config import ShareConfig, device_of
 from echoatt.corpus import REPEAT_SPAN, repeat_spans, spread, token_windows
 from echoatt.plan import Change
 from echoatt.precision import Precision, resolve
 from echoatt.repair import repair_briefly
-from echoatt.rundir import RunDir, device_of
+from echoatt.rundir import RunDir
 from echoatt.sensitivity import LONG_RANGE, BlockEffects, effect_inputs, joint_loss, measure_block_effects
 from echoatt.student import StudentSpec
 from echoatt.teacher import Teacher

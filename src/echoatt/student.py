@@ -60,14 +60,14 @@ def student_config(
         raise PlanError(f"plan is for {plan.num_layers} layers, teacher has {teacher_config.num_hidden_layers}")
     if method not in METHODS:
         raise PlanError(f"method must be one of {METHODS} (got {method!r})")
+    if method == "drop":
+        plan, head_map = plan.dropping_followers(), None
     source = plan.attention_source()
     extra = {}
-    if method == "drop":
-        source, head_map = [DROPPED if i in plan.followers else s for i, s in enumerate(source)], None
-    elif method == "lisa":
+    if method == "lisa":
         source = [i - 1 if i in plan.followers else i for i in range(plan.num_layers)]
         extra = {"follower_type": "lisa", "lisa_rank": lisa_rank, "lisa_hidden": lisa_hidden}
-    source = [DROPPED if i in plan.dropped else s for i, s in enumerate(source)]  # a mixed plan's dropped layers
+    source = [DROPPED if i in plan.dropped else s for i, s in enumerate(source)]
     source = [LINEAR if i in plan.linear else s for i, s in enumerate(source)]
     full = teacher_config.intermediate_size
     if any(width > full for _, width in plan.ffn):
@@ -229,7 +229,8 @@ class StudentSpec:
     def sharing_plan(self, teacher_config, similarity: Similarity | None, block_loss=None, joint=None) -> SharingPlan:
         """The plan `self.plan` names; a budget is met by the cost model's bounds for this method, at the least loss
         `block_loss` (measured: `sensitivity.BlockEffects.loss`) or, without it, the similarity predicts — except
-        attention drop, which takes the layers its own criterion ranks first (`Similarity.redundancy`). `joint`
+        attention drop, which takes the layers its own criterion ranks first (`Similarity.redundancy`) and drops
+        the attention of every layer a plan would make follow (`SharingPlan.dropping_followers`). `joint`
         measures a whole plan (`sensitivity.joint_loss`), for a `long` budget."""
         matched = similarity.head_matched if similarity else None
 
@@ -239,10 +240,11 @@ class StudentSpec:
                                     self.lisa_hidden or None)
             return plan_bounds(teacher_config, config)
 
-        return planners.parse(self.plan, teacher_config.num_hidden_layers, matched,
+        plan = planners.parse(self.plan, teacher_config.num_hidden_layers, matched,
                               adjacent=self.method == "lisa", bounds=bounds, block_loss=block_loss,
                               ranking=self.drop_ranking(similarity), intermediate=teacher_config.intermediate_size,
                               joint=joint)
+        return plan.dropping_followers() if self.method == "drop" else plan
 
     def drop_ranking(self, similarity: Similarity | None) -> list[int] | None:
         """For attention drop with a measured LLM-Drop criterion: the layers, most redundant attention first."""

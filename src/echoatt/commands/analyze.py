@@ -9,10 +9,12 @@ from echoatt.analysis import Similarity, attention_redundancy, attention_similar
 from echoatt.config import (
     AnalyzeConfig,
     CommonConfig,
+    device_of,
     record,
+    setup,
 )
 from echoatt.corpus import spread, token_windows
-from echoatt.rundir import RunDir, device_of, setup
+from echoatt.rundir import RunDir
 from echoatt.teacher import Teacher, load_teacher
 
 

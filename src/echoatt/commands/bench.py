@@ -12,10 +12,13 @@ from echoatt.config import (
     BenchConfig,
     CompareConfig,
     RunConfig,
+    device_of,
     record,
+    setup,
 )
 from echoatt.precision import resolve
-from echoatt.rundir import RunDir, device_of, quick_speed_settings, read_student_config, setup
+from echoatt.results import quick_speed_settings
+from echoatt.rundir import RunDir, read_student_config
 from echoatt.student import (
     StudentSpec,
 )

@@ -15,16 +15,14 @@ from echoatt.commands.analyze import analyze_with_defaults
 from echoatt.commands.bench import quick_speed
 from echoatt.commands.evaluate import EVAL_PROBE, evaluate, perplexity_texts
 from echoatt.commands.share import calibration_settings, find_similarity, share, spec_of
-from echoatt.config import (
-    CompareConfig,
-    record,
-)
+from echoatt.config import CompareConfig, device_of, record, setup
 from echoatt.distill import distill
 from echoatt.key_tokens import text_keys, text_perplexities
 from echoatt.metrics import retrieval
 from echoatt.plan import AT_MOST, PlanError
 from echoatt.report import write_report
-from echoatt.rundir import RunDir, SharingInfo, TradeCurve, device_of, point_perplexities, setup, zero_shot_summary
+from echoatt.results import TradeCurve, point_perplexities, zero_shot_summary
+from echoatt.rundir import RunDir, SharingInfo
 from echoatt.search import plan_measures
 from echoatt.student import (
     VARIANTS,
@@ -79,8 +77,7 @@ def compare(config: CompareConfig) -> dict:
         info, known = SharingInfo.load(Path(sub.out) / "student"), {}
         if config.equal_bound:  # the curve scored this very student (same plan, same calibration) before training
             point = next(p for p in curve.points[VARIANTS[name].label] if p["target"] == target)
-            if (info.plan, info.dropped, info.linear, info.ffn) == (point["plan"], point["dropped"],
-                                                                    point.get("linear", []), point.get("ffn", [])):
+            if info.plan == point["spec"]:
                 known = {"student": untrained[VARIANTS[name].label][target]}
         scored = evaluate(dataclasses.replace(sub, models=""), teacher, known)
         results.setdefault("teacher", scored["teacher"])
@@ -167,9 +164,8 @@ def trade_curve(subs: dict[str, CompareConfig], teacher: Teacher, similarity: Si
             scores = zero_shot(student, tokenizer, tasks, limit, config.eval_batch_size) if tasks else {}
             untrained.setdefault(label, {})[value] = scores
             curve.add(label, {
-                "target": value, "plan": [list(b) for b in plan.blocks], "dropped": list(plan.dropped),
-                "linear": list(plan.linear), "ffn": [list(f) for f in plan.ffn], "spec": plan.spec(),
-                "followers": len(plan.followers) + len(plan.dropped) + len(plan.linear),
+                "target": value, "spec": plan.spec(), "followers": len(plan.followers) + len(plan.dropped)
+                + len(plan.linear),
                 "bounds": plan_bounds(teacher.model.config, student.config),
                 **curve_perplexities(student, texts, keys), "retrieval": retrieval(student, probe)["accuracy"],
                 **zero_shot_summary(scores, scored)})
@@ -180,22 +176,17 @@ def trade_curve(subs: dict[str, CompareConfig], teacher: Teacher, similarity: Si
 
 
 def curve_perplexities(model, texts: dict[str, torch.Tensor], keys: dict[str, torch.Tensor]) -> dict[str, float]:
-    """A trade-curve point's perplexities (`rundir.point_perplexities`): on the validation split, on the other text,
+    """A trade-curve point's perplexities (`results.point_perplexities`): on the validation split, on the other text,
     and on each one's key tokens."""
     return point_perplexities(text_perplexities(model, texts, keys))
 
 
 def densest_bound(spec: StudentSpec, teacher_config, similarity: Similarity, metric: str) -> float:
-    """The bound of a method's densest budget plan, about the most a budget can reach: blocks of `max` layers (default
-    3) over the unprotected inner layers for followers (copy, LiSA), and every layer the budget may drop for attention
-    drop and mixed plans; the better of the two where a plan may do both."""
-    layers, opts = teacher_config.num_hidden_layers, planners.budget_options(spec.plan.strip())
-    protect, max_block = int(opts.get("protect", 1)), int(opts.get("max", 3))
-    followers = spec.method != "drop" and "drop-only" not in opts
-    plans = [(spec.method, planners.from_k(layers, max_block, protect_first=protect))] if followers else []
-    if spec.method == "drop" or "drop" in opts:
-        plans.append(("drop", planners.from_dropped(layers, set(range(protect + 1, layers - 1)))))
+    """The bound of a method's densest budget plans (`planners.densest`, from the planner's own candidates), about
+    the most a budget can reach: the best of them."""
+    plans = planners.densest(spec.plan.strip(), teacher_config.num_hidden_layers, teacher_config.intermediate_size,
+                             drop=spec.method == "drop")
     bounds = [plan_bounds(teacher_config, student_config(
-        teacher_config, plan, spec.head_maps(teacher_config, plan, similarity) if m != "drop" else None, m,
-        spec.lisa_rank or None, spec.lisa_hidden or None))[metric] for m, plan in plans]
+        teacher_config, plan, spec.head_maps(teacher_config, plan, similarity), spec.method, spec.lisa_rank or None,
+        spec.lisa_hidden or None))[metric] for plan in plans]
     return min(bounds) if metric in AT_MOST else max(bounds)

@@ -11,12 +11,15 @@ import torch
 from echoatt.common import is_model_folder
 from echoatt.config import (
     EvalConfig,
+    device_of,
     record,
+    setup,
 )
 from echoatt.corpus import other_windows, spread, token_windows
 from echoatt.key_tokens import text_keys, text_perplexities
 from echoatt.metrics import retrieval
-from echoatt.rundir import MODEL_LABELS, RunDir, device_of, other_row, read_student_config, setup
+from echoatt.results import MODEL_LABELS, other_row
+from echoatt.rundir import RunDir, read_student_config
 from echoatt.teacher import Teacher, load_teacher
 
 EVAL_PROBE = (8, 128)  # retrieval probe scored by `eval`: 8 windows of 128 random tokens, repeated

@@ -9,12 +9,15 @@ from echoatt.commands.evaluate import evaluate
 from echoatt.commands.share import share
 from echoatt.config import (
     RunConfig,
+    device_of,
     record,
+    setup,
 )
 from echoatt.distill import distill
 from echoatt.engines.vllm_serve import serving_text
 from echoatt.report import write_report
-from echoatt.rundir import RunDir, RunSummary, device_of, read_student_config, setup, training_line
+from echoatt.results import RunSummary, training_line
+from echoatt.rundir import RunDir, read_student_config
 from echoatt.teacher import Teacher, load_teacher
 
 

@@ -14,23 +14,15 @@ from echoatt.checkpoints import checkpoint_identities
 from echoatt.commands.analyze import analyze_with_defaults
 from echoatt.config import (
     ShareConfig,
+    device_of,
     record,
+    setup,
 )
 from echoatt.configuration_echoatt import family_fields
 from echoatt.corpus import spread, token_windows
 from echoatt.modeling_echoatt import EchoAttForCausalLM
 from echoatt.plan import PlanError, SharingPlan
-from echoatt.rundir import (
-    RunDir,
-    RunDirError,
-    SharingInfo,
-    describe,
-    device_of,
-    identity_of,
-    same_student,
-    setup,
-    student_identity,
-)
+from echoatt.rundir import RunDir, RunDirError, SharingInfo, describe, identity_of, same_student, student_identity
 from echoatt.search import plan_measures
 from echoatt.student import (
     StudentSpec,
@@ -101,10 +93,7 @@ def share(
         calibration = calibration | calibrate_student(student, teacher.model, windows, config.calibrate_ridge)
     info = SharingInfo(
         identity=identity,
-        plan=[list(b) for b in plan.blocks],
-        dropped=list(plan.dropped),
-        linear=list(plan.linear),
-        ffn=[list(f) for f in plan.ffn],
+        plan=plan.spec(),
         method=spec.method,
         head_map=spec.head_map if spec.mapped else None,
         lisa=({"rank": student.config.lisa_rank, "hidden": student.config.lisa_hidden}
@@ -153,9 +142,7 @@ def print_student(info: SharingInfo, config) -> None:
            "lisa": f"LiSA, rank {config.lisa_rank}, align hidden {config.lisa_hidden}, "
                    f"starting from head map: {info.head_map}"}[info.method]
     params, kv = info.parameters, info.kv_cache_bytes_per_token_bf16
-    plan = SharingPlan(config.num_hidden_layers, tuple(tuple(b) for b in info.plan), tuple(info.dropped),
-                       tuple(info.linear), tuple(tuple(f) for f in info.ffn))
-    print(f"plan: {plan.describe()} ({how})")
+    print(f"plan: {info.sharing_plan().describe()} ({how})")
     print(f"parameters: teacher {params['teacher']:,}  student {params['student']:,}  "
           f"removed {params['removed']:,} ({params['removed_percent']:.2f}%)")
     print(f"KV cache per token (bf16): teacher {kv['teacher']:,} B  student {kv['student']:,} B")
