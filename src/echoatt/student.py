@@ -14,7 +14,7 @@ from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 from echoatt import planners
 from echoatt.analysis import Similarity
 from echoatt.common import closest
-from echoatt.configuration_echoatt import DROPPED, LINEAR, EchoAttConfig, head_dim_of, is_lisa_parameter
+from echoatt.configuration_echoatt import DROPPED, FOLLOWER_TYPES, LINEAR, EchoAttConfig, head_dim_of, is_lisa_parameter
 from echoatt.cost_model import bound
 from echoatt.modeling_echoatt import EchoAttForCausalLM
 from echoatt.plan import PlanError, SharingPlan
@@ -205,7 +205,7 @@ class StudentSpec:
     @property
     def mapped(self) -> bool:
         """Followers read mapped heads (copy, LiSA); dropped attention reads nothing."""
-        return self.method in ("copy", "lisa")
+        return self.method in FOLLOWER_TYPES
 
     @property
     def needs_analysis(self) -> bool:

@@ -63,7 +63,7 @@ def bench(config: BenchConfig, loaded: Teacher | None = None) -> dict:
     run = RunDir(record(config, "bench"))
     roles = [student.config.role(i) for i in range(student.config.num_hidden_layers)]
     narrowed = sum(student.config.ffn_width(i) != student.config.intermediate_size for i in range(len(roles)))
-    print(f"plan: of {len(roles)} layers, {sum(r in ('copy', 'lisa') for r in roles)} follow "
+    print(f"plan: of {len(roles)} layers, {len(student.config.followers())} follow "
           f"({student.config.follower_type}), {roles.count('dropped')} have no attention, {roles.count('linear')} a "
           f"linear one, {narrowed} a narrowed or no FFN; "
           f"{device}, {' and '.join(map(str, dtypes))}, {torch.get_num_threads()} threads")
