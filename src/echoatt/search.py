@@ -22,15 +22,13 @@ from echoatt.teacher import Teacher
 EFFECT_TEXT_WINDOWS, EFFECT_PROBE = 1, (2, 128)  # what each candidate block is scored on: cheap, paired with the teacher
 EFFECT_FIT_WINDOWS = 4  # other windows the linear and FFN candidates are fitted on before they are scored
 EFFECT_LONG_WINDOWS = 2  # other windows a `long` budget scores long-range predictions on (~70 of 512 tokens each)
+EFFECT_READ_WINDOWS = 2  # windows of the training text a `read` budget copies spans in (~250 reading predictions each)
 
 
 def long_windows(train: torch.Tensor) -> torch.Tensor:
     """The windows a `long` budget scores long-range predictions on: spread over the training text, between the
     text and fit windows' places."""
     return spread(train, 2 * EFFECT_LONG_WINDOWS + 1)[1::2]
-
-
-EFFECT_READ_WINDOWS = 2  # windows of the training text a `read` budget copies spans in (~250 reading predictions each)
 
 
 def reading_windows(train: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
