@@ -111,13 +111,13 @@ def path_tolerance(reference: torch.Tensor, other: torch.Tensor, factor: float =
 def fp32_cpu(monkeypatch):
     """Every in-process test sees a CPU without native bf16, so `--bf16 auto` means fp32 on any CI machine; a test
     of the bf16 path asks for `native_bf16`."""
-    monkeypatch.setattr("echoatt.precision.cpu_bf16_feature", lambda: None)
+    monkeypatch.setattr("echoatt.training.precision.cpu_bf16_feature", lambda: None)
 
 
 @pytest.fixture
 def native_bf16(monkeypatch):
     """A CPU that multiplies bf16 natively, as `precision.py` sees it (autocast itself runs on any CPU, slowly)."""
-    monkeypatch.setattr("echoatt.precision.cpu_bf16_feature", lambda: "AVX512-BF16")
+    monkeypatch.setattr("echoatt.training.precision.cpu_bf16_feature", lambda: "AVX512-BF16")
 
 
 @pytest.fixture(params=list(FAMILIES))

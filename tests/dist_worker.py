@@ -9,8 +9,8 @@ import torch
 import torch.distributed as dist
 from transformers import AutoModelForCausalLM
 
-from echoatt.config import DistillConfig
-from echoatt.distill import distill
+from echoatt.run.config import DistillConfig
+from echoatt.training.distill import distill
 
 
 def checksum(model: torch.nn.Module) -> float:

@@ -10,8 +10,8 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from echoatt.configuration_echoatt import head_dim_of
 from echoatt.engines.gguf_export import add_hf_tokenizer, permute_qk
+from echoatt.model.configuration_echoatt import head_dim_of
 
 
 def write_gguf(model, tokenizer, path: Path, name: str = "tiny") -> Path:

@@ -7,8 +7,8 @@ import pytest
 import torch
 from conftest import tiny_teacher
 
-from echoatt import analysis
-from echoatt.analysis import Similarity, attention_similarity
+from echoatt.planning import analysis
+from echoatt.planning.analysis import Similarity, attention_similarity
 
 
 def windows(n=3, length=24, seed=0):
@@ -80,8 +80,8 @@ def test_save_load_and_heatmap(teacher, tmp_path):
 
 def test_induction_scores_read_the_attention_on_the_token_after_the_earlier_occurrence(teacher):
     """Against the eager attention's own probabilities, position by position."""
-    from echoatt.analysis import induction_scores
-    from echoatt.metrics import repeated_tokens
+    from echoatt.evaluation.metrics import repeated_tokens
+    from echoatt.planning.analysis import induction_scores
 
     probe = repeated_tokens(3, 10, 128, seed=1, exclude=[0, 1, 2])
     assert probe.shape == (3, 20) and torch.equal(probe[:, :10], probe[:, 10:]) and probe.min() >= 3
@@ -98,7 +98,7 @@ def test_induction_scores_read_the_attention_on_the_token_after_the_earlier_occu
 
 def test_attention_redundancy_is_llm_drops_cosine(teacher):
     """cos(x, x + attn(x)) of the residual stream around each attention, averaged over tokens."""
-    from echoatt.analysis import attention_redundancy
+    from echoatt.planning.analysis import attention_redundancy
 
     ids = windows(2, 16)
     got = attention_redundancy(teacher, ids, batch_size=1)

@@ -11,7 +11,7 @@ import pytest
 from conftest import TOY, tiny_teacher
 
 from echoatt.cli import main
-from echoatt.plan import SharingPlan
+from echoatt.planning.plan import SharingPlan
 
 
 def snapshot(folder: Path) -> list[tuple[str, int, int]] | None:
@@ -108,9 +108,9 @@ def test_a_student_predicted_slower_than_its_teacher_is_refused_unless_asked(tea
 def test_bad_options_are_refused_before_the_teacher_loads(tmp_path, capsys, monkeypatch):
     """Names that are not options' values stop the command at once, with the nearest known name, before any model
     loads (the teacher here does not even exist) and before anything is written."""
-    import echoatt.teacher
+    import echoatt.inputs.teacher
 
-    monkeypatch.setattr(echoatt.teacher, "load_teacher", lambda *a, **k: pytest.fail("the teacher was loaded"))
+    monkeypatch.setattr(echoatt.inputs.teacher, "load_teacher", lambda *a, **k: pytest.fail("the teacher was loaded"))
     out = tmp_path / "out"
     for args, said in ((["run", "--head-map", "best"], "(got 'best')"),
                        (["run", "--method", "lisaa"], "did you mean lisa"),
@@ -193,7 +193,7 @@ def test_a_run_folder_holds_one_student(teacher_dir, corpus_dir, tmp_path, capsy
     shutil.rmtree(out / "student")
     assert main(["share", *args, *TOY, "--plan", "1-2,3-4", "--head-map", "identity"]) == 2  # the checkpoints still speak
     from echoatt.commands.share import share
-    from echoatt.config import ShareConfig
+    from echoatt.run.config import ShareConfig
 
     share(ShareConfig(teacher=str(teacher_dir), corpus=str(corpus_dir), seq_len=32, out=str(tmp_path / "other"),
                       plan="1-2,3-4", head_map="identity", allow_slower=True))
@@ -222,8 +222,8 @@ def test_a_mixed_students_record_names_its_followers_and_dropped_layers_apart():
     """A mixed copy student (a shared block and dropped attention) is a copy student with dropped layers, not `drop`:
     its identity and the refusal messages built from it say both."""
 
-    from echoatt.rundir import describe, student_identity
-    from echoatt.student import build_student
+    from echoatt.building.student import build_student
+    from echoatt.run.rundir import describe, student_identity
 
     student = build_student(tiny_teacher(), SharingPlan(6, ((1, 2),), (4,)))
     identity = student_identity(student.config, "t")

@@ -8,12 +8,12 @@ import pytest
 import torch
 from conftest import path_tolerance, tiny_teacher
 
-from echoatt import planners
-from echoatt.bench import CANDIDATES, markdown, run_bench
-from echoatt.config import BenchConfig
-from echoatt.cost_model import bound, forward_cost
-from echoatt.plan import SharingPlan
-from echoatt.student import build_student
+from echoatt.building.student import build_student
+from echoatt.evaluation.bench import CANDIDATES, markdown, run_bench
+from echoatt.planning import planners
+from echoatt.planning.cost_model import bound, forward_cost
+from echoatt.planning.plan import SharingPlan
+from echoatt.run.config import BenchConfig
 
 
 def test_bench_result_schema():
@@ -107,7 +107,7 @@ def test_followers_of_one_map_share_the_gathered_probabilities():
 def test_what_does_not_fit_is_reported_and_the_rest_measured(monkeypatch):
     """Eager candidates that run out of memory are left out of their figure (said in the table), a figure whose
     headline runs out is listed as not run, and the bench goes on: never a crash of the whole bench."""
-    from echoatt import bench
+    from echoatt.evaluation import bench
 
     teacher = tiny_teacher().requires_grad_(False)
     student = build_student(teacher, planners.from_k(6, 2)).requires_grad_(False)
@@ -141,8 +141,8 @@ def test_what_does_not_fit_is_reported_and_the_rest_measured(monkeypatch):
 def test_decode_from_a_static_cache_gives_the_dynamic_caches_logits(cache):
     """The bench's decode steps from a prompt cache prefilled on SDPA: the static cache (CUDA graphs' kind) gives the
     logits of the dynamic one, for teacher and student, on either backend."""
-    from echoatt.bench import prompt_cache
-    from echoatt.modeling_echoatt import CACHE_KWARG
+    from echoatt.evaluation.bench import prompt_cache
+    from echoatt.model.modeling_echoatt import CACHE_KWARG
 
     teacher = tiny_teacher()
     student = build_student(teacher, SharingPlan(6, ((1, 2), (3, 4)), (5,)), [None, None, [1, 0, 3, 2], None,
@@ -165,8 +165,8 @@ def test_static_decode_repeats_rewind_the_prompt_cache():
     """Each decode repeat rewinds the prompt's cache (`bench.rewind`): a static cache, which has no `crop` before
     transformers 5.24 (CI runs this test on the oldest transformers declared too), decodes the same logits after a
     rewind, and `bench --decode-cache static` runs its repeats."""
-    from echoatt.bench import decode_figure, prompt_cache, rewind
-    from echoatt.modeling_echoatt import CACHE_KWARG
+    from echoatt.evaluation.bench import decode_figure, prompt_cache, rewind
+    from echoatt.model.modeling_echoatt import CACHE_KWARG
 
     teacher = tiny_teacher().requires_grad_(False)
     student = build_student(teacher, SharingPlan(6, ((1, 2),), (4,))).requires_grad_(False)
@@ -190,7 +190,7 @@ def test_bench_leaves_the_callers_teacher_as_it_was(tmp_path):
     dtype without casting it: the caller's model keeps its dtype, weights, attention backend, mode and trainable
     flags (a bf16 cast would follow the teacher into every later point of a trade curve)."""
     from echoatt.commands.bench import bench
-    from echoatt.teacher import Teacher
+    from echoatt.inputs.teacher import Teacher
 
     teacher = tiny_teacher()
     loaded = Teacher.of(teacher)
@@ -212,7 +212,7 @@ def test_bench_leaves_the_callers_teacher_as_it_was(tmp_path):
 def test_the_runs_own_speed_check_times_compiled_static_decode_on_cuda():
     """`run`'s short timing on a GPU decodes from a static cache with compiled steps (eager steps from a dynamic cache
     time launches and the cache's per-step copies there); on a CPU it is the curve's setting."""
-    from echoatt.results import QUICK_SPEED, quick_speed_settings
+    from echoatt.run.results import QUICK_SPEED, quick_speed_settings
 
     assert quick_speed_settings("cpu") == QUICK_SPEED
     cuda = quick_speed_settings("cuda:1")
@@ -223,8 +223,8 @@ def test_the_runs_own_speed_check_times_compiled_static_decode_on_cuda():
 def test_the_cost_model_prices_linear_attention_and_each_ffn_width():
     """A linear attention costs one C x C matmul and its weights, nothing cached; each FFN costs its own width (none
     at 0): the bounds the budget planner chooses by."""
-    from echoatt.cost_model import attention_cost
-    from echoatt.student import student_config
+    from echoatt.building.student import student_config
+    from echoatt.planning.cost_model import attention_cost
 
     teacher = tiny_teacher()
     C, I, B, T = teacher.config.hidden_size, teacher.config.intermediate_size, 2, 16

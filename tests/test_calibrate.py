@@ -6,9 +6,9 @@ import pytest
 import torch
 from conftest import FAMILIES, TOY, tiny_teacher
 
-from echoatt.calibrate import calibrate_followers, fit_replacements
-from echoatt.plan import SharingPlan
-from echoatt.student import build_student
+from echoatt.building.calibrate import calibrate_followers, fit_replacements
+from echoatt.building.student import build_student
+from echoatt.planning.plan import SharingPlan
 
 MAPS = [None, None, [1, 0, 3, 2], None, [2, 2, 0, 1], None]
 
@@ -125,10 +125,10 @@ def test_replacements_are_the_least_squares_fits_and_touch_nothing_else():
 def test_a_student_without_followers_reports_only_what_was_fitted():
     """A linear-attention student has no followers: its calibration names the linear map's fit, and the report has
     no "Followers calibrated … 0.000 → 0.000" line."""
-    from echoatt.calibrate import calibrate_student
-    from echoatt.report import student_text
-    from echoatt.rundir import SharingInfo
-    from echoatt.student import StudentSpec
+    from echoatt.building.calibrate import calibrate_student
+    from echoatt.building.student import StudentSpec
+    from echoatt.evaluation.report import student_text
+    from echoatt.run.rundir import SharingInfo
 
     teacher = tiny_teacher()
     student, _ = StudentSpec(plan="linear=3", head_map="identity").build(teacher, None)

@@ -9,12 +9,12 @@ import pytest
 import torch
 from conftest import tiny_teacher
 
-from echoatt.calibrate import FITS, calibrate_student
-from echoatt.cost_model import forward_cost
+from echoatt.building.calibrate import FITS, calibrate_student
+from echoatt.building.student import build_student
 from echoatt.engines import support
-from echoatt.plan import CHANGE_KINDS, Change, SharingPlan
-from echoatt.rundir import SHARING_FILE, SharingInfo
-from echoatt.student import build_student
+from echoatt.planning.cost_model import forward_cost
+from echoatt.planning.plan import CHANGE_KINDS, Change, SharingPlan
+from echoatt.run.rundir import SHARING_FILE, SharingInfo
 
 EXAMPLE = {"share": "1-2", "drop": "drop=3", "linear": "linear=3", "ffn": "ffn=3:64"}  # one of each kind
 

@@ -11,12 +11,12 @@ import yaml
 from conftest import TOY
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from echoatt import planners
-from echoatt.analysis import Similarity
+from echoatt.building.student import StudentSpec, plan_bounds, student_config
 from echoatt.cli import main
-from echoatt.plan import SharingPlan
-from echoatt.results import TradeCurve
-from echoatt.student import StudentSpec, plan_bounds, student_config
+from echoatt.planning import planners
+from echoatt.planning.analysis import Similarity
+from echoatt.planning.plan import SharingPlan
+from echoatt.run.results import TradeCurve
 
 
 def test_run_writes_analysis_and_student(trained_teacher_dir, corpus_dir, tmp_path, monkeypatch, capsys):
@@ -144,7 +144,7 @@ def test_compare_at_equal_bound_draws_the_trade_curve(teacher_dir, corpus_dir, t
     training (zero-shot too: lm-eval stands in here by a score that counts the model's changed layers; perplexity on
     the validation split and on text of another kind), every point is distilled (--distill-points all); the report
     shows the curve."""
-    import echoatt.harness
+    import echoatt.evaluation.harness
 
     def score(model, tokenizer, tasks, limit, batch_size, *stamp):  # 20 items: the first 12 - changed right
         changed = len(model.config.attention_changed()) if hasattr(model.config, "attention_changed") else 0
@@ -153,8 +153,8 @@ def test_compare_at_equal_bound_draws_the_trade_curve(teacher_dir, corpus_dir, t
                     "items": [float(i < 12 - changed) for i in range(20)]} for t in tasks}
 
     students_scored = []
-    monkeypatch.setattr(echoatt.harness, "zero_shot", lambda *a: students_scored.append(1) or score(*a))
-    monkeypatch.setattr(echoatt.harness, "cached_zero_shot", score)
+    monkeypatch.setattr(echoatt.evaluation.harness, "zero_shot", lambda *a: students_scored.append(1) or score(*a))
+    monkeypatch.setattr(echoatt.evaluation.harness, "cached_zero_shot", score)
     monkeypatch.setenv("ECHOATT_CACHE", str(tmp_path / "cache"))
     out, other = tmp_path / "compare", tmp_path / "other.txt"
     other.write_text("Numbers and symbols of another kind: 3 + 4 = 7; x * y; [a, b]; {c: d}. " * 60)

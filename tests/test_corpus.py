@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from echoatt.corpus import (
+from echoatt.inputs.corpus import (
     CorpusError,
     Document,
     detokenize_brown,
@@ -49,15 +49,15 @@ Example::
 
 
 def test_named_corpora_join_with_commas(corpus_dir, monkeypatch):
-    import echoatt.corpus
+    import echoatt.inputs.corpus
 
-    monkeypatch.setitem(echoatt.corpus.NAMED_CORPORA, "default", lambda: [Document("a", "prose")])
-    monkeypatch.setitem(echoatt.corpus.NAMED_CORPORA, "python-docs", lambda: [Document("b", "docs")])
-    assert [d.name for d in echoatt.corpus.load_documents("default,python-docs")] == ["a", "b"]
-    assert [d.name for d in echoatt.corpus.load_documents(None)] == ["a"]
-    assert len(echoatt.corpus.load_documents(str(corpus_dir))) == 15  # a path is read as one
+    monkeypatch.setitem(echoatt.inputs.corpus.NAMED_CORPORA, "default", lambda: [Document("a", "prose")])
+    monkeypatch.setitem(echoatt.inputs.corpus.NAMED_CORPORA, "python-docs", lambda: [Document("b", "docs")])
+    assert [d.name for d in echoatt.inputs.corpus.load_documents("default,python-docs")] == ["a", "b"]
+    assert [d.name for d in echoatt.inputs.corpus.load_documents(None)] == ["a"]
+    assert len(echoatt.inputs.corpus.load_documents(str(corpus_dir))) == 15  # a path is read as one
     with pytest.raises(CorpusError, match="no such file"):
-        echoatt.corpus.load_documents("default,wikitext")  # not every part is a named corpus: read as a path
+        echoatt.inputs.corpus.load_documents("default,wikitext")  # not every part is a named corpus: read as a path
 
 
 def test_read_folder_of_txt_and_jsonl(corpus_dir):
@@ -121,8 +121,8 @@ def test_other_text_is_read_whole_and_spread(tokenizer, corpus_dir, tmp_path):
 
 
 def test_teacher_writes_windows_reproducibly_and_caches_them(teacher_dir, tmp_path, monkeypatch):
-    from echoatt.corpus import generated_windows
-    from echoatt.teacher import load_teacher
+    from echoatt.inputs.corpus import generated_windows
+    from echoatt.inputs.teacher import load_teacher
 
     monkeypatch.setenv("ECHOATT_CACHE", str(tmp_path / "cache"))
     teacher = load_teacher(str(teacher_dir))

@@ -14,13 +14,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from echoatt import planners
-from echoatt.config import DistillConfig
-from echoatt.distill import TrainingError, batch_indices, distill
-from echoatt.losses import KDLoss
-from echoatt.rundir import RunDir, RunDirError
-from echoatt.student import build_student, save_student
-from echoatt.teacher import load_teacher
+from echoatt.building.student import build_student, save_student
+from echoatt.inputs.teacher import load_teacher
+from echoatt.planning import planners
+from echoatt.run.config import DistillConfig
+from echoatt.run.rundir import RunDir, RunDirError
+from echoatt.training.distill import TrainingError, batch_indices, distill
+from echoatt.training.losses import KDLoss
 
 
 @pytest.fixture
@@ -48,7 +48,7 @@ def log_of(run_dir: Path) -> list[dict]:
 def test_training_reduces_the_distillation_loss(run_dir, teacher_dir, corpus_dir):
     from transformers import AutoModelForCausalLM
 
-    from echoatt.corpus import token_windows
+    from echoatt.inputs.corpus import token_windows
 
     cfg = config(run_dir, teacher_dir, corpus_dir, steps=20, eval_every=10, lr=1e-4, w_hard=0.0)
     teacher = load_teacher(str(teacher_dir))
@@ -127,7 +127,7 @@ def test_bad_input_is_refused(run_dir, teacher_dir, corpus_dir, tmp_path):
         distill(config(tmp_path / "empty", teacher_dir, corpus_dir))
     tiny = tmp_path / "tiny.txt"
     tiny.write_text("too short")
-    from echoatt.corpus import CorpusError
+    from echoatt.inputs.corpus import CorpusError
 
     with pytest.raises(CorpusError, match="corpus too short"):
         distill(config(run_dir, teacher_dir, tiny))
@@ -136,8 +136,8 @@ def test_bad_input_is_refused(run_dir, teacher_dir, corpus_dir, tmp_path):
 def test_generated_share_is_mixed_into_the_training_windows(run_dir, teacher_dir, corpus_dir):
     from accelerate import Accelerator
 
-    from echoatt.corpus import generated_windows, token_windows
-    from echoatt.distill import load_inputs
+    from echoatt.inputs.corpus import generated_windows, token_windows
+    from echoatt.training.distill import load_inputs
 
     cfg = config(run_dir, teacher_dir, corpus_dir, generated=0.25)  # 6 steps x 4 windows read: 6 written, 18 corpus
     teacher = load_teacher(str(teacher_dir))
@@ -230,7 +230,7 @@ def test_tied_embeddings_checkpoint_quietly_and_stay_tied(tmp_path, tokenizer, c
 def test_logged_peak_memory_is_each_steps_own(run_dir, teacher_dir, corpus_dir):
     """The log's `peak_memory_bytes` (what a user sizes the batch by) is the step's peak, not the process's history:
     a large allocation freed before distillation (as `run`'s analysis and calibration are) does not show in it."""
-    from echoatt.memory import PeakMemory
+    from echoatt.training.memory import PeakMemory
 
     rss = PeakMemory(torch.device("cpu"))._resident("VmRSS")
     big = torch.ones(2**30)  # 4 GiB, touched, then handed back
@@ -244,8 +244,8 @@ def test_distillation_runs_on_the_gpu_device_names(monkeypatch):
     """`--device cuda:N` makes GPU N the current device before the Accelerator is made (accelerate puts a single
     process on the current device: distillation would otherwise run on GPU 0 while `run`'s other steps use N);
     under a multi-process launch an index is refused."""
-    from echoatt import distill as distill_module
-    from echoatt.distill import make_accelerator
+    from echoatt.training import distill as distill_module
+    from echoatt.training.distill import make_accelerator
 
     calls = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -266,7 +266,7 @@ def test_a_second_student_trains_from_the_cached_teacher_outputs(run_dir, teache
                                                                    monkeypatch, capsys):
     """With --teacher-cache the first run keeps the teacher's outputs on the windows it reads; a second run on the
     same windows reads them all and never runs the teacher's layers, to the same losses as the first."""
-    from echoatt.losses import TeacherOutputs
+    from echoatt.training.losses import TeacherOutputs
 
     cache = tmp_path / "teacher-outputs"
     other = tmp_path / "other"
@@ -308,7 +308,7 @@ def test_a_run_whose_checkpoints_would_not_fit_is_refused_before_training(run_di
     """The run's disk need is its checkpoints (keep + 1 at once, each the size one really takes) and the trained
     student: a disk one byte short is refused before the first step, and one that holds exactly that trains."""
     from echoatt import common
-    from echoatt.checkpoints import checkpoint_bytes, weight_bytes
+    from echoatt.training.checkpoints import checkpoint_bytes, weight_bytes
 
     student = AutoModelForCausalLM.from_pretrained(run_dir / "student")
     each, weights = checkpoint_bytes(student), weight_bytes(student)
@@ -335,7 +335,7 @@ def test_key_token_weighting_weighs_each_window_read_by_its_cached_context_gain(
     """--w-long: each micro-batch's hard and soft terms are weighted by `context_weights` of the teacher's context
     gain on its windows (computed once per window and kept); --w-long 0 is the plain loss; too short a window for
     any far context is refused."""
-    from echoatt import key_tokens
+    from echoatt.evaluation import key_tokens
 
     seen = []
     real = KDLoss.__call__

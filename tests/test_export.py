@@ -11,12 +11,12 @@ from conftest import tiny_teacher
 from safetensors.torch import load_file
 from transformers import AutoConfig
 
+from echoatt.building.student import build_student
 from echoatt.cli import main
-from echoatt.configuration_echoatt import EchoAttConfig
-from echoatt.cost_model import forward_cost
 from echoatt.engines.vllm_serve import case_bounds, check_servable, kv_bytes_per_token, parse_cases, serving_text
-from echoatt.plan import PlanError, SharingPlan
-from echoatt.student import build_student
+from echoatt.model.configuration_echoatt import EchoAttConfig
+from echoatt.planning.cost_model import forward_cost
+from echoatt.planning.plan import PlanError, SharingPlan
 
 
 def saved_student(tmp_path, family="llama", plan=None, method="drop", **overrides):

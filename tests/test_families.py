@@ -17,13 +17,13 @@ from conftest import FAMILIES, TEXT, TOY, path_tolerance, tiny_teacher, trained_
 from gguf_file import write_gguf
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from echoatt import planners
-from echoatt.archs import ARCHS, arch_config
+from echoatt.building.student import build_student, kv_cache_bytes_per_token, plan_bounds, student_config
 from echoatt.cli import main
-from echoatt.modeling_echoatt import CACHE_KWARG, output_cache
-from echoatt.plan import SharingPlan
-from echoatt.student import build_student, kv_cache_bytes_per_token, plan_bounds, student_config
-from echoatt.teacher import load_teacher
+from echoatt.inputs.teacher import load_teacher
+from echoatt.model.archs import ARCHS, arch_config
+from echoatt.model.modeling_echoatt import CACHE_KWARG, output_cache
+from echoatt.planning import planners
+from echoatt.planning.plan import SharingPlan
 
 MAPS = [None, None, [1, 0, 3, 2], None, [2, 2, 0, 1], None]
 

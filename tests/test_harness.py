@@ -8,8 +8,8 @@ import logging
 import pytest
 from conftest import FAMILIES
 
-from echoatt import planners
-from echoatt.harness import DEFAULT_TASKS, TASKS_DIR, local_task, markdown_table, zero_shot
+from echoatt.evaluation.harness import DEFAULT_TASKS, TASKS_DIR, local_task, markdown_table, zero_shot
+from echoatt.planning import planners
 
 
 def test_every_default_task_has_a_local_yaml():
@@ -37,7 +37,7 @@ def test_a_five_item_local_task_end_to_end(tokenizer, tmp_path, model_kind, fami
     )
     model = tiny_teacher(family=family, vocab_size=len(tokenizer))
     if model_kind == "lisa student":
-        from echoatt.student import build_student
+        from echoatt.building.student import build_student
 
         model = build_student(model, planners.from_k(6, 2), method="lisa")
     results = zero_shot(model, tokenizer, ["five_items"], batch_size=2, include_path=tmp_path)
@@ -51,7 +51,7 @@ def test_a_five_item_local_task_end_to_end(tokenizer, tmp_path, model_kind, fami
 def test_shipped_tasks_read_the_offline_data(tokenizer):
     from conftest import tiny_teacher
 
-    from echoatt.student import build_student
+    from echoatt.building.student import build_student
 
     teacher = tiny_teacher(vocab_size=len(tokenizer), max_position_embeddings=4096)
     model = build_student(teacher, planners.from_k(6, 2))  # a student: a model type lm-eval does not know
@@ -84,7 +84,7 @@ def test_markdown_table_layout():
 
 
 def test_the_table_says_when_the_sample_cannot_separate_models(tmp_path):
-    from echoatt.harness import save_results
+    from echoatt.evaluation.harness import save_results
 
     def scored(n, stderr):
         return {"piqa": {"acc": 0.6, "acc_stderr": stderr, "samples": n}, "held-out text": {"perplexity": 30.0}}
@@ -102,7 +102,7 @@ def test_the_table_says_when_the_sample_cannot_separate_models(tmp_path):
 def test_teacher_scores_are_cached_by_teacher_task_and_sample(tmp_path, monkeypatch):
     import torch
 
-    from echoatt import harness
+    from echoatt.evaluation import harness
 
     monkeypatch.setenv("ECHOATT_CACHE", str(tmp_path))
     scored = []
@@ -130,7 +130,7 @@ def test_teacher_scores_are_scored_again_when_the_task_or_batch_changes(tmp_path
 
     import torch
 
-    from echoatt import harness
+    from echoatt.evaluation import harness
 
     monkeypatch.setenv("ECHOATT_CACHE", str(tmp_path / "cache"))
     tasks = tmp_path / "tasks"
@@ -160,7 +160,7 @@ def test_the_zero_shot_gap_is_paired_item_by_item():
     each score; checked against the formula, task by task and over tasks."""
     import statistics
 
-    from echoatt.results import zero_shot_gap, zero_shot_summary
+    from echoatt.run.results import zero_shot_gap, zero_shot_summary
 
     teacher_items = [float(i % 2) for i in range(200)]  # 0.5: stderr of the score alone ~0.035
     student_items = list(teacher_items)
@@ -184,7 +184,7 @@ def test_the_zero_shot_gap_is_paired_item_by_item():
 
 
 def test_the_table_gives_each_models_gap_to_the_teacher(tmp_path):
-    from echoatt.harness import save_results
+    from echoatt.evaluation.harness import save_results
 
     teacher = {"piqa": {"acc": 0.5, "acc_stderr": 0.035, "samples": 4, "items": [1.0, 1.0, 0.0, 0.0]}}
     student = {"piqa": {"acc": 0.25, "acc_stderr": 0.035, "samples": 4, "items": [1.0, 0.0, 0.0, 0.0]}}

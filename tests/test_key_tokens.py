@@ -9,9 +9,8 @@ import pytest
 import torch
 from conftest import tiny_teacher
 
-from echoatt import key_tokens
-from echoatt.corpus import repeat_spans
-from echoatt.key_tokens import (
+from echoatt.evaluation import key_tokens
+from echoatt.evaluation.key_tokens import (
     FAR_FROM,
     GainCache,
     context_gain,
@@ -19,9 +18,17 @@ from echoatt.key_tokens import (
     key_mask,
     text_perplexities,
 )
-from echoatt.losses import IGNORE_INDEX, KDLoss, fused_output_kd, hard_label_loss, soft_label_loss, topk_soft_label_loss
-from echoatt.metrics import perplexity, token_nll
-from echoatt.results import key_row, point_perplexities
+from echoatt.evaluation.metrics import perplexity, token_nll
+from echoatt.inputs.corpus import repeat_spans
+from echoatt.run.results import key_row, point_perplexities
+from echoatt.training.losses import (
+    IGNORE_INDEX,
+    KDLoss,
+    fused_output_kd,
+    hard_label_loss,
+    soft_label_loss,
+    topk_soft_label_loss,
+)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])

@@ -19,8 +19,8 @@ def test_no_function_is_longer_than_sixty_lines():
 
 def imports_of(path: Path, modules: set[str]) -> set[str]:
     """The echoatt modules a file imports (at the top, inside functions or for type checking alone: a type-only import
-    is still a dependency a reader follows): `from echoatt import planners` imports the module `echoatt.planners`,
-    `from echoatt.plan import X` `echoatt.plan`."""
+    is still a dependency a reader follows): `from echoatt.planning import planners` imports the module
+    `echoatt.planning.planners`, `from echoatt.planning.plan import X` `echoatt.planning.plan`."""
     tree = ast.parse(path.read_text())
     found = set()
     for node in ast.walk(tree):
@@ -70,3 +70,25 @@ def test_each_engine_imports_without_the_others():
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                               env={**__import__("os").environ, "PYTHONPATH": str(SRC.parent)})
         assert done.stdout.strip() == "[]", (module, done.stdout, done.stderr[-2000:])
+
+
+def test_each_room_holds_its_modules_and_the_old_flat_paths_import_the_same_module():
+    """The rooms `moved.py` names are the package's subpackages, every module of them where it says, none left at the
+    flat path; `import echoatt.planners` (a user's old script) gives the room's module itself, and so does a module
+    below an old path."""
+    import importlib
+
+    from echoatt import moved
+
+    rooms = {p.parent.name for p in SRC.glob("*/__init__.py")} - {"commands", "engines"}
+    assert rooms == set(moved.ROOMS)
+    for old, new in moved.MOVED.items():
+        name = old.removeprefix("echoatt.")
+        assert not (SRC / f"{name}.py").exists() and not (SRC / name).exists(), old
+        assert (SRC.parent / f"{new.replace('.', '/')}.py").exists() or (SRC.parent / new.replace(".", "/")).is_dir()
+        assert importlib.import_module(old) is importlib.import_module(new), old
+    from echoatt.lm_eval_tasks import olmo_data
+    from echoatt.student import build_student
+
+    assert olmo_data is importlib.import_module("echoatt.evaluation.lm_eval_tasks.olmo_data")
+    assert build_student is importlib.import_module("echoatt.building.student").build_student

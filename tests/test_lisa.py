@@ -7,11 +7,11 @@ import torch
 from conftest import QK_PARTS, attention_parameters, path_tolerance
 from transformers import AutoModelForCausalLM
 
-from echoatt.configuration_echoatt import EchoAttConfig
-from echoatt.distill import set_trainable
-from echoatt.modeling_echoatt import Handoff, output_cache
-from echoatt.plan import SharingPlan
-from echoatt.student import build_student, kv_cache_bytes_per_token, parameter_report
+from echoatt.building.student import build_student, kv_cache_bytes_per_token, parameter_report
+from echoatt.model.configuration_echoatt import EchoAttConfig
+from echoatt.model.modeling_echoatt import Handoff, output_cache
+from echoatt.planning.plan import SharingPlan
+from echoatt.training.distill import set_trainable
 
 MAPS = [None, None, [1, 0, 3, 2], None, [2, 2, 0, 1], None]  # follower 2 reads 1, follower 4 reads 3
 
@@ -142,8 +142,8 @@ def test_gradcheck_lisa_follower(teacher):
 
 
 def test_lisa_parts_get_their_own_learning_rate(teacher):
-    from echoatt.config import DistillConfig
-    from echoatt.distill import param_groups
+    from echoatt.run.config import DistillConfig
+    from echoatt.training.distill import param_groups
 
     lisa = lisa_of(teacher)
     set_trainable(lisa, "shared")  # LiSA's parts and the follower layers' own weights

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from echoatt.losses import IGNORE_INDEX, hard_label_loss, hidden_state_loss, soft_label_loss
+from echoatt.training.losses import IGNORE_INDEX, hard_label_loss, hidden_state_loss, soft_label_loss
 
 
 def test_hard_label_loss_by_hand():
@@ -75,7 +75,7 @@ def test_hidden_state_loss_by_hand():
 def test_fused_output_kd_equals_the_pure_losses_and_their_gradients(dtype):
     """`fused_output_kd` (logits formed a chunk at a time from hidden states and output embeddings) gives the numbers
     and gradients of `hard_label_loss` + `soft_label_loss` on the whole logits, ignored labels included."""
-    from echoatt.losses import fused_output_kd
+    from echoatt.training.losses import fused_output_kd
 
     gen = torch.Generator().manual_seed(0)
     hidden = torch.randn(2, 9, 16, generator=gen).to(dtype).requires_grad_()
@@ -103,7 +103,7 @@ def test_fused_output_kd_under_autocast_computes_at_autocasts_precision():
     """Under bf16 autocast (distillation on a GPU) the fused loss's output matmuls run in bf16, as the model's own
     output layer would there — not in float32 with autocast switched off (half a 1B step's time) — while the loss and
     the weights' gradient stay float32: the numbers of the pure losses on autocast's logits, not on float32 ones."""
-    from echoatt.losses import fused_output_kd
+    from echoatt.training.losses import fused_output_kd
 
     gen = torch.Generator().manual_seed(1)
     hidden = torch.randn(2, 9, 32, generator=gen).requires_grad_()
@@ -130,9 +130,9 @@ def test_fused_output_kd_under_autocast_computes_at_autocasts_precision():
 def test_kd_loss_fused_and_from_logits_agree_on_a_model(teacher):
     """The objective on real models: the fused path (no logits) and the logits path give the same terms and the same
     gradients, tied embeddings and all."""
-    from echoatt.losses import KDLoss
-    from echoatt.plan import SharingPlan
-    from echoatt.student import build_student
+    from echoatt.building.student import build_student
+    from echoatt.planning.plan import SharingPlan
+    from echoatt.training.losses import KDLoss
 
     student = build_student(teacher, SharingPlan(6, ((1, 2),))).train()
     ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(2))
@@ -156,8 +156,8 @@ def test_the_fused_objective_keeps_its_memory_budget_per_token_and_vocabulary_en
     bytes per (token x vocabulary) entry (1.2 measured here; the fixed part is the weight gradient and one chunk);
     the same terms from whole logits add over eight (25 here), which shows the measurement
     sees what it measures. Peaks are the process's resident high-water mark (Linux), reset before each."""
-    from echoatt.losses import fused_output_kd
-    from echoatt.memory import PeakMemory
+    from echoatt.training.losses import fused_output_kd
+    from echoatt.training.memory import PeakMemory
 
     tokens, vocab, width = 2048, 32000, 64
     gen = torch.Generator().manual_seed(0)
@@ -187,7 +187,7 @@ def test_the_fused_objective_keeps_its_memory_budget_per_token_and_vocabulary_en
 def test_topk_soft_label_loss_by_formula_and_at_full_vocabulary():
     """The top-k soft loss is T² KL over the teacher's top k plus one bucket for the rest, from tempered log-probabilities;
     with k = V it is the full soft loss; with a smaller k it is below it (a coarser KL), not above."""
-    from echoatt.losses import topk_soft_label_loss
+    from echoatt.training.losses import topk_soft_label_loss
 
     gen = torch.Generator().manual_seed(3)
     s, t = torch.randn(2, 7, 30, generator=gen, dtype=torch.float64), torch.randn(2, 7, 30, generator=gen,
@@ -214,7 +214,7 @@ def test_topk_soft_label_loss_by_formula_and_at_full_vocabulary():
 
 def test_fused_output_kd_from_top_k_equals_the_pure_top_k_loss_and_gradients():
     """The fused loss against cached top-k teacher outputs gives `topk_soft_label_loss`'s number and gradients."""
-    from echoatt.losses import fused_output_kd, topk_soft_label_loss
+    from echoatt.training.losses import fused_output_kd, topk_soft_label_loss
 
     gen = torch.Generator().manual_seed(4)
     hidden = torch.randn(2, 9, 16, generator=gen).requires_grad_()
@@ -242,11 +242,11 @@ def test_kd_loss_from_cached_teacher_outputs_equals_running_the_teacher(teacher,
     """With the teacher's outputs from the cache — its final hidden states (k = 0), or its top k = V log-probabilities
     — and float32 hidden states, the objective and its gradients are those of running the teacher, on both paths; the
     second read comes from disk, the teacher not run."""
-    from echoatt import teacher_cache
-    from echoatt.losses import KDLoss
-    from echoatt.plan import SharingPlan
-    from echoatt.student import build_student
-    from echoatt.teacher_cache import TeacherCache
+    from echoatt.building.student import build_student
+    from echoatt.planning.plan import SharingPlan
+    from echoatt.training import teacher_cache
+    from echoatt.training.losses import KDLoss
+    from echoatt.training.teacher_cache import TeacherCache
 
     teacher_cache.HIDDEN_DTYPE = torch.float32  # exact here; the default keeps bf16 on disk
     try:

@@ -10,12 +10,12 @@ from conftest import QK_PARTS, attention_parameters, path_tolerance, tiny_teache
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from echoatt.bench import saved_activation_bytes
-from echoatt.configuration_echoatt import EchoAttConfig
-from echoatt.distill import set_checkpointing
-from echoatt.modeling_echoatt import CACHE_KWARG, Handoff, output_cache
-from echoatt.plan import SharingPlan
-from echoatt.student import build_student, kv_cache_bytes_per_token, parameter_report
+from echoatt.building.student import build_student, kv_cache_bytes_per_token, parameter_report
+from echoatt.evaluation.bench import saved_activation_bytes
+from echoatt.model.configuration_echoatt import EchoAttConfig
+from echoatt.model.modeling_echoatt import CACHE_KWARG, Handoff, output_cache
+from echoatt.planning.plan import SharingPlan
+from echoatt.training.distill import set_checkpointing
 
 HEAD_MAPS = [None, None, [1, 0, 3, 2], None, [2, 2, 0, 1], None]  # non-trivial maps across KV groups
 
@@ -333,7 +333,7 @@ def test_gradcheck_follower_attention(teacher, path):
 def test_a_mixed_student_shares_and_drops_and_generates_with_a_cache(teacher, impl, tmp_path):
     """A plan with a shared block and dropped layers: the roles are what the plan says, it reloads, and cached
     generation equals cache-free generation."""
-    from echoatt.student import build_student
+    from echoatt.building.student import build_student
 
     plan = SharingPlan(6, ((2, 3),), (1, 4))
     student = build_student(teacher, plan, [None, None, None, [1, 0, 3, 2], None, None])
@@ -384,8 +384,8 @@ def test_a_full_width_ffn_and_an_empty_plan_are_the_teacher(teacher):
 def test_role_predicates_name_what_follows_what_attends_and_what_changed():
     """`followers()` are the layers that follow a leader (not dropped or linear ones, which every caller filtered back
     out); `attends` is what keeps a KV cache; `attention_changed` is all three."""
-    from echoatt.plan import SharingPlan
-    from echoatt.student import build_student
+    from echoatt.building.student import build_student
+    from echoatt.planning.plan import SharingPlan
 
     student = build_student(tiny_teacher(), SharingPlan(6, ((1, 2),), dropped=(4,), linear=(3,)))
     config = student.config

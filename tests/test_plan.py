@@ -7,9 +7,9 @@ import pytest
 import torch
 from conftest import tiny_teacher
 
-from echoatt import planners
-from echoatt.plan import Change, PlanError, SharingPlan
-from echoatt.planners import similarity_loss
+from echoatt.planning import planners
+from echoatt.planning.plan import Change, PlanError, SharingPlan
+from echoatt.planning.planners import similarity_loss
 
 C = Change.read
 
@@ -182,7 +182,7 @@ def test_drop_budget_takes_its_own_ranking():
 def test_attention_drop_drops_what_a_plan_would_make_follow():
     """`--method drop` on an explicit plan builds the same student as the plan with those layers' attention
     dropped, and its plan says so."""
-    from echoatt.student import StudentSpec
+    from echoatt.building.student import StudentSpec
 
     teacher = tiny_teacher()
     student, plan = StudentSpec("1-3,ffn=4:64", method="drop").build(teacher, None)
@@ -197,7 +197,7 @@ def test_attention_drop_drops_what_a_plan_would_make_follow():
 def test_attention_drop_refuses_by_name_what_it_cannot_plan(options):
     """`--method drop` ranks layers to drop by its own criterion: a budget's `,linear` / `,ffn` were silently left out
     (an FFN candidate's width even landed among the droppable layers); they are refused by name, before any work."""
-    from echoatt.student import StudentSpec
+    from echoatt.building.student import StudentSpec
 
     with pytest.raises(PlanError, match=r"--method drop drops attention and nothing else.*,(linear|ffn)"):
         StudentSpec(f"budget=decode=1.2{options}", method="drop").check()

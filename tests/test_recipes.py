@@ -12,7 +12,7 @@ import yaml
 from conftest import tiny_teacher
 
 from echoatt.cli import COMMANDS
-from echoatt.config import load_yaml
+from echoatt.run.config import load_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "configs").glob("*.yaml"))
@@ -40,10 +40,10 @@ def test_the_gpu_recipes_plan_fits_the_models_it_names():
     """configs/gpu-1b.yaml's budget, priced by the cost model on the 1–2B shapes it names: attention and KV are a
     smaller share of their decode bytes than of SmolLM2's, so a budget set for SmolLM2 (decode 1.25: 12 of
     Llama-3.2-1B's 16 layers' attention dropped) would gut them; this one drops at most about a third."""
-    from echoatt import planners
-    from echoatt.archs import arch_config
-    from echoatt.plan import SharingPlan
-    from echoatt.student import plan_bounds, student_config
+    from echoatt.building.student import plan_bounds, student_config
+    from echoatt.model.archs import arch_config
+    from echoatt.planning import planners
+    from echoatt.planning.plan import SharingPlan
 
     plan = yaml.safe_load((ROOT / "configs" / "gpu-1b.yaml").read_text())["plan"]
     target = float(planners.budget_options(plan)["decode"])
@@ -56,7 +56,7 @@ def test_the_gpu_recipes_plan_fits_the_models_it_names():
 
 
 def test_a_misspelt_recipe_option_is_refused_with_the_nearest(tmp_path):
-    from echoatt.config import RunConfig
+    from echoatt.run.config import RunConfig
 
     (tmp_path / "r.yaml").write_text("plan: k=2\nsteeps: 3\n")
     with pytest.raises(ValueError, match=r"unknown options \['steeps'\] \(did you mean steps"):
@@ -81,7 +81,7 @@ def test_compress_takes_a_model_object(tmp_path, tokenizer, corpus_dir, monkeypa
     """A model object and its tokenizer as the teacher: the student is distilled from it, and caches keyed by the
     teacher tell two objects of the same name apart (their weights differ)."""
     import echoatt
-    from echoatt.teacher import Teacher
+    from echoatt.inputs.teacher import Teacher
 
     monkeypatch.setenv("ECHOATT_CACHE", str(tmp_path / "cache"))
     model = tiny_teacher(vocab_size=len(tokenizer))

@@ -9,12 +9,12 @@ import pytest
 import torch
 from conftest import tiny_teacher
 
-from echoatt.distill import distill, set_trainable
-from echoatt.losses import layer_output_loss
-from echoatt.plan import SharingPlan
-from echoatt.repair import LocalLoss, only_layers, repaired_layers
-from echoatt.student import build_student, save_student
-from echoatt.teacher import load_teacher
+from echoatt.building.repair import LocalLoss, only_layers, repaired_layers
+from echoatt.building.student import build_student, save_student
+from echoatt.inputs.teacher import load_teacher
+from echoatt.planning.plan import SharingPlan
+from echoatt.training.distill import distill, set_trainable
+from echoatt.training.losses import layer_output_loss
 
 
 def mixed_student(teacher):
@@ -75,8 +75,8 @@ def test_only_layers_restores_the_model_when_the_forward_fails():
 def test_repair_runs_before_distillation_and_lowers_the_local_loss(tmp_path, teacher_dir, corpus_dir, monkeypatch):
     from transformers import AutoModelForCausalLM
 
-    from echoatt.config import DistillConfig
-    from echoatt.corpus import token_windows
+    from echoatt.inputs.corpus import token_windows
+    from echoatt.run.config import DistillConfig
 
     monkeypatch.setenv("ECHOATT_CACHE", str(tmp_path / "cache"))
     teacher = load_teacher(str(teacher_dir))

@@ -14,8 +14,8 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 
 def test_report_reads_a_run_folder_without_torch(tmp_path):
-    """`echoatt.report` and what it imports work where torch cannot be imported (the package's own __init__, which
-    registers the model with transformers, is bypassed to show it)."""
+    """`echoatt.evaluation.report` and what it imports work where torch cannot be imported (the package's own
+    __init__, which registers the model with transformers, is bypassed to show it)."""
     run = tmp_path / "run"
     (run / "student").mkdir(parents=True)
     (run / "summary.json").write_text(json.dumps({"validation_windows": 4, "seq_len": 32, "gap_closed_percent": 50.0,
@@ -28,7 +28,7 @@ def test_report_reads_a_run_folder_without_torch(tmp_path):
         package = types.ModuleType("echoatt")
         package.__path__ = [{str(SRC / "echoatt")!r}]
         sys.modules["echoatt"] = package
-        from echoatt.report import write_report
+        from echoatt.evaluation.report import write_report
         md, page = write_report({str(run)!r})
         print(open(page).read())
     """)
@@ -42,8 +42,8 @@ def test_report_reads_a_run_folder_without_torch(tmp_path):
 def test_the_report_places_a_default_teachers_student_on_the_measured_curve(tmp_path):
     """A student of the default teacher is shown among the measured plans (its bounds, its own scores); a student of
     another teacher is not (the curve says nothing about it)."""
-    from echoatt.report import MEASURED_CURVE, write_report
-    from echoatt.rundir import SharingInfo
+    from echoatt.evaluation.report import MEASURED_CURVE, write_report
+    from echoatt.run.rundir import SharingInfo
 
     curve = json.loads(MEASURED_CURVE.read_text())
     assert curve["points"] and sum(p.get("default", False) for p in curve["points"]) == 1
@@ -87,7 +87,7 @@ def test_the_report_places_a_default_teachers_student_on_the_measured_curve(tmp_
 def test_the_runs_own_zero_shot_mark_carries_its_error_bar():
     """The run's own zero-shot gap on the curve plot is drawn with ± 2 paired stderr of its own items (the default run
     scores 30 items a task: about ± 2 points), as the curve's points are, so it never looks better by noise."""
-    from echoatt.report import own_mark
+    from echoatt.evaluation.report import own_mark
 
     own = {"zero_shot_gap": 0.004, "zero_shot_gap_stderr": 0.011, "other_ratio": 1.1, "lambada": 0.3,
            "lambada_stderr": 0.08}

@@ -10,15 +10,15 @@ import torch
 from conftest import TOY, tiny_teacher
 from transformers import AutoConfig
 
-from echoatt import planners, search, sensitivity
-from echoatt.analysis import Similarity
+from echoatt.building.student import StudentSpec, plan_bounds, student_config
 from echoatt.cli import main
-from echoatt.corpus import REPEAT_SPAN, repeat_spans
-from echoatt.metrics import repeated_tokens, retrieval
-from echoatt.plan import Change
-from echoatt.precision import Precision
-from echoatt.sensitivity import BlockEffects, measure_block_effects
-from echoatt.student import StudentSpec, plan_bounds, student_config
+from echoatt.evaluation.metrics import repeated_tokens, retrieval
+from echoatt.inputs.corpus import REPEAT_SPAN, repeat_spans
+from echoatt.planning import planners, search, sensitivity
+from echoatt.planning.analysis import Similarity
+from echoatt.planning.plan import Change
+from echoatt.planning.sensitivity import BlockEffects, measure_block_effects
+from echoatt.training.precision import Precision
 
 C = Change.read
 
@@ -58,9 +58,9 @@ def test_block_effects_are_the_kl_from_the_teacher_of_each_block_alone(tmp_path)
 def test_replacement_candidates_are_measured_fitted_from_their_layer_up(tmp_path):
     """A linear attention or a narrowed FFN is measured as `share` will build it — fitted in closed form on other text
     — and run from its own layer up on the teacher's hidden states there: the same KL as the whole fitted student's."""
-    from echoatt.calibrate import apply_fits, replacement_stats
-    from echoatt.plan import SharingPlan
-    from echoatt.student import build_student
+    from echoatt.building.calibrate import apply_fits, replacement_stats
+    from echoatt.building.student import build_student
+    from echoatt.planning.plan import SharingPlan
 
     teacher = tiny_teacher()
     text = torch.randint(3, 128, (2, 24), generator=torch.Generator().manual_seed(0))
@@ -151,7 +151,7 @@ def test_block_effects_are_measured_again_when_what_they_depend_on_changes(teach
     os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # the teacher rewritten in place
     assert main(share) == 0 and len(measured) == 3
     assert main([*share, "--encoding", "latin-1"]) == 0 and len(measured) == 4
-    monkeypatch.setattr("echoatt.precision.cpu_bf16_feature", lambda: "AVX512-BF16")
+    monkeypatch.setattr("echoatt.training.precision.cpu_bf16_feature", lambda: "AVX512-BF16")
     assert main([*share, "--encoding", "latin-1", "--bf16", "no"]) == 0 and len(measured) == 4  # fp32, as kept
     assert main([*share, "--encoding", "latin-1"]) == 0 and len(measured) == 5  # measured in bf16: kept apart
 
@@ -175,7 +175,7 @@ def test_blocks_measured_after_a_local_repair_are_kept_apart(teacher_dir, corpus
 
 
 def test_a_brief_repair_trains_only_the_changed_layers_and_the_next():
-    from echoatt.repair import repair_briefly
+    from echoatt.building.repair import repair_briefly
 
     teacher = tiny_teacher()
     student, _ = StudentSpec(plan="2-3", method="drop").build(teacher, None)  # layer 3's attention dropped
@@ -186,7 +186,7 @@ def test_a_brief_repair_trains_only_the_changed_layers_and_the_next():
 
 
 def test_long_range_labels_keep_only_tokens_last_seen_far_back():
-    from echoatt.sensitivity import long_range_labels
+    from echoatt.planning.sensitivity import long_range_labels
 
     windows = torch.tensor([[5, 6, 7, 5, 6, 9, 9, 5], [1, 2, 3, 4, 5, 6, 7, 1]])
     got = long_range_labels(windows, distance=3)
@@ -200,7 +200,7 @@ def test_a_long_budget_scores_long_range_predictions_and_checks_the_plan_whole(t
                                                                                 monkeypatch):
     """`budget=...,long`: each candidate also carries the KL at long-range predictions of other windows (kept under
     their own settings), and the chosen plan is measured whole before it is built."""
-    from echoatt.sensitivity import long_range_labels
+    from echoatt.planning.sensitivity import long_range_labels
 
     teacher = tiny_teacher()
     text = torch.randint(3, 128, (1, 24), generator=torch.Generator().manual_seed(0))
@@ -215,7 +215,7 @@ def test_a_long_budget_scores_long_range_predictions_and_checks_the_plan_whole(t
     kl = ((p_t.exp() * (p_t - p_s)).sum(-1) * counted).sum() / counted.sum()
     assert counted.sum() > 10 and effects.blocks[C("drop=3")]["long"] == pytest.approx(kl.item(), rel=1e-4)
     assert effects.loss(C("drop=3")) == pytest.approx(sum(effects.blocks[C("drop=3")].values()))
-    from echoatt.plan import SharingPlan
+    from echoatt.planning.plan import SharingPlan
 
     joint = sensitivity.joint_loss(teacher, spec, None, sensitivity.effect_inputs(text, probe, long))
     assert joint(SharingPlan(6, (), (3,))) == pytest.approx(effects.loss(C("drop=3")), rel=1e-4)  # a plan of one member

@@ -21,10 +21,10 @@ import torch
 from conftest import tiny_teacher, worker_results
 from transformers import AutoConfig
 
+from echoatt.building.student import build_student
 from echoatt.engines.decilm_export import export_decilm
 from echoatt.engines.vllm_serve import kv_bytes_per_token
-from echoatt.plan import SharingPlan
-from echoatt.student import build_student
+from echoatt.planning.plan import SharingPlan
 
 pytestmark = pytest.mark.serve
 ROOT = Path(__file__).resolve().parents[1]
@@ -222,7 +222,7 @@ def default_student(tmp_path_factory):
     assert main(["analyze", "--out", str(out), "--num-sequences", "2", "--seq-len", "128"]) == 0
     assert main(["share", "--out", str(out), "--plan", "27-28,drop=5,drop=6,drop=7,drop=9,drop=25,drop=26",
                  "--calibrate", "2", "--seq-len", "128"]) == 0
-    from echoatt.teacher import load_teacher
+    from echoatt.inputs.teacher import load_teacher
 
     build_student(load_teacher("default").model, SharingPlan(30, ())).save_pretrained(out / "teacher-unshared")
     return out / "student"  # beside it, the teacher itself as an unshared student: the yardstick for vLLM's numbers

@@ -6,7 +6,7 @@ import pytest
 from conftest import FAMILIES, tiny_config, tiny_teacher
 from transformers import AutoModelForCausalLM, Gemma3TextConfig, GPT2Config, GPT2LMHeadModel, Phi3Config
 
-from echoatt.teacher import TeacherError, load_teacher
+from echoatt.inputs.teacher import TeacherError, load_teacher
 
 
 def test_local_directory(teacher_dir):

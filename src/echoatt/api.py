@@ -11,9 +11,9 @@ from typing import Any
 
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from echoatt.config import RunConfig, load_yaml
-from echoatt.results import RunSummary
-from echoatt.rundir import RunDir
+from echoatt.run.config import RunConfig, load_yaml
+from echoatt.run.results import RunSummary
+from echoatt.run.rundir import RunDir
 
 
 @dataclass
@@ -41,7 +41,7 @@ def compress(teacher: str | PreTrainedModel = "default", tokenizer=None, *, reci
         `out="runs/mine"`, `tasks=""` ...); they override the recipe.
     """
     from echoatt.commands.run import run
-    from echoatt.teacher import Teacher
+    from echoatt.inputs.teacher import Teacher
 
     values = load_yaml(RunConfig, recipe) if isinstance(recipe, str | Path) else dict(recipe or {})
     values |= options

@@ -13,7 +13,8 @@ import sys
 from typing import Any
 
 from echoatt.common import TrainingError, disk_full, first_line
-from echoatt.config import (
+from echoatt.model.registration import register
+from echoatt.run.config import (
     AnalyzeConfig,
     BenchConfig,
     CommonConfig,
@@ -28,7 +29,6 @@ from echoatt.config import (
     load_yaml,
     options,
 )
-from echoatt.registration import register
 
 COMMANDS = {  # name -> (config class, "module:function" run with it, help)
     "run": (RunConfig, "echoatt.commands.run:run",
@@ -39,7 +39,7 @@ COMMANDS = {  # name -> (config class, "module:function" run with it, help)
                 "measure layer x layer attention similarity on real text; write similarity.json and a heatmap"),
     "share": (ShareConfig, "echoatt.commands.share:share",
               "build the student checkpoint from a teacher and a plan (calibrated with --calibrate)"),
-    "distill": (DistillConfig, "echoatt.distill:distill",
+    "distill": (DistillConfig, "echoatt.training.distill:distill",
                 ("train the student against the frozen teacher (resumable; accelerate launch / torchrun for more "
                 "processes)")),
     "eval": (EvalConfig, "echoatt.commands.evaluate:evaluate",

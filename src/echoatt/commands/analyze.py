@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import dataclasses
 
-from echoatt import planners
-from echoatt.analysis import Similarity, attention_redundancy, attention_similarity, induction_scores
-from echoatt.config import (
+from echoatt.inputs.corpus import spread, token_windows
+from echoatt.inputs.teacher import Teacher, load_teacher
+from echoatt.planning import planners
+from echoatt.planning.analysis import Similarity, attention_redundancy, attention_similarity, induction_scores
+from echoatt.run.config import (
     AnalyzeConfig,
     CommonConfig,
     device_of,
     record,
     setup,
 )
-from echoatt.corpus import spread, token_windows
-from echoatt.rundir import RunDir
-from echoatt.teacher import Teacher, load_teacher
+from echoatt.run.rundir import RunDir
 
 
 def analyze(config: AnalyzeConfig, teacher: Teacher | None = None, suggest: bool = True) -> Similarity:

@@ -7,8 +7,12 @@ from pathlib import Path
 
 import torch
 
+from echoatt.building.student import (
+    StudentSpec,
+)
 from echoatt.common import is_model_folder
-from echoatt.config import (
+from echoatt.inputs.teacher import Teacher, load_teacher, resolve_source
+from echoatt.run.config import (
     BenchConfig,
     CompareConfig,
     RunConfig,
@@ -16,13 +20,9 @@ from echoatt.config import (
     record,
     setup,
 )
-from echoatt.precision import resolve
-from echoatt.results import quick_speed_settings
-from echoatt.rundir import RunDir, read_student_config
-from echoatt.student import (
-    StudentSpec,
-)
-from echoatt.teacher import Teacher, load_teacher, resolve_source
+from echoatt.run.results import quick_speed_settings
+from echoatt.run.rundir import RunDir, read_student_config
+from echoatt.training.precision import resolve
 
 
 def bench(config: BenchConfig, loaded: Teacher | None = None) -> dict:
@@ -30,8 +30,8 @@ def bench(config: BenchConfig, loaded: Teacher | None = None) -> dict:
     loaded), or an architecture (--arch)."""
     from transformers import AutoModelForCausalLM
 
-    from echoatt.archs import ARCHS, arch_config
-    from echoatt.bench import benchmarked, run_bench, save
+    from echoatt.evaluation.bench import benchmarked, run_bench, save
+    from echoatt.model.archs import ARCHS, arch_config
 
     config.validate()
     if config.engine in ("vllm", "llama.cpp"):

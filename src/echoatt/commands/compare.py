@@ -8,36 +8,36 @@ from pathlib import Path
 
 import torch
 
-from echoatt import planners
-from echoatt.analysis import Similarity
-from echoatt.calibrate import calibrate_student
-from echoatt.commands.analyze import analyze_with_defaults
-from echoatt.commands.bench import quick_speed
-from echoatt.commands.evaluate import EVAL_PROBE, evaluate, perplexity_texts
-from echoatt.commands.share import calibration_settings, find_similarity, share, spec_of
-from echoatt.config import CompareConfig, device_of, record, setup
-from echoatt.distill import distill
-from echoatt.key_tokens import text_keys, text_perplexities
-from echoatt.metrics import retrieval
-from echoatt.plan import AT_MOST, PlanError
-from echoatt.report import write_report
-from echoatt.results import TradeCurve, point_perplexities, zero_shot_summary
-from echoatt.rundir import RunDir, SharingInfo
-from echoatt.search import plan_measures
-from echoatt.student import (
+from echoatt.building.calibrate import calibrate_student
+from echoatt.building.student import (
     VARIANTS,
     StudentSpec,
     plan_bounds,
     student_config,
 )
-from echoatt.teacher import Teacher, load_teacher
+from echoatt.commands.analyze import analyze_with_defaults
+from echoatt.commands.bench import quick_speed
+from echoatt.commands.evaluate import EVAL_PROBE, evaluate, perplexity_texts
+from echoatt.commands.share import calibration_settings, find_similarity, share, spec_of
+from echoatt.evaluation.key_tokens import text_keys, text_perplexities
+from echoatt.evaluation.metrics import retrieval
+from echoatt.evaluation.report import write_report
+from echoatt.inputs.teacher import Teacher, load_teacher
+from echoatt.planning import planners
+from echoatt.planning.analysis import Similarity
+from echoatt.planning.plan import AT_MOST, PlanError
+from echoatt.planning.search import plan_measures
+from echoatt.run.config import CompareConfig, device_of, record, setup
+from echoatt.run.results import TradeCurve, point_perplexities, zero_shot_summary
+from echoatt.run.rundir import RunDir, SharingInfo
+from echoatt.training.distill import distill
 
 
 def compare(config: CompareConfig) -> dict:
     """The table users pick a method from: teacher, attention drop, plain copy, head-matched copy and LiSA at the
     same layers — or, with `--equal-bound`, each at its own plan of the same predicted speed (and the trade curve
     over several speeds) — each before and after the same distillation budget. Each variant works in OUT/<variant>/."""
-    from echoatt.harness import save_results
+    from echoatt.evaluation.harness import save_results
 
     config.validate()
     setup(config)
@@ -129,7 +129,7 @@ def trade_curve(subs: dict[str, CompareConfig], teacher: Teacher, similarity: Si
     any training on the validation text and the other text (perplexity), the retrieval probe and the zero-shot tasks (`--tasks`,
     `--limit` items each). Written to OUT/trade_curve.json. Also returns, per method and value, the full zero-shot
     scores (`compare` distils those students and need not score them again)."""
-    from echoatt.harness import cached_zero_shot, zero_shot
+    from echoatt.evaluation.harness import cached_zero_shot, zero_shot
 
     config = next(iter(subs.values()))
     metric, values = config.bound_targets()

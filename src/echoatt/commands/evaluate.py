@@ -9,18 +9,18 @@ from pathlib import Path
 import torch
 
 from echoatt.common import is_model_folder
-from echoatt.config import (
+from echoatt.evaluation.key_tokens import text_keys, text_perplexities
+from echoatt.evaluation.metrics import retrieval
+from echoatt.inputs.corpus import other_windows, spread, token_windows
+from echoatt.inputs.teacher import Teacher, load_teacher
+from echoatt.run.config import (
     EvalConfig,
     device_of,
     record,
     setup,
 )
-from echoatt.corpus import other_windows, spread, token_windows
-from echoatt.key_tokens import text_keys, text_perplexities
-from echoatt.metrics import retrieval
-from echoatt.results import MODEL_LABELS, other_row
-from echoatt.rundir import RunDir, read_student_config
-from echoatt.teacher import Teacher, load_teacher
+from echoatt.run.results import MODEL_LABELS, other_row
+from echoatt.run.rundir import RunDir, read_student_config
 
 EVAL_PROBE = (8, 128)  # retrieval probe scored by `eval`: 8 windows of 128 random tokens, repeated
 
@@ -34,7 +34,7 @@ def evaluate(config: EvalConfig, teacher: Teacher | None = None, known: dict[str
     scores already taken of some of those models (compare: the trade curve's untrained students), not taken again."""
     from transformers import AutoModelForCausalLM
 
-    from echoatt.harness import cached_zero_shot, check_tasks, save_results, zero_shot
+    from echoatt.evaluation.harness import cached_zero_shot, check_tasks, save_results, zero_shot
 
     config.validate()
     setup(config)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from echoatt.config import ExportConfig
 from echoatt.engines.decilm_export import export_decilm
+from echoatt.run.config import ExportConfig
 
 FORMATS = ("decilm", "gguf")
 
@@ -29,8 +29,8 @@ def export(config: ExportConfig) -> Path:
 
 def export_to_gguf(config: ExportConfig, student: Path) -> Path:
     from echoatt.engines.gguf_export import export_gguf
-    from echoatt.rundir import saved_identity
-    from echoatt.teacher import gguf_of
+    from echoatt.inputs.teacher import gguf_of
+    from echoatt.run.rundir import saved_identity
 
     out = Path(config.out)
     out = out if out.suffix == ".gguf" else out / f"{student.name}-{config.type}.gguf"

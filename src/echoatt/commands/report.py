@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from echoatt.config import (
+from echoatt.evaluation.report import write_report
+from echoatt.run.config import (
     ReportConfig,
 )
-from echoatt.report import write_report
 
 
 def report(config: ReportConfig) -> None:

@@ -7,24 +7,24 @@ from echoatt.commands.analyze import analyze
 from echoatt.commands.bench import quick_speed
 from echoatt.commands.evaluate import evaluate
 from echoatt.commands.share import share
-from echoatt.config import (
+from echoatt.engines.vllm_serve import serving_text
+from echoatt.evaluation.report import write_report
+from echoatt.inputs.teacher import Teacher, load_teacher
+from echoatt.run.config import (
     RunConfig,
     device_of,
     record,
     setup,
 )
-from echoatt.distill import distill
-from echoatt.engines.vllm_serve import serving_text
-from echoatt.report import write_report
-from echoatt.results import RunSummary, training_line
-from echoatt.rundir import RunDir, read_student_config
-from echoatt.teacher import Teacher, load_teacher
+from echoatt.run.results import RunSummary, training_line
+from echoatt.run.rundir import RunDir, read_student_config
+from echoatt.training.distill import distill
 
 
 def run(config: RunConfig, teacher: Teacher | None = None) -> RunSummary:
     """The main job on one teacher: analyze -> share -> distill -> evaluate (perplexity and zero-shot). `teacher`:
     one already loaded (`Teacher.of` a model object), else `config.teacher` is loaded."""
-    from echoatt.harness import check_tasks
+    from echoatt.evaluation.harness import check_tasks
 
     config.validate()
     setup(config)

@@ -8,30 +8,30 @@ from pathlib import Path
 
 import torch
 
-from echoatt.analysis import Similarity
-from echoatt.calibrate import calibrate_student, replaced_layers
-from echoatt.checkpoints import checkpoint_identities
-from echoatt.commands.analyze import analyze_with_defaults
-from echoatt.config import (
-    ShareConfig,
-    device_of,
-    record,
-    setup,
-)
-from echoatt.configuration_echoatt import family_fields
-from echoatt.corpus import spread, token_windows
-from echoatt.modeling_echoatt import EchoAttForCausalLM
-from echoatt.plan import PlanError, SharingPlan
-from echoatt.rundir import RunDir, RunDirError, SharingInfo, describe, identity_of, same_student, student_identity
-from echoatt.search import plan_measures
-from echoatt.student import (
+from echoatt.building.calibrate import calibrate_student, replaced_layers
+from echoatt.building.student import (
     StudentSpec,
     kv_cache_bytes_per_token,
     parameter_report,
     plan_bounds,
     save_student,
 )
-from echoatt.teacher import Teacher, load_teacher
+from echoatt.commands.analyze import analyze_with_defaults
+from echoatt.inputs.corpus import spread, token_windows
+from echoatt.inputs.teacher import Teacher, load_teacher
+from echoatt.model.configuration_echoatt import family_fields
+from echoatt.model.modeling_echoatt import EchoAttForCausalLM
+from echoatt.planning.analysis import Similarity
+from echoatt.planning.plan import PlanError, SharingPlan
+from echoatt.planning.search import plan_measures
+from echoatt.run.config import (
+    ShareConfig,
+    device_of,
+    record,
+    setup,
+)
+from echoatt.run.rundir import RunDir, RunDirError, SharingInfo, describe, identity_of, same_student, student_identity
+from echoatt.training.checkpoints import checkpoint_identities
 
 
 def find_similarity(config: ShareConfig) -> Similarity | None:

@@ -17,10 +17,10 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-from echoatt.configuration_echoatt import EchoAttConfig, llama_fields
 from echoatt.engines.support import decilm_refusal
-from echoatt.plan import PlanError
-from echoatt.rundir import SHARING_FILE
+from echoatt.model.configuration_echoatt import EchoAttConfig, llama_fields
+from echoatt.planning.plan import PlanError
+from echoatt.run.rundir import SHARING_FILE
 
 CONFIG_SOURCE = Path(__file__).with_name("configuration_decilm.py")
 WEIGHT_FILES = ("*.safetensors", "*.safetensors.index.json")

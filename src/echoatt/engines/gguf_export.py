@@ -26,9 +26,9 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from echoatt.configuration_echoatt import EchoAttConfig
 from echoatt.engines.support import gguf_refusal
-from echoatt.plan import PlanError
+from echoatt.model.configuration_echoatt import EchoAttConfig
+from echoatt.planning.plan import PlanError
 
 TYPES = {  # --type -> (file type, tensor type for 2-D weights)
     "f32": (gguf.LlamaFileType.ALL_F32, gguf.GGMLQuantizationType.F32),

@@ -15,9 +15,9 @@ def bench_llamacpp(config, teacher: Path, student: Path, folder: Path) -> dict:
     bounds beside: prompt processing by FLOPs, generation by bytes at the mean context."""
     from transformers import AutoConfig
 
-    from echoatt.cost_model import bound
     from echoatt.engines.gguf_export import export_gguf
-    from echoatt.teacher import gguf_of
+    from echoatt.inputs.teacher import gguf_of
+    from echoatt.planning.cost_model import bound
 
     tokenizer = gguf_of(teacher)
     teacher_config, student_config = AutoConfig.from_pretrained(teacher), AutoConfig.from_pretrained(student)

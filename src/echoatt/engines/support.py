@@ -5,7 +5,7 @@ Torch-free: the report imports it."""
 
 from __future__ import annotations
 
-from echoatt.plan import SERVABLE_PLAN
+from echoatt.planning.plan import SERVABLE_PLAN
 
 KEPT_OR_DROPPED = (f"export a student whose attention is only kept or dropped — e.g. `echoatt run --plan "
                    f"{SERVABLE_PLAN}` (the planner's budget met by dropped attention alone) or `--method drop`")

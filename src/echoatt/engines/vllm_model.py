@@ -1,9 +1,9 @@
 """echoatt students in vLLM: the model class the plugin (`echoatt.engines.vllm_serve.register`) registers for `EchoAttForCausalLM`.
 
 Imports vLLM, so only the serve environment (`scripts/setup.sh --serve`, or `pip install "echoatt[serve]"`) imports
-it; vLLM loads it lazily by name. It mirrors `echoatt.modeling_echoatt` with vLLM's own layers — paged `Attention`, fused
-QKV and gate/up projections, fused residual RMSNorm, rotary embeddings from `get_rope` — so the student is served,
-batched, sampled and cached as any model vLLM knows. Per role (`EchoAttConfig.role`):
+it; vLLM loads it lazily by name. It mirrors `echoatt.model.modeling_echoatt` with vLLM's own layers — paged
+`Attention`, fused QKV and gate/up projections, fused residual RMSNorm, rotary embeddings from `get_rope` — so the
+student is served, batched, sampled and cached as any model vLLM knows. Per role (`EchoAttConfig.role`):
 - ordinary / leader: LLaMA's attention (Qwen2's q/k/v bias, Qwen3's q/k norms where the family has them). A leader
   puts its post-RoPE Q and K into the forward's handoff dict.
 - copy follower: no Q/K projection; head h takes the leader's query head `head_map[h]` and the leader's keys, its
@@ -52,8 +52,8 @@ from vllm.model_executor.models.utils import (
 )
 from vllm.sequence import IntermediateTensors
 
-from echoatt.configuration_echoatt import EchoAttConfig
 from echoatt.engines.vllm_serve import check_servable, local_head_map
+from echoatt.model.configuration_echoatt import EchoAttConfig
 
 STACKED = (  # checkpoint name part -> (vLLM parameter name part, shard)
     (".q_proj", ".qkv_proj", "q"),

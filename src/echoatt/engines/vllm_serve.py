@@ -12,7 +12,7 @@ from pathlib import Path
 
 from echoatt.engines.environments import SERVE_ENV, run_worker
 from echoatt.engines.support import decilm_refusal, gguf_refusal, vllm_refusal
-from echoatt.plan import SERVABLE_PLAN
+from echoatt.planning.plan import SERVABLE_PLAN
 
 ARCHITECTURE = "EchoAttForCausalLM"
 
@@ -21,7 +21,7 @@ def register() -> None:
     """vLLM's plugin hook: echoatt's config class for transformers, its vLLM model class by module path."""
     from vllm import ModelRegistry
 
-    from echoatt.registration import register as register_student
+    from echoatt.model.registration import register as register_student
 
     register_student()  # the student's config, for transformers inside vLLM
 
@@ -123,7 +123,7 @@ def case_bounds(teacher_config, student_config, case: dict[str, int], dtype_byte
     the first token, its decode (bytes, N sequences at the mean context). The measured ratio of a mixed case lies
     between the two. Followers as vLLM runs them (`cost_model`, engine vllm): their own kernel call on the leader's Q
     and K, with K and V cached again."""
-    from echoatt.cost_model import bound
+    from echoatt.planning.cost_model import bound
 
     n, p, g = case["prompts"], case["prompt_len"], case["new_tokens"]
     flags = {"teacher_eager": False, "student_eager": False, "dtype_bytes": dtype_bytes, "engine": "vllm"}
@@ -137,8 +137,8 @@ def kv_bytes_per_token(config, dtype_bytes: int) -> int:
     """KV-cache bytes a token costs in vLLM: K and V of every attention layer, followers included (one cache per
     layer), per query head where a follower's head map crosses KV groups; dropped layers nothing. Checked against
     what the engine allocates (`vllm_worker.allocated_kv_bytes_per_token`) in the tests and by `bench --engine vllm`."""
-    from echoatt.configuration_echoatt import head_dim_of
-    from echoatt.cost_model import vllm_cached_heads
+    from echoatt.model.configuration_echoatt import head_dim_of
+    from echoatt.planning.cost_model import vllm_cached_heads
 
     per_head = 2 * head_dim_of(config) * dtype_bytes  # K and V
     return sum(per_head * vllm_cached_heads(config, i) for i in range(config.num_hidden_layers))

@@ -8,8 +8,8 @@ from __future__ import annotations
 def register() -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from echoatt.configuration_echoatt import EchoAttConfig
-    from echoatt.modeling_echoatt import EchoAttForCausalLM
+    from echoatt.model.configuration_echoatt import EchoAttConfig
+    from echoatt.model.modeling_echoatt import EchoAttForCausalLM
     from echoatt.versions import check_transformers
 
     if getattr(register, "done", False):

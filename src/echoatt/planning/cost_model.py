@@ -38,7 +38,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from echoatt.configuration_echoatt import NO_ATTENTION, family_fields, ffn_width_of, head_dim_of, role_of
+from echoatt.model.configuration_echoatt import NO_ATTENTION, family_fields, ffn_width_of, head_dim_of, role_of
 
 SOFTMAX_FLOPS = 5  # per score: scale, mask add, max, exp, normalise
 ROPE_FLOPS = 3  # per element: x*cos + rotate(x)*sin

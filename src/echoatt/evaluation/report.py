@@ -16,9 +16,9 @@ import markdown
 
 from echoatt.common import is_model_folder
 from echoatt.engines.vllm_serve import serving_text
-from echoatt.plan import AT_MOST
-from echoatt.results import OTHER_ROW, QUICK_SPEED, RunSummary, TradeCurve, training_line, zero_shot_summary
-from echoatt.rundir import RunDir, SharingInfo, read_student_config
+from echoatt.planning.plan import AT_MOST
+from echoatt.run.results import OTHER_ROW, QUICK_SPEED, RunSummary, TradeCurve, training_line, zero_shot_summary
+from echoatt.run.rundir import RunDir, SharingInfo, read_student_config
 
 
 @dataclass

@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from echoatt.common import first_line, is_model_folder
-from echoatt.configuration_echoatt import DROPPED, LINEAR
-from echoatt.plan import SharingPlan
+from echoatt.model.configuration_echoatt import DROPPED, LINEAR
+from echoatt.planning.plan import SharingPlan
 
 # Config fields that say how a student runs, not what it is: they may change without making it another student.
 RUNTIME_FIELDS = ("transformers_version", "_name_or_path", "dtype", "torch_dtype", "reuse_path", "reuse_crossover",

@@ -17,7 +17,7 @@ from safetensors import SafetensorError
 
 from echoatt.common import TrainingError, disk_full, replaced_atomically
 from echoatt.noise import silence
-from echoatt.rundir import Checkpoint, RunDir, describe, same_student
+from echoatt.run.rundir import Checkpoint, RunDir, describe, same_student
 
 
 def latest_step(run: RunDir) -> int:

@@ -12,8 +12,8 @@ import torch
 import yaml
 
 from echoatt.common import check_choice, closest, first_line
-from echoatt.losses import KDLoss
-from echoatt.plan import DEFAULT_PLAN
+from echoatt.planning.plan import DEFAULT_PLAN
+from echoatt.training.losses import KDLoss
 
 
 def opt(default: Any, help: str) -> Any:
@@ -88,7 +88,7 @@ class PrecisionConfig(CommonConfig):
 
     def validate(self) -> None:
         super().validate()
-        from echoatt.precision import resolve
+        from echoatt.training.precision import resolve
 
         resolve(self.bf16, self.device)  # refuses --bf16 yes where bf16 is emulated, before any model loads
 
@@ -125,7 +125,7 @@ class ShareConfig(PrecisionConfig):
 
     def validate(self) -> None:
         super().validate()
-        from echoatt.student import StudentSpec
+        from echoatt.building.student import StudentSpec
 
         StudentSpec(self.plan, self.method, self.head_map, self.lisa_rank, self.lisa_hidden).check()
         if self.similarity and not Path(self.similarity).is_file():
@@ -198,7 +198,7 @@ class DistillConfig(PrecisionConfig):
             raise ValueError(f"--generated is a share of the training windows, from 0 to 1 (got {self.generated})")
         if self.w_long < 0:
             raise ValueError(f"--w-long is a weight, 0 (off) or more (got {self.w_long})")
-        from echoatt.key_tokens import FAR_FROM
+        from echoatt.evaluation.key_tokens import FAR_FROM
 
         if self.w_long and self.seq_len <= FAR_FROM:
             raise ValueError(f"--w-long weighs predictions with far context, from position {FAR_FROM} on: none has "
@@ -224,8 +224,8 @@ class EvalConfig(CommonConfig):
 
     def validate(self) -> None:
         super().validate()
-        from echoatt.corpus import NAMED_CORPORA, OTHER_TEXT
-        from echoatt.harness import check_task_names
+        from echoatt.evaluation.harness import check_task_names
+        from echoatt.inputs.corpus import NAMED_CORPORA, OTHER_TEXT
 
         check_task_names([t for t in self.tasks.split(",") if t])
         if self.limit < 0:
@@ -286,7 +286,7 @@ class CompareConfig(ShareConfig, DistillConfig, EvalConfig):
 
     def validate(self) -> None:
         super().validate()
-        from echoatt.student import VARIANTS
+        from echoatt.building.student import VARIANTS
 
         for name in filter(None, self.methods.split(",")):
             check_choice("--methods: each", name, tuple(VARIANTS))
@@ -329,13 +329,13 @@ class BenchConfig(CommonConfig):
 
     def validate(self) -> None:
         super().validate()
-        from echoatt.student import StudentSpec
+        from echoatt.building.student import StudentSpec
 
         check_choice("--engine", self.engine, ("torch", "vllm", "llama.cpp"))
         check_choice("--decode-cache", self.decode_cache, ("dynamic", "static"))
         check_choice("--dtype", self.dtype, ("auto", "float32", "bfloat16", "both"))
         if self.arch:
-            from echoatt.archs import ARCHS
+            from echoatt.model.archs import ARCHS
 
             if self.arch not in ARCHS and not Path(self.arch).is_file():
                 raise ValueError(f"--arch {self.arch}: not one of {', '.join(ARCHS)} nor a config.json file"
@@ -431,7 +431,7 @@ def save_config(config: Any, path: str | Path) -> None:
 def record(config: CommonConfig, name: str) -> Path:
     """The output folder, with the resolved config saved beside the run as `<name>.yaml`. Called once a command's
     inputs have proved usable, so a command refused on bad input leaves nothing behind."""
-    from echoatt.rundir import RunDir
+    from echoatt.run.rundir import RunDir
 
     run = RunDir(Path(config.out))
     run.root.mkdir(parents=True, exist_ok=True)

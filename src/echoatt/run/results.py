@@ -9,10 +9,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from echoatt.plan import AT_MOST
+from echoatt.planning.plan import AT_MOST
 
 if TYPE_CHECKING:
-    from echoatt.rundir import RunDir
+    from echoatt.run.rundir import RunDir
 
 
 # Results are keyed by what a model is, never by how it is shown; these are the labels tables show.

@@ -23,8 +23,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from echoatt.common import cache_dir, replaced_atomically
-from echoatt.corpus import fingerprint
-from echoatt.losses import NO_LOGITS, TeacherOutputs, matched_hidden
+from echoatt.inputs.corpus import fingerprint
+from echoatt.training.losses import NO_LOGITS, TeacherOutputs, matched_hidden
 
 HIDDEN_DTYPE = torch.bfloat16
 LOGIT_ROWS = 512  # positions whose full-vocabulary logits exist at once while the top k is taken

@@ -9,7 +9,7 @@ from types import MappingProxyType
 
 import numpy as np
 
-from echoatt.plan import AT_LEAST, AT_MOST, PLAN_WORDS, UNREACHABLE, Change, PlanError, SharingPlan
+from echoatt.planning.plan import AT_LEAST, AT_MOST, PLAN_WORDS, UNREACHABLE, Change, PlanError, SharingPlan
 
 
 def from_k(

@@ -30,10 +30,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from echoatt.losses import IGNORE_INDEX, hard_label_loss, soft_label_loss
-from echoatt.plan import Change
-from echoatt.precision import FP32, Precision
-from echoatt.repair import teacher_stream
+from echoatt.building.repair import teacher_stream
+from echoatt.planning.plan import Change
+from echoatt.training.losses import IGNORE_INDEX, hard_label_loss, soft_label_loss
+from echoatt.training.precision import FP32, Precision
 
 LONG_RANGE = 64  # a long-range prediction: the next token last occurred at least this many tokens back
 

@@ -11,14 +11,21 @@ import numpy as np
 import torch
 from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 
-from echoatt import planners
-from echoatt.analysis import Similarity
 from echoatt.common import closest
-from echoatt.configuration_echoatt import DROPPED, FOLLOWER_TYPES, LINEAR, EchoAttConfig, head_dim_of, is_lisa_parameter
-from echoatt.cost_model import bound
-from echoatt.modeling_echoatt import EchoAttForCausalLM
-from echoatt.plan import PlanError, SharingPlan
-from echoatt.rundir import SharingInfo
+from echoatt.model.configuration_echoatt import (
+    DROPPED,
+    FOLLOWER_TYPES,
+    LINEAR,
+    EchoAttConfig,
+    head_dim_of,
+    is_lisa_parameter,
+)
+from echoatt.model.modeling_echoatt import EchoAttForCausalLM
+from echoatt.planning import planners
+from echoatt.planning.analysis import Similarity
+from echoatt.planning.cost_model import bound
+from echoatt.planning.plan import PlanError, SharingPlan
+from echoatt.run.rundir import SharingInfo
 
 HEAD_MAPS = ("matched", "grouped", "identity")
 SYNTAX_LAYERS = 256  # a plan's syntax is checked against this many layers before the teacher's count is known

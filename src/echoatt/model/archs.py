@@ -54,7 +54,7 @@ def arch_config(spec: str):
     from transformers import AutoConfig
 
     from echoatt.common import first_line
-    from echoatt.teacher import check_supported
+    from echoatt.inputs.teacher import check_supported
 
     if spec in ARCHS:
         data = ARCHS[spec]

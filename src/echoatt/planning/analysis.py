@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers.models.llama.modeling_llama import repeat_kv
 
-from echoatt.modeling_echoatt import project_qk
+from echoatt.model.modeling_echoatt import project_qk
 
 DECIMALS = 5  # similarities are saved to this many decimals
 CHUNK_BYTES = 256 * 2**20  # budget for one chunk of probability rows over all layers

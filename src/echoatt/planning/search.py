@@ -6,18 +6,18 @@ from __future__ import annotations
 
 import torch
 
-from echoatt import planners
-from echoatt.analysis import Similarity
-from echoatt.calibrate import apply_fits, replacement_stats
-from echoatt.config import ShareConfig, device_of
-from echoatt.corpus import REPEAT_SPAN, repeat_spans, spread, token_windows
-from echoatt.plan import Change
-from echoatt.precision import Precision, resolve
-from echoatt.repair import repair_briefly
-from echoatt.rundir import RunDir
-from echoatt.sensitivity import LONG_RANGE, BlockEffects, effect_inputs, joint_loss, measure_block_effects
-from echoatt.student import StudentSpec
-from echoatt.teacher import Teacher
+from echoatt.building.calibrate import apply_fits, replacement_stats
+from echoatt.building.repair import repair_briefly
+from echoatt.building.student import StudentSpec
+from echoatt.inputs.corpus import REPEAT_SPAN, repeat_spans, spread, token_windows
+from echoatt.inputs.teacher import Teacher
+from echoatt.planning import planners
+from echoatt.planning.analysis import Similarity
+from echoatt.planning.plan import Change
+from echoatt.planning.sensitivity import LONG_RANGE, BlockEffects, effect_inputs, joint_loss, measure_block_effects
+from echoatt.run.config import ShareConfig, device_of
+from echoatt.run.rundir import RunDir
+from echoatt.training.precision import Precision, resolve
 
 EFFECT_TEXT_WINDOWS, EFFECT_PROBE = 1, (2, 128)  # what each candidate block is scored on: cheap, paired with the teacher
 EFFECT_FIT_WINDOWS = 4  # other windows the linear and FFN candidates are fitted on before they are scored

@@ -3,7 +3,7 @@
 Every figure times the same work on four candidates — teacher on SDPA, teacher on eager, student on its fused path
 (SDPA) and on its reuse path (eager) — interleaved (the order rotates each repeat), after a warm-up, with the
 thread count pinned. Each candidate's median and min/max are reported with two ratios, each beside its analytic
-bound (`echoatt.cost_model`):
+bound (`echoatt.planning.cost_model`):
 - headline: teacher on SDPA (its fastest backend) / student on SDPA;
 - eager vs eager (the papers' likely setting), never the headline.
 """
@@ -23,14 +23,14 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from echoatt.cost_model import Bound, bound, forward_cost
-from echoatt.losses import KDLoss, fused_output_kd, output_weight
-from echoatt.memory import PeakMemory, free_memory
-from echoatt.modeling_echoatt import CACHE_KWARG, output_cache
-from echoatt.student import kv_cache_bytes_per_token, parameter_count
+from echoatt.building.student import kv_cache_bytes_per_token, parameter_count
+from echoatt.model.modeling_echoatt import CACHE_KWARG, output_cache
+from echoatt.planning.cost_model import Bound, bound, forward_cost
+from echoatt.training.losses import KDLoss, fused_output_kd, output_weight
+from echoatt.training.memory import PeakMemory, free_memory
 
 if TYPE_CHECKING:
-    from echoatt.config import BenchConfig
+    from echoatt.run.config import BenchConfig
 
 CANDIDATES = ("teacher_sdpa", "teacher_eager", "student_sdpa", "student_eager")
 def _sync(device: torch.device) -> None:

@@ -21,10 +21,10 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from echoatt.common import cache_dir, replaced_atomically
-from echoatt.corpus import fingerprint
-from echoatt.metrics import token_nll
-from echoatt.results import key_row
-from echoatt.teacher_cache import window_file
+from echoatt.evaluation.metrics import token_nll
+from echoatt.inputs.corpus import fingerprint
+from echoatt.run.results import key_row
+from echoatt.training.teacher_cache import window_file
 
 NEAR = 64  # tokens of near context the teacher's prediction is compared against
 SINKS = 4  # first tokens of the window the near-context pass keeps visible (attention sinks)

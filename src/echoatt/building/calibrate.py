@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from echoatt.student import narrowed_mlp_weights
+from echoatt.building.student import narrowed_mlp_weights
 
 # What each kind of change (`plan.Change`) gets fitted before training, or None: a declaration the tests hold
 # `calibrate_student` to.

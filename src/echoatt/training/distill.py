@@ -29,7 +29,16 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
-from echoatt.checkpoints import (
+from echoatt.building.repair import LocalLoss, repaired_layers
+from echoatt.common import TrainingError, check_disk_room
+from echoatt.evaluation.key_tokens import GainCache, context_weights
+from echoatt.evaluation.metrics import nll_sum
+from echoatt.inputs.corpus import generated_windows, spread, token_windows
+from echoatt.inputs.teacher import Teacher, load_teacher
+from echoatt.model.configuration_echoatt import is_lisa_parameter, role_of
+from echoatt.run.config import DistillConfig, device_of, record, setup
+from echoatt.run.rundir import SHARING_FILE, RunDir, identity_of
+from echoatt.training.checkpoints import (
     checkpoint_bytes,
     latest_step,
     load_checkpoint,
@@ -37,19 +46,10 @@ from echoatt.checkpoints import (
     save_checkpoint,
     weight_bytes,
 )
-from echoatt.common import TrainingError, check_disk_room
-from echoatt.config import DistillConfig, device_of, record, setup
-from echoatt.configuration_echoatt import is_lisa_parameter, role_of
-from echoatt.corpus import generated_windows, spread, token_windows
-from echoatt.key_tokens import GainCache, context_weights
-from echoatt.losses import KDLoss
-from echoatt.memory import free_memory, peak_memory_bytes, reset_peak_memory
-from echoatt.metrics import nll_sum
-from echoatt.precision import Precision, resolve
-from echoatt.repair import LocalLoss, repaired_layers
-from echoatt.rundir import SHARING_FILE, RunDir, identity_of
-from echoatt.teacher import Teacher, load_teacher
-from echoatt.teacher_cache import TeacherCache
+from echoatt.training.losses import KDLoss
+from echoatt.training.memory import free_memory, peak_memory_bytes, reset_peak_memory
+from echoatt.training.precision import Precision, resolve
+from echoatt.training.teacher_cache import TeacherCache
 
 TRAINABLE = ("auto", "changed", "shared", "lisa", "all")
 

@@ -16,7 +16,7 @@ import torch
 
 from echoatt.common import closest
 from echoatt.noise import silence
-from echoatt.results import headline_metric, zero_shot_summary
+from echoatt.run.results import headline_metric, zero_shot_summary
 
 TASKS_DIR = Path(__file__).with_name("lm_eval_tasks")
 DEFAULT_TASKS = ("hellaswag", "winogrande", "mmlu", "arc_easy", "arc_challenge", "piqa", "boolq", "lambada")
@@ -112,7 +112,7 @@ def task_definition(task: str) -> str:
     (its version keys them)."""
     from importlib.metadata import PackageNotFoundError, version
 
-    from echoatt.corpus import fingerprint
+    from echoatt.inputs.corpus import fingerprint
 
     path = TASKS_DIR / f"{task}.yaml"
     if not path.is_file():
@@ -134,7 +134,7 @@ def cached_zero_shot(
     import lm_eval
 
     from echoatt.common import cache_dir, replaced_atomically
-    from echoatt.corpus import fingerprint
+    from echoatt.inputs.corpus import fingerprint
     from echoatt.versions import VERSION
 
     folder = cache_dir() / "scores"

@@ -38,7 +38,7 @@ from transformers import PreTrainedTokenizerBase
 from echoatt.common import cache_dir, replaced_atomically
 
 if TYPE_CHECKING:
-    from echoatt.teacher import Teacher
+    from echoatt.inputs.teacher import Teacher
 
 AUSTEN_DEB = "r-cran-janeaustenr"
 PYTHON_DOCS_DEB = "python3.11-doc"
@@ -348,7 +348,7 @@ def other_windows(tokenizer: PreTrainedTokenizerBase, source: str, seq_len: int,
     """`n` windows spread over text of another kind than the training text, where quality must generalise:
     'wikipedia' (BoolQ's validation passages, from the offline benchmark data) or any corpus source, read whole."""
     if source == OTHER_TEXT:
-        from echoatt.lm_eval_tasks.olmo_data import wikipedia_passages
+        from echoatt.evaluation.lm_eval_tasks.olmo_data import wikipedia_passages
 
         documents = [Document(f"wikipedia/{i}", t) for i, t in enumerate(wikipedia_passages())]
     else:

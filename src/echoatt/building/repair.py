@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from echoatt.losses import NO_LOGITS, layer_output_loss
+from echoatt.training.losses import NO_LOGITS, layer_output_loss
 
 
 def changed_layers(config) -> list[int]:
