@@ -94,12 +94,11 @@ def from_budget(
     chosen: list[Candidate] = (),
 ) -> SharingPlan:
     """The changes that meet a budget with the least predicted loss, greedily: from no change (or `chosen`), take the
-    candidate
-    — a block, a larger block replacing chosen ones inside it, (a candidate of one layer) that layer's attention
-    dropped, its attention replaced by a linear map, or its FFN narrowed (a narrower one replacing a wider) — that buys
-    the most `progress` towards the targets per unit of loss, until `meets(plan)`. A move that lowers the loss (a
-    larger block measured cheaper than the ones it replaces) and makes progress ranks before any other, the largest
-    improvement first: per unit of progress, a smaller gain would look better."""
+    candidate — a block, a larger block replacing chosen ones inside it, (a candidate of one layer) that layer's
+    attention dropped, its attention replaced by a linear map, or its FFN narrowed (a narrower one replacing a wider) —
+    that buys the most `progress` towards the targets per unit of loss, until `meets(plan)`. A move that lowers the
+    loss (a larger block measured cheaper than the ones it replaces) and makes progress ranks before any other, the
+    largest improvement first: per unit of progress, a smaller gain would look better."""
     chosen = list(chosen)
     plan = SharingPlan.of(chosen, num_layers)
     while not meets(plan):
