@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_config, tiny_teacher
+from conftest import tiny_teacher
 
 from echoatt.planning import planners
 from echoatt.planning.plan import Change, PlanError, SharingPlan
@@ -277,17 +277,3 @@ def test_a_long_budget_swaps_its_worst_member_where_the_whole_plan_measures_lowe
     assert SharingPlan.of(plan.changes()[::-1], 8) == plan and plan.spec() == "1-2,drop=4,linear=5,ffn=3:64"
     with pytest.raises(PlanError, match="whole"):
         planners.parse(spec, 8, None, bounds=bounds, block_loss=alone)
-
-
-@pytest.mark.parametrize("method", ["copy", "lisa", "drop"])
-def test_a_students_config_gives_back_the_plan_it_was_built_from(method):
-    """`plan_of` reads a student config's plan back (a LiSA block's followers each read the layer before them; attention
-    drop's followers are dropped attention), so the run's record, bench's line and checkpoint refusals describe a
-    student as `SharingPlan.describe` does."""
-    from echoatt.building.student import plan_of, student_config
-
-    teacher = tiny_config(num_hidden_layers=8)
-    for spec in ("1-3,5-6", "2-4,drop=6,linear=7,ffn=1:64,ffn=5:0", "none", "drop=1,drop=7"):
-        plan = SharingPlan.read(spec, 8)
-        back = plan_of(student_config(teacher, plan, method=method))
-        assert back == (plan.dropping_followers() if method == "drop" else plan), (spec, back.spec())

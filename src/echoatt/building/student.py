@@ -90,14 +90,6 @@ def student_config(
     return config
 
 
-def plan_of(config: EchoAttConfig) -> SharingPlan:
-    """The plan a student's config was built from (`student_config`'s inverse, up to `--method drop`, whose followers'
-    attention was dropped: their plan says so)."""
-    n = config.num_hidden_layers
-    narrowed = tuple((i, config.ffn_width(i)) for i in range(n) if config.ffn_width(i) != config.intermediate_size)
-    return SharingPlan.of_source(list(config.attention_source or range(n)), narrowed)
-
-
 def plan_bounds(teacher_config, config: EchoAttConfig) -> dict[str, float]:
     """What a student config promises, by the cost model, at the settings plans are chosen for (bf16): `prefill`
     (1 x 512 tokens), `decode` (16 sequences, 1024 tokens of context) as teacher time / student time, and `kv`

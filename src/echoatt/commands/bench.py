@@ -7,7 +7,9 @@ from pathlib import Path
 
 import torch
 
-from echoatt.building.student import StudentSpec, plan_of
+from echoatt.building.student import (
+    StudentSpec,
+)
 from echoatt.common import is_model_folder
 from echoatt.inputs.teacher import Teacher, load_teacher, resolve_source
 from echoatt.run.config import (
@@ -59,10 +61,12 @@ def bench(config: BenchConfig, loaded: Teacher | None = None) -> dict:
         student = AutoModelForCausalLM.from_pretrained(path)
         name = "bench"
     run = RunDir(record(config, "bench"))
-    plan = plan_of(student.config)
-    followers = f" ({student.config.follower_type} followers)" if plan.followers else ""
-    print(f"plan: {plan.describe()}{followers}; {device}, {' and '.join(map(str, dtypes))}, "
-          f"{torch.get_num_threads()} threads")
+    roles = [student.config.role(i) for i in range(student.config.num_hidden_layers)]
+    narrowed = sum(student.config.ffn_width(i) != student.config.intermediate_size for i in range(len(roles)))
+    print(f"plan: of {len(roles)} layers, {len(student.config.followers())} follow "
+          f"({student.config.follower_type}), {roles.count('dropped')} have no attention, {roles.count('linear')} a "
+          f"linear one, {narrowed} a narrowed or no FFN; "
+          f"{device}, {' and '.join(map(str, dtypes))}, {torch.get_num_threads()} threads")
     results = []
     for dtype in dtypes:  # the first is the one the run trains in; fp32 beside it (results named -fp32)
         # A loaded teacher is the caller's (run, compare, echoatt.compress): timed as a converted copy, never cast

@@ -216,23 +216,6 @@ class SharingPlan:
                    tuple(sorted((c.first, c.width) for c in kind("ffn"))))
 
     @classmethod
-    def of_source(cls, source: list[int], ffn: tuple[tuple[int, int], ...] = ()) -> SharingPlan:
-        """The plan a student was built from, read back from its config's `attention_source` (a LiSA follower reads
-        the layer before it: its block is its leader's) and its narrowed FFNs."""
-        from echoatt.model.configuration_echoatt import DROPPED, LINEAR
-
-        def leader(layer: int) -> int:
-            return layer if source[layer] == layer else leader(source[layer])
-
-        blocks: dict[int, list[int]] = {}
-        for layer, s in enumerate(source):
-            if s not in (layer, DROPPED, LINEAR):
-                blocks.setdefault(leader(layer), [leader(layer)]).append(layer)
-        return cls(len(source), tuple(tuple(b) for _, b in sorted(blocks.items())),
-                   tuple(i for i, s in enumerate(source) if s == DROPPED),
-                   tuple(i for i, s in enumerate(source) if s == LINEAR), tuple(ffn))
-
-    @classmethod
     def read(cls, spec: str, num_layers: int) -> SharingPlan:
         """The plan `spec()` writes, read back: explicit blocks `1-2,4-6`, layers whose attention is dropped
         `drop=7` or replaced by a linear map `linear=12`, FFN widths `ffn=5:768` (`ffn=20:0`: no FFN), or `none`."""

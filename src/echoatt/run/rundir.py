@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from echoatt.common import first_line, is_model_folder
+from echoatt.model.configuration_echoatt import DROPPED, LINEAR
 from echoatt.planning.plan import SharingPlan
 
 # Config fields that say how a student runs, not what it is: they may change without making it another student.
@@ -205,12 +206,12 @@ def student_identity(config, teacher: str, calibration: dict | None = None) -> d
     calibration in words, and the config hash that decides with them."""
     cfg = config.to_dict()
     source = cfg.get("attention_source") or []
-    plan = SharingPlan.of_source(source)
+    followers, dropped = sharing_roles(source)
     return {
         "teacher": teacher,
         "attention_source": source,
-        "follower_type": cfg.get("follower_type", "copy") if plan.followers else None,
-        "dropped": list(plan.dropped),
+        "follower_type": cfg.get("follower_type", "copy") if followers else None,
+        "dropped": dropped,
         "head_map": cfg.get("head_map"),
         "calibration": calibration,
         "config_hash": config_hash(cfg),
@@ -253,10 +254,20 @@ def same_student(a: dict | None, b: dict | None) -> bool:
     return a is not None and b is not None and key(a) == key(b)
 
 
+def sharing_roles(source: list[int]) -> tuple[list[int], list[int]]:
+    """From an `attention_source` list: the layers that follow another, and those whose attention is dropped (a
+    linear map is neither)."""
+    return ([i for i, s in enumerate(source) if s not in (i, DROPPED, LINEAR)],
+            [i for i, s in enumerate(source) if s == DROPPED])
+
+
 def describe(identity: dict) -> str:
-    plan = SharingPlan.of_source(identity["attention_source"])
+    followers, dropped = sharing_roles(identity["attention_source"])
     maps = identity.get("head_map") or []
     heads = "mapped heads" if any(m is not None and m != list(range(len(m))) for m in maps) else "same-index heads"
-    followers = f" ({identity.get('follower_type')} followers, {heads})" if plan.followers else ""
     calibrated = "calibrated" if identity.get("calibration") else "not calibrated"
-    return f"teacher {identity['teacher']}, {plan.describe()}{followers}, {calibrated}, config {identity['config_hash']}"
+    linear = [i for i, s in enumerate(identity["attention_source"]) if s == LINEAR]
+    parts = ([f"{identity.get('follower_type')} followers {followers}, {heads}"] if followers else []) + (
+        [f"attention dropped at {dropped}"] if dropped else []) + ([f"linear attention at {linear}"] if linear else [])
+    return (f"teacher {identity['teacher']}, {', '.join(parts) or 'no sharing'}, {calibrated}, "
+            f"config {identity['config_hash']}")
