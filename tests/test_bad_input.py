@@ -244,3 +244,18 @@ def test_a_device_torch_cannot_use_is_one_line(tmp_path, capsys, device, message
         pytest.skip("this machine has CUDA")
     line = refused(["analyze", "--device", device, "--out", str(tmp_path / "out")], tmp_path / "out", capsys)
     assert message in line
+
+
+def test_a_student_whose_follower_reads_a_distant_leader_has_an_identity_and_a_description():
+    """The config lets a copy follower read any earlier leader (layer 5 reading 2, with 3 and 4 ordinary), which no
+    `SharingPlan` block can say: its record and the refusals built from it still name it."""
+    from echoatt.model.configuration_echoatt import EchoAttConfig
+    from echoatt.run.rundir import describe, student_identity
+
+    teacher = tiny_teacher()
+    heads = teacher.config.num_attention_heads
+    config = EchoAttConfig.from_teacher(teacher.config, attention_source=[0, 1, 2, 3, 4, 2],
+                                        head_map=[None] * 5 + [list(range(heads))])
+    identity = student_identity(config, "t")
+    assert identity["follower_type"] == "copy" and identity["dropped"] == []
+    assert "copy followers [5]" in describe(identity)
