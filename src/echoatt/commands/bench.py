@@ -7,9 +7,7 @@ from pathlib import Path
 
 import torch
 
-from echoatt.building.student import (
-    StudentSpec,
-)
+from echoatt.building.student import StudentSpec
 from echoatt.common import is_model_folder
 from echoatt.inputs.teacher import Teacher, load_teacher, resolve_source
 from echoatt.run.config import (

@@ -64,6 +64,23 @@ def head_dim_of(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
+def is_read(source: list[int], layer: int) -> bool:
+    """Some other layer of an `attention_source` list reads `layer`'s attention."""
+    return any(s == layer and i != layer for i, s in enumerate(source))
+
+
+def source_role(source: list[int], layer: int, follower_type: str = "copy") -> str:
+    """`EchoAttConfig.role`'s rule on a bare `attention_source` list (a run's recorded identity keeps the list, not
+    the config)."""
+    if source[layer] == DROPPED:
+        return "dropped"
+    if source[layer] == LINEAR:
+        return "linear"
+    if source[layer] != layer:
+        return follower_type
+    return "leader" if is_read(source, layer) else "ordinary"
+
+
 def role_of(config, layer: int) -> str:
     """A layer's role under any config: `EchoAttConfig.role`, and `ordinary` for every layer of a teacher's."""
     return config.role(layer) if isinstance(config, EchoAttConfig) else "ordinary"
@@ -166,18 +183,11 @@ class EchoAttConfig(LlamaConfig):
         """What `layer`'s attention is: `ordinary`, `leader` (others read it), `copy` or `lisa` (a follower),
         `dropped`, or `linear` (a fitted map). The model's attention class, the cost model, KV accounting and what
         trains all ask this."""
-        source = self.attention_source[layer]
-        if source == DROPPED:
-            return "dropped"
-        if source == LINEAR:
-            return "linear"
-        if source != layer:
-            return self.follower_type
-        return "leader" if self.is_leader(layer) else "ordinary"
+        return source_role(self.attention_source, layer, self.follower_type)
 
     def is_leader(self, layer: int) -> bool:
         """Some other layer reads this layer's attention."""
-        return any(s == layer and i != layer for i, s in enumerate(self.attention_source))
+        return is_read(self.attention_source, layer)
 
     def follows(self, layer: int) -> bool:
         """`layer` reads a leader's attention (a copy or LiSA follower)."""

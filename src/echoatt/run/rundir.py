@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from echoatt.common import first_line, is_model_folder
-from echoatt.model.configuration_echoatt import DROPPED, LINEAR
+from echoatt.model.configuration_echoatt import FOLLOWER_TYPES, source_role
 from echoatt.planning.plan import SharingPlan
 
 # Config fields that say how a student runs, not what it is: they may change without making it another student.
@@ -206,12 +206,12 @@ def student_identity(config, teacher: str, calibration: dict | None = None) -> d
     calibration in words, and the config hash that decides with them."""
     cfg = config.to_dict()
     source = cfg.get("attention_source") or []
-    followers, dropped = sharing_roles(source)
+    roles = sharing_roles(source)
     return {
         "teacher": teacher,
         "attention_source": source,
-        "follower_type": cfg.get("follower_type", "copy") if followers else None,
-        "dropped": dropped,
+        "follower_type": cfg.get("follower_type", "copy") if roles["follows"] else None,
+        "dropped": roles["dropped"],
         "head_map": cfg.get("head_map"),
         "calibration": calibration,
         "config_hash": config_hash(cfg),
@@ -254,20 +254,21 @@ def same_student(a: dict | None, b: dict | None) -> bool:
     return a is not None and b is not None and key(a) == key(b)
 
 
-def sharing_roles(source: list[int]) -> tuple[list[int], list[int]]:
-    """From an `attention_source` list: the layers that follow another, and those whose attention is dropped (a
-    linear map is neither)."""
-    return ([i for i, s in enumerate(source) if s not in (i, DROPPED, LINEAR)],
-            [i for i, s in enumerate(source) if s == DROPPED])
+def sharing_roles(source: list[int]) -> dict[str, list[int]]:
+    """From an `attention_source` list, by `source_role`: the layers that follow another (`follows`), and those whose
+    attention is dropped (`dropped`) or a linear map (`linear`)."""
+    roles = [source_role(source, i) for i in range(len(source))]
+    return {"follows": [i for i, r in enumerate(roles) if r in FOLLOWER_TYPES],
+            **{kind: [i for i, r in enumerate(roles) if r == kind] for kind in ("dropped", "linear")}}
 
 
 def describe(identity: dict) -> str:
-    followers, dropped = sharing_roles(identity["attention_source"])
+    roles = sharing_roles(identity["attention_source"])
     maps = identity.get("head_map") or []
     heads = "mapped heads" if any(m is not None and m != list(range(len(m))) for m in maps) else "same-index heads"
     calibrated = "calibrated" if identity.get("calibration") else "not calibrated"
-    linear = [i for i, s in enumerate(identity["attention_source"]) if s == LINEAR]
-    parts = ([f"{identity.get('follower_type')} followers {followers}, {heads}"] if followers else []) + (
-        [f"attention dropped at {dropped}"] if dropped else []) + ([f"linear attention at {linear}"] if linear else [])
+    parts = ([f"{identity.get('follower_type')} followers {roles['follows']}, {heads}"] if roles["follows"] else []) + (
+        [f"attention dropped at {roles['dropped']}"] if roles["dropped"] else []) + (
+        [f"linear attention at {roles['linear']}"] if roles["linear"] else [])
     return (f"teacher {identity['teacher']}, {', '.join(parts) or 'no sharing'}, {calibrated}, "
             f"config {identity['config_hash']}")
